@@ -1,0 +1,96 @@
+"""Checkpoint files: atomic writes, weights_only reads, and state dicts free of wrapper prefixes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddp_trainer.errors import UsageError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes so files load into a bare model."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a checkpoint is as shareable as its folder
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # makes the rename itself survive a power cut
+    finally:
+        os.close(directory)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True (never runs code from the file); UsageError names the file."""
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0]
+        raise UsageError(f"checkpoint {path} was refused by the weights_only loader: {reason}") from error
+    except Exception as error:  # truncated zip, empty file, not a torch file: all unreadable
+        reason = (str(error).splitlines() or [""])[0]
+        raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason})") from error
+    if not isinstance(state, dict):
+        raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (holds a {type(state).__name__})")
+    missing = [key for key in ("model", "optimizer", "epoch", "step", "config") if key not in state]
+    if missing:
+        raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def resume_path(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from for trainer.resume=auto|none|PATH, or None to start fresh."""
+    last = output_dir / "checkpoints" / "last.pt"
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume == "none":
+        if last.exists():
+            raise UsageError(
+                f"trainer.resume=none but {last} exists; use trainer.resume=auto to continue "
+                "or a new output_dir, so the saved run is not overwritten"
+            )
+        return None
+    return Path(resume)

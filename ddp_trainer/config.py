@@ -1,0 +1,238 @@
+"""Typed config: dataclass schema + YAML file + `key=value` overrides, strict about unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ddp_trainer.errors import UsageError
+
+DATASETS = ("digits", "fashion_mnist", "cifar10", "synthetic")
+BUILTIN_MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULERS = ("none", "cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise UsageError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
+
+
+@dataclass
+class SyntheticConfig:
+    """Shape of the random dataset used by `data.name=synthetic` (benchmarks, smoke tests)."""
+
+    train_size: int = 2048
+    val_size: int = 512
+    input_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched; `batch_size` is per rank."""
+
+    name: str = "digits"
+    root: str = "data"
+    batch_size: int = 64
+    num_workers: int = 0
+    download: bool = False
+    augment: bool = True
+    val_fraction: float = 0.2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self._target_ is None:
+            _require(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)} or data._target_")
+        _require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive integer")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a fraction between 0 and 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build; `num_classes` defaults to the dataset's."""
+
+    name: str = "mlp"
+    hidden_sizes: list[int] = field(default_factory=lambda: [512, 256])
+    dropout: float = 0.0
+    num_classes: int | None = None
+    cifar_stem: bool = False
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self._target_ is None and self.name not in BUILTIN_MODELS:
+            import torchvision  # lazy: only needed when the name is not one of ours
+
+            known = torchvision.models.list_models()
+            _require(self.name in known, "model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (stepped once per optimizer step)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    scheduler: str = "none"
+    warmup_steps: int = 0
+    step_epochs: int = 30
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        _require(self.scheduler in SCHEDULERS, "optim.scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
+        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "0 or more")
+        _require(self.step_epochs > 0, "optim.step_epochs", self.step_epochs, "a positive integer")
+
+
+@dataclass
+class TrainerConfig:
+    """How long and where to train, and how the run talks to the user."""
+
+    epochs: int = 10
+    max_steps: int = -1
+    device: str = "auto"
+    resume: str = "auto"
+    log_every_n_steps: int = 50
+    dist_timeout_s: float = 300.0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
+        _require(self.device in DEVICES, "trainer.device", self.device, f"one of {', '.join(DEVICES)}")
+        _require(self.log_every_n_steps > 0, "trainer.log_every_n_steps", self.log_every_n_steps, "a positive integer")
+        _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", self.dist_timeout_s, "a positive number")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and which one counts as best."""
+
+    every_n_steps: int = 0
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        _require(self.every_n_steps >= 0, "checkpoint.every_n_steps", self.every_n_steps, "0 (epoch end only) or more")
+        _require(self.mode in ("min", "max"), "checkpoint.mode", self.mode, "min or max")
+        monitors = ("val/accuracy", "val/loss", "train/loss")
+        _require(self.monitor in monitors, "checkpoint.monitor", self.monitor, f"one of {', '.join(monitors)}")
+
+
+@dataclass
+class Config:
+    """The whole run: one dataclass per section, mapped one to one onto the YAML file."""
+
+    output_dir: str = "runs/digits_mlp"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {file} does not exist")
+    try:
+        loaded = OmegaConf.load(file)
+    except Exception as error:  # YAML errors come in several types; all mean the same to the user
+        raise UsageError(f"config file {file} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(loaded, DictConfig):
+        raise UsageError(f"config file {file} must hold a mapping of keys, not {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"override {item!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise UsageError(f"overrides could not be parsed: {str(error).splitlines()[0]}") from error
+
+
+def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None:
+    """With `_target_`, keys the schema does not know are the factory's keyword arguments (Hydra style)."""
+    node = raw.get(section)
+    if not isinstance(node, DictConfig) or node.get("_target_") is None:
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    extra = [key for key in node.keys() if key not in known]
+    kwargs = node.get("kwargs") or {}
+    node["kwargs"] = OmegaConf.merge(kwargs, {key: node[key] for key in extra})
+    for key in extra:
+        del node[key]
+
+
+def _error_message(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    detail = str(getattr(error, "msg", "") or error).splitlines()[0]
+    if isinstance(error, ConfigKeyError):
+        hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
+        return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
+    if isinstance(error, ValidationError):
+        return f"config key '{key}' has a wrong type: {detail}"
+    return f"config key '{key}': {detail}"
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
+    raw = _read_yaml(path) if path is not None else OmegaConf.create({})
+    raw = OmegaConf.merge(raw, _parse_overrides(overrides))
+    _collect_factory_kwargs(raw, "data", DataConfig)
+    _collect_factory_kwargs(raw, "model", ModelConfig)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise UsageError(_error_message(error)) from error
+    for key, target in (("data._target_", config.data._target_), ("model._target_", config.model._target_)):
+        if target is not None:
+            locate(target, key)
+    return config
+
+
+def to_container(config: Config) -> dict[str, Any]:
+    """Plain dicts and lists only, so the config can travel inside a weights_only checkpoint."""
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML text, loadable again by `load`."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_container(config)))
+
+
+def locate(target: str, key: str) -> Callable[..., Any]:
+    """Import `package.module.factory` and return the callable, or raise UsageError naming `key`."""
+    module_name, _, attribute = target.rpartition(".")
+    if not module_name:
+        raise UsageError(f"config key '{key}' = {target!r} must be a dotted path like package.module.factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"config key '{key}' = {target!r}: cannot import module {module_name!r} ({error})") from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UsageError(f"config key '{key}' = {target!r}: module {module_name!r} has no callable {attribute!r}")
+    return factory

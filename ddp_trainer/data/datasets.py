@@ -1,0 +1,56 @@
+"""Map-style datasets that need nothing but what ships with our dependencies: digits and synthetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ddp_trainer.config import SyntheticConfig
+
+DIGITS_SPLIT_SEED = 0  # fixed, not cfg.seed: the validation set must be the same set in every run
+
+
+class TensorClassification(Dataset):
+    """Inputs and integer labels held in memory, with the `classes` attribute torchvision datasets have."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        self.inputs, self.labels, self.classes = inputs, labels, list(classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.labels[index]
+
+
+def digits(val_fraction: float) -> tuple[TensorClassification, TensorClassification]:
+    """scikit-learn's bundled 8x8 digits (1,797 real images), scaled to [0, 1] and split train/val."""
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    val_count = round(len(labels) * val_fraction)
+    classes = [str(name) for name in bunch.target_names]
+    val_index, train_index = order[:val_count], order[val_count:]
+    return (
+        TensorClassification(images[train_index], labels[train_index], classes),
+        TensorClassification(images[val_index], labels[val_index], classes),
+    )
+
+
+def synthetic(cfg: SyntheticConfig) -> tuple[TensorClassification, TensorClassification]:
+    """Random inputs labelled by a fixed random linear teacher: learnable, shaped like any image dataset."""
+    generator = torch.Generator().manual_seed(1234)
+    shape = tuple(cfg.input_shape)
+    teacher = torch.randn(int(torch.tensor(shape).prod()), cfg.num_classes, generator=generator)
+    classes = [str(index) for index in range(cfg.num_classes)]
+
+    def make(count: int) -> TensorClassification:
+        inputs = torch.randn(count, *shape, generator=generator)
+        return TensorClassification(inputs, (inputs.flatten(1) @ teacher).argmax(dim=1), classes)
+
+    return make(cfg.train_size), make(cfg.val_size)

@@ -1,0 +1,5 @@
+"""The one exception type for mistakes in what the user gave us."""
+
+
+class UsageError(Exception):
+    """Bad config, missing file or unreadable checkpoint: reported in one line, exit code 2."""

@@ -1,0 +1,81 @@
+"""Models: the tutorials' MLP and LeNet-style CNN, torchvision models by name, or a user factory."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ddp_trainer.config import ModelConfig, locate
+from ddp_trainer.errors import UsageError
+
+
+def mlp(input_shape: tuple[int, ...], hidden_sizes: list[int], num_classes: int, dropout: float) -> nn.Sequential:
+    """Flatten -> (Linear, ReLU[, Dropout]) per hidden size -> Linear, as in the FashionMNIST tutorial."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class GarmentClassifier(nn.Module):
+    """The tutorial's LeNet-5 variant: two conv/pool stages, then three linear layers."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise UsageError(f"model.name=cnn needs images shaped (channels, height, width), got {input_shape}")
+        channels, height, width = input_shape
+        if min(height, width) < 16:
+            raise UsageError(f"model.name=cnn needs inputs of at least 16x16, the data gives {height}x{width}")
+        out_height, out_width = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * out_height * out_width, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )  # fmt: skip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of images."""
+        return self.classifier(self.features(images))
+
+
+def _torchvision_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    import torchvision  # lazy: heavy, and only needed for these names
+
+    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+    if cfg.cifar_stem:
+        if not cfg.name.startswith("resnet"):
+            raise UsageError(f"model.cifar_stem=true applies to resnet models, not model.name={cfg.name}")
+        # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int | None) -> nn.Module:
+    """Build the configured model for samples of `input_shape` (on CPU; the trainer moves it)."""
+    if cfg._target_ is not None:
+        model = locate(cfg._target_, "model._target_")(**cfg.kwargs)
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model._target_={cfg._target_} returned {type(model).__name__}, not an nn.Module")
+        return model
+    num_classes = cfg.num_classes or dataset_classes
+    if num_classes is None:
+        raise UsageError("model.num_classes is not set and the dataset has no `classes` attribute to count")
+    if cfg.name == "mlp":
+        return mlp(input_shape, cfg.hidden_sizes, num_classes, cfg.dropout)
+    if cfg.name == "cnn":
+        return GarmentClassifier(input_shape, num_classes)
+    return _torchvision_model(cfg, num_classes)

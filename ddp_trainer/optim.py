@@ -1,0 +1,48 @@
+"""Optimizers and learning-rate schedules (linear warmup, then constant, cosine or step decay)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ddp_trainer.config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name` over the model's parameters."""
+    params = model.parameters()
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup, then the configured decay down to `min_lr`."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    floor = cfg.min_lr / cfg.lr
+
+    # A plain function, not a callable object: LambdaLR would put an object's fields into its state dict,
+    # and a dataclass there would make checkpoints unloadable with weights_only=True.
+    def multiplier(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "cosine":
+            progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return max(cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch)), floor)
+        return 1.0
+
+    return multiplier
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
+) -> LambdaLR:
+    """A LambdaLR stepped once per optimizer step; its state (the step count) goes into checkpoints."""
+    return LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))

@@ -1,0 +1,177 @@
+"""The training loop: epochs of DDP steps, exact evaluation, global metrics and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddp_trainer import checkpoint
+from ddp_trainer.config import Config, to_container, to_yaml
+from ddp_trainer.data import DataBundle
+from ddp_trainer.distributed import DistEnv, barrier
+from ddp_trainer.loggers import RunLogger
+from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.optim import build_optimizer, build_scheduler
+
+
+class Trainer:
+    """Owns the model, optimizer and schedule of one run; `fit()` trains, evaluates and checkpoints."""
+
+    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, logger: RunLogger) -> None:
+        self.cfg, self.env, self.data, self.logger = cfg, env, data, logger
+        self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+        self.model = model.to(env.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.steps_per_epoch = len(data.train_loader)
+        total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        if cfg.trainer.max_steps > 0:
+            total_steps = min(total_steps, cfg.trainer.max_steps)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
+        self.completed_epochs, self.step, self.batch_in_epoch = 0, 0, 0
+        self.partial_epoch_totals: dict[str, float] | None = None
+        self.best_metric: float | None = None
+        resume_from = checkpoint.resume_path(cfg.trainer.resume, Path(cfg.output_dir))
+        if resume_from is not None:
+            # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
+            self._restore(checkpoint.load(resume_from), resume_from)
+        self.train_model = self.model
+        if env.distributed:
+            device_ids = [env.local_rank] if env.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def fit(self) -> None:
+        """Train until `trainer.epochs` (or `trainer.max_steps`), evaluating and checkpointing every epoch."""
+        self.logger.start(to_yaml(self.cfg), self.completed_epochs)
+        self.logger.info(self._describe())
+        for epoch in range(self.completed_epochs, self.cfg.trainer.epochs):
+            if self._reached_max_steps():
+                break
+            started = time.perf_counter()
+            train_totals = self._train_epoch(epoch)
+            record = {
+                "epoch": epoch + 1,
+                "step": self.step,
+                "world_size": self.env.world_size,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **summarize(train_totals, "train"),
+                **self.evaluate(),
+            }
+            record["time/epoch_s"] = time.perf_counter() - started
+            self.logger.log_epoch(record, self.cfg.trainer.epochs)
+            if self.batch_in_epoch == self.steps_per_epoch:
+                self.completed_epochs, self.batch_in_epoch = epoch + 1, 0
+            # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
+            self._save_epoch_checkpoints(record, train_totals if self.batch_in_epoch else None)
+        best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
+        self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        sampler = self.data.train_sampler
+        sampler.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
+        sampler.set_start_index(self.batch_in_epoch * self.cfg.data.batch_size)
+        sums = MetricSums(SUM_NAMES, self.env.device)
+        if self.partial_epoch_totals is not None:
+            sums.add_global(self.partial_epoch_totals, self.env)
+            self.partial_epoch_totals = None
+        self.train_model.train()
+        batches = self.logger.progress(
+            self.data.train_loader, len(self.data.train_loader), f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
+        )
+        for inputs, targets in batches:
+            if self._reached_max_steps():
+                break
+            inputs = inputs.to(self.env.device, non_blocking=True)
+            targets = targets.to(self.env.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.train_model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            loss.backward()  # DDP averages gradients over ranks here
+            self.optimizer.step()
+            self.scheduler.step()
+            sums.add(batch_sums(logits, targets, loss))
+            self.step += 1
+            self.batch_in_epoch += 1
+            if self.step % self.cfg.trainer.log_every_n_steps == 0:
+                self.logger.show_running(summarize(sums.reduce(self.env), "train"))  # the interval's one sync
+            every = self.cfg.checkpoint.every_n_steps
+            if every and self.step % every == 0 and self.batch_in_epoch < self.steps_per_epoch:
+                self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
+        return sums.reduce(self.env)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | int]:
+        """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
+        # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
+        self.model.eval()
+        sums = MetricSums(SUM_NAMES, self.env.device)
+        for inputs, targets in self.data.val_loader:
+            inputs = inputs.to(self.env.device, non_blocking=True)
+            targets = targets.to(self.env.device, non_blocking=True)
+            logits = self.model(inputs)
+            sums.add(batch_sums(logits, targets, F.cross_entropy(logits, targets)))
+        self.model.train()
+        return summarize(sums.reduce(self.env), "val")
+
+    def _reached_max_steps(self) -> bool:
+        return 0 < self.cfg.trainer.max_steps <= self.step
+
+    def _is_better(self, value: float) -> bool:
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.cfg.checkpoint.mode == "max" else value < self.best_metric
+
+    def _save_epoch_checkpoints(self, record: dict[str, Any], totals: dict[str, float] | None) -> None:
+        value = record[self.cfg.checkpoint.monitor]
+        improved = self._is_better(value)
+        if improved:
+            self.best_metric = value
+        self._save(self.checkpoint_dir / "last.pt", partial_totals=totals)
+        if improved:
+            self._save(self.checkpoint_dir / "best.pt", partial_totals=totals)
+
+    def _save(self, path: Path, partial_totals: dict[str, float] | None) -> None:
+        if self.env.is_main:
+            state = {
+                "model": checkpoint.clean_state_dict(self.model.state_dict()),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": self.completed_epochs,
+                "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch,
+                "partial_epoch_totals": partial_totals,
+                "best_metric": self.best_metric,
+                "world_size": self.env.world_size,
+                "config": to_container(self.cfg),
+            }
+            checkpoint.save_atomic(state, path)
+        barrier(self.env)  # no rank runs ahead of a checkpoint that is not on disk yet
+
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        self.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.completed_epochs, self.step = state["epoch"], state["step"]
+        self.best_metric = state.get("best_metric")
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        self.partial_epoch_totals = state.get("partial_epoch_totals")
+        if self.batch_in_epoch and state.get("world_size") != self.env.world_size:
+            # Positions inside an epoch are per rank; with another world size the epoch is redone from its start.
+            self.logger.info(f"world size changed since {path}: epoch {self.completed_epochs + 1} restarts")
+            self.batch_in_epoch, self.partial_epoch_totals = 0, None
+        self.logger.info(f"resumed from {path}: epoch {self.completed_epochs}, step {self.step}")
+
+    def _describe(self) -> str:
+        data, env = self.cfg.data, self.env
+        what = data._target_ or data.name
+        model = self.cfg.model._target_ or self.cfg.model.name
+        return (
+            f"training {model} on {what}: world size {env.world_size} ({env.backend or 'single process'}, "
+            f"{env.device}), {len(self.data.train_loader.dataset)} train / {len(self.data.val_loader.dataset)} val "
+            f"samples, batch {data.batch_size} per rank, {self.steps_per_epoch} steps per epoch"
+        )
