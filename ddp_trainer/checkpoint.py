@@ -68,8 +68,13 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0]
-        raise UsageError(f"checkpoint {path} was refused by the weights_only loader: {reason}") from error
+        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        if blocked:
+            raise UsageError(
+                f"checkpoint {path} refused: it holds objects that could run code and weights_only loading "
+                f"blocks them ({blocked[0]})"
+            ) from error
+        raise UsageError(f"checkpoint {path} is unreadable (not a torch checkpoint file)") from error
     except Exception as error:  # truncated zip, empty file, not a torch file: all unreadable
         reason = (str(error).splitlines() or [""])[0]
         raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason})") from error

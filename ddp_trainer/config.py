@@ -76,7 +76,9 @@ class ModelConfig:
             import torchvision  # lazy: only needed when the name is not one of ours
 
             known = torchvision.models.list_models()
-            _require(self.name in known, "model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
+            _require(
+                self.name in known, "model.name", self.name, "mlp, cnn, a torchvision model name or model._target_"
+            )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
 
 

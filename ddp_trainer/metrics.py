@@ -23,7 +23,9 @@ class MetricSums:
     def add_global(self, totals: dict[str, float], env: DistEnv) -> None:
         """Seed the sums with already-global totals (from a checkpoint): rank 0 holds them so the sum stays exact."""
         if env.is_main:
-            self.sums += torch.tensor([totals[name] for name in self.names], dtype=torch.float64, device=self.sums.device)
+            self.sums += torch.tensor(
+                [totals[name] for name in self.names], dtype=torch.float64, device=self.sums.device
+            )
 
     def reduce(self, env: DistEnv) -> dict[str, float]:
         """Global totals over all ranks: one all_reduce of a copy, one host sync."""
@@ -46,4 +48,3 @@ def summarize(totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         f"{prefix}/accuracy": totals["correct"] / max(samples, 1.0),
         f"{prefix}/samples": int(round(samples)),
     }
-

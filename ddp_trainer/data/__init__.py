@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
-from ddp_trainer.distributed import DistEnv
+from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 
 
@@ -48,6 +48,11 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     """Train loader over a seeded, padded DistributedSampler; val loader over an unpadded one."""
+    if cfg.download and env.distributed:
+        # One download per job: rank 0 fetches while the others wait, then every rank reads its files.
+        if env.is_main:
+            build_datasets(cfg)
+        barrier(env)
     train_set, val_set = build_datasets(cfg)
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:
@@ -69,6 +74,6 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
         train_loader=train_loader,
         val_loader=val_loader,
         train_sampler=train_sampler,
-        input_shape=tuple(train_set[0][0].shape),
+        input_shape=tuple(val_set[0][0].shape),  # val: no random augmentation, so no RNG is consumed
         num_classes=len(classes) if classes is not None else None,
     )

@@ -1,0 +1,43 @@
+"""Shared test helpers: launch the CLI in one process or under torchrun, read run outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for child processes: tests/ importable for `_target_` factories, one thread per rank."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_DIR), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `python -m ddp_trainer.train ARGS`, under torchrun --standalone when nproc > 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO_DIR)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The epoch lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """A test that fails half-way must not leave a process group for the next one."""
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Datasets and models built through `_target_` by the tests, as a user's own code would be."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ddp_trainer.data.datasets import TensorClassification
+
+
+def blobs(train_size: int = 96, val_size: int = 37, features: int = 8, classes: int = 3) -> tuple[Dataset, Dataset]:
+    """Gaussian blobs around fixed class centres: tiny and learnable."""
+    generator = torch.Generator().manual_seed(7)
+    centres = 3 * torch.randn(classes, features, generator=generator)
+
+    def make(count: int) -> TensorClassification:
+        labels = torch.arange(count) % classes
+        inputs = centres[labels] + torch.randn(count, features, generator=generator)
+        return TensorClassification(inputs, labels, [str(c) for c in range(classes)])
+
+    return make(train_size), make(val_size)
+
+
+class RecordingDataset(Dataset):
+    """Appends every index it serves to `record_file`, one per line (num_workers=0 only)."""
+
+    def __init__(self, inner: Dataset, record_file: Path) -> None:
+        self.inner, self.record_file, self.classes = inner, record_file, inner.classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.record_file.open("a") as file:
+            file.write(f"{index}\n")
+        return self.inner[index]
+
+
+def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -> tuple[Dataset, Dataset]:
+    """`blobs` that log which indices each rank reads."""
+    rank = os.environ.get("RANK", "0")
+    train, val = blobs(train_size, val_size)
+    folder = Path(record_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return RecordingDataset(train, folder / f"train_rank{rank}.txt"), RecordingDataset(val, folder / f"val_{rank}.txt")
+
+
+class FailingDataset(Dataset):
+    """Raises after serving `fail_after` items on rank `fail_rank`: a crash on one rank of a job."""
+
+    def __init__(self, inner: Dataset, fail: bool, fail_after: int) -> None:
+        self.inner, self.fail, self.fail_after, self.served, self.classes = inner, fail, fail_after, 0, inner.classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.served += 1
+        if self.fail and self.served > self.fail_after:
+            raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+        return self.inner[index]
+
+
+def failing_blobs(fail_rank: int, fail_after: int) -> tuple[Dataset, Dataset]:
+    """`blobs` whose training split crashes on one rank part-way through the first epoch."""
+    train, val = blobs(train_size=4096)
+    fail = os.environ.get("RANK", "0") == str(fail_rank)
+    return FailingDataset(train, fail, fail_after), val
+
+
+def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
+    """A user's own model factory with keyword arguments."""
+    return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))

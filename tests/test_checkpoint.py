@@ -1,0 +1,82 @@
+"""Checkpoint files: atomic replacement, prefix-free state dicts, weights_only loading with named errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ddp_trainer import checkpoint
+from ddp_trainer.errors import UsageError
+
+
+def minimal_state(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "optimizer": {}, "epoch": 1, "step": 2, "config": {"seed": 0}}
+
+
+def test_save_then_load_round_trips(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic(minimal_state(1.5), path)
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["model"]["w"], torch.full((3,), 1.5))
+    assert os.listdir(path.parent) == ["last.pt"]
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic(minimal_state(1.0), path)
+    unpicklable = {**minimal_state(2.0), "bad": lambda: None}
+    with pytest.raises(Exception, match="lambda|pickle"):
+        checkpoint.save_atomic(unpicklable, path)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.full((3,), 1.0))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_wrapper_prefixes_are_stripped():
+    state = {"module.0.weight": 1, "_orig_mod.module.1.bias": 2, "2.weight": 3}
+    assert checkpoint.clean_state_dict(state) == {"0.weight": 1, "1.bias": 2, "2.weight": 3}
+
+
+def test_unwrap_finds_the_bare_module_inside_compile():
+    bare = nn.Linear(2, 2)
+    assert checkpoint.unwrap(torch.compile(bare)) is bare
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({**minimal_state(0.0), "payload": RunsCode()}, path)
+    with pytest.raises(UsageError, match="evil.pt refused.*posix.system"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncate"])
+def test_unreadable_files_are_named(tmp_path, content):
+    path = tmp_path / "last.pt"
+    if content == "truncate":
+        checkpoint.save_atomic(minimal_state(1.0), path)
+        content = path.read_bytes()[:100]
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=f"{path}.*unreadable"):
+        checkpoint.load(path)
+
+
+def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(UsageError, match="missing model"):
+        checkpoint.load(path)
+
+
+def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
+    checkpoint.save_atomic(minimal_state(1.0), tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(UsageError, match="trainer.resume=none"):
+        checkpoint.resume_path("none", tmp_path)
+    assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "checkpoints" / "last.pt"
+    assert checkpoint.resume_path("auto", tmp_path / "fresh") is None

@@ -1,0 +1,112 @@
+"""Distributed semantics, each shown with real processes on gloo (torchrun or torch.multiprocessing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics, run_cli
+from dist_helpers import evaluate_checkpoint, spawn, train_counting_all_reduce
+
+from ddp_trainer import checkpoint, config
+from ddp_trainer.train import main
+
+DIGITS = "configs/digits_mlp.yaml"
+BLOBS = ["data._target_=factories.blobs", "model.hidden_sizes=[16]", "trainer.device=cpu"]
+
+
+def test_default_recipe_on_two_ranks_reaches_95_percent_with_global_metrics(tmp_path):
+    result = run_cli(["--config", DIGITS, f"output_dir={tmp_path}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    lines = read_metrics(tmp_path)
+    assert [line["epoch"] for line in lines] == list(range(1, 11))  # rank 0 alone wrote: no doubled lines
+    for line in lines:
+        assert line["world_size"] == 2
+        assert line["val/samples"] == 359  # 20% of 1,797 digits, each counted once although 359 is odd
+        assert line["train/samples"] == 1438
+        assert {"step", "train/loss", "val/loss", "lr", "time/epoch_s"} <= line.keys()
+    assert lines[-1]["val/accuracy"] > 0.95
+    assert result.stdout.count("epoch 10/10") == 1  # only rank 0 prints
+    assert config.load(tmp_path / "config.yaml").output_dir == str(tmp_path)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "epoch", "step", "config"} <= state.keys()
+        assert not any(key.startswith("module.") for key in state["model"])
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 10
+
+
+def test_validation_is_identical_on_one_and_two_ranks(tmp_path):
+    assert main(["--config", DIGITS, f"output_dir={tmp_path / 'run'}", "trainer.epochs=1", "trainer.device=cpu"]) == 0
+    overrides = [f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", f"output_dir={tmp_path / 'eval'}"]
+    spawn(1, evaluate_checkpoint, overrides, str(tmp_path / "one.json"))
+    spawn(2, evaluate_checkpoint, overrides, str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert one["val/samples"] == two["val/samples"] == 359
+    assert two["val/loss"] == pytest.approx(one["val/loss"], abs=1e-6)
+    assert two["val/accuracy"] == pytest.approx(one["val/accuracy"], abs=1e-6)
+
+
+def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
+    common = ["--config", DIGITS, "trainer.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "trainer.device=cpu"]
+    assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'one'}"]) == 0
+    result = run_cli([*common, "data.batch_size=32", f"output_dir={tmp_path / 'two'}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    one, two = (checkpoint.load(tmp_path / run / "checkpoints" / "last.pt") for run in ("one", "two"))
+    initial = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert one["step"] == two["step"] == 1
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6)
+    assert initial.keys() == one["model"].keys()
+
+
+def read_order(record_dir: Path, rank: int) -> list[int]:
+    return [int(index) for index in (record_dir / f"train_rank{rank}.txt").read_text().split()]
+
+
+def test_training_order_changes_every_epoch_and_repeats_with_the_seed(tmp_path):
+    orders = []
+    for run in ("first", "again"):
+        record_dir = tmp_path / run / "record"
+        args = ["data._target_=factories.recording_blobs", f"data.record_dir={record_dir}", *BLOBS[1:]]
+        result = run_cli([*args, f"output_dir={tmp_path / run}", "trainer.epochs=2", "data.batch_size=8"], nproc=2)
+        assert result.returncode == 0, result.stderr
+        orders.append([read_order(record_dir, rank) for rank in (0, 1)])
+    per_rank = 96 // 2
+    for rank_order in orders[0]:
+        assert len(rank_order) == 2 * per_rank
+        assert rank_order[:per_rank] != rank_order[per_rank:]  # set_epoch reshuffled
+    for epoch in (0, 1):
+        seen = sorted(i for rank_order in orders[0] for i in rank_order[epoch * per_rank : (epoch + 1) * per_rank])
+        assert seen == list(range(96))  # the ranks split each epoch between them
+    assert orders[0] == orders[1]
+
+
+def test_metrics_are_synchronised_once_per_logging_interval(tmp_path):
+    # 96 samples / (2 ranks x batch 8) = 6 steps per epoch; a sync every 3 steps gives 2 per epoch,
+    # plus one for the epoch's training totals and one for validation: 4 per epoch, 8 for 2 epochs.
+    args = [*BLOBS, f"output_dir={tmp_path}", "trainer.epochs=2", "data.batch_size=8", "trainer.log_every_n_steps=3"]
+    spawn(2, train_counting_all_reduce, args, str(tmp_path))
+    counts = [int((tmp_path / f"all_reduce_rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert counts == [8, 8]
+    assert [line["step"] for line in read_metrics(tmp_path)] == [6, 12]
+
+
+def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
+    args = ["data._target_=factories.failing_blobs", "data.fail_rank=1", "data.fail_after=40", *BLOBS[1:]]
+    result = run_cli([*args, f"output_dir={tmp_path}", "data.batch_size=8"], nproc=2, timeout=90)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
+    result = run_cli(["--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"], nproc=2, timeout=90)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ddp-train: error")]
+    assert sorted(errors) == [
+        f"ddp-train: error (rank {rank}): unknown config key 'optim.lrr' (Did you mean: 'lr'?)" for rank in (0, 1)
+    ]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

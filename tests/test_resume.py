@@ -1,0 +1,86 @@
+"""Resume: a killed run started again with the same command ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_DIR, cli_env, read_metrics
+
+from ddp_trainer import checkpoint
+from ddp_trainer.train import main
+
+DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]"]
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return checkpoint.load(output_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+def test_sigkilled_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path):
+    # Step checkpoints every 5 of the 45 steps per epoch: the kill usually lands mid-epoch.
+    args = [*DIGITS, "trainer.epochs=40", "checkpoint.every_n_steps=5"]
+    command = [sys.executable, "-m", "ddp_trainer.train", *args]
+    # Both runs in subprocesses with the same thread count, so float reductions happen in the same order.
+    straight = subprocess.run(
+        [*command, f"output_dir={tmp_path / 'straight'}"], cwd=REPO_DIR, env=cli_env(), timeout=120
+    )
+    assert straight.returncode == 0
+    command.append(f"output_dir={tmp_path / 'killed'}")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    process = subprocess.Popen(command, cwd=REPO_DIR, env=cli_env(), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    epochs_before_kill = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert 3 <= epochs_before_kill < 40, "the kill must land mid-run for this test to mean anything"
+
+    rerun = subprocess.run(command, cwd=REPO_DIR, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from {tmp_path / 'killed' / 'checkpoints' / 'last.pt'}" in rerun.stdout
+    assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight"))
+    killed, straight = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
+    assert [line["epoch"] for line in killed] == list(range(1, 41))
+    for resumed_line, straight_line in zip(killed, straight, strict=True):
+        for key in ("step", "train/samples", "val/loss", "val/accuracy", "lr"):
+            assert resumed_line[key] == straight_line[key], key
+        assert resumed_line["train/loss"] == pytest.approx(straight_line["train/loss"], rel=1e-12)
+
+
+def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
+    # No LR schedule: a cosine schedule is stretched over max_steps, so the stopped run would differ by design.
+    args = [*DIGITS, "trainer.epochs=3", "optim.scheduler=none"]
+    assert main([*args, f"output_dir={tmp_path / 'straight'}"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'split'}", "trainer.max_steps=70"]) == 0  # 45 steps per epoch
+    stopped = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"], stopped["batch_in_epoch"]) == (1, 70, 25)
+    assert main([*args, f"output_dir={tmp_path / 'split'}"]) == 0
+    assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "straight"))
+    split, straight = read_metrics(tmp_path / "split"), read_metrics(tmp_path / "straight")
+    assert [line["epoch"] for line in split] == [1, 2, 3]
+    for split_line, straight_line in zip(split, straight, strict=True):
+        assert split_line["train/samples"] == straight_line["train/samples"]
+        assert split_line["train/loss"] == pytest.approx(straight_line["train/loss"], rel=1e-9)
+        assert split_line["val/accuracy"] == straight_line["val/accuracy"]
+
+
+def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys):
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x00" * 64)
+    assert main([*DIGITS, f"output_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ddp-train: error: checkpoint") and str(last) in error and "\n" not in error
+    assert last.read_bytes() == b"\x00" * 64

@@ -1,0 +1,174 @@
+"""FashionMNIST and CIFAR-10 through torchvision's real readers, on tiny files written in the real formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_metrics
+from torchvision import transforms
+from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist
+
+from ddp_trainer import train
+from ddp_trainer.data import vision
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def train_in_process(recipe: str, data_root: Path, output_dir: Path, *overrides: str) -> int:
+    """`ddp-train --config configs/RECIPE` in this process, on CPU, reading `data_root`, writing `output_dir`."""
+    return train.main(
+        [
+            "--config",
+            str(CONFIGS / recipe),
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+            f"output_dir={output_dir}",
+            f"data.root={data_root}",
+            "data.num_workers=0",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: these models are tiny, and two threads on two shared cores spin each other to a crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist_files(tmp_path_factory: pytest.TempPathFactory):
+    """800 train / 100 test learnable 28x28 images, shared by the FashionMNIST tests (nothing writes there)."""
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion_mnist_data"))
+
+
+@pytest.fixture(scope="module")
+def cifar10_files(tmp_path_factory: pytest.TempPathFactory):
+    """5 x 8 train / 12 test 32x32 colour images, shared by the CIFAR-10 tests (nothing writes there)."""
+    return write_cifar10(tmp_path_factory.mktemp("cifar10_data"))
+
+
+@pytest.mark.parametrize("recipe", ["fashion_mnist_mlp.yaml", "fashion_mnist_cnn.yaml"])
+def test_fashion_mnist_recipe_learns_well_above_chance(recipe, fashion_mnist_files, tmp_path):
+    written = fashion_mnist_files
+    output_dir = tmp_path / "run"
+    code = train_in_process(recipe, written.root, output_dir, "trainer.epochs=2", "data.batch_size=8")
+    assert code == 0
+    metrics = read_metrics(output_dir)
+    assert [line["epoch"] for line in metrics] == [1, 2]
+    last = metrics[-1]
+    assert last["train/samples"] == len(written.train)
+    assert last["val/samples"] == len(written.test)
+    assert last["step"] == 2 * len(written.train) // 8
+    # Both recipes reach 100% here after two epochs over 4 data seeds x 3 training seeds (the CNN's SGD is the
+    # slower one: 39-90% after its first epoch); 80% leaves margin and is still eight times chance.
+    assert last["val/accuracy"] >= 0.8
+
+
+def test_cifar10_resnet18_recipe_trains_one_epoch(cifar10_files, tmp_path):
+    written = cifar10_files
+    output_dir = tmp_path / "run"
+    code = train_in_process("cifar10_resnet18.yaml", written.root, output_dir, "trainer.epochs=1", "data.batch_size=8")
+    assert code == 0
+    (metrics,) = read_metrics(output_dir)
+    assert metrics["epoch"] == 1
+    assert metrics["train/samples"] == len(written.train)
+    assert metrics["val/samples"] == len(written.test)
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+    weights = torch.load(output_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert weights["conv1.weight"].shape == (64, 3, 3, 3)  # the CIFAR stem, not the 7x7/2 ImageNet one
+    assert "layer4.1.conv2.weight" in weights  # resnet18's last block
+    assert weights["fc.weight"].shape == (len(CIFAR10_LABEL_NAMES), 512)  # classes counted from batches.meta
+
+
+def test_cifar10_reads_label_names_and_pixels_from_the_batch_files(cifar10_files):
+    written = cifar10_files
+    train_set, val_set = vision.cifar10(str(written.root), download=False, augment=True)
+    assert train_set.classes == list(CIFAR10_LABEL_NAMES)
+    assert np.array_equal(train_set.data, written.train.images)
+    assert train_set.targets == written.train.labels.tolist()
+    assert np.array_equal(val_set.data, written.test.images)
+    assert val_set.targets == written.test.labels.tolist()
+
+
+def test_cifar10_augments_training_images_with_random_crop_and_flip(cifar10_files):
+    train_set, _ = vision.cifar10(str(cifar10_files.root), download=False, augment=True)
+    steps = train_set.transform.transforms
+    assert [type(step) for step in steps] == [
+        transforms.RandomCrop,
+        transforms.RandomHorizontalFlip,
+        transforms.ToTensor,
+        transforms.Normalize,
+    ]
+    assert steps[0].size == (32, 32) and steps[0].padding == 4
+    torch.manual_seed(0)
+    views = {train_set[0][0].numpy().tobytes() for _ in range(8)}
+    assert len(views) > 1  # the same image comes out differently: the augmentation draws at random
+
+
+def test_cifar10_only_normalises_validation_images(cifar10_files):
+    written = cifar10_files
+    _, val_set = vision.cifar10(str(written.root), download=False, augment=True)
+    assert [type(step) for step in val_set.transform.transforms] == [transforms.ToTensor, transforms.Normalize]
+    image, label = val_set[3]
+    pixels = torch.from_numpy(written.test.images[3]).permute(2, 0, 1).double() / 255  # HWC uint8 -> CHW [0, 1]
+    mean = torch.tensor(vision.CIFAR10_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(vision.CIFAR10_STD, dtype=torch.float64).view(3, 1, 1)
+    assert label == int(written.test.labels[3])
+    assert image.shape == (3, 32, 32)
+    torch.testing.assert_close(image.double(), (pixels - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_cifar10_without_augment_only_normalises_training_images(cifar10_files):
+    train_set, _ = vision.cifar10(str(cifar10_files.root), download=False, augment=False)
+    assert [type(step) for step in train_set.transform.transforms] == [transforms.ToTensor, transforms.Normalize]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected_file"),
+    [
+        ("fashion_mnist_mlp.yaml", Path("FashionMNIST", "raw", "train-images-idx3-ubyte")),
+        ("cifar10_resnet18.yaml", Path("cifar-10-batches-py", "data_batch_1")),
+    ],
+)
+def test_missing_files_exit_2_with_one_line_naming_the_expected_file(recipe, expected_file, tmp_path, capsys):
+    data_root = tmp_path / "empty"
+    data_root.mkdir()
+    code = train_in_process(recipe, data_root, tmp_path / "run")
+    assert code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert str(data_root / expected_file) in lines[0]
+    assert "data.download=true" in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
+
+
+@pytest.mark.parametrize(
+    ("recipe", "write", "removed"),
+    [
+        ("fashion_mnist_cnn.yaml", write_fashion_mnist, Path("FashionMNIST", "raw", "t10k-labels-idx1-ubyte")),
+        ("cifar10_resnet18.yaml", write_cifar10, Path("cifar-10-batches-py", "batches.meta")),
+    ],
+)
+def test_partly_copied_dataset_names_the_file_still_missing(recipe, write, removed, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write(data_root)
+    (data_root / removed).unlink()
+    assert train_in_process(recipe, data_root, tmp_path / "run") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert str(data_root / removed) in lines[0]
+
+
+def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_files, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(fashion_mnist_files.root, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert train_in_process("fashion_mnist_mlp.yaml", Path("~/data"), tmp_path / "run", "trainer.epochs=1") == 0
