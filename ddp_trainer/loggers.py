@@ -46,7 +46,8 @@ class RunLogger:
     def show_running(self, metrics: dict[str, float]) -> None:
         """Put the latest global running metrics on the progress bar."""
         if self.bar is not None:
-            self.bar.set_postfix({name.split("/")[-1]: f"{value:.4f}" for name, value in metrics.items()})
+            loss, accuracy = metrics["train/loss"], metrics["train/accuracy"]
+            self.bar.set_postfix(loss=f"{loss:.4f}", accuracy=f"{100 * accuracy:.1f}%")
 
     def info(self, message: str) -> None:
         """Print one line on rank 0."""

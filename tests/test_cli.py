@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import threading
 
 from conftest import REPO_DIR, cli_env, read_metrics
 
@@ -47,3 +53,45 @@ def test_module_entry_point_prints_help():
     )
     assert result.returncode == 0
     assert "key=value" in result.stdout
+
+
+def run_with_terminal_stderr(args: list[str]) -> str:
+    """Run the CLI with stderr on a pseudo-terminal, as a person at a shell sees it; return what it drew."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 columns wide
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO once the child has closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    command = [sys.executable, "-m", "ddp_trainer.train", *args]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=terminal, env=cli_env(), cwd=REPO_DIR)
+    os.close(terminal)
+    reader.join(timeout=10)
+    os.close(controller)
+    assert result.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_is_drawn_on_a_terminal_and_not_in_logs(tmp_path):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=2", "trainer.device=cpu"]
+    drawn = run_with_terminal_stderr([*args, f"output_dir={tmp_path / 'tty'}"])
+    assert "epoch 1/2" in drawn and "epoch 2/2" in drawn and "/45 [" in drawn and "loss=" in drawn
+    logged = subprocess.run(
+        [sys.executable, "-m", "ddp_trainer.train", *args, f"output_dir={tmp_path / 'log'}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO_DIR,
+    )
+    assert logged.returncode == 0
+    assert "/45 [" not in logged.stderr and "epoch 2/2 step 90" in logged.stdout
