@@ -102,6 +102,13 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; a no-op in a single process."""
+    if env.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def rank_label() -> str:
     """' (rank N)' when several ranks run, for messages that must say which rank failed; '' otherwise."""
     world_size = os.environ.get("WORLD_SIZE", "1")

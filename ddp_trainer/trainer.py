@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import checkpoint
 from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv, barrier
+from ddp_trainer.distributed import DistEnv, barrier, broadcast_buffers
+from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.optim import build_optimizer, build_scheduler
@@ -108,6 +109,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float | int]:
         """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
         # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
+        broadcast_buffers(self.model, self.env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
         self.model.eval()
         sums = MetricSums(SUM_NAMES, self.env.device)
         for inputs, targets in self.data.val_loader:
@@ -153,9 +155,13 @@ class Trainer:
         barrier(self.env)  # no rank runs ahead of a checkpoint that is not on disk yet
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
-        self.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
         self.completed_epochs, self.step = state["epoch"], state["step"]
         self.best_metric = state.get("best_metric")
         self.batch_in_epoch = state.get("batch_in_epoch", 0)

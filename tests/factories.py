@@ -75,3 +75,8 @@ def failing_blobs(fail_rank: int, fail_after: int) -> tuple[Dataset, Dataset]:
 def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
     """A user's own model factory with keyword arguments."""
     return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
+    """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
+    return nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))

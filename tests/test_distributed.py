@@ -49,6 +49,17 @@ def test_validation_is_identical_on_one_and_two_ranks(tmp_path):
     assert two["val/accuracy"] == pytest.approx(one["val/accuracy"], abs=1e-6)
 
 
+def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
+    model = ["model._target_=factories.batchnorm_net", "trainer.epochs=1", "data.batch_size=8"]
+    result = run_cli([*BLOBS, *model, f"output_dir={tmp_path / 'run'}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    reported = read_metrics(tmp_path / "run")[-1]
+    overrides = [*BLOBS, *model, f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]
+    spawn(1, evaluate_checkpoint, [*overrides, f"output_dir={tmp_path / 'eval'}"], str(tmp_path / "one.json"))
+    alone = json.loads((tmp_path / "one.json").read_text())
+    assert alone["val/loss"] == pytest.approx(reported["val/loss"], abs=1e-6)
+
+
 def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
     common = ["--config", DIGITS, "trainer.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "trainer.device=cpu"]
     assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'one'}"]) == 0

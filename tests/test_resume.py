@@ -84,3 +84,11 @@ def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert error.startswith("ddp-train: error: checkpoint") and str(last) in error and "\n" not in error
     assert last.read_bytes() == b"\x00" * 64
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys):
+    assert main([*DIGITS, f"output_dir={tmp_path}", "trainer.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main([*DIGITS, f"output_dir={tmp_path}", "trainer.epochs=2", "model.hidden_sizes=[32]"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "does not fit this run's model" in error and "\n" not in error
