@@ -14,7 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from ddp_trainer.errors import UsageError
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
 BUILTIN_MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "cosine", "step")
@@ -37,6 +37,19 @@ class SyntheticConfig:
 
 
 @dataclass
+class StreamConfig:
+    """How `data.name=stream` reads shard folders `data.root/train` and `data.root/val`."""
+
+    shuffle_buffer: int = 1000
+    input_field: str = "x"
+    label_field: str = "y"
+    input_shape: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.shuffle_buffer >= 1, "data.stream.shuffle_buffer", self.shuffle_buffer, "1 (no shuffle) or more")
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are batched; `batch_size` is per rank."""
 
@@ -48,6 +61,7 @@ class DataConfig:
     augment: bool = True
     val_fraction: float = 0.2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,6 +84,9 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
 def teardown() -> None:
     """Destroy the process group if one exists; safe to call on every exit path."""
     if dist.is_available() and dist.is_initialized():
+        # DDP's reducer sits in reference cycles and keeps the group alive; collected only at interpreter exit,
+        # gloo's threads then die mid-finalisation (SIGABRT, "terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -34,8 +34,9 @@ class Trainer:
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
-        self.completed_epochs, self.step, self.batch_in_epoch = 0, 0, 0
+        self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
+        self.resume_position: dict[str, Any] | None = None
         self.best_metric: float | None = None
         resume_from = checkpoint.resume_path(cfg.trainer.resume, Path(cfg.output_dir))
         if resume_from is not None:
@@ -54,7 +55,7 @@ class Trainer:
             if self._reached_max_steps():
                 break
             started = time.perf_counter()
-            train_totals = self._train_epoch(epoch)
+            train_totals, finished = self._train_epoch(epoch)
             record = {
                 "epoch": epoch + 1,
                 "step": self.step,
@@ -65,28 +66,36 @@ class Trainer:
             }
             record["time/epoch_s"] = time.perf_counter() - started
             self.logger.log_epoch(record, self.cfg.trainer.epochs)
-            if self.batch_in_epoch == self.steps_per_epoch:
-                self.completed_epochs, self.batch_in_epoch = epoch + 1, 0
+            if finished:
+                self.completed_epochs, self.batch_in_epoch, self.segment_batches = epoch + 1, 0, 0
             # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
-            self._save_epoch_checkpoints(record, train_totals if self.batch_in_epoch else None)
+            self._save_epoch_checkpoints(record, None if finished else train_totals)
         best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
         self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        sampler = self.data.train_sampler
-        sampler.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
-        sampler.set_start_index(self.batch_in_epoch * self.cfg.data.batch_size)
+    def _start_epoch(self, epoch: int) -> MetricSums:
+        order = self.data.train_order
+        order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
         sums = MetricSums(SUM_NAMES, self.env.device)
+        position, self.resume_position, self.segment_batches = self.resume_position, None, 0
+        if position is not None and not order.resume(position):
+            self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this world size: it restarts")
+            self.batch_in_epoch, self.partial_epoch_totals = 0, None
         if self.partial_epoch_totals is not None:
             sums.add_global(self.partial_epoch_totals, self.env)
             self.partial_epoch_totals = None
+        return sums
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One epoch (or its rest, when resumed): global training sums, and whether the epoch ran to its end."""
+        sums = self._start_epoch(epoch)
         self.train_model.train()
         batches = self.logger.progress(
             self.data.train_loader, len(self.data.train_loader), f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
         )
         for inputs, targets in batches:
             if self._reached_max_steps():
-                break
+                return sums.reduce(self.env), False
             inputs = inputs.to(self.env.device, non_blocking=True)
             targets = targets.to(self.env.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -98,12 +107,13 @@ class Trainer:
             sums.add(batch_sums(logits, targets, loss))
             self.step += 1
             self.batch_in_epoch += 1
+            self.segment_batches += 1
             if self.step % self.cfg.trainer.log_every_n_steps == 0:
                 self.logger.show_running(summarize(sums.reduce(self.env), "train"))  # the interval's one sync
             every = self.cfg.checkpoint.every_n_steps
-            if every and self.step % every == 0 and self.batch_in_epoch < self.steps_per_epoch:
+            if every and self.step % every == 0:
                 self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
-        return sums.reduce(self.env)
+        return sums.reduce(self.env), True
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | int]:
@@ -146,6 +156,7 @@ class Trainer:
                 "epoch": self.completed_epochs,
                 "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch,
+                "data_position": self.data.train_order.position(self.segment_batches) if partial_totals else None,
                 "partial_epoch_totals": partial_totals,
                 "best_metric": self.best_metric,
                 "world_size": self.env.world_size,
@@ -166,10 +177,7 @@ class Trainer:
         self.best_metric = state.get("best_metric")
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
         self.partial_epoch_totals = state.get("partial_epoch_totals")
-        if self.batch_in_epoch and state.get("world_size") != self.env.world_size:
-            # Positions inside an epoch are per rank; with another world size the epoch is redone from its start.
-            self.logger.info(f"world size changed since {path}: epoch {self.completed_epochs + 1} restarts")
-            self.batch_in_epoch, self.partial_epoch_totals = 0, None
+        self.resume_position = state.get("data_position")
         self.logger.info(f"resumed from {path}: epoch {self.completed_epochs}, step {self.step}")
 
     def _describe(self) -> str:
@@ -178,6 +186,6 @@ class Trainer:
         model = self.cfg.model._target_ or self.cfg.model.name
         return (
             f"training {model} on {what}: world size {env.world_size} ({env.backend or 'single process'}, "
-            f"{env.device}), {len(self.data.train_loader.dataset)} train / {len(self.data.val_loader.dataset)} val "
+            f"{env.device}), {self.data.train_size} train / {self.data.val_size} val "
             f"samples, batch {data.batch_size} per rank, {self.steps_per_epoch} steps per epoch"
         )

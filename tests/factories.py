@@ -80,3 +80,20 @@ def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Modul
 def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
     """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
     return nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+class IdRecordingNet(nn.Module):
+    """Input column 0 is a record id: training forwards append the ids to `<record_dir>/rank<RANK>.txt`."""
+
+    def __init__(self, record_dir: str, features: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.record_file = Path(record_dir) / f"rank{os.environ.get('RANK', '0')}.txt"
+        self.record_file.parent.mkdir(parents=True, exist_ok=True)
+        self.linear = nn.Linear(features, classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Record the batch's ids when training, classify the other columns."""
+        if self.training:
+            with self.record_file.open("a") as file:
+                file.write("".join(f"{int(record)}\n" for record in inputs[:, 0]))
+        return self.linear(inputs[:, 1:])

@@ -15,22 +15,33 @@ def test_unpadded_sampler_covers_every_index_exactly_once(size, world_size):
 
 
 def test_padded_training_sampler_would_double_count_validation():
-    padded = [i for rank in range(2) for i in ResumableDistributedSampler(range(359), num_replicas=2, rank=rank)]
+    samplers = [ResumableDistributedSampler(range(359), 8, num_replicas=2, rank=rank, seed=0) for rank in range(2)]
+    padded = [index for sampler in samplers for index in sampler]
     assert len(padded) == 360  # why evaluation uses the unpadded sampler
 
 
-def test_start_index_skips_exactly_the_consumed_prefix():
-    sampler = ResumableDistributedSampler(range(50), num_replicas=2, rank=1, seed=3)
+def test_resume_skips_exactly_the_consumed_batches():
+    sampler = ResumableDistributedSampler(range(50), 5, num_replicas=2, rank=1, seed=3)
     sampler.set_epoch(4)
     full = list(sampler)
-    sampler.set_start_index(10)
+    position = sampler.position(batches_done=2)
+    sampler.set_epoch(0)
+    assert sampler.resume(position) is True
     assert list(sampler) == full[10:]
     assert len(sampler) == len(full) - 10
 
 
+def test_resume_at_another_world_size_restarts_the_epoch():
+    stored = ResumableDistributedSampler(range(50), 5, num_replicas=2, rank=0, seed=3)
+    stored.set_epoch(1)
+    sampler = ResumableDistributedSampler(range(50), 5, num_replicas=1, rank=0, seed=3)
+    assert sampler.resume(stored.position(batches_done=2)) is False
+    assert len(list(sampler)) == 50 and sampler.epoch == 1
+
+
 def test_order_depends_on_seed_and_epoch_only():
     def order(seed: int, epoch: int) -> list[int]:
-        sampler = ResumableDistributedSampler(range(64), num_replicas=1, rank=0, seed=seed)
+        sampler = ResumableDistributedSampler(range(64), 8, num_replicas=1, rank=0, seed=seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 

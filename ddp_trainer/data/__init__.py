@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,19 +15,34 @@ from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 
 
+class EpochOrder(Protocol):
+    """What the trainer asks of the training data's order: a new epoch, a position, a resume part-way."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning."""
+
+    def position(self, batches_done: int) -> dict[str, Any]:
+        """A checkpointable position after `batches_done` batches since the epoch (or resume) started."""
+
+    def resume(self, position: dict[str, Any]) -> bool:
+        """Continue at `position`; False when it cannot, and the epoch restarts from its beginning."""
+
+
 @dataclass
 class DataBundle:
     """This rank's loaders plus what model builders need to know about the samples."""
 
     train_loader: DataLoader
     val_loader: DataLoader
-    train_sampler: ResumableDistributedSampler
+    train_order: EpochOrder
+    train_size: int
+    val_size: int
     input_shape: tuple[int, ...]
     num_classes: int | None
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """The (train, val) pair for `data.name` or `data._target_`."""
+    """The map-style (train, val) pair for `data.name` or `data._target_`."""
     if cfg._target_ is not None:
         pair = locate(cfg._target_, "data._target_")(**cfg.kwargs)
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
@@ -39,6 +56,8 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         from ddp_trainer.data.datasets import synthetic
 
         return synthetic(cfg.synthetic)
+    if cfg.name == "stream":
+        raise UsageError("data.name=stream is read as shards, not as a map-style dataset")
     from ddp_trainer.data import vision  # lazy: torchvision's datasets only when asked for
 
     if cfg.name == "fashion_mnist":
@@ -46,8 +65,36 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return vision.cifar10(cfg.root, cfg.download, cfg.augment)
 
 
+def _loader_options(cfg: DataConfig, env: DistEnv) -> dict[str, Any]:
+    return {"num_workers": cfg.num_workers, "pin_memory": env.device.type == "cuda"}
+
+
+def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
+    from ddp_trainer.data.stream_formats import open_stream
+
+    root = Path(cfg.root).expanduser()
+    common = {"batch_size": cfg.batch_size, "rank": env.rank, "world_size": env.world_size, "seed": seed}
+    shuffle = {"shuffle": True, "shuffle_buffer": cfg.stream.shuffle_buffer}
+    train_set = open_stream(root / "train", {**common, **shuffle, "balanced": True}, cfg.stream)
+    val_set = open_stream(root / "val", {**common, "shuffle": False, "balanced": False}, cfg.stream)
+    # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
+    options = _loader_options(cfg, env)
+    classes = train_set.classes
+    return DataBundle(
+        train_loader=DataLoader(train_set, batch_size=None, **options),
+        val_loader=DataLoader(val_set, batch_size=None, **options),
+        train_order=train_set,
+        train_size=sum(train_set.counts),
+        val_size=sum(val_set.counts),
+        input_shape=tuple(val_set.first_sample()[0].shape),
+        num_classes=len(classes) if classes else None,
+    )
+
+
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
-    """Train loader over a seeded, padded DistributedSampler; val loader over an unpadded one."""
+    """Train loader over a seeded, padded DistributedSampler and val loader over an unpadded one; or streams."""
+    if cfg.name == "stream" and cfg._target_ is None:
+        return _build_streams(cfg, env, seed)
     if cfg.download and env.distributed:
         # One download per job: rank 0 fetches while the others wait, then every rank reads its files.
         if env.is_main:
@@ -57,23 +104,20 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
-    train_sampler = ResumableDistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, seed=seed)
-    loader_options = {
-        "batch_size": cfg.batch_size,
-        "num_workers": cfg.num_workers,
-        "pin_memory": env.device.type == "cuda",
-        "persistent_workers": cfg.num_workers > 0,
-    }
+    train_sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed)
+    options = {**_loader_options(cfg, env), "batch_size": cfg.batch_size, "persistent_workers": cfg.num_workers > 0}
     # Seeds the workers' RNG (random crops, flips) reproducibly and differently on each rank.
     generator = torch.Generator().manual_seed(seed + env.rank)
-    train_loader = DataLoader(train_set, sampler=train_sampler, generator=generator, **loader_options)
+    train_loader = DataLoader(train_set, sampler=train_sampler, generator=generator, **options)
     val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-    val_loader = DataLoader(val_set, sampler=val_sampler, **loader_options)
+    val_loader = DataLoader(val_set, sampler=val_sampler, **options)
     classes = getattr(train_set, "classes", None)
     return DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,
-        train_sampler=train_sampler,
+        train_order=train_sampler,
+        train_size=len(train_set),
+        val_size=len(val_set),
         input_shape=tuple(val_set[0][0].shape),  # val: no random augmentation, so no RNG is consumed
         num_classes=len(classes) if classes is not None else None,
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
+from typing import Any
 
 from torch.utils.data import DistributedSampler, Sampler
 
@@ -11,11 +12,27 @@ from torch.utils.data import DistributedSampler, Sampler
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch) that can start an epoch part-way, for mid-epoch resume."""
 
-    start_index: int = 0
+    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.start_index = batch_size, 0
 
-    def set_start_index(self, start_index: int) -> None:
-        """Skip this rank's first `start_index` samples of the current epoch's order."""
-        self.start_index = start_index
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning, in its own seed-reproducible order."""
+        super().set_epoch(epoch)
+        self.start_index = 0
+
+    def position(self, batches_done: int) -> dict[str, Any]:
+        """Checkpointable position after `batches_done` more batches on every rank."""
+        samples_done = self.start_index + batches_done * self.batch_size
+        return {"epoch": self.epoch, "world_size": self.num_replicas, "samples_done": samples_done}
+
+    def resume(self, position: dict[str, Any]) -> bool:
+        """Continue a stored position; False (the epoch restarts) if the world size changed: positions are per rank."""
+        self.set_epoch(position["epoch"])
+        if position["world_size"] != self.num_replicas:
+            return False
+        self.start_index = position["samples_done"]
+        return True
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(super().__iter__(), self.start_index, None)

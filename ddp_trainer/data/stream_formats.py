@@ -1,0 +1,102 @@
+"""Shard formats read from a folder: JSON Lines (one sample per line) and .npz arrays, described by index.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddp_trainer.data.datasets import TensorClassification
+from ddp_trainer.data.streaming import ShardedIterableDataset, to_tensors
+from ddp_trainer.errors import UsageError
+
+INDEX_FILE = "index.json"
+FORMATS = {".jsonl": "jsonl", ".npz": "npz"}
+
+
+class JsonlShards(ShardedIterableDataset):
+    """One JSON object per line; `input_field` holds the (nested) numbers, `label_field` the class index."""
+
+    def __init__(self, *args: Any, input_field: str, label_field: str, input_shape: list[int] | None, **kw: Any):
+        self.input_field, self.label_field, self.input_shape = input_field, label_field, input_shape
+        super().__init__(*args, **kw)
+
+    def count_records(self, path: Path) -> int:
+        """Non-blank lines, without parsing them."""
+        with path.open("rb") as file:
+            return sum(1 for line in file if line.strip())
+
+    def load_shard(self, path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Parse every line of the shard into (input, label) tensors."""
+        samples = []
+        with path.open() as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    samples.append(to_tensors(record[self.input_field], record[self.label_field], self.input_shape))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                    raise UsageError(
+                        f"{path}:{number}: not a record with fields {self.input_field!r} and "
+                        f"{self.label_field!r} ({type(error).__name__}: {error})"
+                    ) from error
+        return samples
+
+
+class NpzShards(ShardedIterableDataset):
+    """`np.savez` files holding arrays `x` (inputs) and `y` (labels) of equal length."""
+
+    def __init__(self, *args: Any, input_shape: list[int] | None, **kw: Any):
+        self.input_shape = input_shape
+        super().__init__(*args, **kw)
+
+    def count_records(self, path: Path) -> int:
+        """Length of `y`; np.load reads only that array."""
+        with np.load(path) as arrays:
+            return len(arrays["y"])
+
+    def load_shard(self, path: Path) -> TensorClassification:
+        """The shard's arrays as tensors, indexable per record."""
+        with np.load(path) as arrays:
+            inputs, labels = arrays["x"].astype(np.float32, copy=False), arrays["y"].astype(np.int64, copy=False)
+        shape = tuple(self.input_shape) if self.input_shape else inputs.shape[1:]
+        return TensorClassification(torch.from_numpy(inputs).reshape(-1, *shape), torch.from_numpy(labels), [])
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """index.json of a shard folder, or one made by listing the folder's .jsonl / .npz files."""
+    index_file = folder / INDEX_FILE
+    if index_file.is_file():
+        return json.loads(index_file.read_text())
+    files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
+    if not files:
+        raise UsageError(
+            f"data.root: {folder} holds no {INDEX_FILE}, .jsonl or .npz shards (write them with "
+            f"python -m ddp_trainer.data.shard)"
+        )
+    formats = {FORMATS[path.suffix] for path in files}
+    if len(formats) > 1:
+        raise UsageError(f"data.root: {folder} mixes .jsonl and .npz shards; keep one format per folder")
+    return {"format": formats.pop(), "shards": [{"file": path.name} for path in files]}
+
+
+def open_stream(folder: Path, options: dict[str, Any], stream_cfg: Any) -> ShardedIterableDataset:
+    """The sharded dataset stored in `folder`; `options` are ShardedIterableDataset's keyword arguments."""
+    index = read_index(folder)
+    shards = [folder / entry["file"] for entry in index["shards"]]
+    missing = [path for path in shards if not path.is_file()]
+    if missing:
+        raise UsageError(f"data.root: shard {missing[0]} listed in {folder / INDEX_FILE} does not exist")
+    counts = [entry["records"] for entry in index["shards"]] if all("records" in e for e in index["shards"]) else None
+    input_shape = stream_cfg.input_shape or index.get("input_shape")
+    if index["format"] == "jsonl":
+        fields = {"input_field": stream_cfg.input_field, "label_field": stream_cfg.label_field}
+        dataset = JsonlShards(shards, counts=counts, input_shape=input_shape, **fields, **options)
+    else:
+        dataset = NpzShards(shards, counts=counts, input_shape=input_shape, **options)
+    dataset.classes = index.get("classes")
+    return dataset

@@ -1,0 +1,141 @@
+"""Sharded streams in one process: the epoch plan, DataLoader workers, positions and resume."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ddp_trainer.data.streaming import (
+    ShardedIterableDataset,
+    balanced_batches,
+    epoch_sequence,
+    remaining_records,
+)
+from ddp_trainer.errors import UsageError
+
+SHARD_SIZES = [0, 37, 5, 60]  # uneven, one empty, fewer files than 2 ranks x 3 workers
+
+
+class InMemoryShards(ShardedIterableDataset):
+    """Shard 'files' named by their index; record ids are global positions, so consumption is checkable."""
+
+    def __init__(self, sizes: list[int], **options) -> None:
+        self.sizes = sizes
+        super().__init__([Path(str(index)) for index in range(len(sizes))], **options)
+
+    def load_shard(self, path: Path) -> list[torch.Tensor]:
+        start = sum(self.sizes[: int(path.name)])
+        return [torch.tensor(start + offset) for offset in range(self.sizes[int(path.name)])]
+
+
+def stream(rank: int = 0, world_size: int = 1, batch_size: int = 8, **options) -> InMemoryShards:
+    return InMemoryShards(SHARD_SIZES, batch_size=batch_size, rank=rank, world_size=world_size, **options)
+
+
+def consumed(dataset: ShardedIterableDataset, workers: int, batches: int | None = None) -> list[list[int]]:
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [batch.tolist() for batch in itertools.islice(loader, batches)]
+
+
+def flatten(batches: list[list[int]]) -> list[int]:
+    return [record for batch in batches for record in batch]
+
+
+@pytest.mark.parametrize(("size", "world_size", "batch_size"), [(102, 2, 8), (1438, 2, 32), (7, 3, 2), (64, 4, 16)])
+def test_every_rank_gets_the_same_number_of_batches_and_every_record_once(size, world_size, batch_size):
+    plan = balanced_batches(np.arange(size), world_size, batch_size)
+    assert len({len(rank_batches) for rank_batches in plan}) == 1
+    sizes = [len(batch) for rank_batches in plan for batch in rank_batches]
+    assert min(sizes) >= 1 and max(sizes) <= batch_size
+    assert sorted(np.concatenate([b for rank_batches in plan for b in rank_batches]).tolist()) == list(range(size))
+
+
+def test_impossible_balance_is_refused_with_the_key_to_change():
+    with pytest.raises(UsageError, match="data.batch_size=1"):
+        balanced_batches(np.arange(3), 2, 1)
+
+
+def test_order_differs_by_epoch_and_repeats_by_seed():
+    assert np.array_equal(epoch_sequence(SHARD_SIZES, 0, 1, True, 16), epoch_sequence(SHARD_SIZES, 0, 1, True, 16))
+    assert not np.array_equal(epoch_sequence(SHARD_SIZES, 0, 1, True, 16), epoch_sequence(SHARD_SIZES, 0, 2, True, 16))
+    assert not np.array_equal(epoch_sequence(SHARD_SIZES, 0, 1, True, 16), epoch_sequence(SHARD_SIZES, 1, 1, True, 16))
+    assert sorted(epoch_sequence(SHARD_SIZES, 3, 0, True, 16).tolist()) == list(range(102))
+
+
+def test_shuffle_buffer_bounds_how_far_a_record_moves_within_the_shard_order():
+    unshuffled_within = epoch_sequence([50, 50], 0, 0, True, 1)
+    windowed = epoch_sequence([50, 50], 0, 0, True, 10)
+    for start in range(0, 100, 10):
+        assert sorted(windowed[start : start + 10]) == sorted(unshuffled_within[start : start + 10])
+    assert not np.array_equal(windowed, unshuffled_within)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_workers_split_a_rank_without_duplicates_in_plan_order(workers):
+    dataset = stream(shuffle_buffer=16)
+    dataset.set_epoch(2)
+    batches = consumed(dataset, workers)
+    assert batches == [plan_batch.tolist() for plan_batch in dataset.rank_plan()]
+    assert sorted(flatten(batches)) == list(range(102))
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_two_ranks_with_workers_cover_the_epoch_once_with_equal_batch_counts(workers):
+    per_rank = [consumed(stream(rank=rank, world_size=2), workers) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert sorted(flatten(per_rank[0]) + flatten(per_rank[1])) == list(range(102))
+
+
+def test_epochs_differ_and_runs_with_one_seed_agree_through_workers():
+    def epoch_order(seed: int, epoch: int) -> list[int]:
+        dataset = stream(seed=seed)
+        dataset.set_epoch(epoch)
+        return flatten(consumed(dataset, workers=2))
+
+    assert epoch_order(0, 0) == epoch_order(0, 0)
+    assert epoch_order(0, 0) != epoch_order(0, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_resume_at_the_same_world_size_continues_batch_for_batch(workers):
+    whole = consumed(stream(batch_size=4), workers)
+    first = stream(batch_size=4)
+    head = consumed(first, workers, batches=7)
+    resumed = stream(batch_size=4)
+    assert resumed.resume(first.position(batches_done=7)) is True
+    assert head + consumed(resumed, workers) == whole
+
+
+@pytest.mark.parametrize("new_world_size", [1, 3])
+def test_resume_at_another_world_size_consumes_the_rest_exactly_once(new_world_size):
+    before = [stream(rank=rank, world_size=2, batch_size=4) for rank in range(2)]
+    seen = [record for dataset in before for record in flatten(consumed(dataset, 0, batches=5))]
+    position = before[0].position(batches_done=5)
+    for rank in range(new_world_size):
+        dataset = stream(rank=rank, world_size=new_world_size, batch_size=4)
+        dataset.resume(position)
+        seen += flatten(consumed(dataset, 0))
+    assert sorted(seen) == list(range(102))
+
+
+def test_positions_of_two_resumes_in_one_epoch_chain():
+    first = stream(batch_size=4)
+    seen = flatten(consumed(first, 0, batches=3))
+    second = stream(batch_size=4)
+    second.resume(first.position(3))
+    seen += flatten(consumed(second, 0, batches=4))
+    assert second.position(4)["segments"] == [[1, 4, 7]]
+    third = stream(batch_size=4)
+    third.resume(second.position(4))
+    seen += flatten(consumed(third, 0))
+    assert sorted(seen) == list(range(102))
+
+
+def test_remaining_records_removes_what_the_segments_consumed():
+    sequence = np.arange(20)
+    assert remaining_records(sequence, [(2, 2, 1)]).tolist() == [i for i in range(20) if i not in (0, 1, 10, 11)]

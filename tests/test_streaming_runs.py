@@ -1,0 +1,103 @@
+"""Sharded streams in real training runs: ranks x DataLoader workers, mid-epoch resume, the digits recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import read_metrics, run_cli
+
+from ddp_trainer.data.shard import main as shard_main
+from ddp_trainer.train import main as train_main
+
+SHARD_SIZES = [0, 37, 5, 60]  # uneven, one empty, fewer files than 2 ranks x 3 workers
+VAL_SIZES = [11, 0, 6]
+
+
+def write_jsonl_shards(folder: Path, sizes: list[int], first_id: int = 0) -> None:
+    """JSON Lines shards whose input column 0 is the record's id (read back by factories.IdRecordingNet)."""
+    folder.mkdir(parents=True)
+    record_id = first_id
+    for number, size in enumerate(sizes):
+        lines = []
+        for _ in range(size):
+            features = [record_id, record_id % 3, (record_id * 7) % 5, 1.0, -1.0]
+            lines.append(json.dumps({"x": features, "y": record_id % 3}) + "\n")
+            record_id += 1
+        (folder / f"part-{number}.jsonl").write_text("".join(lines))
+
+
+@pytest.fixture
+def shard_root(tmp_path: Path) -> Path:
+    root = tmp_path / "shards"
+    write_jsonl_shards(root / "train", SHARD_SIZES)
+    write_jsonl_shards(root / "val", VAL_SIZES, first_id=1000)
+    return root
+
+
+def stream_args(root: Path, record_dir: Path, output_dir: Path) -> list[str]:
+    return [
+        "data.name=stream",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "data.stream.shuffle_buffer=8",
+        "model._target_=factories.IdRecordingNet",
+        f"model.record_dir={record_dir}",
+        "trainer.device=cpu",
+        f"output_dir={output_dir}",
+    ]
+
+
+def recorded_ids(record_dir: Path) -> list[int]:
+    return sorted(int(line) for path in record_dir.glob("rank*.txt") for line in path.read_text().split())
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_every_record_is_trained_on_once_per_epoch(shard_root, tmp_path, world_size, workers):
+    args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), f"data.num_workers={workers}"]
+    result = run_cli([*args, "trainer.epochs=1"], nproc=world_size, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert recorded_ids(tmp_path / "ids") == list(range(sum(SHARD_SIZES)))
+    [line] = read_metrics(tmp_path / "run")
+    assert (line["train/samples"], line["val/samples"]) == (sum(SHARD_SIZES), sum(VAL_SIZES))
+
+
+@pytest.mark.parametrize("resume_world_size", [2, 1])
+def test_a_run_stopped_half_way_resumes_with_the_records_it_had_not_seen(shard_root, tmp_path, resume_world_size):
+    args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), "trainer.epochs=1", "data.num_workers=1"]
+    first = run_cli([*args, "trainer.max_steps=7"], nproc=2)  # 102 records / (2 ranks x 4) = 13 steps per epoch
+    assert first.returncode == 0, first.stderr
+    assert len(recorded_ids(tmp_path / "ids")) < sum(SHARD_SIZES)
+    second = run_cli(args, nproc=resume_world_size)
+    assert second.returncode == 0, second.stderr
+    assert recorded_ids(tmp_path / "ids") == list(range(sum(SHARD_SIZES)))  # the union, no record twice
+    [line] = read_metrics(tmp_path / "run")
+    assert line["train/samples"] == sum(SHARD_SIZES)
+
+
+def test_digits_from_shards_reach_the_accuracy_of_the_map_style_recipe(tmp_path):
+    assert shard_main(["--config", "configs/digits_mlp.yaml", "--out", str(tmp_path / "shards"), "--shards", "8"]) == 0
+    common = ["trainer.device=cpu", "data.num_workers=0"]
+    assert train_main(["--config", "configs/digits_mlp.yaml", *common, f"output_dir={tmp_path / 'map'}"]) == 0
+    stream = ["--config", "configs/digits_stream.yaml", f"data.root={tmp_path / 'shards'}", *common]
+    assert train_main([*stream, f"output_dir={tmp_path / 'stream'}"]) == 0
+    map_line, stream_line = read_metrics(tmp_path / "map")[-1], read_metrics(tmp_path / "stream")[-1]
+    assert stream_line["val/samples"] == map_line["val/samples"] == 359
+    assert stream_line["train/samples"] == map_line["train/samples"] == 1438
+    assert stream_line["val/accuracy"] > 0.95
+    assert abs(stream_line["val/accuracy"] - map_line["val/accuracy"]) < 0.02
+
+
+def test_shard_writer_refuses_to_write_over_existing_files(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("saved")
+    assert shard_main(["--out", str(tmp_path / "out")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "saved"
+
+
+def test_missing_stream_folder_is_named(tmp_path, capsys):
+    assert train_main(["data.name=stream", f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert f"{tmp_path / 'train'} holds no index.json" in capsys.readouterr().err
