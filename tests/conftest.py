@@ -23,11 +23,23 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run `python -m ddp_trainer.train ARGS`, under torchrun --standalone when nproc > 1."""
+def cli_command(args: list[str], nproc: int) -> list[str]:
+    """`python -m ddp_trainer.train ARGS`, under torchrun --standalone when nproc > 1."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command = (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the CLI to the end and capture its output."""
+    command = cli_command(args, nproc)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO_DIR)
+
+
+def launch_cli(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Start the CLI in its own process group (so a test can kill every rank at once); output discarded."""
+    command = cli_command(args, nproc)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return subprocess.Popen(command, env=cli_env(), cwd=REPO_DIR, start_new_session=True, **quiet)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

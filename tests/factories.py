@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -83,17 +84,18 @@ def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.M
 
 
 class IdRecordingNet(nn.Module):
-    """Input column 0 is a record id: training forwards append the ids to `<record_dir>/rank<RANK>.txt`."""
+    """Input column 0 is a record id: each training forward appends a line of its batch's ids to a file per rank."""
 
-    def __init__(self, record_dir: str, features: int = 4, classes: int = 3) -> None:
+    def __init__(self, record_dir: str, features: int = 4, classes: int = 3, delay_s: float = 0.0) -> None:
         super().__init__()
         self.record_file = Path(record_dir) / f"rank{os.environ.get('RANK', '0')}.txt"
         self.record_file.parent.mkdir(parents=True, exist_ok=True)
-        self.linear = nn.Linear(features, classes)
+        self.linear, self.delay_s = nn.Linear(features, classes), delay_s
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Record the batch's ids when training, classify the other columns."""
+        """Record the batch's ids when training (slowly, if asked, so a test can kill mid-epoch), classify."""
         if self.training:
+            time.sleep(self.delay_s)
             with self.record_file.open("a") as file:
-                file.write("".join(f"{int(record)}\n" for record in inputs[:, 0]))
+                file.write(" ".join(str(int(record)) for record in inputs[:, 0]) + "\n")
         return self.linear(inputs[:, 1:])

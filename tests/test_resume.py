@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO_DIR, cli_env, read_metrics
+from conftest import launch_cli, read_metrics, run_cli
 
 from ddp_trainer import checkpoint
 from ddp_trainer.train import main
@@ -30,15 +28,12 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
 def test_sigkilled_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path):
     # Step checkpoints every 5 of the 45 steps per epoch: the kill usually lands mid-epoch.
     args = [*DIGITS, "trainer.epochs=40", "checkpoint.every_n_steps=5"]
-    command = [sys.executable, "-m", "ddp_trainer.train", *args]
     # Both runs in subprocesses with the same thread count, so float reductions happen in the same order.
-    straight = subprocess.run(
-        [*command, f"output_dir={tmp_path / 'straight'}"], cwd=REPO_DIR, env=cli_env(), timeout=120
-    )
-    assert straight.returncode == 0
-    command.append(f"output_dir={tmp_path / 'killed'}")
+    straight = run_cli([*args, f"output_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr
+    args.append(f"output_dir={tmp_path / 'killed'}")
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    process = subprocess.Popen(command, cwd=REPO_DIR, env=cli_env(), stdout=subprocess.DEVNULL)
+    process = launch_cli(args)
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -47,7 +42,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path):
     epochs_before_kill = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     assert 3 <= epochs_before_kill < 40, "the kill must land mid-run for this test to mean anything"
 
-    rerun = subprocess.run(command, cwd=REPO_DIR, env=cli_env(), capture_output=True, text=True, timeout=120)
+    rerun = run_cli(args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed from {tmp_path / 'killed' / 'checkpoints' / 'last.pt'}" in rerun.stdout
     assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight"))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_cli
+import torch
+from conftest import launch_cli, read_metrics, run_cli
 
 from ddp_trainer.data.shard import main as shard_main
 from ddp_trainer.train import main as train_main
@@ -50,7 +54,7 @@ def stream_args(root: Path, record_dir: Path, output_dir: Path) -> list[str]:
 
 
 def recorded_ids(record_dir: Path) -> list[int]:
-    return sorted(int(line) for path in record_dir.glob("rank*.txt") for line in path.read_text().split())
+    return sorted(int(record) for path in record_dir.glob("rank*.txt") for record in path.read_text().split())
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -73,6 +77,36 @@ def test_a_run_stopped_half_way_resumes_with_the_records_it_had_not_seen(shard_r
     second = run_cli(args, nproc=resume_world_size)
     assert second.returncode == 0, second.stderr
     assert recorded_ids(tmp_path / "ids") == list(range(sum(SHARD_SIZES)))  # the union, no record twice
+    [line] = read_metrics(tmp_path / "run")
+    assert line["train/samples"] == sum(SHARD_SIZES)
+
+
+def batch_lines(record_dir: Path, rank: int) -> list[list[int]]:
+    lines = (record_dir / f"rank{rank}.txt").read_text().splitlines()
+    return [[int(record) for record in line.split()] for line in lines]
+
+
+def test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trained_on(shard_root, tmp_path):
+    args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), "trainer.epochs=1", "data.num_workers=1"]
+    args += ["model.delay_s=0.1", "checkpoint.every_n_steps=2"]  # 13 steps of 0.1 s; a checkpoint every 2
+    killed = launch_cli(args, nproc=2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        (tmp_path / "ids" / "rank0.txt").exists() and len(batch_lines(tmp_path / "ids", 0)) >= 6
+    ):
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both ranks, no chance to clean up
+    killed.wait()
+    step = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 2 <= step < 13
+    trained_before = [
+        record for rank in (0, 1) for batch in batch_lines(tmp_path / "ids", rank)[:step] for record in batch
+    ]
+    for rank in (0, 1):
+        (tmp_path / "ids" / f"rank{rank}.txt").unlink()  # forwards after the checkpoint were lost with the kill
+    resumed = run_cli(args, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(trained_before + recorded_ids(tmp_path / "ids")) == list(range(sum(SHARD_SIZES)))
     [line] = read_metrics(tmp_path / "run")
     assert line["train/samples"] == sum(SHARD_SIZES)
 
