@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddp_trainer import slurm
 from ddp_trainer.errors import UsageError
 
 
@@ -43,14 +44,37 @@ def _int_env(name: str) -> int:
         raise UsageError(f"environment variable {name}={value!r} is not an integer") from error
 
 
-def detect_launcher() -> tuple[str, int, int, int]:
-    """Return (launcher, rank, local_rank, world_size) from torchrun's variables, or a single process."""
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: by torchrun (or any RANK/WORLD_SIZE setter), by srun, or alone."""
+
+    launcher: str
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def detect_launcher() -> Launch:
+    """Read the launcher's variables: torchrun's first, then an srun step's, else a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = _int_env("RANK"), _int_env("WORLD_SIZE")
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
-        return launcher, rank, local_rank, world_size
-    return "single", 0, 0, 1
+        port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else None
+        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port)
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step; a batch script alone also has SLURM_PROCID=0 and
+    # SLURM_NTASKS=N and must not wait for N-1 ranks that were never started.
+    if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        # The master is the first host of the node list, where SLURM puts task 0; the port comes from the job id.
+        master_addr = os.environ.get("MASTER_ADDR") or slurm.expand_nodelist(nodes)[0]
+        port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else slurm.job_port(os.environ["SLURM_JOB_ID"])
+        world_size, rank = _int_env("SLURM_STEP_NUM_TASKS"), _int_env("SLURM_PROCID")
+        local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+        return Launch("srun", rank, local_rank, world_size, master_addr, port)
+    return Launch("single", 0, 0, 1, None, None)
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -67,18 +91,23 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 
 def setup(requested_device: str, timeout_s: float) -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv."""
-    launcher, rank, local_rank, world_size = detect_launcher()
-    device = resolve_device(requested_device, local_rank)
-    backend = None
-    if world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # A short timeout turns a dead or stuck peer into an error instead of the default 10-30 minute hang.
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    elif device.type == "cuda":
+    launch = detect_launcher()
+    device = resolve_device(requested_device, launch.local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    return DistEnv(rank, local_rank, world_size, device, backend, launcher)
+    backend = None
+    if launch.world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        init_method = "env://" if launch.launcher != "srun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+        # A short timeout turns a dead or stuck peer into an error instead of the default 10-30 minute hang.
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
 
 
 def teardown() -> None:
@@ -115,5 +144,8 @@ def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
 
 def rank_label() -> str:
     """' (rank N)' when several ranks run, for messages that must say which rank failed; '' otherwise."""
-    world_size = os.environ.get("WORLD_SIZE", "1")
-    return f" (rank {os.environ.get('RANK', '?')})" if world_size not in ("", "1") else ""
+    try:
+        launch = detect_launcher()
+    except UsageError:
+        return ""
+    return f" (rank {launch.rank})" if launch.world_size > 1 else ""

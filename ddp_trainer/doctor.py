@@ -1,0 +1,111 @@
+"""`python -m ddp_trainer.doctor` (or `ddp-launch --doctor`): check a launch before it burns GPU hours.
+
+Every rank prints what it detected, then all ranks time one all_reduce. A failure is named in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import socket
+import struct
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ddp_trainer import distributed
+from ddp_trainer.errors import UsageError
+
+SIOCGIFADDR = 0x8915
+
+
+def interface_towards(address: str | None) -> str:
+    """The local network interface (and address) that packets to `address` leave through."""
+    if not address:
+        return "none (single process)"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))  # UDP connect sends nothing; it only picks the route
+        except OSError as error:
+            return f"no route to {address} ({error.strerror})"
+        local_address = probe.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue  # interface without an IPv4 address
+            if socket.inet_ntoa(packed[20:24]) == local_address:
+                return f"{name} ({local_address})"
+    return f"unknown ({local_address})"
+
+
+def describe(launch: distributed.Launch, device: torch.device) -> str:
+    """One line of what this rank detected."""
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a"
+    return (
+        f"doctor rank {launch.rank}/{launch.world_size} (local {launch.local_rank}) on {socket.gethostname()}: "
+        f"launcher={launch.launcher} device={device} master={launch.master_addr}:{launch.master_port} "
+        f"interface={interface_towards(launch.master_addr)} torch={torch.__version__} nccl={nccl}"
+    )
+
+
+def reach_master(launch: distributed.Launch, timeout_s: float) -> None:
+    """On ranks other than 0, wait until the master's port accepts connections, or raise naming it."""
+    if launch.rank == 0 or launch.world_size == 1 or launch.launcher == "torchrun":
+        return  # rank 0 opens the port itself; under torchrun the agents already met at the rendezvous
+    deadline, reason = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((launch.master_addr, launch.master_port), timeout=2).close()
+            return
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            time.sleep(0.5)
+    raise UsageError(f"cannot reach the master {launch.master_addr}:{launch.master_port} in {timeout_s:g} s ({reason})")
+
+
+def check_all_reduce(env: distributed.DistEnv) -> str:
+    """Time one all_reduce over all ranks and check its sum."""
+    tensor = torch.ones(1, device=env.device)
+    started = time.perf_counter()
+    distributed.all_reduce_sum(tensor, env)
+    total = tensor.item()  # waits for the collective to finish
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    if total != env.world_size:
+        raise RuntimeError(f"all_reduce summed to {total:g}, expected {env.world_size}: ranks disagree on the job")
+    return f"all_reduce over {env.world_size} ranks ({env.backend or 'no backend'}) took {elapsed_ms:.1f} ms: ok"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print this rank's view, join the group, time an all_reduce; exit 1 with one line naming what failed."""
+    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master and the ranks")
+    timeout_s = parser.parse_args(argv).timeout
+    launch = None
+    try:
+        launch = distributed.detect_launcher()
+        device = distributed.resolve_device("auto", launch.local_rank)
+        print(describe(launch, device), flush=True)
+        reach_master(launch, timeout_s)
+        env = distributed.setup("auto", timeout_s)
+        try:
+            line = check_all_reduce(env)
+        finally:
+            distributed.teardown()
+    except UsageError as error:
+        print(f"doctor: FAIL{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        return 1
+    except (RuntimeError, dist.DistError, TimeoutError) as error:
+        where = f"{launch.master_addr}:{launch.master_port}" if launch else "?"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"doctor: FAIL{distributed.rank_label()}: rendezvous with master {where}: {reason}", file=sys.stderr)
+        return 1
+    if env.is_main:
+        print(f"doctor: {line}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

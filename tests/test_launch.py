@@ -1,0 +1,150 @@
+"""Launching: SLURM's variables, ddp-launch's torchrun command, the doctor, and two torchrun 'nodes' on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_DIR, cli_env, read_metrics
+from dist_helpers import free_port
+
+from ddp_trainer import distributed, slurm
+from ddp_trainer.errors import UsageError
+from ddp_trainer.launch import torchrun_command
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("gpu5", ["gpu5"]),
+        ("a[1-2],b3,c[08-10]", ["a1", "a2", "b3", "c08", "c09", "c10"]),
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ],
+)
+def test_node_lists_expand_like_scontrol(nodelist, hosts):
+    assert slurm.expand_nodelist(nodelist) == hosts
+
+
+def test_a_malformed_node_list_is_named():
+    with pytest.raises(UsageError, match=r"node\[a-b\]"):
+        slurm.expand_nodelist("node[a-b]")
+
+
+def test_job_ids_give_distinct_ports_in_a_safe_range():
+    ports = {slurm.job_port(str(job)) for job in range(1000, 1100)}
+    assert len(ports) == 100 and all(slurm.PORT_BASE <= port < slurm.PORT_BASE + slurm.PORT_SPAN for port in ports)
+
+
+@pytest.fixture
+def srun_task(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    variables = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+    variables |= {
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NODELIST": "node[07-08]",
+        "SLURM_JOB_NODELIST": "node[07-08]",
+    }
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_an_srun_task_knows_its_rank_and_the_first_node_is_master(srun_task):
+    launch = distributed.detect_launcher()
+    assert (launch.launcher, launch.rank, launch.local_rank, launch.world_size) == ("srun", 3, 1, 4)
+    assert (launch.master_addr, launch.master_port) == ("node07", slurm.job_port("4242"))
+
+
+def test_a_batch_script_outside_srun_is_a_single_process(srun_task):
+    srun_task.delenv("SLURM_STEP_NUM_TASKS")
+    srun_task.setenv("SLURM_PROCID", "0")
+    assert distributed.detect_launcher().world_size == 1
+
+
+def test_torchrun_variables_win_over_slurm(srun_task):
+    srun_task.setenv("RANK", "0")
+    srun_task.setenv("WORLD_SIZE", "2")
+    assert distributed.detect_launcher().launcher == "env"
+
+
+def test_ddp_launch_fills_what_the_allocation_knows_and_keeps_what_was_given():
+    allocation = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
+    command = torchrun_command(
+        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"], allocation
+    )
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nnodes=2" in command and "--node-rank=1" in command and "--rdzv-backend=c10d" in command
+    assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in command
+    assert not any(token.startswith("--rdzv-id=") for token in command)  # the user's --rdzv-id mine stays
+    assert command[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"]
+    assert sum(token.startswith("--nproc") for token in command) == 1
+
+
+def test_ddp_launch_outside_slurm_only_adds_processes_per_node():
+    command = torchrun_command(["--standalone", "train.py"], {})
+    assert command[3].startswith("--nproc-per-node=") and command[4:] == ["--standalone", "train.py"]
+
+
+def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO_DIR)
+
+
+def test_doctor_reports_every_rank_and_times_an_all_reduce():
+    result = run([sys.executable, "-m", "ddp_trainer.launch", "--doctor", "--standalone", "--nproc-per-node=2"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split(" on ")[0] for line in result.stdout.splitlines() if line.startswith("doctor rank")) == [
+        "doctor rank 0/2 (local 0)",
+        "doctor rank 1/2 (local 1)",
+    ]
+    assert "launcher=torchrun device=cpu" in result.stdout and "interface=lo" in result.stdout
+    assert "doctor: all_reduce over 2 ranks (gloo) took" in result.stdout
+
+
+def test_doctor_names_an_unreachable_master_in_one_line():
+    env = {**cli_env(), "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, "-m", "ddp_trainer.doctor", "--timeout", "2"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("doctor: FAIL (rank 1): cannot reach the master 127.0.0.1:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=2", "trainer.device=cpu", f"output_dir={tmp_path}"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ddp_trainer.launch",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=loopback",
+                "-m",
+                "ddp_trainer.train",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            cwd=REPO_DIR,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    lines = read_metrics(tmp_path)
+    assert [line["world_size"] for line in lines] == [4, 4]
+    assert [line["val/samples"] for line in lines] == [359, 359]
+    assert [line["train/samples"] for line in lines] == [1440, 1440]  # 1,438 padded to a multiple of 4 ranks
