@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,13 +78,15 @@ def detect_launcher() -> Launch:
     return Launch("single", 0, 0, 1, None, None)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
+def resolve_device(requested: str, local_rank: int, launcher: str = "torchrun") -> torch.device:
     """Map trainer.device (auto|cpu|cuda) to this rank's device, one GPU per local rank."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
     count = torch.cuda.device_count()
+    if count == 1 and launcher == "srun":
+        return torch.device("cuda", 0)  # SLURM's --gpus-per-task shows each task only its own GPU
     if local_rank >= count:
         raise UsageError(f"local rank {local_rank} has no GPU: only {count} visible; start fewer processes per node")
     return torch.device("cuda", local_rank)
@@ -92,7 +95,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 def setup(requested_device: str, timeout_s: float) -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv."""
     launch = detect_launcher()
-    device = resolve_device(requested_device, launch.local_rank)
+    device = resolve_device(requested_device, launch.local_rank, launch.launcher)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = None
@@ -140,6 +143,26 @@ def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
     if env.distributed:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def any_rank_flag(value: int, env: DistEnv) -> int:
+    """The largest `value` over all ranks (e.g. a signal number): how ranks agree that one of them must stop."""
+    if not env.distributed:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64, device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())  # a host sync: the caller decides how often
+
+
+def requeue_slurm_job() -> str:
+    """Ask SLURM to requeue this job (`scontrol requeue`); returns what happened, in words."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return "not a SLURM job: nothing to requeue"
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
+    return f"SLURM job {job_id} requeued"
 
 
 def rank_label() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
+from ddp_trainer.preemption import StopSignals
 from ddp_trainer.trainer import Trainer
 
 EXIT_USAGE = 2
@@ -27,8 +29,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: Config) -> None:
-    """Train one run described by `cfg` on this rank; the process group is torn down on every exit path."""
+def run(cfg: Config) -> int:
+    """Train one run described by `cfg` on this rank; returns the exit code. Tears down on every exit path."""
+    stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
     env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     try:
         bundle = data.build(cfg.data, env, cfg.seed)
@@ -36,9 +39,12 @@ def run(cfg: Config) -> None:
         model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
         seed_everything(cfg.seed + env.rank)  # then distinct streams per rank (dropout, augmentation)
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar)
-        Trainer(cfg, env, model, bundle, logger).fit()
+        signum = Trainer(cfg, env, model, bundle, logger, stop).fit()
     finally:
         distributed.teardown()
+        stop.restore()
+    # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
+    return 0 if signum in (0, signal.SIGUSR2) else 128 + signum
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,20 +56,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML recipe; without it, the built-in defaults (digits MLP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ddp-train` and `python -m ddp_trainer.train`; returns the process exit code."""
     args = parse_args(argv)
     try:
-        run(config.load(args.config, args.overrides))
+        return run(config.load(args.config, args.overrides))
     except UsageError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
         print(f"ddp-train: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,35 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import checkpoint
 from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv, barrier, broadcast_buffers
+from ddp_trainer.distributed import DistEnv, any_rank_flag, barrier, broadcast_buffers, requeue_slurm_job
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.optim import build_optimizer, build_scheduler
+from ddp_trainer.preemption import StopSignals
+
+
+class Stopped(Exception):
+    """Raised out of the step loop once every rank agreed to stop on a signal; the checkpoint is written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class Trainer:
     """Owns the model, optimizer and schedule of one run; `fit()` trains, evaluates and checkpoints."""
 
-    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, logger: RunLogger) -> None:
-        self.cfg, self.env, self.data, self.logger = cfg, env, data, logger
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        model: nn.Module,
+        data: DataBundle,
+        logger: RunLogger,
+        stop: StopSignals | None = None,
+    ) -> None:
+        self.cfg, self.env, self.data, self.logger, self.stop = cfg, env, data, logger, stop
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         self.model = model.to(env.device)
         self.optimizer = build_optimizer(cfg.optim, self.model)
@@ -47,10 +65,23 @@ class Trainer:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
 
-    def fit(self) -> None:
-        """Train until `trainer.epochs` (or `trainer.max_steps`), evaluating and checkpointing every epoch."""
+    def fit(self) -> int:
+        """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
         self.logger.start(to_yaml(self.cfg), self.completed_epochs)
         self.logger.info(self._describe())
+        try:
+            self._run_epochs()
+        except Stopped as stop:
+            requeue = stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue and self.env.is_main
+            outcome = requeue_slurm_job() if requeue else "not requeued"
+            saved = self.checkpoint_dir / "last.pt"
+            self.logger.info(f"stopped by {stop} at step {self.step}: {saved} saved; {outcome}")
+            return stop.signum
+        best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
+        self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
+        return 0
+
+    def _run_epochs(self) -> None:
         for epoch in range(self.completed_epochs, self.cfg.trainer.epochs):
             if self._reached_max_steps():
                 break
@@ -70,8 +101,6 @@ class Trainer:
                 self.completed_epochs, self.batch_in_epoch, self.segment_batches = epoch + 1, 0, 0
             # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
             self._save_epoch_checkpoints(record, None if finished else train_totals)
-        best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
-        self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
 
     def _start_epoch(self, epoch: int) -> MetricSums:
         order = self.data.train_order
@@ -113,6 +142,10 @@ class Trainer:
             every = self.cfg.checkpoint.every_n_steps
             if every and self.step % every == 0:
                 self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
+            signum = self._agreed_stop_signal()
+            if signum:
+                self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
+                raise Stopped(signum)
         return sums.reduce(self.env), True
 
     @torch.no_grad()
@@ -129,6 +162,12 @@ class Trainer:
             sums.add(batch_sums(logits, targets, F.cross_entropy(logits, targets)))
         self.model.train()
         return summarize(sums.reduce(self.env), "val")
+
+    def _agreed_stop_signal(self) -> int:
+        """A signal number once any rank received one; ranks agree at the same step, so all stop together."""
+        if self.stop is None or self.step % self.cfg.trainer.stop_check_every_n_steps:
+            return 0
+        return any_rank_flag(self.stop.received, self.env)
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step

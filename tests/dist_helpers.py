@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -39,9 +40,10 @@ def train_counting_all_reduce(rank: int, world_size: int, port: int, args: list[
     _join_as(rank, world_size, port)
     original, calls = dist.all_reduce, []
 
-    def counting(*call_args, **call_kwargs):  # noqa: ANN002, ANN003, ANN202 - mirrors all_reduce
-        calls.append(1)
-        return original(*call_args, **call_kwargs)
+    def counting(tensor, *call_args, **call_kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - mirrors all_reduce
+        if tensor.dtype == torch.float64:  # metric sums; the per-step stop flag is int64
+            calls.append(1)
+        return original(tensor, *call_args, **call_kwargs)
 
     dist.all_reduce = counting
     try:

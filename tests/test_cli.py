@@ -95,3 +95,9 @@ def test_progress_bar_is_drawn_on_a_terminal_and_not_in_logs(tmp_path):
     )
     assert logged.returncode == 0
     assert "/45 [" not in logged.stderr and "epoch 2/2 step 90" in logged.stdout
+
+
+def test_overrides_may_stand_on_both_sides_of_the_config_flag(tmp_path):
+    args = ["trainer.epochs=1", "--config", "configs/digits_mlp.yaml", "trainer.device=cpu", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    assert len(read_metrics(tmp_path)) == 1

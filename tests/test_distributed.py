@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
-from dist_helpers import evaluate_checkpoint, spawn, train_counting_all_reduce
+from conftest import REPO_DIR, cli_env, read_metrics, run_cli
+from dist_helpers import evaluate_checkpoint, free_port, spawn, train_counting_all_reduce
 
 from ddp_trainer import checkpoint, config
 from ddp_trainer.train import main
@@ -114,10 +116,21 @@ def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
 
 
 def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
-    result = run_cli(["--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"], nproc=2, timeout=90)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ddp-train: error")]
-    assert sorted(errors) == [
-        f"ddp-train: error (rank {rank}): unknown config key 'optim.lrr' (Did you mean: 'lr'?)" for rank in (0, 1)
+    # Plain processes with the rank variables, not torchrun: torchrun ends the other ranks as soon as one exits,
+    # which would hide whether each rank reports the error on its own.
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ddp_trainer.train", "--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"],
+            env={**cli_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_DIR,
+        )  # fmt: skip
+        for rank in (0, 1)
     ]
+    for rank, process in enumerate(ranks):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 2
+        assert stderr.strip() == f"ddp-train: error (rank {rank}): unknown config key 'optim.lrr' (Did you mean: 'lr'?)"
     assert not tmp_path.exists() or not any(tmp_path.iterdir())

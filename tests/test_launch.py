@@ -148,3 +148,35 @@ def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
     assert [line["world_size"] for line in lines] == [4, 4]
     assert [line["val/samples"] for line in lines] == [359, 359]
     assert [line["train/samples"] for line in lines] == [1440, 1440]  # 1,438 padded to a multiple of 4 ranks
+
+
+def test_local_cpu_script_trains_on_two_ranks(tmp_path):
+    env = {**cli_env(), "PYTHON": sys.executable}
+    args = ["launch/local_cpu.sh", "--config", "configs/digits_mlp.yaml", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    result = subprocess.run(["bash", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO_DIR)
+    assert result.returncode == 0, result.stderr
+    assert [line["world_size"] for line in read_metrics(tmp_path)] == [2]
+
+
+def test_multi_node_script_names_the_missing_variable():
+    env = {key: value for key, value in cli_env().items() if key not in ("MASTER_ADDR", "NNODES", "NODE_RANK")}
+    result = subprocess.run(["bash", "launch/multi_node.sh"], capture_output=True, text=True, env=env, cwd=REPO_DIR)
+    assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
+
+
+def test_doctor_names_missing_ranks_when_the_world_size_is_wrong():
+    port = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ddp_trainer.doctor", "--timeout", "3"],
+            env={**cli_env(), "RANK": str(rank), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    errors = [process.communicate(timeout=60)[1] for process in ranks]
+    assert [process.returncode for process in ranks] == [1, 1]
+    assert "doctor: FAIL (rank 0): rendezvous with master 127.0.0.1" in errors[0]
+    assert "2/3 clients joined" in errors[0]

@@ -25,7 +25,8 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
         assert torch.equal(left[name], right[name]), name
 
 
-def test_sigkilled_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path):
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + 15)])
+def test_killed_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path, signum, exit_code):
     # Step checkpoints every 5 of the 45 steps per epoch: the kill usually lands mid-epoch.
     args = [*DIGITS, "trainer.epochs=40", "checkpoint.every_n_steps=5"]
     # Both runs in subprocesses with the same thread count, so float reductions happen in the same order.
@@ -37,8 +38,8 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)  # SIGTERM: the step finishes and a checkpoint is written; SIGKILL: nothing is
+    assert process.wait(timeout=60) == exit_code
     epochs_before_kill = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     assert 3 <= epochs_before_kill < 40, "the kill must land mid-run for this test to mean anything"
 

@@ -13,6 +13,7 @@ from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
+from ddp_trainer.preemption import ignore_stop_signals
 
 
 class EpochOrder(Protocol):
@@ -66,7 +67,11 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 
 
 def _loader_options(cfg: DataConfig, env: DistEnv) -> dict[str, Any]:
-    return {"num_workers": cfg.num_workers, "pin_memory": env.device.type == "cuda"}
+    return {
+        "num_workers": cfg.num_workers,
+        "pin_memory": env.device.type == "cuda",
+        "worker_init_fn": ignore_stop_signals if cfg.num_workers else None,
+    }
 
 
 def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=8, help="training shards (validation gets half, at least 1)")
     parser.add_argument("--format", choices=("npz", "jsonl"), default="npz")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.shards < 1:
             raise UsageError(f"--shards={args.shards}: need at least 1")
