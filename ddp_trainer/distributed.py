@@ -92,6 +92,20 @@ def resolve_device(requested: str, local_rank: int, launcher: str = "torchrun") 
     return torch.device("cuda", local_rank)
 
 
+def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with keys prefixed by the restart count.
+
+    With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
+    attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or launch.master_addr is None or launch.master_port is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    is_master = not agent_hosts_store and launch.rank == 0
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master, timeout=timeout)
+    return dist.PrefixStore(f"ddp_trainer/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def setup(requested_device: str, timeout_s: float) -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv."""
     launch = detect_launcher()
@@ -101,15 +115,17 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
     backend = None
     if launch.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        init_method = "env://" if launch.launcher != "srun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-        # A short timeout turns a dead or stuck peer into an error instead of the default 10-30 minute hang.
-        dist.init_process_group(
-            backend=backend,
-            init_method=init_method,
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
+        store = _restart_safe_store(launch, timeout)
+        if store is not None:
+            dist.init_process_group(
+                backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+            )
+        else:
+            init_method = "env://" if launch.launcher != "srun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+            )
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_cli, read_metrics, run_cli
+from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
 
 from ddp_trainer import checkpoint
 from ddp_trainer.train import main
@@ -88,3 +91,44 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys):
     assert main([*DIGITS, f"output_dir={tmp_path}", "trainer.epochs=2", "model.hidden_sizes=[32]"]) == 2
     error = capsys.readouterr().err.strip()
     assert "does not fit this run's model" in error and "\n" not in error
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers below `launcher_pid`, read from /proc."""
+    parents = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            parents[int(status.parent.name)] = int(status.read_text().split("PPid:\t")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    workers, frontier = {}, {launcher_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        for pid in frontier:
+            try:
+                variables = dict(
+                    item.split(b"=", 1)
+                    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    if b"=" in item
+                )
+            except OSError:
+                continue
+            if b"TORCHELASTIC_RUN_ID" in variables and b"RANK" in variables:
+                workers[int(variables[b"RANK"])] = pid
+    return workers
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_to_the_end(tmp_path):
+    args = [*DIGITS, "trainer.epochs=40", "checkpoint.every_n_steps=5", f"output_dir={tmp_path}"]
+    command = cli_command(args, nproc=2)
+    command.insert(command.index("--standalone"), "--max-restarts=1")
+    process = subprocess.Popen(command, cwd=REPO_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
+    output = process.communicate(timeout=180)[0].decode()
+    assert process.returncode == 0, output
+    assert "resumed from" in output
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == list(range(1, 41))
