@@ -7,6 +7,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,6 +160,15 @@ def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
     if env.distributed:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def gather_objects(value: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `value`, in rank order (pickled over the process group: for small, trusted objects)."""
+    if not env.distributed:
+        return [value]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank_flag(value: int, env: DistEnv) -> int:

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import random
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.preemption import StopSignals
+from ddp_trainer.rng import seed_everything
 from ddp_trainer.trainer import Trainer
 
 EXIT_USAGE = 2
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def run(cfg: Config) -> int:

@@ -12,10 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, rng
 from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv, any_rank_flag, barrier, broadcast_buffers, requeue_slurm_job
+from ddp_trainer.distributed import (
+    DistEnv,
+    any_rank_flag,
+    barrier,
+    broadcast_buffers,
+    gather_objects,
+    requeue_slurm_job,
+)
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
@@ -187,6 +194,7 @@ class Trainer:
             self._save(self.checkpoint_dir / "best.pt", partial_totals=totals)
 
     def _save(self, path: Path, partial_totals: dict[str, float] | None) -> None:
+        rng_states = gather_objects(rng.capture(), self.env)  # every rank's streams, not only rank 0's
         if self.env.is_main:
             state = {
                 "model": checkpoint.clean_state_dict(self.model.state_dict()),
@@ -199,6 +207,7 @@ class Trainer:
                 "partial_epoch_totals": partial_totals,
                 "best_metric": self.best_metric,
                 "world_size": self.env.world_size,
+                "rng": rng_states,
                 "config": to_container(self.cfg),
             }
             checkpoint.save_atomic(state, path)
@@ -217,6 +226,12 @@ class Trainer:
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
         self.partial_epoch_totals = state.get("partial_epoch_totals")
         self.resume_position = state.get("data_position")
+        rng_states = state.get("rng") or []
+        if len(rng_states) == self.env.world_size:
+            rng.restore(rng_states[self.env.rank])  # dropout and augmentation continue as if never stopped
+        else:
+            ranks = len(rng_states)
+            self.logger.info(f"{path} holds RNG streams of {ranks} ranks, not {self.env.world_size}: reseeded")
         self.logger.info(f"resumed from {path}: epoch {self.completed_epochs}, step {self.step}")
 
     def _describe(self) -> str:

@@ -66,11 +66,14 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return vision.cifar10(cfg.root, cfg.download, cfg.augment)
 
 
-def _loader_options(cfg: DataConfig, env: DistEnv) -> dict[str, Any]:
+def _loader_options(cfg: DataConfig, env: DistEnv, seed: int) -> dict[str, Any]:
     return {
         "num_workers": cfg.num_workers,
         "pin_memory": env.device.type == "cuda",
         "worker_init_fn": ignore_stop_signals if cfg.num_workers else None,
+        # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
+        # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
+        "generator": torch.Generator().manual_seed(seed + env.rank),
     }
 
 
@@ -83,11 +86,10 @@ def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     train_set = open_stream(root / "train", {**common, **shuffle, "balanced": True}, cfg.stream)
     val_set = open_stream(root / "val", {**common, "shuffle": False, "balanced": False}, cfg.stream)
     # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
-    options = _loader_options(cfg, env)
     classes = train_set.classes
     return DataBundle(
-        train_loader=DataLoader(train_set, batch_size=None, **options),
-        val_loader=DataLoader(val_set, batch_size=None, **options),
+        train_loader=DataLoader(train_set, batch_size=None, **_loader_options(cfg, env, seed)),
+        val_loader=DataLoader(val_set, batch_size=None, **_loader_options(cfg, env, seed)),
         train_order=train_set,
         train_size=sum(train_set.counts),
         val_size=sum(val_set.counts),
@@ -110,12 +112,10 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
         if len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
     train_sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed)
-    options = {**_loader_options(cfg, env), "batch_size": cfg.batch_size, "persistent_workers": cfg.num_workers > 0}
-    # Seeds the workers' RNG (random crops, flips) reproducibly and differently on each rank.
-    generator = torch.Generator().manual_seed(seed + env.rank)
-    train_loader = DataLoader(train_set, sampler=train_sampler, generator=generator, **options)
+    batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.num_workers > 0}
+    train_loader = DataLoader(train_set, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
     val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-    val_loader = DataLoader(val_set, sampler=val_sampler, **options)
+    val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))
     classes = getattr(train_set, "classes", None)
     return DataBundle(
         train_loader=train_loader,
