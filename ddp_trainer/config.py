@@ -131,12 +131,14 @@ class TrainerConfig:
     progress_bar: bool = True
     stop_check_every_n_steps: int = 1
     requeue: bool = True
+    nonfinite_loss: str = "stop"
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
         _require(self.device in DEVICES, "trainer.device", self.device, f"one of {', '.join(DEVICES)}")
         _require(self.log_every_n_steps > 0, "trainer.log_every_n_steps", self.log_every_n_steps, "a positive integer")
         _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", self.dist_timeout_s, "a positive number")
+        _require(self.nonfinite_loss in ("stop", "skip"), "trainer.nonfinite_loss", self.nonfinite_loss, "stop or skip")
         every = self.stop_check_every_n_steps
         _require(every > 0, "trainer.stop_check_every_n_steps", every, "a positive integer")
 

@@ -171,13 +171,11 @@ def gather_objects(value: Any, env: DistEnv) -> list[Any]:
     return gathered
 
 
-def any_rank_flag(value: int, env: DistEnv) -> int:
-    """The largest `value` over all ranks (e.g. a signal number): how ranks agree that one of them must stop."""
-    if not env.distributed:
-        return value
-    flag = torch.tensor([value], dtype=torch.int64, device=env.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())  # a host sync: the caller decides how often
+def any_rank_max(values: torch.Tensor, env: DistEnv) -> list[int]:
+    """Element-wise maximum of small integer flags over all ranks: how ranks agree to stop or skip together."""
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()  # a host sync: the caller decides how often
 
 
 def requeue_slurm_job() -> str:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import TrainingDiverged, UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.trainer import Trainer
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
 def run(cfg: Config) -> int:
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # so every rank says what is wrong and exits instead of waiting on the others.
         print(f"ddp-train: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"ddp-train: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

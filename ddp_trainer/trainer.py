@@ -17,13 +17,13 @@ from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import (
     DistEnv,
-    any_rank_flag,
+    any_rank_max,
     barrier,
     broadcast_buffers,
     gather_objects,
     requeue_slurm_job,
 )
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import TrainingDiverged, UsageError
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.optim import build_optimizer, build_scheduler
@@ -61,6 +61,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
         self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
+        self.skipped_steps = 0
         self.resume_position: dict[str, Any] | None = None
         self.best_metric: float | None = None
         resume_from = checkpoint.resume_path(cfg.trainer.resume, Path(cfg.output_dir))
@@ -100,6 +101,7 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 **summarize(train_totals, "train"),
+                "train/skipped_steps": self.skipped_steps,
                 **self.evaluate(),
             }
             record["time/epoch_s"] = time.perf_counter() - started
@@ -113,7 +115,7 @@ class Trainer:
         order = self.data.train_order
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
         sums = MetricSums(SUM_NAMES, self.env.device)
-        position, self.resume_position, self.segment_batches = self.resume_position, None, 0
+        position, self.resume_position, self.segment_batches, self.skipped_steps = self.resume_position, None, 0, 0
         if position is not None and not order.resume(position):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this world size: it restarts")
             self.batch_in_epoch, self.partial_epoch_totals = 0, None
@@ -137,19 +139,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             logits = self.train_model(inputs)
             loss = F.cross_entropy(logits, targets)
-            loss.backward()  # DDP averages gradients over ranks here
-            self.optimizer.step()
-            self.scheduler.step()
-            sums.add(batch_sums(logits, targets, loss))
-            self.step += 1
+            loss.backward()  # DDP averages gradients over ranks here: one rank's NaN reaches every rank
+            signum, nonfinite = self._agree_on(loss)
             self.batch_in_epoch += 1
             self.segment_batches += 1
+            if nonfinite:
+                self._skip_nonfinite_step(loss)
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
+                sums.add(batch_sums(logits, targets, loss))
+                self.step += 1
             if self.step % self.cfg.trainer.log_every_n_steps == 0:
                 self.logger.show_running(summarize(sums.reduce(self.env), "train"))  # the interval's one sync
             every = self.cfg.checkpoint.every_n_steps
             if every and self.step % every == 0:
                 self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
-            signum = self._agreed_stop_signal()
             if signum:
                 self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
                 raise Stopped(signum)
@@ -170,11 +175,26 @@ class Trainer:
         self.model.train()
         return summarize(sums.reduce(self.env), "val")
 
-    def _agreed_stop_signal(self) -> int:
-        """A signal number once any rank received one; ranks agree at the same step, so all stop together."""
-        if self.stop is None or self.step % self.cfg.trainer.stop_check_every_n_steps:
-            return 0
-        return any_rank_flag(self.stop.received, self.env)
+    def _agree_on(self, loss: torch.Tensor) -> tuple[int, int]:
+        """(stop signal, non-finite loss) as agreed by all ranks, so they stop or skip at the same step."""
+        if self.step % self.cfg.trainer.stop_check_every_n_steps:
+            return 0, 0
+        received = self.stop.received if self.stop is not None else 0
+        flags = torch.stack([loss.new_tensor(received, dtype=torch.int64), (~torch.isfinite(loss.detach())).long()])
+        signum, nonfinite = any_rank_max(flags, self.env)
+        return signum, nonfinite
+
+    def _skip_nonfinite_step(self, loss: torch.Tensor) -> None:
+        where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1}, batch {self.batch_in_epoch})"
+        if self.cfg.trainer.nonfinite_loss == "stop":
+            # Nothing is saved: the last checkpoint on disk stays the last good one.
+            raise TrainingDiverged(
+                f"the loss was not finite on at least one rank {where} (here: {loss.item()}); stopped, "
+                f"{self.checkpoint_dir} keeps the last good checkpoint (trainer.nonfinite_loss=skip skips such steps)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients never reach the weights
+        self.skipped_steps += 1
+        self.logger.info(f"skipped the optimizer step {where}: the loss was not finite on some rank")
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step

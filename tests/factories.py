@@ -99,3 +99,22 @@ class IdRecordingNet(nn.Module):
             with self.record_file.open("a") as file:
                 file.write(" ".join(str(int(record)) for record in inputs[:, 0]) + "\n")
         return self.linear(inputs[:, 1:])
+
+
+class NanAtStep(nn.Module):
+    """A small classifier whose training forward returns NaN logits on call `nan_step` (1-based) of `nan_rank`."""
+
+    def __init__(self, nan_step: int, nan_rank: int = 0, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.linear, self.calls = nn.Linear(features, classes), 0
+        self.poison = os.environ.get("RANK", "0") == str(nan_rank)
+        self.nan_step = nan_step
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits, or NaN once."""
+        logits = self.linear(inputs)
+        if self.training:
+            self.calls += 1
+            if self.poison and self.calls == self.nan_step:
+                return logits * float("nan")
+        return logits

@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path, signum
     code = process.wait(timeout=60)
     assert exit_code is None or code == exit_code  # torchrun reports its workers' SIGTERM its own way
     epochs_before_kill = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"]
-    assert 3 <= epochs_before_kill < 40, "the kill must land mid-run for this test to mean anything"
+    assert 2 <= epochs_before_kill < 40, "the kill must land mid-run for this test to mean anything"
 
     rerun = run_cli(args, nproc=nproc)
     assert rerun.returncode == 0, rerun.stderr
