@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.close(directory)
 
 
+class UnreadableCheckpoint(UsageError):
+    """A checkpoint file that is empty, truncated or not ours: an older one may be used instead."""
+
+
 def load(path: Path) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True (never runs code from the file); UsageError names the file."""
     if not path.is_file():
@@ -74,28 +79,65 @@ def load(path: Path) -> dict[str, Any]:
                 f"checkpoint {path} refused: it holds objects that could run code and weights_only loading "
                 f"blocks them ({blocked[0]})"
             ) from error
-        raise UsageError(f"checkpoint {path} is unreadable (not a torch checkpoint file)") from error
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (not a torch checkpoint file)") from error
     except Exception as error:  # truncated zip, empty file, not a torch file: all unreadable
         reason = (str(error).splitlines() or [""])[0]
-        raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason})") from error
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason})") from error
     if not isinstance(state, dict):
-        raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (holds a {type(state).__name__})")
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} is not a ddp-trainer checkpoint (holds a {type(state).__name__})"
+        )
     missing = [key for key in ("model", "optimizer", "epoch", "step", "config") if key not in state]
     if missing:
-        raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
+        raise UnreadableCheckpoint(f"checkpoint {path} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
     return state
 
 
-def resume_path(resume: str, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from for trainer.resume=auto|none|PATH, or None to start fresh."""
-    last = output_dir / "checkpoints" / "last.pt"
-    if resume == "auto":
-        return last if last.exists() else None
+def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
+    """Write last.pt; with keep_last > 0 it is also step-<step>.pt (one file, two names), newest keep_last kept."""
+    last = directory / "last.pt"
+    if keep_last == 0:
+        save_atomic(state, last)
+        return
+    step_file = directory / f"step-{state['step']:08d}.pt"
+    save_atomic(state, step_file)
+    link = directory / f".last.pt.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    os.link(step_file, link)
+    os.replace(link, last)  # atomic, like save_atomic, without serialising twice
+    for old in sorted(directory.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def _saved_checkpoints(directory: Path) -> list[Path]:
+    last = directory / "last.pt"
+    return ([last] if last.exists() else []) + sorted(directory.glob("step-*.pt"), reverse=True)
+
+
+def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh.
+
+    With auto, an unreadable last.pt is reported and the newest readable step checkpoint is used; if none is
+    readable the run stops rather than silently starting over.
+    """
+    directory = output_dir / "checkpoints"
+    saved = _saved_checkpoints(directory)
     if resume == "none":
-        if last.exists():
+        if saved:
             raise UsageError(
-                f"trainer.resume=none but {last} exists; use trainer.resume=auto to continue "
+                f"trainer.resume=none but {saved[0]} exists; use trainer.resume=auto to continue "
                 "or a new output_dir, so the saved run is not overwritten"
             )
         return None
-    return Path(resume)
+    if resume != "auto":
+        return load(Path(resume)), Path(resume)
+    problems = []
+    for path in saved:
+        try:
+            return load(path), path
+        except UnreadableCheckpoint as error:
+            problems.append(str(error))
+            report(f"{error}; trying an older checkpoint")
+    if problems:
+        raise UsageError(f"no readable checkpoint in {directory} ({len(problems)} tried): {problems[0]}")
+    return None

@@ -148,11 +148,13 @@ class CheckpointConfig:
     """When checkpoints are written and which one counts as best."""
 
     every_n_steps: int = 0
+    keep_last: int = 2
     monitor: str = "val/accuracy"
     mode: str = "max"
 
     def __post_init__(self) -> None:
         _require(self.every_n_steps >= 0, "checkpoint.every_n_steps", self.every_n_steps, "0 (epoch end only) or more")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "0 (last.pt only) or more")
         _require(self.mode in ("min", "max"), "checkpoint.mode", self.mode, "min or max")
         monitors = ("val/accuracy", "val/loss", "train/loss")
         _require(self.monitor in monitors, "checkpoint.monitor", self.monitor, f"one of {', '.join(monitors)}")

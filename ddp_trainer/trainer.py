@@ -64,10 +64,10 @@ class Trainer:
         self.skipped_steps = 0
         self.resume_position: dict[str, Any] | None = None
         self.best_metric: float | None = None
-        resume_from = checkpoint.resume_path(cfg.trainer.resume, Path(cfg.output_dir))
-        if resume_from is not None:
-            # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
-            self._restore(checkpoint.load(resume_from), resume_from)
+        # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
+        resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), self.logger.info)
+        if resumed is not None:
+            self._restore(*resumed)
         self.train_model = self.model
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
@@ -154,9 +154,9 @@ class Trainer:
                 self.logger.show_running(summarize(sums.reduce(self.env), "train"))  # the interval's one sync
             every = self.cfg.checkpoint.every_n_steps
             if every and self.step % every == 0:
-                self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
+                self._save("last", partial_totals=sums.reduce(self.env))
             if signum:
-                self._save(self.checkpoint_dir / "last.pt", partial_totals=sums.reduce(self.env))
+                self._save("last", partial_totals=sums.reduce(self.env))
                 raise Stopped(signum)
         return sums.reduce(self.env), True
 
@@ -209,11 +209,11 @@ class Trainer:
         improved = self._is_better(value)
         if improved:
             self.best_metric = value
-        self._save(self.checkpoint_dir / "last.pt", partial_totals=totals)
+        self._save("last", partial_totals=totals)
         if improved:
-            self._save(self.checkpoint_dir / "best.pt", partial_totals=totals)
+            self._save("best", partial_totals=totals)
 
-    def _save(self, path: Path, partial_totals: dict[str, float] | None) -> None:
+    def _save(self, which: str, partial_totals: dict[str, float] | None) -> None:
         rng_states = gather_objects(rng.capture(), self.env)  # every rank's streams, not only rank 0's
         if self.env.is_main:
             state = {
@@ -230,7 +230,10 @@ class Trainer:
                 "rng": rng_states,
                 "config": to_container(self.cfg),
             }
-            checkpoint.save_atomic(state, path)
+            if which == "last":
+                checkpoint.save_last(state, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            else:
+                checkpoint.save_atomic(state, self.checkpoint_dir / "best.pt")
         barrier(self.env)  # no rank runs ahead of a checkpoint that is not on disk yet
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:

@@ -77,6 +77,49 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
 def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
     checkpoint.save_atomic(minimal_state(1.0), tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(UsageError, match="trainer.resume=none"):
-        checkpoint.resume_path("none", tmp_path)
-    assert checkpoint.resume_path("auto", tmp_path) == tmp_path / "checkpoints" / "last.pt"
-    assert checkpoint.resume_path("auto", tmp_path / "fresh") is None
+        checkpoint.load_for_resume("none", tmp_path, print)
+    state, path = checkpoint.load_for_resume("auto", tmp_path, print)
+    assert path == tmp_path / "checkpoints" / "last.pt" and state["step"] == 2
+    assert checkpoint.load_for_resume("auto", tmp_path / "fresh", print) is None
+
+
+def step_state(step: int) -> dict:
+    return {**minimal_state(float(step)), "step": step}
+
+
+def test_last_is_also_the_newest_step_file_and_only_keep_last_are_kept(tmp_path):
+    for step in (5, 10, 15, 20):
+        checkpoint.save_last(step_state(step), tmp_path, keep_last=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt", "step-00000015.pt", "step-00000020.pt"]
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "step-00000020.pt")
+    checkpoint.save_last(step_state(25), tmp_path, keep_last=0)
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 25
+
+
+def test_an_unreadable_last_falls_back_to_the_newest_readable_step_file(tmp_path):
+    directory = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        checkpoint.save_last(step_state(step), directory, keep_last=3)
+    (directory / "last.pt").unlink()
+    (directory / "last.pt").write_bytes(b"")  # e.g. a disk that lost the data of the newest file
+    (directory / "step-00000015.pt").write_bytes(b"\x00" * 10)
+    reports: list[str] = []
+    state, path = checkpoint.load_for_resume("auto", tmp_path, reports.append)
+    assert (path.name, state["step"]) == ("step-00000010.pt", 10)
+    assert len(reports) == 2 and all("unreadable" in line and "\n" not in line for line in reports)
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(UsageError, match="no readable checkpoint"):
+        checkpoint.load_for_resume("auto", tmp_path, lambda line: None)
+
+
+def test_a_malicious_last_is_refused_not_skipped(tmp_path):
+    directory = tmp_path / "checkpoints"
+    checkpoint.save_last(step_state(5), directory, keep_last=2)
+    (directory / "last.pt").unlink()
+    torch.save({**step_state(10), "payload": RunsCode()}, directory / "last.pt")
+    with pytest.raises(UsageError, match="refused"):
+        checkpoint.load_for_resume("auto", tmp_path, print)

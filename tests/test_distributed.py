@@ -32,7 +32,8 @@ def test_default_recipe_on_two_ranks_reaches_95_percent_with_global_metrics(tmp_
     assert lines[-1]["val/accuracy"] > 0.95
     assert result.stdout.count("epoch 10/10") == 1  # only rank 0 prints
     assert config.load(tmp_path / "config.yaml").output_dir == str(tmp_path)
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    saved = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())  # no temporary file left behind
+    assert saved == ["best.pt", "last.pt", "step-00000207.pt", "step-00000230.pt"]  # checkpoint.keep_last=2
     for name in ("last.pt", "best.pt"):
         state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
         assert {"model", "optimizer", "epoch", "step", "config"} <= state.keys()

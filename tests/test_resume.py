@@ -86,7 +86,7 @@ def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys
     last.write_bytes(b"\x00" * 64)
     assert main([*DIGITS, f"output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("ddp-train: error: checkpoint") and str(last) in error and "\n" not in error
+    assert error.startswith("ddp-train: error: no readable checkpoint") and str(last) in error and "\n" not in error
     assert last.read_bytes() == b"\x00" * 64
 
 
@@ -137,3 +137,16 @@ def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_to_the_end(tmp_path
     assert process.returncode == 0, output
     assert "resumed from" in output
     assert [line["epoch"] for line in read_metrics(tmp_path)] == list(range(1, 41))
+
+
+def test_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, capsys):
+    args = [*DIGITS, "checkpoint.every_n_steps=20", "checkpoint.keep_last=2", f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.epochs=2"]) == 0
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.unlink()
+    last.write_bytes(b"PK\x03\x04 cut off")  # a truncated file where last.pt was
+    capsys.readouterr()
+    assert main([*args, "trainer.epochs=3"]) == 0
+    output = capsys.readouterr().out
+    assert f"checkpoint {last} is unreadable" in output and "resumed from" in output
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
