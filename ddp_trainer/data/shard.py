@@ -21,8 +21,9 @@ from ddp_trainer.errors import UsageError
 def write_shards(dataset: Dataset, folder: Path, shards: int, shard_format: str) -> list[int]:
     """Split `dataset` in order into `shards` files of `folder` plus index.json; return the record counts."""
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = torch.stack([torch.as_tensor(dataset[index][0]) for index in range(len(dataset))])
-    labels = np.array([int(dataset[index][1]) for index in range(len(dataset))], dtype=np.int64)
+    samples = [dataset[index] for index in range(len(dataset))]  # once: reading a sample may decode a file
+    inputs = torch.stack([torch.as_tensor(sample_input) for sample_input, _ in samples])
+    labels = np.array([int(label) for _, label in samples], dtype=np.int64)
     entries = []
     for number, part in enumerate(np.array_split(np.arange(len(labels)), shards)):
         name = f"shard-{number:05d}.{shard_format}"

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddp_trainer.config import StreamConfig
 from ddp_trainer.data.datasets import TensorClassification
 from ddp_trainer.data.streaming import ShardedIterableDataset, to_tensors
 from ddp_trainer.errors import UsageError
@@ -84,7 +85,7 @@ def read_index(folder: Path) -> dict[str, Any]:
     return {"format": formats.pop(), "shards": [{"file": path.name} for path in files]}
 
 
-def open_stream(folder: Path, options: dict[str, Any], stream_cfg: Any) -> ShardedIterableDataset:
+def open_stream(folder: Path, options: dict[str, Any], stream_cfg: StreamConfig) -> ShardedIterableDataset:
     """The sharded dataset stored in `folder`; `options` are ShardedIterableDataset's keyword arguments."""
     index = read_index(folder)
     shards = [folder / entry["file"] for entry in index["shards"]]

@@ -95,6 +95,7 @@ class ShardedIterableDataset(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer, self.balanced = seed, shuffle, shuffle_buffer, balanced
         self.epoch, self.segments = 0, []
+        self._plan_cache: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
         self.cache_size = 2 + math.ceil(shuffle_buffer / max(1, min((c for c in self.counts if c), default=1)))
 
     def load_shard(self, path: Path) -> Sequence[Any]:
@@ -130,6 +131,12 @@ class ShardedIterableDataset(IterableDataset):
 
     def rank_plan(self) -> list[np.ndarray]:
         """Record ids of each batch this rank yields from the current position to the end of the epoch."""
+        key = (self.epoch, tuple(self.segments))
+        if self._plan_cache is None or self._plan_cache[0] != key:  # len() and iter() both ask, every epoch
+            self._plan_cache = (key, self._compute_rank_plan())
+        return self._plan_cache[1]
+
+    def _compute_rank_plan(self) -> list[np.ndarray]:
         sequence = epoch_sequence(self.counts, self.seed, self.epoch, self.shuffle, self.shuffle_buffer)
         if not self.balanced:
             return evaluation_batches(sequence, self.world_size, self.rank, self.batch_size)
