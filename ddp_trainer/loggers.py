@@ -1,30 +1,60 @@
-"""Rank 0's outputs: console lines with a progress bar, metrics.jsonl and config.yaml. Other ranks stay quiet."""
+"""Rank 0's outputs: console lines and progress bar, metrics.jsonl, config.yaml, TensorBoard, W&B. Other ranks: none."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import numbers
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
+from ddp_trainer.config import LoggingConfig
+from ddp_trainer.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+    from wandb import Run
+
 Item = TypeVar("Item")
+# Every scalar's x axis, in TensorBoard and W&B alike: the optimizer step, which a resumed run continues.
+STEP_KEY = "step"
+# Running metrics get their own names so they never mix with the epoch values of the same quantity.
+RUNNING_PREFIX = "step/"
 
 
 class RunLogger:
-    """Writes the run's text outputs from rank 0; every method is a no-op on the other ranks."""
+    """Writes the run's outputs from rank 0; every method is a no-op on the other ranks."""
 
-    def __init__(self, output_dir: Path, is_main: bool, progress_bar: bool) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        is_main: bool,
+        progress_bar: bool,
+        logging_cfg: LoggingConfig | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.output_dir, self.is_main = output_dir, is_main
+        self.logging_cfg = logging_cfg if logging_cfg is not None else LoggingConfig()
+        self.run_config = run_config
         self.metrics_path = output_dir / "metrics.jsonl"
         # A bar redrawn into a log file is noise; only draw it for a person watching a terminal.
         self.show_bar = is_main and progress_bar and sys.stderr.isatty()
         self.bar: tqdm | None = None
+        self.samples_per_batch = 0
+        self.tensorboard: SummaryWriter | None = None
+        self.wandb_run: Run | None = None
+        self.wandb_run_id: str | None = None
 
-    def start(self, config_yaml: str, completed_epochs: int) -> None:
-        """Write config.yaml and keep only metrics lines of epochs the resumed checkpoint already holds."""
+    def start(self, config_yaml: str, completed_epochs: int, wandb_run_id: str | None = None) -> None:
+        """Write config.yaml, keep only metrics lines the resumed checkpoint holds, open the enabled loggers."""
+        # Kept even while W&B is off, so a checkpoint still names the run should a later resume turn it back on.
+        self.wandb_run_id = wandb_run_id
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -33,21 +63,61 @@ class RunLogger:
             # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
             kept = [line for line in self.metrics_path.read_text().splitlines() if _epoch_of(line) <= completed_epochs]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        if self.logging_cfg.tensorboard:
+            tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
+            self.tensorboard = tensorboard.SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        if self.logging_cfg.wandb.mode != "disabled":
+            self.wandb_run = self._start_wandb(wandb_run_id)
+            self.wandb_run_id = self.wandb_run.id
 
-    def progress(self, batches: Iterable[Item], total: int, description: str) -> Iterator[Item]:
-        """Iterate `batches`, drawing a progress bar on rank 0 when stderr is a terminal."""
+    def _start_wandb(self, run_id: str | None) -> Run:
+        settings = self.logging_cfg.wandb
+        wandb = _import_optional("wandb", f"logging.wandb.mode={settings.mode}")
+        # resume="allow" with the checkpoint's id: a resumed or requeued job appends to the same run;
+        # without an id W&B makes a fresh one (or takes WANDB_RUN_ID).
+        run = wandb.init(
+            mode=settings.mode,
+            project=settings.project,
+            name=settings.name,
+            entity=settings.entity,
+            dir=str(self.output_dir),
+            config=self.run_config,
+            id=run_id,
+            resume="allow",
+        )
+        # W&B's own step counts log calls; plotting against ours keeps a resumed run's points in place.
+        run.define_metric(STEP_KEY)
+        run.define_metric("*", step_metric=STEP_KEY)
+        return run
+
+    def progress(
+        self, batches: Iterable[Item], total: int, description: str, samples_per_batch: int = 0
+    ) -> Iterator[Item]:
+        """Iterate `batches` with a bar on rank 0 when stderr is a terminal; `samples_per_batch` is the global batch."""
         if not self.show_bar:
             yield from batches
             return
+        self.samples_per_batch = samples_per_batch
         with tqdm(batches, total=total, desc=description, leave=False, dynamic_ncols=True) as self.bar:
             yield from self.bar
         self.bar = None
 
-    def show_running(self, metrics: dict[str, float]) -> None:
-        """Put the latest global running metrics on the progress bar."""
+    def show_running(self, metrics: dict[str, float], step: int) -> None:
+        """Put the latest global running metrics on the progress bar and log them as `step/<name>` at `step`."""
+        if not self.is_main:
+            return
         if self.bar is not None:
-            loss, accuracy = metrics["train/loss"], metrics["train/accuracy"]
-            self.bar.set_postfix(loss=f"{loss:.4f}", accuracy=f"{100 * accuracy:.1f}%")
+            self.bar.set_postfix(self._postfix(metrics))
+        self._write_scalars({RUNNING_PREFIX + name: value for name, value in metrics.items()}, step)
+
+    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        postfix = {"loss": f"{metrics['train/loss']:.4f}", "accuracy": f"{100 * metrics['train/accuracy']:.1f}%"}
+        timing = self.bar.format_dict
+        # tqdm's smoothed rate needs a few redraws; until then the average since the bar started stands in.
+        batches_per_s = timing["rate"] or (timing["n"] / timing["elapsed"] if timing["elapsed"] else 0.0)
+        if self.samples_per_batch and batches_per_s:
+            postfix["samples/s"] = f"{batches_per_s * self.samples_per_batch:,.0f}"
+        return postfix
 
     def info(self, message: str) -> None:
         """Print one line on rank 0."""
@@ -55,7 +125,7 @@ class RunLogger:
             print(message, flush=True)
 
     def log_epoch(self, record: dict[str, Any], epochs: int) -> None:
-        """Append the epoch's global metrics to metrics.jsonl and print them."""
+        """Append the epoch's global metrics to metrics.jsonl, print them and log them at `record["step"]`."""
         if not self.is_main:
             return
         with self.metrics_path.open("a") as file:
@@ -65,6 +135,50 @@ class RunLogger:
             f"| val/loss {record['val/loss']:.4f} | val/accuracy {100 * record['val/accuracy']:.2f}% "
             f"| {record['time/epoch_s']:.1f}s"
         )
+        self._write_scalars({name: value for name, value in record.items() if name != STEP_KEY}, record[STEP_KEY])
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # an epoch is rare and worth keeping should the job be killed before close
+
+    def _write_scalars(self, values: dict[str, Any], step: int) -> None:
+        scalars = {name: value for name, value in values.items() if _is_number(value)}
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, global_step=step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({STEP_KEY: step, **scalars})
+
+    def finish(self) -> None:
+        """Flush and close TensorBoard and W&B; safe to call again and when nothing was opened."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def require_packages(cfg: LoggingConfig) -> None:
+    """Fail on every rank, before ranks meet, when an enabled logger's package is missing (only rank 0 imports it)."""
+    needed = {"tensorboard": "logging.tensorboard=true"} if cfg.tensorboard else {}
+    if cfg.wandb.mode != "disabled":
+        needed["wandb"] = f"logging.wandb.mode={cfg.wandb.mode}"
+    for package, key in needed.items():
+        if importlib.util.find_spec(package) is None:
+            raise UsageError(f"{key} needs the {package} package: pip install 'ddp-trainer[logging]'")
+
+
+def _import_optional(module: str, key: str) -> ModuleType:
+    """Import a logger's package, or say which setting needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UsageError(
+            f"{key} needs a package that is not installed ({error}): pip install 'ddp-trainer[logging]'"
+        ) from error
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _epoch_of(line: str) -> float:

@@ -1,0 +1,114 @@
+"""The `ddp-train plot` command: a run's metrics.jsonl as a PNG of loss and accuracy per epoch, train vs val."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddp_trainer.errors import UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+EXIT_USAGE = 2
+PANELS = ("loss", "accuracy")
+SPLITS = ("train", "val")
+
+
+def metrics_file(path: Path) -> Path:
+    """The metrics.jsonl that `path` names: the file itself, or the one inside a run directory."""
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"{file} does not exist (give a run directory or its metrics.jsonl)")
+    return file
+
+
+def read_epochs(file: Path) -> list[dict[str, Any]]:
+    """The epoch lines of a metrics.jsonl, in file order; lines without an `epoch` key are skipped."""
+    try:
+        lines = file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {file} as text: {error}") from error
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{file} line {number} is not valid JSON: {error.msg}") from error
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    if not records:
+        raise UsageError(f"{file} has no epoch lines (each line should be a JSON object with an 'epoch' key)")
+    return records
+
+
+def epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of one metric, leaving out the epochs whose line lacks it."""
+    present = [record for record in records if record.get(key) is not None]
+    return [record["epoch"] for record in present], [record[key] for record in present]
+
+
+def plot_metrics(records: Sequence[dict[str, Any]], title: str = "") -> Figure:
+    """A figure with a loss panel and an accuracy panel, each drawing train and val against the epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only this command draws
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    # A bare Figure on the Agg canvas: no pyplot state, no display needed on a cluster node.
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, panel in zip(figure.subplots(1, len(PANELS)), PANELS, strict=True):
+        for split in SPLITS:
+            epochs, values = epoch_series(records, f"{split}/{panel}")
+            if epochs:
+                axes.plot(epochs, values, marker="o", label=split)
+        axes.set(title=panel, xlabel="epoch", ylabel=panel)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel == "accuracy":
+            axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # stored as fractions, read as percent
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend()
+    figure.suptitle(title)
+    return figure
+
+
+def save_figure(figure: Figure, output: Path) -> None:
+    """Write the figure as a PNG, creating the folder it goes in."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output)
+    except OSError as error:
+        raise UsageError(f"cannot write {output}: {error.strerror or error}") from error
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line arguments: the run directory or metrics.jsonl, and where to write the PNG."""
+    parser = argparse.ArgumentParser(
+        prog="ddp-train plot", description="Plot loss and accuracy per epoch (train vs val) from a run's metrics."
+    )
+    parser.add_argument(
+        "metrics", type=Path, metavar="RUN_DIR_OR_METRICS_JSONL", help="a run's output_dir or its metrics.jsonl"
+    )
+    parser.add_argument("--output", type=Path, metavar="PNG", help="default: metrics.png next to metrics.jsonl")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ddp-train plot`; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        file = metrics_file(args.metrics)
+        output = args.output or file.with_name("metrics.png")
+        save_figure(plot_metrics(read_epochs(file), title=str(file.parent)), output)
+    except UsageError as error:
+        print(f"ddp-train plot: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    print(f"wrote {output}")
+    return 0

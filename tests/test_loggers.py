@@ -1,0 +1,210 @@
+"""RunLogger in one process: TensorBoard and W&B offline files read back, rank 0 only, lazy imports, the bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import cli_env
+
+from ddp_trainer.config import LoggingConfig, WandbConfig
+from ddp_trainer.errors import UsageError
+from ddp_trainer.loggers import RunLogger
+
+TENSORBOARD = LoggingConfig(tensorboard=True)
+WANDB_OFFLINE = LoggingConfig(wandb=WandbConfig(mode="offline", project="tests"))
+RUNNING = [
+    (5, {"train/loss": 2.0, "train/accuracy": 0.25, "lr": 0.1}),
+    (10, {"train/loss": 1.5, "train/accuracy": 0.5}),
+]
+EPOCHS = [
+    {"epoch": 1, "step": 10, "lr": 0.1, "train/loss": 1.25, "val/loss": 1.75, "val/accuracy": 0.5, "time/epoch_s": 2.0},
+    {"epoch": 2, "step": 20, "lr": 0.2, "train/loss": 0.75, "val/loss": 1.5, "val/accuracy": 0.75, "time/epoch_s": 2.0},
+]
+
+
+def log_run(logger: RunLogger, wandb_run_id: str | None = None) -> None:
+    """Drive a logger through a two-epoch run with running metrics in the first epoch."""
+    logger.start("seed: 0\n", completed_epochs=0, wandb_run_id=wandb_run_id)
+    for step, metrics in RUNNING:
+        logger.show_running(metrics, step)
+    for record in EPOCHS:
+        logger.log_epoch(record, epochs=len(EPOCHS))
+    logger.finish()
+
+
+def test_tensorboard_holds_epoch_values_at_their_step_and_running_values_under_step_prefix(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=TENSORBOARD)
+    log_run(logger)
+    logger.finish()  # a second close, as on an error path after a normal finish, must not fail
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
+
+    for name in ("train/loss", "val/loss", "val/accuracy", "lr", "epoch"):
+        assert scalars(name) == [(record["step"], record[name]) for record in EPOCHS]
+    for name in ("train/loss", "train/accuracy"):
+        assert scalars(f"step/{name}") == [(step, metrics[name]) for step, metrics in RUNNING]
+    assert scalars("step/lr") == [(5, 0.1)]
+    assert "step" not in events.Tags()["scalars"]  # the x axis, not a curve
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == EPOCHS
+
+
+def read_wandb_records(run_file: Path) -> list:
+    """The protobuf records of a .wandb file (LevelDB log format: 32 KiB blocks of CRC, length, type, data)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header_size = run_file.read_bytes(), 32 * 1024, 7
+    position, pending, records = header_size, b"", []  # past the file header ":W&B", magic, version
+    while position + header_size <= len(data):
+        if block - position % block < header_size:
+            position += block - position % block  # a block's tail too short for a header is padding
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + header_size])
+        pending += data[position + header_size : position + header_size + length]
+        position += header_size + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+@pytest.fixture
+def wandb_offline_env(tmp_path, monkeypatch):
+    """W&B quiet, offline and with its caches in tmp_path: no network, nothing written to the home directory."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+
+
+def test_wandb_offline_run_records_config_and_epoch_metrics_at_their_step(tmp_path, wandb_offline_env):
+    run_config = {"optim": {"lr": 0.1}, "seed": 0}
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE, run_config=run_config)
+    log_run(logger)
+
+    (run_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{logger.wandb_run_id}/run-{logger.wandb_run_id}.wandb")
+    records = read_wandb_records(run_file)
+    (run,) = [record.run for record in records if record.HasField("run")]
+    assert {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"} == run_config
+    assert run.project == "tests"
+    history = [record.history for record in records if record.HasField("history")]
+    rows = [{"/".join(item.nested_key): json.loads(item.value_json) for item in row.item} for row in history]
+    epoch_rows = [{key: row[key] for key in EPOCHS[0]} for row in rows if "val/loss" in row]
+    assert epoch_rows == EPOCHS
+    running_rows = [(row["step"], row["step/train/loss"]) for row in rows if "step/train/loss" in row]
+    assert running_rows == [(step, metrics["train/loss"]) for step, metrics in RUNNING]
+
+
+def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
+    first = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    log_run(first)
+    resumed = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    log_run(resumed, wandb_run_id=first.wandb_run_id)
+
+    assert first.wandb_run_id and resumed.wandb_run_id == first.wandb_run_id
+    run_files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [path.name for path in run_files] == [f"run-{first.wandb_run_id}.wandb"] * 2
+    # `wandb sync` accepts the run folder as written and finds both pieces of the one run.
+    sync = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(tmp_path / "wandb")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert (sync.stdout + sync.stderr).count(f"run-{first.wandb_run_id}.wandb") == 2
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    logging_cfg = LoggingConfig(tensorboard=True, wandb=WandbConfig(mode="offline"))
+    logger = RunLogger(tmp_path / "run", is_main=False, progress_bar=True, logging_cfg=logging_cfg)
+    log_run(logger, wandb_run_id="abc123")
+    assert not (tmp_path / "run").exists()
+    assert logger.tensorboard is None and logger.wandb_run is None
+    assert logger.wandb_run_id == "abc123"  # still handed on, so a checkpoint never loses the run's id
+
+
+def test_progress_bar_stays_quiet_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=True)
+    batches = list(logger.progress(range(4), 4, "epoch 1/1", samples_per_batch=64))
+    logger.show_running(RUNNING[0][1], step=5)
+    assert batches == [0, 1, 2, 3]
+    assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    """Stands in for stderr attached to a terminal, so the bar draws into a string the test can read."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def slow_batches(count: int, seconds: float) -> Iterator[int]:
+    """Batches that take `seconds` each, long enough for tqdm to measure a rate."""
+    for batch in range(count):
+        time.sleep(seconds)
+        yield batch
+
+
+def test_progress_bar_on_a_terminal_shows_loss_and_global_throughput(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=True)
+    global_batch, batch_s = 64, 0.11  # just over tqdm's 0.1 s between measurements
+    for batch in logger.progress(slow_batches(3, batch_s), 3, "epoch 1/1", samples_per_batch=global_batch):
+        if batch == 2:
+            logger.show_running({"train/loss": 0.5, "train/accuracy": 0.75}, step=2)
+    drawn = terminal.getvalue()
+    assert "epoch 1/1" in drawn and "loss=0.5000" in drawn and "accuracy=75.0%" in drawn
+    samples_per_s = float(re.search(r"samples/s=([\d,]+)", drawn).group(1).replace(",", ""))
+    # Samples, not batches: at most one global batch per batch_s, and far more than one batch per second.
+    assert global_batch <= samples_per_s <= global_batch / batch_s
+
+
+def test_importing_the_loggers_and_a_run_without_them_loads_neither_wandb_nor_tensorboard(tmp_path):
+    script = (
+        "import sys; from pathlib import Path; from ddp_trainer.loggers import RunLogger\n"
+        f"logger = RunLogger(Path({str(tmp_path)!r}), True, False); logger.start('seed: 0\\n', 0); logger.finish()\n"
+        "print([name for name in sys.modules if name.split('.')[0] in ('wandb', 'tensorboard', 'tensorboardX')"
+        " or name.startswith('torch.utils.tensorboard')])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("logging_cfg", "module", "key"),
+    [
+        (TENSORBOARD, "torch.utils.tensorboard", "logging.tensorboard=true"),
+        (WANDB_OFFLINE, "wandb", "logging.wandb.mode=offline"),
+    ],
+)
+def test_missing_logger_package_is_a_usage_error_naming_the_setting(tmp_path, monkeypatch, logging_cfg, module, key):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package looks like to import
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=logging_cfg)
+    with pytest.raises(UsageError, match=rf"{key} needs a package .*ddp-trainer\[logging\]"):
+        logger.start("seed: 0\n", completed_epochs=0)
+
+
+def test_start_keeps_only_the_metrics_lines_of_completed_epochs(tmp_path):
+    lines = [json.dumps(record) for record in EPOCHS] + ['{"epoch": 3, "st']  # a line cut short by a crash
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"
+    assert (tmp_path / "config.yaml").read_text() == "seed: 0\n"

@@ -1,0 +1,91 @@
+"""`ddp-train plot`: the figure holds the file's values, the PNG is real, bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import cli_env
+
+from ddp_trainer.plot import main, plot_metrics, read_epochs
+from ddp_trainer.train import main as ddp_train
+
+RECORDS = [
+    {"epoch": 1, "step": 10, "train/loss": 1.5, "train/accuracy": 0.4, "val/loss": 1.25, "val/accuracy": 0.5},
+    {"epoch": 2, "step": 20, "train/loss": 1.0, "train/accuracy": 0.6},  # e.g. a line from before validation ran
+    {"epoch": 3, "step": 30, "train/loss": 0.5, "train/accuracy": 0.8, "val/loss": 0.75, "val/accuracy": 0.7},
+]
+
+
+def write_metrics(run_dir, lines: list[str]):
+    """A run directory holding metrics.jsonl with `lines`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return run_dir / "metrics.jsonl"
+
+
+def test_panels_plot_each_splits_values_at_the_epochs_that_have_them(tmp_path):
+    file = write_metrics(tmp_path, [json.dumps(record) for record in RECORDS] + ['{"note": "not an epoch"}'])
+    figure = plot_metrics(read_epochs(file))
+    plotted = {
+        (axes.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+        for axes in figure.axes
+        for line in axes.get_lines()
+    }
+    assert plotted == {
+        ("loss", "train"): ([1, 2, 3], [1.5, 1.0, 0.5]),
+        ("loss", "val"): ([1, 3], [1.25, 0.75]),
+        ("accuracy", "train"): ([1, 2, 3], [0.4, 0.6, 0.8]),
+        ("accuracy", "val"): ([1, 3], [0.5, 0.7]),
+    }
+
+
+def test_plot_command_writes_a_png_next_to_the_metrics_of_a_run_dir(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    write_metrics(tmp_path / "run", [json.dumps(record) for record in RECORDS])
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "metrics.png"
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    height, width, channels = imread(png).shape
+    assert (width, height) == (1000, 400) and channels in (3, 4)  # figsize 10 x 4 inches at 100 dpi
+    assert capsys.readouterr().out == f"wrote {png}\n"
+
+
+def test_plot_output_option_names_the_png(tmp_path):
+    file = write_metrics(tmp_path / "run", [json.dumps(record) for record in RECORDS])
+    assert main([str(file), "--output", str(tmp_path / "figures" / "run.png")]) == 0
+    assert (tmp_path / "figures" / "run.png").stat().st_size > 10_000
+    assert not (tmp_path / "run" / "metrics.png").exists()
+
+
+def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train plot: error: {tmp_path / 'nope'} does not exist (give a run directory or its metrics.jsonl)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([], "has no epoch lines"),
+        (['{"note": "no epoch"}'], "has no epoch lines"),
+        ([json.dumps(RECORDS[0]), '{"epoch": 2, "train'], "line 2 is not valid JSON"),
+    ],
+)
+def test_bad_metrics_give_one_error_line_naming_the_file_and_exit_2(tmp_path, capsys, lines, expected):
+    file = write_metrics(tmp_path / "run", lines)
+    assert main([str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ddp-train plot: error: {file} {expected}") and error.count("\n") == 1
+    assert not (tmp_path / "run" / "metrics.png").exists()
+
+
+def test_importing_the_plot_command_does_not_load_matplotlib():
+    script = "import sys, ddp_trainer.plot; print([name for name in sys.modules if name.startswith('matplotlib')])"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
