@@ -109,6 +109,14 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
         old.unlink()
 
 
+def remove_unfinished_writes(directory: Path) -> list[Path]:
+    """Delete temporary files of saves that a crash interrupted (never a finished checkpoint); returns them."""
+    unfinished = sorted([*directory.glob(".*.pt.*.tmp"), *directory.glob(".last.pt.*.link")])
+    for path in unfinished:
+        path.unlink(missing_ok=True)
+    return unfinished
+
+
 def _saved_checkpoints(directory: Path) -> list[Path]:
     last = directory / "last.pt"
     return ([last] if last.exists() else []) + sorted(directory.glob("step-*.pt"), reverse=True)

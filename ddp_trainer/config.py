@@ -19,6 +19,8 @@ BUILTIN_MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("32", "bf16", "fp16")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -62,6 +64,9 @@ class DataConfig:
     val_fraction: float = 0.2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +76,7 @@ class DataConfig:
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive integer")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a fraction between 0 and 1")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor, "a positive integer")
 
 
 @dataclass
@@ -82,6 +88,8 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int | None = None
     cifar_stem: bool = False
+    sync_batchnorm: bool = False
+    channels_last: bool = False
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +140,12 @@ class TrainerConfig:
     stop_check_every_n_steps: int = 1
     requeue: bool = True
     nonfinite_loss: str = "stop"
+    precision: str = "32"
+    accumulate_grad_batches: int = 1
+    grad_clip_norm: float = 0.0
+    compile: bool = False
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
@@ -141,6 +155,14 @@ class TrainerConfig:
         _require(self.nonfinite_loss in ("stop", "skip"), "trainer.nonfinite_loss", self.nonfinite_loss, "stop or skip")
         every = self.stop_check_every_n_steps
         _require(every > 0, "trainer.stop_check_every_n_steps", every, "a positive integer")
+        _require(self.precision in PRECISIONS, "trainer.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        accumulate = self.accumulate_grad_batches
+        _require(accumulate > 0, "trainer.accumulate_grad_batches", accumulate, "a positive integer")
+        _require(self.grad_clip_norm >= 0, "trainer.grad_clip_norm", self.grad_clip_norm, "0 (off) or a positive norm")
+        patience = self.early_stopping_patience
+        _require(patience >= 0, "trainer.early_stopping_patience", patience, "0 (off) or a number of epochs")
+        delta = self.early_stopping_min_delta
+        _require(delta >= 0, "trainer.early_stopping_min_delta", delta, "0 or a positive improvement")
 
 
 @dataclass
@@ -148,16 +170,40 @@ class CheckpointConfig:
     """When checkpoints are written and which one counts as best."""
 
     every_n_steps: int = 0
+    every_n_minutes: float = 0.0
     keep_last: int = 2
     monitor: str = "val/accuracy"
     mode: str = "max"
 
     def __post_init__(self) -> None:
         _require(self.every_n_steps >= 0, "checkpoint.every_n_steps", self.every_n_steps, "0 (epoch end only) or more")
+        minutes = self.every_n_minutes
+        _require(minutes >= 0, "checkpoint.every_n_minutes", minutes, "0 (off) or a positive number of minutes")
         _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "0 (last.pt only) or more")
         _require(self.mode in ("min", "max"), "checkpoint.mode", self.mode, "min or max")
         monitors = ("val/accuracy", "val/loss", "train/loss")
         _require(self.monitor in monitors, "checkpoint.monitor", self.monitor, f"one of {', '.join(monitors)}")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: off by default; offline runs can be uploaded later with `wandb sync`."""
+
+    mode: str = "disabled"
+    project: str = "ddp-trainer"
+    name: str | None = None
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.mode in WANDB_MODES, "logging.wandb.mode", self.mode, f"one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class LoggingConfig:
+    """Optional loggers beside metrics.jsonl and the console, all written by rank 0 only."""
+
+    tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -171,6 +217,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _read_yaml(path: str | Path) -> DictConfig:
@@ -223,7 +270,15 @@ def _error_message(error: OmegaConfBaseException) -> str:
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
     raw = _read_yaml(path) if path is not None else OmegaConf.create({})
-    raw = OmegaConf.merge(raw, _parse_overrides(overrides))
+    return _validate(OmegaConf.merge(raw, _parse_overrides(overrides)))
+
+
+def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A config saved by `to_container` (e.g. inside a checkpoint), with `key=value` overrides on top."""
+    return _validate(OmegaConf.merge(OmegaConf.create(container), _parse_overrides(overrides)))
+
+
+def _validate(raw: DictConfig) -> Config:
     _collect_factory_kwargs(raw, "data", DataConfig)
     _collect_factory_kwargs(raw, "model", ModelConfig)
     try:

@@ -3,35 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
-from ddp_trainer.config import Config
+from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import TrainingDiverged, UsageError
-from ddp_trainer.loggers import RunLogger
+from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.trainer import Trainer
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+# `ddp-train COMMAND ...`: each module's main(argv) -> exit code; without a command, ddp-train trains.
+COMMANDS = {
+    "evaluate": "ddp_trainer.evaluate",
+    "predict": "ddp_trainer.predict",
+    "plot": "ddp_trainer.plot",
+}
 
 
 def run(cfg: Config) -> int:
     """Train one run described by `cfg` on this rank; returns the exit code. Tears down on every exit path."""
+    require_packages(cfg.logging)
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
     env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
     try:
         bundle = data.build(cfg.data, env, cfg.seed)
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
         model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
         seed_everything(cfg.seed + env.rank)  # then distinct streams per rank (dropout, augmentation)
-        logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar)
         signum = Trainer(cfg, env, model, bundle, logger, stop).fit()
     finally:
+        logger.finish()
         distributed.teardown()
         stop.restore()
     # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
@@ -43,7 +52,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ddp-train",
         description="Train a model on 1..N ranks (plain python, torchrun or srun) from a YAML config.",
-        epilog="example: ddp-train --config configs/digits_mlp.yaml optim.lr=3e-4 trainer.epochs=10",
+        epilog="example: ddp-train --config configs/digits_mlp.yaml optim.lr=3e-4 trainer.epochs=10\n"
+        "other commands: ddp-train evaluate|predict|plot --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe; without it, the built-in defaults (digits MLP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
@@ -52,16 +63,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ddp-train` and `python -m ddp_trainer.train`; returns the process exit code."""
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    prog = f"ddp-train {command}" if command else "ddp-train"
     try:
+        if command is not None:
+            return importlib.import_module(COMMANDS[command]).main(argv[1:])
+        args = parse_args(argv)
         return run(config.load(args.config, args.overrides))
     except UsageError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
-        print(f"ddp-train: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except TrainingDiverged as error:
-        print(f"ddp-train: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import signal
 import time
 from pathlib import Path
@@ -14,20 +16,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer import checkpoint, rng
 from ddp_trainer.config import Config, to_container, to_yaml
-from ddp_trainer.data import DataBundle
+from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
     any_rank_max,
     barrier,
-    broadcast_buffers,
     gather_objects,
     requeue_slurm_job,
 )
 from ddp_trainer.errors import TrainingDiverged, UsageError
+from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.optim import build_optimizer, build_scheduler
+from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.preemption import StopSignals
+
+# Training sums: each rank adds the same (already all-reduced) gradient norm, so sum / steps is the exact mean.
+TRAIN_SUMS = (*SUM_NAMES, "grad_norm_sum", "grad_norm_steps")
 
 
 class Stopped(Exception):
@@ -52,30 +58,57 @@ class Trainer:
     ) -> None:
         self.cfg, self.env, self.data, self.logger, self.stop = cfg, env, data, logger, stop
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-        self.model = model.to(env.device)
+        self.model = self._prepare_model(model)
         self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.steps_per_epoch = len(data.train_loader)
+        self.precision = MixedPrecision(cfg.trainer.precision, env.device)
+        self.accumulate = cfg.trainer.accumulate_grad_batches
+        self.batches_per_epoch = len(data.train_loader)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
         total_steps = cfg.trainer.epochs * self.steps_per_epoch
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
         self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
-        self.skipped_steps = 0
+        self.skipped_steps, self.epochs_without_improvement = 0, 0
         self.resume_position: dict[str, Any] | None = None
         self.best_metric: float | None = None
+        self.wandb_run_id: str | None = None
+        self.last_save_time = time.monotonic()
+        if env.is_main:
+            for unfinished in checkpoint.remove_unfinished_writes(self.checkpoint_dir):
+                self.logger.info(f"removed {unfinished}: a checkpoint write that a crash interrupted")
         # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
         resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), self.logger.info)
         if resumed is not None:
             self._restore(*resumed)
-        self.train_model = self.model
+        self.ddp_model: DistributedDataParallel | None = None
+        self.train_model: nn.Module = self.model
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.ddp_model = self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if cfg.trainer.compile:
+            # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
+            self.train_model = torch.compile(self.train_model)
+
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model on this rank's device, in the configured memory format, with SyncBatchNorm if asked."""
+        if self.cfg.model.sync_batchnorm and self.env.distributed:
+            if self.env.device.type == "cpu":
+                raise UsageError(
+                    "model.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU (gloo); "
+                    "set model.sync_batchnorm=false for CPU runs"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.env.device)
+        if self.cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # conv kernels run NHWC on tensor cores
+        return model
 
     def fit(self) -> int:
         """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
-        self.logger.start(to_yaml(self.cfg), self.completed_epochs)
+        self.logger.start(to_yaml(self.cfg), self.completed_epochs, self.wandb_run_id)
+        self.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
             self._run_epochs()
@@ -91,19 +124,21 @@ class Trainer:
 
     def _run_epochs(self) -> None:
         for epoch in range(self.completed_epochs, self.cfg.trainer.epochs):
-            if self._reached_max_steps():
+            if self._reached_max_steps() or self._should_stop_early():
                 break
             started = time.perf_counter()
             train_totals, finished = self._train_epoch(epoch)
+            train_s = time.perf_counter() - started
             record = {
                 "epoch": epoch + 1,
                 "step": self.step,
                 "world_size": self.env.world_size,
                 "lr": self.optimizer.param_groups[0]["lr"],
-                **summarize(train_totals, "train"),
+                **self._train_summary(train_totals),
                 "train/skipped_steps": self.skipped_steps,
                 **self.evaluate(),
             }
+            record["time/train_s"] = train_s
             record["time/epoch_s"] = time.perf_counter() - started
             self.logger.log_epoch(record, self.cfg.trainer.epochs)
             if finished:
@@ -114,7 +149,7 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> MetricSums:
         order = self.data.train_order
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
-        sums = MetricSums(SUM_NAMES, self.env.device)
+        sums = MetricSums(TRAIN_SUMS, self.env.device)
         position, self.resume_position, self.segment_batches, self.skipped_steps = self.resume_position, None, 0, 0
         if position is not None and not order.resume(position):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this world size: it restarts")
@@ -128,68 +163,92 @@ class Trainer:
         """One epoch (or its rest, when resumed): global training sums, and whether the epoch ran to its end."""
         sums = self._start_epoch(epoch)
         self.train_model.train()
-        batches = self.logger.progress(
-            self.data.train_loader, len(self.data.train_loader), f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
-        )
+        description = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
+        global_batch = self.cfg.data.batch_size * self.env.world_size
+        batches = self.logger.progress(self.data.train_loader, self.batches_per_epoch, description, global_batch)
+        window_sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=self.env.device)
         for inputs, targets in batches:
             if self._reached_max_steps():
                 return sums.reduce(self.env), False
-            inputs = inputs.to(self.env.device, non_blocking=True)
-            targets = targets.to(self.env.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            logits = self.train_model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            loss.backward()  # DDP averages gradients over ranks here: one rank's NaN reaches every rank
-            signum, nonfinite = self._agree_on(loss)
+            # A window of `accumulate` micro-batches makes one optimizer step; the epoch's last may be shorter.
+            window_start = self.batch_in_epoch - self.batch_in_epoch % self.accumulate
+            window_batches = min(self.accumulate, self.batches_per_epoch - window_start)
+            if self.batch_in_epoch == window_start:
+                self.optimizer.zero_grad(set_to_none=True)
+                window_sums.zero_()
+            closes_window = self.batch_in_epoch + 1 == window_start + window_batches
+            logits, loss = self._forward_backward(inputs, targets, window_batches, sync=closes_window)
+            window_sums += batch_sums(logits, targets, loss)
             self.batch_in_epoch += 1
             self.segment_batches += 1
-            if nonfinite:
-                self._skip_nonfinite_step(loss)
-            else:
-                self.optimizer.step()
-                self.scheduler.step()
-                sums.add(batch_sums(logits, targets, loss))
-                self.step += 1
-            if self.step % self.cfg.trainer.log_every_n_steps == 0:
-                self.logger.show_running(summarize(sums.reduce(self.env), "train"))  # the interval's one sync
-            every = self.cfg.checkpoint.every_n_steps
-            if every and self.step % every == 0:
-                self._save("last", partial_totals=sums.reduce(self.env))
-            if signum:
-                self._save("last", partial_totals=sums.reduce(self.env))
-                raise Stopped(signum)
+            if closes_window:
+                self._optimizer_step(sums, window_sums)
         return sums.reduce(self.env), True
 
-    @torch.no_grad()
+    def _forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, window_batches: int, sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = to_device(inputs, targets, self.env.device, self.cfg.model.channels_last)
+        # Inside a window, gradients stay local: DDP all-reduces once, on the window's last micro-batch.
+        no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with self.precision.autocast():
+                logits = self.train_model(inputs)
+                loss = F.cross_entropy(logits, targets)
+            self.precision.backward(loss / window_batches)  # the mean of k batch means is the mean over kB samples
+        return logits, loss
+
+    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor) -> None:
+        signum, nonfinite, save_due = self._agree_on(window_sums[0])
+        if nonfinite:
+            self._skip_nonfinite_step(window_sums[0])
+        else:
+            norm = self.precision.step(self.optimizer, self.model.parameters(), self.cfg.trainer.grad_clip_norm)
+            self.scheduler.step()
+            grad_norm = window_sums.new_zeros(2)  # (norm, 1) when clipping measured it: a device copy, no sync
+            if norm is not None:
+                grad_norm[0], grad_norm[1] = norm, 1.0
+            sums.add(torch.cat([window_sums, grad_norm]))
+            self.step += 1
+        if self.step % self.cfg.trainer.log_every_n_steps == 0:
+            running = self._train_summary(sums.reduce(self.env))  # the interval's one sync
+            del running["train/samples"]  # a count, not a curve worth drawing per step
+            self.logger.show_running({**running, "lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+        every = self.cfg.checkpoint.every_n_steps
+        if signum or save_due or (every and self.step % every == 0):
+            self._save("last", partial_totals=sums.reduce(self.env))
+        if signum:
+            raise Stopped(signum)
+
+    def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
+        summary = summarize(totals, "train")
+        if totals["grad_norm_steps"]:
+            summary["train/grad_norm"] = totals["grad_norm_sum"] / totals["grad_norm_steps"]
+        return summary
+
     def evaluate(self) -> dict[str, float | int]:
         """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
-        # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
-        broadcast_buffers(self.model, self.env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
-        self.model.eval()
-        sums = MetricSums(SUM_NAMES, self.env.device)
-        for inputs, targets in self.data.val_loader:
-            inputs = inputs.to(self.env.device, non_blocking=True)
-            targets = targets.to(self.env.device, non_blocking=True)
-            logits = self.model(inputs)
-            sums.add(batch_sums(logits, targets, F.cross_entropy(logits, targets)))
-        self.model.train()
-        return summarize(sums.reduce(self.env), "val")
+        return evaluate_model(self.model, self.data.val_loader, self.env, self.precision, self.cfg.model.channels_last)
 
-    def _agree_on(self, loss: torch.Tensor) -> tuple[int, int]:
-        """(stop signal, non-finite loss) as agreed by all ranks, so they stop or skip at the same step."""
+    def _agree_on(self, loss_sum: torch.Tensor) -> tuple[int, int, int]:
+        """(stop signal, non-finite loss, checkpoint due by time) as agreed by all ranks, to act at the same step."""
         if self.step % self.cfg.trainer.stop_check_every_n_steps:
-            return 0, 0
+            return 0, 0, 0
         received = self.stop.received if self.stop is not None else 0
-        flags = torch.stack([loss.new_tensor(received, dtype=torch.int64), (~torch.isfinite(loss.detach())).long()])
-        signum, nonfinite = any_rank_max(flags, self.env)
-        return signum, nonfinite
+        minutes = self.cfg.checkpoint.every_n_minutes
+        # Rank 0's clock decides for everyone: clocks of different hosts need not agree.
+        save_due = self.env.is_main and minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
+        flags = torch.tensor([received, 0, int(save_due)], dtype=torch.int64, device=loss_sum.device)
+        flags[1] = (~torch.isfinite(loss_sum)).long()  # on device: no host sync before the collective
+        signum, nonfinite, due = any_rank_max(flags, self.env)
+        return signum, nonfinite, due
 
-    def _skip_nonfinite_step(self, loss: torch.Tensor) -> None:
+    def _skip_nonfinite_step(self, loss_sum: torch.Tensor) -> None:
         where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1}, batch {self.batch_in_epoch})"
         if self.cfg.trainer.nonfinite_loss == "stop":
             # Nothing is saved: the last checkpoint on disk stays the last good one.
             raise TrainingDiverged(
-                f"the loss was not finite on at least one rank {where} (here: {loss.item()}); stopped, "
+                f"the loss was not finite on at least one rank {where} (here: {loss_sum.item()}); stopped, "
                 f"{self.checkpoint_dir} keeps the last good checkpoint (trainer.nonfinite_loss=skip skips such steps)"
             )
         self.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients never reach the weights
@@ -199,33 +258,53 @@ class Trainer:
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step
 
+    def _should_stop_early(self) -> bool:
+        patience = self.cfg.trainer.early_stopping_patience
+        if not patience or self.epochs_without_improvement < patience:
+            return False
+        monitor, delta = self.cfg.checkpoint.monitor, self.cfg.trainer.early_stopping_min_delta
+        self.logger.info(
+            f"early stopping after epoch {self.completed_epochs}: {monitor} has not improved by more than {delta} "
+            f"for {self.epochs_without_improvement} epochs (best {self.best_metric:.4f})"
+        )
+        return True
+
     def _is_better(self, value: float) -> bool:
         if self.best_metric is None:
             return True
-        return value > self.best_metric if self.cfg.checkpoint.mode == "max" else value < self.best_metric
+        delta = self.cfg.trainer.early_stopping_min_delta
+        if self.cfg.checkpoint.mode == "max":
+            return value > self.best_metric + delta
+        return value < self.best_metric - delta
 
     def _save_epoch_checkpoints(self, record: dict[str, Any], totals: dict[str, float] | None) -> None:
         value = record[self.cfg.checkpoint.monitor]
         improved = self._is_better(value)
         if improved:
-            self.best_metric = value
+            self.best_metric, self.epochs_without_improvement = value, 0
+        elif totals is None:  # only whole epochs count towards patience
+            self.epochs_without_improvement += 1
         self._save("last", partial_totals=totals)
         if improved:
             self._save("best", partial_totals=totals)
 
     def _save(self, which: str, partial_totals: dict[str, float] | None) -> None:
+        self.last_save_time = time.monotonic()
         rng_states = gather_objects(rng.capture(), self.env)  # every rank's streams, not only rank 0's
         if self.env.is_main:
             state = {
                 "model": checkpoint.clean_state_dict(self.model.state_dict()),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.precision.state_dict(),
                 "epoch": self.completed_epochs,
                 "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch,
                 "data_position": self.data.train_order.position(self.segment_batches) if partial_totals else None,
                 "partial_epoch_totals": partial_totals,
                 "best_metric": self.best_metric,
+                "epochs_without_improvement": self.epochs_without_improvement,
+                "wandb_run_id": self.wandb_run_id,
                 "world_size": self.env.world_size,
                 "rng": rng_states,
                 "config": to_container(self.cfg),
@@ -241,11 +320,14 @@ class Trainer:
             self.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self.precision.load_state_dict(state.get("grad_scaler"))
         except (RuntimeError, ValueError, KeyError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
         self.completed_epochs, self.step = state["epoch"], state["step"]
         self.best_metric = state.get("best_metric")
+        self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
+        self.wandb_run_id = state.get("wandb_run_id")
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
         self.partial_epoch_totals = state.get("partial_epoch_totals")
         self.resume_position = state.get("data_position")
@@ -264,5 +346,6 @@ class Trainer:
         return (
             f"training {model} on {what}: world size {env.world_size} ({env.backend or 'single process'}, "
             f"{env.device}), {self.data.train_size} train / {self.data.val_size} val "
-            f"samples, batch {data.batch_size} per rank, {self.steps_per_epoch} steps per epoch"
+            f"samples, batch {data.batch_size} per rank x {self.accumulate} accumulated, "
+            f"{self.steps_per_epoch} optimizer steps per epoch, precision {self.cfg.trainer.precision}"
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import os
 import socket
 from collections.abc import Callable
@@ -11,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import config, data, distributed, models, train
-from ddp_trainer.loggers import RunLogger
-from ddp_trainer.trainer import Trainer
+from ddp_trainer import train
+from ddp_trainer import trainer as trainer_module
 
 
 def free_port() -> int:
@@ -53,21 +55,33 @@ def train_counting_all_reduce(rank: int, world_size: int, port: int, args: list[
     Path(out_dir, f"all_reduce_rank{rank}.txt").write_text(str(len(calls)))
 
 
-def _evaluate(cfg: config.Config, env: distributed.DistEnv) -> dict[str, float | int]:
-    bundle = data.build(cfg.data, env, cfg.seed)
-    model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
-    return Trainer(cfg, env, model, bundle, RunLogger(Path(cfg.output_dir), False, False)).evaluate()
-
-
-def evaluate_checkpoint(rank: int, world_size: int, port: int, overrides: list[str], out_file: str) -> None:
-    """Restore a checkpoint (trainer.resume=PATH in overrides) and write rank 0's validation metrics."""
+def evaluate_checkpoint(rank: int, world_size: int, port: int, path: str, overrides: list[str], out_file: str) -> None:
+    """Run `ddp-train evaluate --checkpoint PATH --json` on this rank; rank 0's printed JSON goes to `out_file`."""
     _join_as(rank, world_size, port)
-    cfg = config.load(None, overrides)
-    env = distributed.setup("cpu", 60)
-    try:
-        # The trainer (and its DDP wrapper) is gone before teardown, as in ddp_trainer.train.run.
-        metrics = _evaluate(cfg, env)
-    finally:
-        distributed.teardown()
-    if env.is_main:
-        Path(out_file).write_text(json.dumps(metrics))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train.main(["evaluate", "--checkpoint", path, "--json", *overrides]) == 0
+    if rank == 0:
+        Path(out_file).write_text(printed.getvalue())
+    else:
+        assert printed.getvalue() == ""  # only rank 0 reports
+
+
+def train_counting_gradient_allreduces(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:
+    """Run the CLI on this rank with a DDP communication hook that counts gradient all-reduces."""
+    _join_as(rank, world_size, port)
+    calls: list[int] = []
+
+    # No annotations: DDP compares them with dist.GradBucket, and postponed evaluation makes them strings.
+    def counting_allreduce(state, bucket):  # noqa: ANN001, ANN202
+        calls.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    class CountingDDP(DistributedDataParallel):
+        def __init__(self, *ddp_args: object, **ddp_kwargs: object) -> None:
+            super().__init__(*ddp_args, **ddp_kwargs)
+            self.register_comm_hook(None, counting_allreduce)
+
+    trainer_module.DistributedDataParallel = CountingDDP
+    assert train.main(args) == 0
+    Path(out_dir, f"gradient_allreduces_rank{rank}.txt").write_text(str(len(calls)))

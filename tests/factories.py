@@ -118,3 +118,27 @@ class NanAtStep(nn.Module):
             if self.poison and self.calls == self.nan_step:
                 return logits * float("nan")
         return logits
+
+
+class ProbeNet(nn.Module):
+    """A tiny conv classifier that records, per forward, how it was called: mode, autocast dtype, memory format."""
+
+    calls: list[dict] = []  # class-level, read by in-process tests after a run
+
+    def __init__(self, channels: int = 3, classes: int = 3, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.conv, self.head, self.delay_s = nn.Conv2d(channels, 4, 3, padding=1), nn.Linear(4, classes), delay_s
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Record the call, wait if asked (so a run takes measurable time), classify."""
+        device = images.device.type
+        ProbeNet.calls.append(
+            {
+                "training": self.training,
+                "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+                "channels_last_input": images.is_contiguous(memory_format=torch.channels_last),
+                "channels_last_weight": self.conv.weight.is_contiguous(memory_format=torch.channels_last),
+            }
+        )
+        time.sleep(self.delay_s)
+        return self.head(self.conv(images).mean(dim=(2, 3)))

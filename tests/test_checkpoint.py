@@ -123,3 +123,14 @@ def test_a_malicious_last_is_refused_not_skipped(tmp_path):
     torch.save({**step_state(10), "payload": RunsCode()}, directory / "last.pt")
     with pytest.raises(UsageError, match="refused"):
         checkpoint.load_for_resume("auto", tmp_path, print)
+
+
+def test_unfinished_writes_are_removed_and_finished_checkpoints_kept(tmp_path):
+    checkpoint.save_last(step_state(5), tmp_path, keep_last=2)
+    names = [".step-00000010.pt.x1y2.tmp", ".last.pt.4242.link", ".best.pt.a.tmp"]  # as save_atomic/save_last name them
+    interrupted = [tmp_path / name for name in names]
+    for path in interrupted:
+        path.write_bytes(b"PK\x03\x04 half")
+    assert checkpoint.remove_unfinished_writes(tmp_path) == sorted(interrupted)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt", "step-00000005.pt"]
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 5

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_DIR, cli_env, read_metrics, run_cli
-from dist_helpers import evaluate_checkpoint, free_port, spawn, train_counting_all_reduce
+from dist_helpers import (
+    evaluate_checkpoint,
+    free_port,
+    spawn,
+    train_counting_all_reduce,
+    train_counting_gradient_allreduces,
+)
 
 from ddp_trainer import checkpoint, config
 from ddp_trainer.train import main
@@ -43,10 +49,10 @@ def test_default_recipe_on_two_ranks_reaches_95_percent_with_global_metrics(tmp_
 
 def test_validation_is_identical_on_one_and_two_ranks(tmp_path):
     assert main(["--config", DIGITS, f"output_dir={tmp_path / 'run'}", "trainer.epochs=1", "trainer.device=cpu"]) == 0
-    overrides = [f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", f"output_dir={tmp_path / 'eval'}"]
-    spawn(1, evaluate_checkpoint, overrides, str(tmp_path / "one.json"))
-    spawn(2, evaluate_checkpoint, overrides, str(tmp_path / "two.json"))
-    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    last = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    spawn(1, evaluate_checkpoint, last, [], str(tmp_path / "one.json"))
+    spawn(2, evaluate_checkpoint, last, [], str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / name).read_text())["metrics"] for name in ("one.json", "two.json"))
     assert one["val/samples"] == two["val/samples"] == 359
     assert two["val/loss"] == pytest.approx(one["val/loss"], abs=1e-6)
     assert two["val/accuracy"] == pytest.approx(one["val/accuracy"], abs=1e-6)
@@ -57,9 +63,8 @@ def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
     result = run_cli([*BLOBS, *model, f"output_dir={tmp_path / 'run'}"], nproc=2)
     assert result.returncode == 0, result.stderr
     reported = read_metrics(tmp_path / "run")[-1]
-    overrides = [*BLOBS, *model, f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}"]
-    spawn(1, evaluate_checkpoint, [*overrides, f"output_dir={tmp_path / 'eval'}"], str(tmp_path / "one.json"))
-    alone = json.loads((tmp_path / "one.json").read_text())
+    spawn(1, evaluate_checkpoint, str(tmp_path / "run" / "checkpoints" / "last.pt"), [], str(tmp_path / "one.json"))
+    alone = json.loads((tmp_path / "one.json").read_text())["metrics"]
     assert alone["val/loss"] == pytest.approx(reported["val/loss"], abs=1e-6)
 
 
@@ -135,3 +140,20 @@ def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
         assert process.returncode == 2
         assert stderr.strip() == f"ddp-train: error (rank {rank}): unknown config key 'optim.lrr' (Did you mean: 'lr'?)"
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_accumulation_all_reduces_gradients_once_per_window(tmp_path):
+    # 96 samples / (2 ranks x batch 8) = 6 micro-batches per rank and epoch; windows of 3 give 2 steps.
+    args = [*BLOBS, f"output_dir={tmp_path}", "trainer.epochs=2", "data.batch_size=8"]
+    spawn(2, train_counting_gradient_allreduces, [*args, "trainer.accumulate_grad_batches=3"], str(tmp_path))
+    counts = [int((tmp_path / f"gradient_allreduces_rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert counts == [4, 4]  # one bucket per optimizer step: no all-reduce on the first 2 of every 3 micro-batches
+    assert [line["step"] for line in read_metrics(tmp_path)] == [2, 4]
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_refused_on_every_rank(tmp_path):
+    args = [*BLOBS, "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true", f"output_dir={tmp_path}"]
+    result = run_cli(args, nproc=2)
+    assert result.returncode != 0
+    assert result.stderr.count("model.sync_batchnorm=true needs GPUs") == 2  # each rank says it, none hangs
+    assert not (tmp_path / "checkpoints").exists()

@@ -123,20 +123,62 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return workers
 
 
-def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_to_the_end(tmp_path):
-    args = [*DIGITS, "trainer.epochs=40", "checkpoint.every_n_steps=5", f"output_dir={tmp_path}"]
+TORCHRUN_RUN = [*DIGITS, "trainer.epochs=12", "checkpoint.every_n_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory) -> Path:
+    """The output folder of TORCHRUN_RUN on 2 ranks, never interrupted: what every faulted run must end as."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli([*TORCHRUN_RUN, f"output_dir={output_dir}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    return output_dir
+
+
+def assert_same_run(faulted: Path, uninterrupted: Path) -> None:
+    assert_same_weights(final_weights(faulted), final_weights(uninterrupted))
+    lines, expected = read_metrics(faulted), read_metrics(uninterrupted)
+    assert [line["epoch"] for line in lines] == [line["epoch"] for line in expected]
+    for line, expected_line in zip(lines, expected, strict=True):
+        for key in ("step", "train/samples", "train/loss", "val/loss", "val/accuracy", "lr"):
+            assert line[key] == expected_line[key], key
+
+
+def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.train") -> subprocess.Popen:
     command = cli_command(args, nproc=2)
     command.insert(command.index("--standalone"), "--max-restarts=1")
-    process = subprocess.Popen(command, cwd=REPO_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command[command.index("ddp_trainer.train")] = module
+    env = {**cli_env(), "KILL_AT_SAVE": "8"}
+    return subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(
+    tmp_path, uninterrupted_two_ranks, signum
+):
+    # SIGKILL: rank 1 dies at once, torchrun restarts both from the last step checkpoint.
+    # SIGTERM: both ranks agree to stop, save mid-epoch and exit 143; torchrun restarts them from that save.
+    process = torchrun_with_one_restart([*TORCHRUN_RUN, f"output_dir={tmp_path}"])
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
+    os.kill(worker_pids(process.pid)[1], signum)
     output = process.communicate(timeout=180)[0].decode()
     assert process.returncode == 0, output
     assert "resumed from" in output
-    assert [line["epoch"] for line in read_metrics(tmp_path)] == list(range(1, 41))
+    assert_same_run(tmp_path, uninterrupted_two_ranks)
+
+
+def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted_two_ranks):
+    # Rank 0 dies with half of its 8th checkpoint written to the temporary file; torchrun restarts the job.
+    process = torchrun_with_one_restart([*TORCHRUN_RUN, f"output_dir={tmp_path}"], module="fault_entry")
+    output = process.communicate(timeout=180)[0].decode()
+    assert process.returncode == 0, output
+    assert "a checkpoint write that a crash interrupted" in output  # the half-written temporary file was found
+    assert "resumed from" in output and "unreadable" not in output  # last.pt was the previous, whole checkpoint
+    assert not list((tmp_path / "checkpoints").glob(".*"))
+    assert_same_run(tmp_path, uninterrupted_two_ranks)
 
 
 def test_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, capsys):

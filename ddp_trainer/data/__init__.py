@@ -42,6 +42,16 @@ class DataBundle:
     num_classes: int | None
 
 
+def to_device(
+    inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to `device` without blocking (from pinned memory) and, for image batches, to NHWC if asked."""
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, targets.to(device, non_blocking=True)
+
+
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The map-style (train, val) pair for `data.name` or `data._target_`."""
     if cfg._target_ is not None:
@@ -69,7 +79,9 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 def _loader_options(cfg: DataConfig, env: DistEnv, seed: int) -> dict[str, Any]:
     return {
         "num_workers": cfg.num_workers,
-        "pin_memory": env.device.type == "cuda",
+        # Pinned host memory lets the copy to the GPU overlap compute; on CPU it only costs.
+        "pin_memory": env.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+        "prefetch_factor": cfg.prefetch_factor if cfg.num_workers else None,
         "worker_init_fn": ignore_stop_signals if cfg.num_workers else None,
         # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
         # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
@@ -112,7 +124,8 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
         if len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
     train_sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed)
-    batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.num_workers > 0}
+    # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
+    batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.persistent_workers and cfg.num_workers > 0}
     train_loader = DataLoader(train_set, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
     val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
     val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))

@@ -1,0 +1,127 @@
+"""Evaluation: exact global validation metrics, and `ddp-train evaluate` to inspect and score a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ddp_trainer import checkpoint, config, data, distributed, models
+from ddp_trainer.config import Config
+from ddp_trainer.data import DataBundle, to_device
+from ddp_trainer.distributed import DistEnv, broadcast_buffers
+from ddp_trainer.errors import UsageError
+from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.precision import MixedPrecision
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, loader: DataLoader, env: DistEnv, precision: MixedPrecision, channels_last: bool
+) -> dict[str, float | int]:
+    """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
+    # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
+    broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
+    was_training = model.training
+    model.eval()
+    sums = MetricSums(SUM_NAMES, env.device)
+    for inputs, targets in loader:
+        inputs, targets = to_device(inputs, targets, env.device, channels_last)
+        with precision.autocast():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+        sums.add(batch_sums(logits, targets, loss))
+    model.train(was_training)
+    return summarize(sums.reduce(env), "val")
+
+
+@dataclass
+class Restored:
+    """A checkpoint brought back for inference: its config (with overrides), model and data."""
+
+    cfg: Config
+    model: nn.Module
+    data: DataBundle
+
+
+def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Config]:
+    """A checkpoint's state (read with weights_only: never runs code) and its saved config with overrides on top."""
+    state = checkpoint.load(path)
+    return state, config.from_container(state["config"], overrides)
+
+
+def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
+    """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
+    bundle = data.build(cfg.data, env, cfg.seed)
+    model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
+    try:
+        model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or ["mismatch"])[0]
+        raise UsageError(f"checkpoint {path} does not fit the model its config builds: {reason}") from error
+    model = model.to(env.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Restored(cfg, model.eval(), bundle)
+
+
+def checkpoint_command(command: str, description: str, example: str) -> argparse.ArgumentParser:
+    """The parser of a `ddp-train COMMAND` that reads one checkpoint: `--checkpoint PATH` and config overrides."""
+    parser = argparse.ArgumentParser(prog=f"ddp-train {command}", description=description, epilog=f"example: {example}")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a last.pt, best.pt or step-*.pt file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override the saved config (data.root=...)")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`ddp-train evaluate --checkpoint PATH [--json] [key=value ...]`."""
+    parser = checkpoint_command(
+        "evaluate",
+        "Print a checkpoint's epoch, step and config, and its validation metrics (exact at any world size: "
+        "run it plainly or under torchrun).",
+        "ddp-train evaluate --checkpoint runs/digits_mlp/checkpoints/best.pt trainer.device=cpu",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser.parse_intermixed_args(argv)
+
+
+def report(path: Path, state: dict[str, Any], cfg: Config, metrics: dict[str, float | int], as_json: bool) -> str:
+    """What `ddp-train evaluate` prints: the checkpoint's progress, its config and the metrics just measured."""
+    if as_json:
+        summary = {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]}
+        return json.dumps({**summary, "metrics": metrics, "config": config.to_container(cfg)})
+    saved_by = state.get("world_size", "?")
+    return "\n".join(
+        [
+            f"checkpoint {path}: epoch {state['epoch']}, step {state['step']} (saved at world size {saved_by})",
+            "config:",
+            *("  " + line for line in config.to_yaml(cfg).splitlines()),
+            f"val/loss {metrics['val/loss']:.4f} | val/accuracy {100 * metrics['val/accuracy']:.2f}% "
+            f"| val/samples {metrics['val/samples']}",
+        ]
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of `ddp-train evaluate`; returns 0 (errors are raised as UsageError to the caller)."""
+    args = parse_args(argv)
+    # Read before joining the others, so a missing or malicious file fails on every rank alike.
+    state, cfg = load_config(args.checkpoint, args.overrides)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    try:
+        restored = restore(args.checkpoint, state, cfg, env)
+        precision = MixedPrecision(cfg.trainer.precision, env.device)
+        metrics = evaluate_model(restored.model, restored.data.val_loader, env, precision, cfg.model.channels_last)
+    finally:
+        distributed.teardown()
+    if env.is_main:
+        print(report(args.checkpoint, state, cfg, metrics, args.json), flush=True)
+    return 0

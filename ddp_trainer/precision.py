@@ -1,0 +1,58 @@
+"""Mixed precision: autocast for the forward pass, a GradScaler for fp16, and the unscale-clip-step order."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ddp_trainer.errors import UsageError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """One run's `trainer.precision`: autocast on the run's device, and loss scaling when it is fp16."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.dtype = AUTOCAST_DTYPES.get(precision)
+        self.device_type = device.type
+        if self.dtype is not None and not torch.amp.is_autocast_available(self.device_type):
+            raise UsageError(f"trainer.precision={precision} has no autocast on device {device}")
+        # fp16's narrow range underflows small gradients without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the forward pass and the loss run in (a no-op at 32-bit precision)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss`, scaled first under fp16."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter], clip_norm: float
+    ) -> torch.Tensor | None:
+        """Clip (when clip_norm > 0) and take the optimizer step; returns the gradient norm before clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip_norm) if clip_norm > 0 else None
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+            self.scaler.update()
+        return norm
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The scaler's state (scale and growth tracker) for checkpoints; None without a scaler."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore the scaler saved by `state_dict`, so a resumed fp16 run scales exactly as before."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

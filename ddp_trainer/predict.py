@@ -1,0 +1,146 @@
+"""`ddp-train predict`: top-k classes with probabilities for image files or a dataset split, from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ddp_trainer import data, distributed
+from ddp_trainer.data import to_device
+from ddp_trainer.errors import UsageError
+from ddp_trainer.evaluate import Restored, checkpoint_command, load_config, restore
+from ddp_trainer.precision import MixedPrecision
+
+Prediction = list[tuple[str, float]]
+ClassNames = Callable[[int], str]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`ddp-train predict --checkpoint PATH (--images FILE ... | --split val|train) [--top-k K] [key=value ...]`."""
+    parser = checkpoint_command(
+        "predict",
+        "Top-k classes and probabilities from a checkpoint's model (eval mode, no gradients, the validation "
+        "preprocessing), for image files or for every sample of a dataset split.",
+        "ddp-train predict --checkpoint runs/fashion/checkpoints/best.pt --images shoe.png --top-k 3",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", type=Path, metavar="FILE", help="image files (PNG, JPEG, ...)")
+    source.add_argument("--split", choices=("val", "train"), help="every sample of this split, in order")
+    parser.add_argument("--top-k", type=int, default=5, help="how many classes per input (default 5)")
+    parser.add_argument("--output", type=Path, help="JSON lines for --split (default predictions-<split>.jsonl)")
+    parser.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (default 256)")
+    args = parser.parse_intermixed_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be positive")
+    return args
+
+
+def image_preprocessing(val_set: Dataset, input_shape: tuple[int, ...]) -> Callable[[Path], torch.Tensor]:
+    """Image file -> model input, as the validation split prepares its samples (mode, size, normalisation)."""
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise UsageError(f"--images needs a model of 1- or 3-channel images; this one takes inputs of {input_shape}")
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional
+
+    channels, height, width = input_shape
+    # torchvision datasets normalise PIL images with their own transform; in-memory tensors (digits) are in [0, 1].
+    transform = getattr(val_set, "transform", None) or functional.to_tensor
+
+    def prepare(path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as image:
+                converted = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        except (OSError, UnidentifiedImageError) as error:
+            raise UsageError(f"image {path} cannot be read: {error}") from error
+        return transform(converted)
+
+    return prepare
+
+
+@torch.inference_mode()
+def top_k(
+    model: nn.Module, inputs: torch.Tensor, k: int, precision: MixedPrecision, class_names: ClassNames
+) -> list[Prediction]:
+    """The k most probable classes of each input with their softmax probabilities, most probable first."""
+    with precision.autocast():
+        logits = model(inputs)
+    probabilities = logits.float().softmax(dim=1)
+    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+    return [
+        [(class_names(index), value) for index, value in zip(row_indices, row_values, strict=True)]
+        for row_indices, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+    ]
+
+
+def _class_names(dataset: Dataset) -> ClassNames:
+    names = getattr(dataset, "classes", None)
+    return (lambda index: str(names[index])) if names is not None else str
+
+
+def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dataset, Iterator]:
+    # The train split without augmentation: predictions use the validation preprocessing.
+    train_set, val_set = data.build_datasets(dataclasses.replace(restored.cfg.data, augment=False))
+    dataset = val_set if split == "val" else train_set
+    return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def predict_split(restored: Restored, args: argparse.Namespace, env: distributed.DistEnv) -> str:
+    """Write one JSON line per sample of the split; returns the summary line with top-1 and top-k accuracy."""
+    precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
+    dataset, batches = _split_batches(restored, args.split, args.batch_size)
+    output = args.output or Path(f"predictions-{args.split}.jsonl")
+    names = _class_names(dataset)
+    index, top1, topk = 0, 0, 0
+    with output.open("w") as file:
+        for inputs, targets in batches:
+            inputs, _ = to_device(inputs, targets, env.device, restored.cfg.model.channels_last)
+            predictions = top_k(restored.model, inputs, args.top_k, precision, names)
+            for prediction, target in zip(predictions, targets.tolist(), strict=True):
+                classes = [name for name, _ in prediction]
+                top1 += classes[0] == names(target)
+                topk += names(target) in classes
+                file.write(json.dumps({"index": index, "target": names(target), "top_k": prediction}) + "\n")
+                index += 1
+    return (
+        f"wrote {index} predictions to {output}: top-1 accuracy {100 * top1 / max(index, 1):.2f}%, "
+        f"top-{args.top_k} accuracy {100 * topk / max(index, 1):.2f}%"
+    )
+
+
+def predict_images(restored: Restored, args: argparse.Namespace, env: distributed.DistEnv) -> str:
+    """One line per image file: its top-k classes with probabilities."""
+    precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
+    val_set = restored.data.val_loader.dataset
+    prepare = image_preprocessing(val_set, restored.data.input_shape)
+    names = _class_names(val_set)
+    lines = []
+    for start in range(0, len(args.images), args.batch_size):
+        files = args.images[start : start + args.batch_size]
+        inputs = torch.stack([prepare(path) for path in files])
+        inputs, _ = to_device(inputs, torch.empty(0), env.device, restored.cfg.model.channels_last)
+        for path, prediction in zip(files, top_k(restored.model, inputs, args.top_k, precision, names), strict=True):
+            lines.append(f"{path}: " + ", ".join(f"{name} ({probability:.4f})" for name, probability in prediction))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
+    args = parse_args(argv)
+    state, cfg = load_config(args.checkpoint, args.overrides)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    try:
+        if env.distributed:
+            raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
+        restored = restore(args.checkpoint, state, cfg, env)
+        summary = predict_split(restored, args, env) if args.split else predict_images(restored, args, env)
+    finally:
+        distributed.teardown()
+    print(summary, flush=True)
+    return 0

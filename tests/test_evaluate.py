@@ -1,0 +1,131 @@
+"""`ddp-train evaluate` and `ddp-train predict`: a checkpoint's progress, config, exact metrics and top-k classes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_metrics, run_cli
+from PIL import Image
+
+from ddp_trainer import checkpoint
+from ddp_trainer.data.datasets import digits
+from ddp_trainer.train import main
+
+DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "trainer.epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 3-epoch digits run's output folder."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    assert main([*DIGITS, f"output_dir={output_dir}"]) == 0
+    return output_dir
+
+
+def evaluate_json(capsys, path, *overrides: str) -> dict:
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(path), "--json", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_reproduces_the_last_epochs_validation_metrics(trained, capsys):
+    report = evaluate_json(capsys, trained / "checkpoints" / "last.pt")
+    last_line = read_metrics(trained)[-1]
+    assert (report["epoch"], report["step"]) == (3, last_line["step"])
+    for key in ("val/loss", "val/accuracy", "val/samples"):
+        assert report["metrics"][key] == last_line[key], key
+    assert report["config"]["model"]["hidden_sizes"] == [64]
+
+
+def test_evaluate_prints_epoch_step_config_and_metrics_as_text(trained, capsys):
+    best = trained / "checkpoints" / "best.pt"
+    assert main(["evaluate", "--checkpoint", str(best), "data.batch_size=7"]) == 0
+    text = capsys.readouterr().out
+    best_epoch = checkpoint.load(best)["epoch"]
+    best_line = read_metrics(trained)[best_epoch - 1]
+    assert f"checkpoint {best}: epoch {best_epoch}, step {best_line['step']}" in text
+    assert "  data:\n" in text and "batch_size: 7" in text  # the override applies to the shown config
+    assert f"val/accuracy {100 * best_line['val/accuracy']:.2f}%" in text
+
+
+def test_evaluate_under_torchrun_prints_once_with_the_same_metrics(trained, capsys):
+    single = evaluate_json(capsys, trained / "checkpoints" / "last.pt")
+    command = ["evaluate", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--json"]
+    result = run_cli(command, nproc=2)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 alone
+    metrics = json.loads(lines[0])["metrics"]
+    assert metrics["val/samples"] == single["metrics"]["val/samples"] == 359
+    assert metrics["val/loss"] == pytest.approx(single["metrics"]["val/loss"], rel=1e-6)  # float32 sums per rank
+
+
+class Payload:
+    """Unpickling this would run `touch` (a pickle may name any callable): weights_only must refuse it."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_evaluate_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {}, "optimizer": {}, "epoch": 1, "step": 1, "config": Payload(marker)}, path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"ddp-train evaluate: error: checkpoint {path} refused") and "\n" not in error
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("content", "reason"), [(b"", "unreadable"), (b"PK\x03\x04 cut", "unreadable")])
+def test_evaluate_names_an_empty_or_truncated_file(tmp_path, capsys, content, reason):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    assert f"checkpoint {path} is {reason}" in capsys.readouterr().err
+
+
+def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path, capsys):
+    last = trained / "checkpoints" / "last.pt"
+    accuracy = evaluate_json(capsys, last)["metrics"]["val/accuracy"]
+    output = tmp_path / "val.jsonl"
+    assert main(["predict", "--checkpoint", str(last), "--split", "val", "--top-k", "3", "--output", str(output)]) == 0
+    assert f"top-1 accuracy {100 * accuracy:.2f}%" in capsys.readouterr().out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(359))
+    for row in rows:
+        probabilities = [probability for _, probability in row["top_k"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-6
+    assert sum(row["top_k"][0][0] == row["target"] for row in rows) == round(accuracy * 359)
+
+
+def test_predict_on_image_files_matches_the_model_on_the_same_pixels(trained, tmp_path, capsys):
+    _, val = digits(0.2)
+    files = []
+    for index in range(3):
+        pixels = (val.inputs[index, 0] * 255).round().to(torch.uint8).numpy()
+        files.append(tmp_path / f"digit{index}.png")
+        Image.fromarray(pixels).save(files[-1])
+    last = trained / "checkpoints" / "last.pt"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(last), "--images", *map(str, files), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model.load_state_dict(checkpoint.load(last)["model"])
+    with torch.no_grad():
+        expected = model((val.inputs[:3] * 255).round() / 255).softmax(dim=1)
+    for line, probabilities in zip(lines, expected, strict=True):
+        top = probabilities.argmax().item()
+        assert line.split(": ")[1].startswith(f"{top} ({probabilities[top].item():.4f})")
+
+
+def test_predict_explains_an_unreadable_image(trained, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--images", str(bad)]) == 2
+    assert f"image {bad} cannot be read" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+"""DataLoader settings that matter for speed: pinned memory, persistent workers, prefetching, and their defaults."""
+
+from __future__ import annotations
+
+import torch
+
+from ddp_trainer import config, data
+from ddp_trainer.distributed import DistEnv
+
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None, launcher="none")
+CUDA = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), backend=None, launcher="none")
+
+
+def loaders(env: DistEnv, *overrides: str) -> data.DataBundle:
+    cfg = config.load(None, ["data._target_=factories.blobs", *overrides])
+    return data.build(cfg.data, env, cfg.seed)
+
+
+def test_defaults_pin_memory_on_cuda_only_and_keep_workers_alive():
+    assert not loaders(CPU).train_loader.pin_memory
+    assert loaders(CUDA).train_loader.pin_memory  # building a loader does not touch the GPU
+    bundle = loaders(CPU, "data.num_workers=2")
+    assert bundle.train_loader.persistent_workers and bundle.val_loader.persistent_workers
+    assert bundle.train_loader.prefetch_factor == 2
+
+
+def test_loader_settings_come_from_the_config():
+    bundle = loaders(CUDA, "data.num_workers=2", "data.pin_memory=false", "data.persistent_workers=false",
+                     "data.prefetch_factor=4")  # fmt: skip
+    for loader in (bundle.train_loader, bundle.val_loader):
+        assert not loader.pin_memory and not loader.persistent_workers and loader.prefetch_factor == 4
+    assert loaders(CPU, "data.pin_memory=true").train_loader.pin_memory
+
+
+def test_without_workers_there_is_nothing_to_prefetch_or_keep_alive():
+    loader = loaders(CPU, "data.num_workers=0", "data.prefetch_factor=4").train_loader
+    assert loader.prefetch_factor is None and not loader.persistent_workers

@@ -1,0 +1,146 @@
+"""Trainer features, one process: precision, accumulation, clipping, compile, memory format, early stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import read_metrics
+from factories import ProbeNet, small_net
+
+from ddp_trainer import checkpoint
+from ddp_trainer.rng import seed_everything
+from ddp_trainer.train import main
+
+BLOBS = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+IMAGES = [
+    "data.name=synthetic",
+    "data.synthetic.input_shape=[3,8,8]",
+    "data.synthetic.train_size=32",
+    "data.synthetic.val_size=16",
+    "data.synthetic.num_classes=3",
+    "data.batch_size=8",
+    "model._target_=factories.ProbeNet",
+    "trainer.device=cpu",
+    "trainer.epochs=1",
+]
+
+
+def saved(output_dir, name: str = "last.pt") -> dict:
+    return checkpoint.load(output_dir / "checkpoints" / name)
+
+
+def probe_calls(args: list[str]) -> list[dict]:
+    ProbeNet.calls.clear()
+    assert main(args) == 0
+    return list(ProbeNet.calls)
+
+
+def test_accumulating_four_batches_of_8_equals_one_batch_of_32(tmp_path):
+    common = [*BLOBS, "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9", "trainer.epochs=3"]
+    assert main([*common, "data.batch_size=32", f"output_dir={tmp_path / 'large'}"]) == 0
+    accumulated = [*common, "data.batch_size=8", "trainer.accumulate_grad_batches=4"]
+    assert main([*accumulated, f"output_dir={tmp_path / 'accumulated'}"]) == 0
+    large, small = saved(tmp_path / "large"), saved(tmp_path / "accumulated")
+    assert large["step"] == small["step"] == 9  # 96 samples: 3 optimizer steps per epoch either way
+    for name, tensor in large["model"].items():
+        torch.testing.assert_close(small["model"][name], tensor, rtol=1e-5, atol=1e-6)
+    by_epoch = zip(read_metrics(tmp_path / "large"), read_metrics(tmp_path / "accumulated"), strict=True)
+    for large_line, small_line in by_epoch:
+        assert small_line["train/loss"] == pytest.approx(large_line["train/loss"], rel=1e-5)
+
+
+def test_an_epoch_that_does_not_divide_into_windows_ends_with_a_shorter_step(tmp_path):
+    # 96 samples in batches of 8 = 12 per epoch; windows of 5 leave a last window of 2 batches.
+    args = [*BLOBS, "data.batch_size=8", "trainer.accumulate_grad_batches=5", "trainer.epochs=2"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    assert [line["step"] for line in read_metrics(tmp_path)] == [3, 6]
+    assert all(line["train/samples"] == 96 for line in read_metrics(tmp_path))
+
+
+def test_gradient_clipping_bounds_the_update_and_reports_the_norm(tmp_path):
+    # Plain SGD with lr 1: the first update is minus the (clipped) gradient, so its norm is the clip norm.
+    args = [*BLOBS, "optim.name=sgd", "optim.lr=1.0", "optim.momentum=0", "optim.weight_decay=0", "data.batch_size=96"]
+    assert main([*args, "trainer.max_steps=1", "trainer.grad_clip_norm=0.25", f"output_dir={tmp_path / 'on'}"]) == 0
+    seed_everything(0)  # the run's initial weights: ddp-train seeds with `seed` (0) before building the model
+    initial = small_net().state_dict()
+    first = saved(tmp_path / "on")["model"]
+    update = torch.cat([(first[name] - initial[name]).flatten() for name in initial])
+    assert update.norm().item() == pytest.approx(0.25, rel=1e-4)
+    reported = read_metrics(tmp_path / "on")[-1]["train/grad_norm"]
+    assert reported > 0.25  # the norm before clipping
+    assert main([*args, "trainer.max_steps=1", f"output_dir={tmp_path / 'off'}"]) == 0
+    assert "train/grad_norm" not in read_metrics(tmp_path / "off")[0]
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("32", None)])
+def test_precision_runs_forward_passes_under_autocast(tmp_path, precision, dtype):
+    calls = probe_calls([*IMAGES, f"trainer.precision={precision}", f"output_dir={tmp_path}"])
+    assert {call["autocast"] for call in calls if call["training"]} == {dtype}
+    assert {call["autocast"] for call in calls if not call["training"]} == {dtype}  # evaluation too
+    assert saved(tmp_path)["grad_scaler"] is None
+
+
+def test_fp16_keeps_its_grad_scaler_in_checkpoints_and_restores_it(tmp_path):
+    args = [*IMAGES, "trainer.precision=fp16", f"output_dir={tmp_path}"]
+    calls = probe_calls(args)
+    assert {call["autocast"] for call in calls if call["training"]} == {torch.float16}
+    scaler = saved(tmp_path)["grad_scaler"]
+    assert scaler["scale"] > 0 and scaler["growth_interval"] == 2000
+    torch.save(  # a distinctive scale, as if the scaler had backed off: the resumed run must continue from it
+        {**saved(tmp_path), "grad_scaler": {**scaler, "scale": 1024.0}}, tmp_path / "checkpoints" / "last.pt"
+    )
+    assert main([*args, "trainer.epochs=2"]) == 0
+    assert saved(tmp_path)["grad_scaler"]["scale"] == 1024.0
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_puts_weights_and_inputs_in_nhwc(tmp_path, channels_last):
+    calls = probe_calls([*IMAGES, f"model.channels_last={channels_last}", f"output_dir={tmp_path}"])
+    assert {call["channels_last_input"] for call in calls} == {channels_last}
+    assert {call["channels_last_weight"] for call in calls} == {channels_last}
+
+
+def test_compiled_model_trains_to_the_same_weights(tmp_path):
+    import torch._dynamo
+
+    args = [*BLOBS, "trainer.epochs=1", "data.batch_size=32"]
+    assert main([*args, f"output_dir={tmp_path / 'eager'}"]) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main([*args, "trainer.compile=true", f"output_dir={tmp_path / 'compiled'}"]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    eager, compiled = saved(tmp_path / "eager")["model"], saved(tmp_path / "compiled")["model"]
+    assert eager.keys() == compiled.keys()  # no _orig_mod. prefixes in the file
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_ends_the_run_when_the_monitor_stalls(tmp_path, capsys):
+    # An improvement of more than 1.0 in accuracy is impossible: every epoch after the first counts as stalled.
+    args = [*BLOBS, "trainer.epochs=10", "trainer.early_stopping_patience=2", "trainer.early_stopping_min_delta=1.0"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
+    assert "early stopping after epoch 3" in capsys.readouterr().out
+    assert saved(tmp_path)["epochs_without_improvement"] == 2
+    assert main([*args, f"output_dir={tmp_path}"]) == 0  # resuming a stopped run does not train on
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_best_checkpoint_follows_the_monitor_and_its_mode(tmp_path):
+    args = [*BLOBS, "trainer.epochs=6", "optim.lr=0.05", "checkpoint.monitor=val/loss", "checkpoint.mode=min"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    lines = read_metrics(tmp_path)
+    best_line = min(lines, key=lambda line: line["val/loss"])
+    best = saved(tmp_path, "best.pt")
+    assert best["epoch"] == best_line["epoch"] and best["best_metric"] == best_line["val/loss"]
+
+
+def test_time_based_checkpoints_land_inside_epochs(tmp_path):
+    # 4 steps of >= 50 ms per epoch and a checkpoint due every 120 ms: some saves fall between epoch ends.
+    args = [*IMAGES, "model.delay_s=0.05", "trainer.epochs=3", "checkpoint.keep_last=100", f"output_dir={tmp_path}"]
+    assert main([*args, "checkpoint.every_n_minutes=0.002"]) == 0
+    steps = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert [step for step in steps if step % 4] != []  # mid-epoch: only the clock can have asked for these
+    assert main([*args, "trainer.epochs=4"]) == 0  # without every_n_minutes: epoch ends only
+    newer = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert newer[-1] == 16 and 13 not in newer and 14 not in newer and 15 not in newer
