@@ -67,6 +67,7 @@ class DataConfig:
     pin_memory: bool | None = None
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    per_sample_seed: bool | None = None
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -39,6 +41,27 @@ class RecordingDataset(Dataset):
         with self.record_file.open("a") as file:
             file.write(f"{index}\n")
         return self.inner[index]
+
+
+class Augmented(Dataset):
+    """Random augmentation as user code writes it: noise from torch, NumPy and Python's global RNGs per sample."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner, self.classes = inner, inner.classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, label = self.inner[index]
+        noise = 0.3 * torch.randn(inputs.shape) + float(np.random.uniform(-0.1, 0.1)) + random.uniform(-0.1, 0.1)
+        return inputs + noise, label
+
+
+def augmented_blobs() -> tuple[Dataset, Dataset]:
+    """`blobs` with random augmentation of the training split."""
+    train, val = blobs()
+    return Augmented(train), val
 
 
 def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -> tuple[Dataset, Dataset]:

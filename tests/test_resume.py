@@ -80,6 +80,26 @@ def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
         assert split_line["val/accuracy"] == straight_line["val/accuracy"]
 
 
+@pytest.mark.parametrize("per_sample_seed", [True, False])
+def test_mid_epoch_resume_with_augmenting_workers_is_exact_with_per_sample_seeds(tmp_path, per_sample_seed):
+    # 96 samples / batch 8 = 12 steps per epoch; the split run stops at step 7 and resumes mid-epoch.
+    args = [
+        "data._target_=factories.augmented_blobs",
+        "model._target_=factories.small_net",
+        "trainer.device=cpu",
+        "data.batch_size=8",
+        "data.num_workers=2",
+        "trainer.epochs=2",
+        f"data.per_sample_seed={per_sample_seed}",
+    ]
+    assert main([*args, f"output_dir={tmp_path / 'straight'}"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'split'}", "trainer.max_steps=7"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'split'}"]) == 0
+    straight, split = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    same = all(torch.equal(straight[name], split[name]) for name in straight)
+    assert same == per_sample_seed  # without a seed per sample, the workers' streams restart at the resume
+
+
 def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys):
     last = tmp_path / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)

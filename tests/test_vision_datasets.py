@@ -11,8 +11,10 @@ from conftest import read_metrics
 from torchvision import transforms
 from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist
 
-from ddp_trainer import train
+from ddp_trainer import config, data, train
 from ddp_trainer.data import vision
+from ddp_trainer.data.samplers import PerSampleSeeded, SampleKey
+from ddp_trainer.distributed import DistEnv
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -172,3 +174,13 @@ def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_fil
     (home / "data").symlink_to(fashion_mnist_files.root, target_is_directory=True)
     monkeypatch.setenv("HOME", str(home))
     assert train_in_process("fashion_mnist_mlp.yaml", Path("~/data"), tmp_path / "run", "trainer.epochs=1") == 0
+
+
+def test_cifar10_training_augmentation_is_seeded_per_sample_and_epoch(cifar10_files):
+    cfg = config.load(None, ["data.name=cifar10", f"data.root={cifar10_files.root}", "data.batch_size=4"])
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None, launcher="none")
+    loader = data.build(cfg.data, env, cfg.seed).train_loader
+    assert isinstance(loader.dataset, PerSampleSeeded)
+    views = [loader.dataset[SampleKey(epoch, 0)][0] for epoch in (0, 0, 1)]
+    assert torch.equal(views[0], views[1])  # the same sample in the same epoch: the same crop and flip
+    assert not torch.equal(views[0], views[2])  # another epoch: another draw

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_trainer.config import DataConfig, locate
-from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import ignore_stop_signals
@@ -110,6 +110,11 @@ def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     )
 
 
+def _augments(cfg: DataConfig) -> bool:
+    """Whether a built-in training set draws random numbers per sample (a user's `_target_` must say so itself)."""
+    return cfg._target_ is None and cfg.name == "cifar10" and cfg.augment
+
+
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     """Train loader over a seeded, padded DistributedSampler and val loader over an unpadded one; or streams."""
     if cfg.name == "stream" and cfg._target_ is None:
@@ -123,10 +128,14 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
-    train_sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed)
+    per_sample_seed = _augments(cfg) if cfg.per_sample_seed is None else cfg.per_sample_seed
+    train_sampler = ResumableDistributedSampler(
+        train_set, cfg.batch_size, env.world_size, env.rank, seed, per_sample_seed
+    )
+    samples = PerSampleSeeded(train_set, seed) if per_sample_seed else train_set
     # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
     batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.persistent_workers and cfg.num_workers > 0}
-    train_loader = DataLoader(train_set, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
+    train_loader = DataLoader(samples, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
     val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
     val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))
     classes = getattr(train_set, "classes", None)

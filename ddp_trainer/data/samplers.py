@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sized
-from typing import Any
+from typing import Any, NamedTuple
 
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from ddp_trainer.rng import seeded
+
+
+class SampleKey(NamedTuple):
+    """A training sample's index and the epoch it is drawn in: together they seed its random augmentation."""
+
+    epoch: int
+    index: int
 
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch) that can start an epoch part-way, for mid-epoch resume."""
 
-    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
+    def __init__(
+        self, dataset: Sized, batch_size: int, num_replicas: int, rank: int, seed: int, keys: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.start_index = batch_size, 0
+        self.batch_size, self.start_index, self.keys = batch_size, 0, keys
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning, in its own seed-reproducible order."""
@@ -34,8 +45,9 @@ class ResumableDistributedSampler(DistributedSampler):
         self.start_index = position["samples_done"]
         return True
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start_index, None)
+    def __iter__(self) -> Iterator[int | SampleKey]:
+        indices = itertools.islice(super().__iter__(), self.start_index, None)
+        return (SampleKey(self.epoch, index) for index in indices) if self.keys else indices
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start_index, 0)
@@ -56,3 +68,23 @@ class UnpaddedDistributedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class PerSampleSeeded(Dataset):
+    """A training set whose random augmentation is seeded by (seed, epoch, index), not by a worker's RNG stream.
+
+    Worker RNG streams depend on where an epoch started and on the worker count, so a resumed epoch would
+    augment its remaining samples differently; a seed per sample makes them the same as in an uninterrupted run.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        # A fixed mixing of the three numbers; distinct (epoch, index) pairs get distinct seeds below 2**63.
+        sample_seed = ((self.seed * 1_000_003 + key.epoch) * 1_000_003 + key.index) % 2**63
+        with seeded(sample_seed):
+            return self.dataset[key.index]
