@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -128,6 +129,34 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
                 backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
             )
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
+
+
+# Markers of a collective that failed because a peer is gone or late, as gloo and NCCL word them.
+PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective failing on a missing peer, rather than a bug on this rank."""
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_FAILURE_MARKERS)
+
+
+def absent_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
+    """After a collective failed here: ranks that do not report the same within `wait_s` (dead or stalled ones).
+
+    Each failing rank leaves a key in the rendezvous store; a rank that died or hangs leaves none. None means the
+    store itself is gone, i.e. rank 0, which hosts it, died.
+    """
+    try:
+        store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())
+        store.set(str(env.rank), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [rank for rank in range(env.world_size) if not store.check([str(rank)])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, ValueError):  # no store, or its host is gone
+        return None
 
 
 def teardown() -> None:

@@ -1,4 +1,4 @@
-"""The one exception type for mistakes in what the user gave us."""
+"""Exceptions the CLI turns into one line and an exit code of its own."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,7 @@ class UsageError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite and trainer.nonfinite_loss=stop: reported in one line, exit code 3."""
+
+
+class RankLost(Exception):
+    """A collective failed because another rank died or stalled: reported in one line naming it, exit code 4."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config, to_container
-from ddp_trainer.errors import TrainingDiverged, UsageError
+from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
@@ -19,6 +19,7 @@ from ddp_trainer.trainer import Trainer
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_RANK_LOST = 4
 # `ddp-train COMMAND ...`: each module's main(argv) -> exit code; without a command, ddp-train trains.
 COMMANDS = {
     "evaluate": "ddp_trainer.evaluate",
@@ -76,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # so every rank says what is wrong and exits instead of waiting on the others.
         print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except TrainingDiverged as error:
+    except (TrainingDiverged, RankLost) as error:
         print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
+        return EXIT_DIVERGED if isinstance(error, TrainingDiverged) else EXIT_RANK_LOST
 
 
 if __name__ == "__main__":

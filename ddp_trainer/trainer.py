@@ -19,12 +19,14 @@ from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
+    absent_ranks,
     any_rank_max,
     barrier,
     gather_objects,
+    is_peer_failure,
     requeue_slurm_job,
 )
-from ddp_trainer.errors import TrainingDiverged, UsageError
+from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
@@ -112,6 +114,10 @@ class Trainer:
         self.logger.info(self._describe())
         try:
             self._run_epochs()
+        except RuntimeError as error:
+            if self.env.distributed and is_peer_failure(error):
+                raise self._rank_lost(error) from error
+            raise
         except Stopped as stop:
             requeue = stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue and self.env.is_main
             outcome = requeue_slurm_job() if requeue else "not requeued"
@@ -121,6 +127,20 @@ class Trainer:
         best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
         self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
         return 0
+
+    def _rank_lost(self, error: RuntimeError) -> RankLost:
+        timeout = self.cfg.trainer.dist_timeout_s
+        # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
+        missing = absent_ranks(self.env, wait_s=min(timeout, 10.0))
+        where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1})"
+        reason = (str(error).strip().splitlines() or ["no detail"])[0]
+        if missing is None:
+            culprit = "rank 0, which hosts the rendezvous store, is gone"
+        elif missing:
+            culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
+        else:
+            culprit = "every rank's collective failed (network?)"
+        return RankLost(f"{culprit}; a collective failed {where} (trainer.dist_timeout_s={timeout:g}): {reason}")
 
     def _run_epochs(self) -> None:
         for epoch in range(self.completed_epochs, self.cfg.trainer.epochs):

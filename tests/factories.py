@@ -73,27 +73,29 @@ def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -
     return RecordingDataset(train, folder / f"train_rank{rank}.txt"), RecordingDataset(val, folder / f"val_{rank}.txt")
 
 
-class FailingDataset(Dataset):
-    """Raises after serving `fail_after` items on rank `fail_rank`: a crash on one rank of a job."""
+class FaultyDataset(Dataset):
+    """After serving `after` items on a faulty rank, raises (`fault="crash"`) or hangs for an hour (`"stall"`)."""
 
-    def __init__(self, inner: Dataset, fail: bool, fail_after: int) -> None:
-        self.inner, self.fail, self.fail_after, self.served, self.classes = inner, fail, fail_after, 0, inner.classes
+    def __init__(self, inner: Dataset, fault: str | None, after: int) -> None:
+        self.inner, self.fault, self.after, self.served, self.classes = inner, fault, after, 0, inner.classes
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.served += 1
-        if self.fail and self.served > self.fail_after:
-            raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+        if self.fault is not None and self.served > self.after:
+            if self.fault == "crash":
+                raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+            time.sleep(3600)  # a rank stuck on a dead filesystem
         return self.inner[index]
 
 
-def failing_blobs(fail_rank: int, fail_after: int) -> tuple[Dataset, Dataset]:
-    """`blobs` whose training split crashes on one rank part-way through the first epoch."""
-    train, val = blobs(train_size=4096)
-    fail = os.environ.get("RANK", "0") == str(fail_rank)
-    return FailingDataset(train, fail, fail_after), val
+def faulty_blobs(fault: str, fault_rank: int, after: int, train_size: int = 96) -> tuple[Dataset, Dataset]:
+    """`blobs` whose training split crashes or stalls on one rank part-way through the first epoch."""
+    train, val = blobs(train_size=train_size)
+    faulty_rank = os.environ.get("RANK", "0") == str(fault_rank)
+    return FaultyDataset(train, fault if faulty_rank else None, after), val
 
 
 def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,27 +115,58 @@ def test_metrics_are_synchronised_once_per_logging_interval(tmp_path):
 
 
 def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
-    args = ["data._target_=factories.failing_blobs", "data.fail_rank=1", "data.fail_after=40", *BLOBS[1:]]
+    faulty = ["data._target_=factories.faulty_blobs", "data.fault=crash", "data.fault_rank=1", "data.after=40"]
+    args = [*faulty, "data.train_size=4096", *BLOBS[1:]]
     result = run_cli([*args, f"output_dir={tmp_path}", "data.batch_size=8"], nproc=2, timeout=90)
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
-def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
-    # Plain processes with the rank variables, not torchrun: torchrun ends the other ranks as soon as one exits,
-    # which would hide whether each rank reports the error on its own.
+def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """The CLI in `world_size` plain processes with the rank variables set, as srun would start them.
+
+    Not torchrun: torchrun ends the other ranks as soon as one exits, which would hide what each rank does alone.
+    """
     port = str(free_port())
-    ranks = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "ddp_trainer.train", "--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"],
-            env={**cli_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            [sys.executable, "-m", "ddp_trainer.train", *args],
+            env={
+                **cli_env(),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO_DIR,
         )  # fmt: skip
-        for rank in (0, 1)
+        for rank in range(world_size)
     ]
+
+
+def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path):
+    faulty = ["data._target_=factories.faulty_blobs", "data.fault=stall", "data.fault_rank=1", "data.after=20"]
+    args = [*faulty, *BLOBS[1:]]
+    rank0, rank1 = plain_ranks([*args, "data.batch_size=8", "trainer.dist_timeout_s=4", f"output_dir={tmp_path}"])
+    try:
+        started = time.monotonic()
+        _, stderr = rank0.communicate(timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    assert rank0.returncode == 4
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("ddp-train: error (rank 0): rank 1 stopped answering (died or stalled")
+    assert "trainer.dist_timeout_s=4" in error and "at step 3 (epoch 1)" in error  # 20 samples = 2.5 batches of 8
+    assert waited < 45  # the process-group timeout, not torch's default 30 minutes
+
+
+def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
+    ranks = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"])
     for rank, process in enumerate(ranks):
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 2
