@@ -189,3 +189,16 @@ def test_sync_batchnorm_on_cpu_ranks_is_refused_on_every_rank(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("model.sync_batchnorm=true needs GPUs") == 2  # each rank says it, none hangs
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compiled_ddp_model_with_accumulation_matches_eager_on_two_ranks(tmp_path):
+    args = [*BLOBS, "trainer.epochs=2", "data.batch_size=8", "trainer.accumulate_grad_batches=2"]
+    runs = {"eager": [], "compiled": ["trainer.compile=true"]}
+    for name, extra in runs.items():
+        result = run_cli([*args, *extra, f"output_dir={tmp_path / name}"], nproc=2)
+        assert result.returncode == 0, result.stderr
+    eager, compiled = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in runs)
+    assert eager["step"] == compiled["step"] == 6  # 96 samples / (2 ranks x 8) / 2 micro-batches = 3 per epoch
+    assert eager["model"].keys() == compiled["model"].keys()
+    for name, weight in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][name], weight, rtol=1e-4, atol=1e-5)
