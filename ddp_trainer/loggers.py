@@ -147,13 +147,13 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({STEP_KEY: step, **scalars})
 
-    def finish(self) -> None:
-        """Flush and close TensorBoard and W&B; safe to call again and when nothing was opened."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Flush and close TensorBoard and W&B (marked failed unless exit_code is 0); safe to call again."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
 

@@ -34,18 +34,20 @@ def run(cfg: Config) -> int:
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
     env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
+    exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
         bundle = data.build(cfg.data, env, cfg.seed)
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
         model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
         seed_everything(cfg.seed + env.rank)  # then distinct streams per rank (dropout, augmentation)
         signum = Trainer(cfg, env, model, bundle, logger, stop).fit()
+        # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
+        exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
     finally:
-        logger.finish()
+        logger.finish(exit_code)
         distributed.teardown()
         stop.restore()
-    # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
-    return 0 if signum in (0, signal.SIGUSR2) else 128 + signum
+    return exit_code
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -109,6 +109,14 @@ def test_wandb_offline_run_records_config_and_epoch_metrics_at_their_step(tmp_pa
     assert running_rows == [(step, metrics["train/loss"]) for step, metrics in RUNNING]
 
 
+def test_wandb_run_that_failed_is_marked_with_its_exit_code(tmp_path, wandb_offline_env):
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    logger.start("seed: 0\n", completed_epochs=0)
+    logger.finish(exit_code=3)
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [record.exit.exit_code for record in read_wandb_records(run_file) if record.HasField("exit")] == [3]
+
+
 def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
     first = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
     log_run(first)
