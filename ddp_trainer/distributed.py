@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import slurm
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import RankLost, UsageError
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,20 @@ def absent_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
             time.sleep(0.2)
     except (RuntimeError, ValueError):  # no store, or its host is gone
         return None
+
+
+def rank_lost(error: RuntimeError, env: DistEnv, timeout_s: float, where: str) -> RankLost:
+    """The one-line error for a collective that failed `where` on a peer: names the ranks that stopped answering."""
+    # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
+    missing = absent_ranks(env, wait_s=min(timeout_s, 10.0))
+    reason = (str(error).strip().splitlines() or ["no detail"])[0]
+    if missing is None:
+        culprit = "rank 0, which hosts the rendezvous store, is gone"
+    elif missing:
+        culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
+    else:
+        culprit = "every rank's collective failed (network?)"
+    return RankLost(f"{culprit}; a collective failed {where} (trainer.dist_timeout_s={timeout_s:g}): {reason}")
 
 
 def teardown() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ddp_trainer.config import ModelConfig, locate
+from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 
 
@@ -79,3 +80,18 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
     if cfg.name == "cnn":
         return GarmentClassifier(input_shape, num_classes)
     return _torchvision_model(cfg, num_classes)
+
+
+def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module:
+    """The model on this rank's device, in the configured memory format, with SyncBatchNorm if asked for."""
+    if cfg.sync_batchnorm and env.distributed:
+        if env.device.type == "cpu":
+            raise UsageError(
+                "model.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU (gloo); "
+                "set model.sync_batchnorm=false for CPU runs"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(env.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # conv kernels run NHWC on tensor cores
+    return model

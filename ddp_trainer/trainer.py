@@ -19,17 +19,19 @@ from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
-    absent_ranks,
     any_rank_max,
     barrier,
     gather_objects,
     is_peer_failure,
+    rank_lost,
     requeue_slurm_job,
 )
-from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError
+from ddp_trainer.errors import TrainingDiverged, UsageError
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.models import prepare_model
+from ddp_trainer.monitor import Monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.preemption import StopSignals
@@ -60,7 +62,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.env, self.data, self.logger, self.stop = cfg, env, data, logger, stop
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-        self.model = self._prepare_model(model)
+        self.model = prepare_model(model, cfg.model, env)
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.precision = MixedPrecision(cfg.trainer.precision, env.device)
         self.accumulate = cfg.trainer.accumulate_grad_batches
@@ -72,9 +74,10 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
         self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
-        self.skipped_steps, self.epochs_without_improvement = 0, 0
+        self.skipped_steps = 0
         self.resume_position: dict[str, Any] | None = None
-        self.best_metric: float | None = None
+        patience, min_delta = cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta
+        self.monitor = Monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, min_delta, patience)
         self.wandb_run_id: str | None = None
         self.last_save_time = time.monotonic()
         if env.is_main:
@@ -93,20 +96,6 @@ class Trainer:
             # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
             self.train_model = torch.compile(self.train_model)
 
-    def _prepare_model(self, model: nn.Module) -> nn.Module:
-        """The model on this rank's device, in the configured memory format, with SyncBatchNorm if asked."""
-        if self.cfg.model.sync_batchnorm and self.env.distributed:
-            if self.env.device.type == "cpu":
-                raise UsageError(
-                    "model.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU (gloo); "
-                    "set model.sync_batchnorm=false for CPU runs"
-                )
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(self.env.device)
-        if self.cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)  # conv kernels run NHWC on tensor cores
-        return model
-
     def fit(self) -> int:
         """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
         self.logger.start(to_yaml(self.cfg), self.completed_epochs, self.wandb_run_id)
@@ -116,7 +105,8 @@ class Trainer:
             self._run_epochs()
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
-                raise self._rank_lost(error) from error
+                where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1})"
+                raise rank_lost(error, self.env, self.cfg.trainer.dist_timeout_s, where) from error
             raise
         except Stopped as stop:
             requeue = stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue and self.env.is_main
@@ -124,23 +114,8 @@ class Trainer:
             saved = self.checkpoint_dir / "last.pt"
             self.logger.info(f"stopped by {stop} at step {self.step}: {saved} saved; {outcome}")
             return stop.signum
-        best = "n/a" if self.best_metric is None else f"{self.best_metric:.4f}"
-        self.logger.info(f"done at step {self.step}: best {self.cfg.checkpoint.monitor} {best}; {self.checkpoint_dir}")
+        self.logger.info(f"done at step {self.step}: {self.monitor.describe()}; {self.checkpoint_dir}")
         return 0
-
-    def _rank_lost(self, error: RuntimeError) -> RankLost:
-        timeout = self.cfg.trainer.dist_timeout_s
-        # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
-        missing = absent_ranks(self.env, wait_s=min(timeout, 10.0))
-        where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1})"
-        reason = (str(error).strip().splitlines() or ["no detail"])[0]
-        if missing is None:
-            culprit = "rank 0, which hosts the rendezvous store, is gone"
-        elif missing:
-            culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
-        else:
-            culprit = "every rank's collective failed (network?)"
-        return RankLost(f"{culprit}; a collective failed {where} (trainer.dist_timeout_s={timeout:g}): {reason}")
 
     def _run_epochs(self) -> None:
         for epoch in range(self.completed_epochs, self.cfg.trainer.epochs):
@@ -279,31 +254,16 @@ class Trainer:
         return 0 < self.cfg.trainer.max_steps <= self.step
 
     def _should_stop_early(self) -> bool:
-        patience = self.cfg.trainer.early_stopping_patience
-        if not patience or self.epochs_without_improvement < patience:
+        if not self.monitor.should_stop():
             return False
-        monitor, delta = self.cfg.checkpoint.monitor, self.cfg.trainer.early_stopping_min_delta
         self.logger.info(
-            f"early stopping after epoch {self.completed_epochs}: {monitor} has not improved by more than {delta} "
-            f"for {self.epochs_without_improvement} epochs (best {self.best_metric:.4f})"
+            f"early stopping after epoch {self.completed_epochs}: {self.monitor.name} has not improved by more than "
+            f"{self.monitor.min_delta} for {self.monitor.stale_epochs} epochs ({self.monitor.describe()})"
         )
         return True
 
-    def _is_better(self, value: float) -> bool:
-        if self.best_metric is None:
-            return True
-        delta = self.cfg.trainer.early_stopping_min_delta
-        if self.cfg.checkpoint.mode == "max":
-            return value > self.best_metric + delta
-        return value < self.best_metric - delta
-
     def _save_epoch_checkpoints(self, record: dict[str, Any], totals: dict[str, float] | None) -> None:
-        value = record[self.cfg.checkpoint.monitor]
-        improved = self._is_better(value)
-        if improved:
-            self.best_metric, self.epochs_without_improvement = value, 0
-        elif totals is None:  # only whole epochs count towards patience
-            self.epochs_without_improvement += 1
+        improved = self.monitor.update(record, whole_epoch=totals is None)
         self._save("last", partial_totals=totals)
         if improved:
             self._save("best", partial_totals=totals)
@@ -322,8 +282,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "data_position": self.data.train_order.position(self.segment_batches) if partial_totals else None,
                 "partial_epoch_totals": partial_totals,
-                "best_metric": self.best_metric,
-                "epochs_without_improvement": self.epochs_without_improvement,
+                **self.monitor.state_dict(),
                 "wandb_run_id": self.wandb_run_id,
                 "world_size": self.env.world_size,
                 "rng": rng_states,
@@ -345,8 +304,7 @@ class Trainer:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
         self.completed_epochs, self.step = state["epoch"], state["step"]
-        self.best_metric = state.get("best_metric")
-        self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
+        self.monitor.load_state_dict(state)
         self.wandb_run_id = state.get("wandb_run_id")
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
         self.partial_epoch_totals = state.get("partial_epoch_totals")

@@ -1,0 +1,44 @@
+"""The monitored metric: which epoch is best (for best.pt) and when to stop early, with min_delta and patience."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Monitor:
+    """Tracks `checkpoint.monitor` over whole epochs: the best value and the epochs since it last improved."""
+
+    def __init__(self, name: str, mode: str, min_delta: float, patience: int) -> None:
+        self.name, self.mode, self.min_delta, self.patience = name, mode, min_delta, patience
+        self.best: float | None = None
+        self.stale_epochs = 0
+
+    def update(self, record: dict[str, Any], whole_epoch: bool) -> bool:
+        """Take an epoch's record; True when its value is the new best (an improvement by more than min_delta)."""
+        value = record[self.name]
+        if self.best is None or self._improves_on(self.best, value):
+            self.best, self.stale_epochs = value, 0
+            return True
+        if whole_epoch:  # a part epoch (stopped at max_steps) does not count towards patience
+            self.stale_epochs += 1
+        return False
+
+    def _improves_on(self, best: float, value: float) -> bool:
+        return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
+
+    def should_stop(self) -> bool:
+        """Whether `patience` whole epochs passed without an improvement (never, with patience 0)."""
+        return 0 < self.patience <= self.stale_epochs
+
+    def describe(self) -> str:
+        """The best value in words, for the run's last line."""
+        return f"best {self.name} " + ("n/a" if self.best is None else f"{self.best:.4f}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run judges the next epochs like an uninterrupted one."""
+        return {"best_metric": self.best, "epochs_without_improvement": self.stale_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint's top-level keys (written by `state_dict`)."""
+        self.best = state.get("best_metric")
+        self.stale_epochs = state.get("epochs_without_improvement", 0)

@@ -1,0 +1,32 @@
+"""The monitored metric: best epoch by mode and min_delta, patience counted in whole epochs, state round trip."""
+
+from __future__ import annotations
+
+from ddp_trainer.monitor import Monitor
+
+
+def feed(monitor: Monitor, values: list[float]) -> list[bool]:
+    return [monitor.update({"val/loss": value}, whole_epoch=True) for value in values]
+
+
+def test_min_mode_keeps_the_lowest_and_ignores_changes_within_min_delta():
+    monitor = Monitor("val/loss", "min", min_delta=0.1, patience=0)
+    assert feed(monitor, [1.0, 0.95, 0.8, 0.85]) == [True, False, True, False]
+    assert monitor.best == 0.8 and monitor.stale_epochs == 1
+    assert not monitor.should_stop()  # patience 0: never
+
+
+def test_patience_counts_whole_epochs_only():
+    monitor = Monitor("val/loss", "max", min_delta=0.0, patience=2)
+    feed(monitor, [0.5, 0.4])
+    assert not monitor.update({"val/loss": 0.3}, whole_epoch=False) and not monitor.should_stop()
+    feed(monitor, [0.45])
+    assert monitor.should_stop() and monitor.stale_epochs == 2
+
+
+def test_state_round_trips_through_checkpoint_keys():
+    monitor = Monitor("val/loss", "min", min_delta=0.0, patience=3)
+    feed(monitor, [0.7, 0.9])
+    restored = Monitor("val/loss", "min", min_delta=0.0, patience=3)
+    restored.load_state_dict(monitor.state_dict())
+    assert (restored.best, restored.stale_epochs) == (0.7, 1)
