@@ -214,11 +214,39 @@ def gather_objects(value: Any, env: DistEnv) -> list[Any]:
     return gathered
 
 
-def any_rank_max(values: torch.Tensor, env: DistEnv) -> list[int]:
-    """Element-wise maximum of small integer flags over all ranks: how ranks agree to stop or skip together."""
-    if env.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values.tolist()  # a host sync: the caller decides how often
+class LaggedAgreement:
+    """Element-wise maximum of small integer flags over all ranks, read one exchange after it was sent.
+
+    The all_reduce runs in the background between two steps, so no step waits on it, and every rank reads the
+    same answer at the same step. It runs on CPU tensors over gloo (a group of its own beside nccl), so reading
+    it never waits for the GPU.
+    """
+
+    def __init__(self, env: DistEnv, size: int) -> None:
+        self.env, self.size = env, size
+        self.group = dist.new_group(backend="gloo") if env.backend == "nccl" else None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+        self.local = [0] * size
+
+    def send(self, flags: list[int]) -> None:
+        """Start agreeing on this rank's flags; `receive` at a later step returns the result."""
+        if not self.env.distributed:
+            self.local = flags
+            return
+        tensor = torch.tensor(flags, dtype=torch.int64)
+        self.pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
+
+    def receive(self) -> list[int]:
+        """The maximum over ranks of the flags sent last (zeros if nothing was sent since the last receive)."""
+        if not self.env.distributed:
+            flags, self.local = self.local, [0] * self.size
+            return flags
+        if self.pending is None:
+            return [0] * self.size
+        work, tensor = self.pending
+        work.wait()
+        self.pending = None
+        return tensor.tolist()
 
 
 def requeue_slurm_job() -> str:

@@ -19,7 +19,7 @@ from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, broadcast_buffers
 from ddp_trainer.errors import UsageError
-from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.precision import MixedPrecision
 
 
@@ -32,13 +32,13 @@ def evaluate_model(
     broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
     was_training = model.training
     model.eval()
-    sums = MetricSums(SUM_NAMES, env.device)
+    sums = MetricSums(SUM_NAMES, COUNT_NAMES, env.device)
     for inputs, targets in loader:
         inputs, targets = to_device(inputs, targets, env.device, channels_last)
         with precision.autocast():
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
-        sums.add(batch_sums(logits, targets, loss))
+        sums.add(batch_sums(logits, targets, loss), samples=targets.shape[0])
     model.train(was_training)
     return summarize(sums.reduce(env), "val")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,19 +33,27 @@ class MixedPrecision:
         """Backpropagate `loss`, scaled first under fp16."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(
-        self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter], clip_norm: float
+    def unscale_and_clip(
+        self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], clip_norm: float, measure: bool
     ) -> torch.Tensor | None:
-        """Clip (when clip_norm > 0) and take the optimizer step; returns the gradient norm before clipping."""
+        """The total gradient norm (of the true gradients under fp16) when measured or clipped, clipping if asked."""
         if self.scaler is not None:
-            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        norm = torch.nn.utils.clip_grad_norm_(parameters, clip_norm) if clip_norm > 0 else None
+            self.scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
+        if clip_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+        if measure:
+            return torch.nn.utils.get_total_norm(
+                [parameter.grad for parameter in parameters if parameter.grad is not None]
+            )
+        return None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step; under fp16 the scaler skips it when the gradients overflowed and lowers the scale."""
         if self.scaler is None:
             optimizer.step()
         else:
-            self.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+            self.scaler.step(optimizer)
             self.scaler.update()
-        return norm
 
     def state_dict(self) -> dict[str, Any] | None:
         """The scaler's state (scale and growth tracker) for checkpoints; None without a scaler."""

@@ -19,7 +19,7 @@ from ddp_trainer.config import Config, to_container, to_yaml
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
-    any_rank_max,
+    LaggedAgreement,
     barrier,
     gather_objects,
     is_peer_failure,
@@ -29,15 +29,17 @@ from ddp_trainer.distributed import (
 from ddp_trainer.errors import TrainingDiverged, UsageError
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.models import prepare_model
 from ddp_trainer.monitor import Monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.preemption import StopSignals
 
-# Training sums: each rank adds the same (already all-reduced) gradient norm, so sum / steps is the exact mean.
-TRAIN_SUMS = (*SUM_NAMES, "grad_norm_sum", "grad_norm_steps")
+# With clipping, each rank also adds the same (already all-reduced) gradient norm: sum / steps is the exact mean.
+CLIPPED_SUMS, TRAIN_COUNTS = (*SUM_NAMES, "grad_norm_sum"), (*COUNT_NAMES, "grad_norm_steps")
+# What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
+SIGNAL, SAVE_DUE = 0, 1
 
 
 class Stopped(Exception):
@@ -63,6 +65,7 @@ class Trainer:
         self.cfg, self.env, self.data, self.logger, self.stop = cfg, env, data, logger, stop
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         self.model = prepare_model(model, cfg.model, env)
+        self.parameters = list(self.model.parameters())
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.precision = MixedPrecision(cfg.trainer.precision, env.device)
         self.accumulate = cfg.trainer.accumulate_grad_batches
@@ -92,6 +95,7 @@ class Trainer:
         if env.distributed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.ddp_model = self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.agreement = LaggedAgreement(env, size=2)
         if cfg.trainer.compile:
             # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
             self.train_model = torch.compile(self.train_model)
@@ -103,6 +107,7 @@ class Trainer:
         self.logger.info(self._describe())
         try:
             self._run_epochs()
+            self.agreement.receive()  # the last exchange, still in flight on every rank: finish it before teardown
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
                 where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1})"
@@ -144,7 +149,8 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> MetricSums:
         order = self.data.train_order
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
-        sums = MetricSums(TRAIN_SUMS, self.env.device)
+        names = CLIPPED_SUMS if self.cfg.trainer.grad_clip_norm > 0 else SUM_NAMES
+        sums = MetricSums(names, TRAIN_COUNTS, self.env.device)
         position, self.resume_position, self.segment_batches, self.skipped_steps = self.resume_position, None, 0, 0
         if position is not None and not order.resume(position):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this world size: it restarts")
@@ -161,7 +167,7 @@ class Trainer:
         description = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
         global_batch = self.cfg.data.batch_size * self.env.world_size
         batches = self.logger.progress(self.data.train_loader, self.batches_per_epoch, description, global_batch)
-        window_sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=self.env.device)
+        window_sums, window_samples = None, 0
         for inputs, targets in batches:
             if self._reached_max_steps():
                 return sums.reduce(self.env), False
@@ -170,14 +176,16 @@ class Trainer:
             window_batches = min(self.accumulate, self.batches_per_epoch - window_start)
             if self.batch_in_epoch == window_start:
                 self.optimizer.zero_grad(set_to_none=True)
-                window_sums.zero_()
+                window_sums, window_samples = None, 0
             closes_window = self.batch_in_epoch + 1 == window_start + window_batches
             logits, loss = self._forward_backward(inputs, targets, window_batches, sync=closes_window)
-            window_sums += batch_sums(logits, targets, loss)
+            batch = batch_sums(logits, targets, loss)
+            window_sums = batch if window_sums is None else window_sums + batch
+            window_samples += targets.shape[0]
             self.batch_in_epoch += 1
             self.segment_batches += 1
             if closes_window:
-                self._optimizer_step(sums, window_sums)
+                self._optimizer_step(sums, window_sums, window_samples)
         return sums.reduce(self.env), True
 
     def _forward_backward(
@@ -190,30 +198,47 @@ class Trainer:
             with self.precision.autocast():
                 logits = self.train_model(inputs)
                 loss = F.cross_entropy(logits, targets)
-            self.precision.backward(loss / window_batches)  # the mean of k batch means is the mean over kB samples
+            # The mean of k batch means is the mean over the window's kB samples.
+            self.precision.backward(loss / window_batches if window_batches > 1 else loss)
         return logits, loss
 
-    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor) -> None:
-        signum, nonfinite, save_due = self._agree_on(window_sums[0])
-        if nonfinite:
+    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor, window_samples: int) -> None:
+        clip = self.cfg.trainer.grad_clip_norm
+        # DDP's all-reduce gave every rank the same gradients, so one rank's NaN is every rank's: their norm lets
+        # each rank reach the same decision without a collective. Alone, a rank need only look at its loss.
+        norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
+        finite = bool(torch.isfinite(window_sums[0] if norm is None else norm))  # the step's one host sync
+        if not finite and self.precision.scaler is None:
             self._skip_nonfinite_step(window_sums[0])
         else:
-            norm = self.precision.step(self.optimizer, self.model.parameters(), self.cfg.trainer.grad_clip_norm)
+            self.precision.step(self.optimizer)  # fp16: the scaler skips an overflowed step and lowers its scale
             self.scheduler.step()
-            grad_norm = window_sums.new_zeros(2)  # (norm, 1) when clipping measured it: a device copy, no sync
-            if norm is not None:
-                grad_norm[0], grad_norm[1] = norm, 1.0
-            sums.add(torch.cat([window_sums, grad_norm]))
             self.step += 1
+            if clip > 0 and finite:
+                sums.add(torch.cat([window_sums, norm.detach().double().reshape(1)]), samples=window_samples,
+                         grad_norm_steps=1)  # fmt: skip
+            else:
+                sums.add(window_sums, samples=window_samples)
         if self.step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(sums.reduce(self.env))  # the interval's one sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
             self.logger.show_running({**running, "lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+        # Ranks act on what they agreed at the previous check, and send their flags for the next one.
+        check = self.step % self.cfg.trainer.stop_check_every_n_steps == 0
+        agreed = self.agreement.receive() if check else [0, 0]
         every = self.cfg.checkpoint.every_n_steps
-        if signum or save_due or (every and self.step % every == 0):
+        if agreed[SIGNAL] or agreed[SAVE_DUE] or (every and self.step % every == 0):
             self._save("last", partial_totals=sums.reduce(self.env))
-        if signum:
-            raise Stopped(signum)
+        if agreed[SIGNAL]:
+            raise Stopped(agreed[SIGNAL])
+        if check:
+            self.agreement.send(self._local_flags())
+
+    def _local_flags(self) -> list[int]:
+        minutes = self.cfg.checkpoint.every_n_minutes
+        # Rank 0's clock decides for everyone: clocks of different hosts need not agree.
+        save_due = self.env.is_main and minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
+        return [self.stop.received if self.stop is not None else 0, int(save_due)]
 
     def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
         summary = summarize(totals, "train")
@@ -225,30 +250,18 @@ class Trainer:
         """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
         return evaluate_model(self.model, self.data.val_loader, self.env, self.precision, self.cfg.model.channels_last)
 
-    def _agree_on(self, loss_sum: torch.Tensor) -> tuple[int, int, int]:
-        """(stop signal, non-finite loss, checkpoint due by time) as agreed by all ranks, to act at the same step."""
-        if self.step % self.cfg.trainer.stop_check_every_n_steps:
-            return 0, 0, 0
-        received = self.stop.received if self.stop is not None else 0
-        minutes = self.cfg.checkpoint.every_n_minutes
-        # Rank 0's clock decides for everyone: clocks of different hosts need not agree.
-        save_due = self.env.is_main and minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
-        flags = torch.tensor([received, 0, int(save_due)], dtype=torch.int64, device=loss_sum.device)
-        flags[1] = (~torch.isfinite(loss_sum)).long()  # on device: no host sync before the collective
-        signum, nonfinite, due = any_rank_max(flags, self.env)
-        return signum, nonfinite, due
-
     def _skip_nonfinite_step(self, loss_sum: torch.Tensor) -> None:
         where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1}, batch {self.batch_in_epoch})"
         if self.cfg.trainer.nonfinite_loss == "stop":
             # Nothing is saved: the last checkpoint on disk stays the last good one.
             raise TrainingDiverged(
-                f"the loss was not finite on at least one rank {where} (here: {loss_sum.item()}); stopped, "
+                f"the loss or its gradients were not finite on at least one rank {where} (this rank's summed "
+                f"loss: {loss_sum.item()}); stopped, "
                 f"{self.checkpoint_dir} keeps the last good checkpoint (trainer.nonfinite_loss=skip skips such steps)"
             )
         self.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients never reach the weights
         self.skipped_steps += 1
-        self.logger.info(f"skipped the optimizer step {where}: the loss was not finite on some rank")
+        self.logger.info(f"skipped the optimizer step {where}: the loss or its gradients were not finite on some rank")
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step
