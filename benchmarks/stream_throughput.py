@@ -7,14 +7,15 @@ Prints the median over repeated epochs and each stream's ratio to the map-style 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import median
 from torch.utils.data import DataLoader
 
 from ddp_trainer.config import StreamConfig
@@ -31,7 +32,7 @@ def write_shards(folder: Path, records: int, shards: int, shape: tuple[int, ...]
         np.savez(folder / f"shard-{number:05d}.npz", x=inputs, y=(part % 10).astype(np.int64))
 
 
-def epoch_seconds(loader: DataLoader, set_epoch, epoch: int) -> tuple[float, int]:
+def epoch_seconds(loader: DataLoader, set_epoch: Callable[[int], None], epoch: int) -> tuple[float, int]:
     """Wall time and record count of one full pass over `loader`."""
     set_epoch(epoch)
     started, seen = time.perf_counter(), 0
@@ -40,14 +41,14 @@ def epoch_seconds(loader: DataLoader, set_epoch, epoch: int) -> tuple[float, int
     return time.perf_counter() - started, seen
 
 
-def measure(loader: DataLoader, set_epoch, repeats: int) -> float:
+def measure(loader: DataLoader, set_epoch: Callable[[int], None], repeats: int) -> float:
     """Median records/s over `repeats` epochs, after one warm-up epoch."""
     epoch_seconds(loader, set_epoch, 0)
     rates = []
     for epoch in range(1, repeats + 1):
         seconds, seen = epoch_seconds(loader, set_epoch, epoch)
         rates.append(seen / seconds)
-    return statistics.median(rates)
+    return median(rates)
 
 
 def main() -> None:

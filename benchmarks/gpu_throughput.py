@@ -1,0 +1,190 @@
+"""GPU throughput: resnet18/50 images/s with bf16 + channels_last (+ torch.compile), against a hand-written loop.
+
+Run: python benchmarks/gpu_throughput.py [--quick] [--repeats 3]     (on a machine with a CUDA GPU)
+Without CUDA it prints why it skipped and exits 0; `--device cpu --batch-size 8 --steps 3` runs the same
+comparison on the CPU, slowly, to check the script. ddp-trainer runs the CIFAR-10 resnet18 recipe through its CLI
+(synthetic 32x32 images, `trainer.precision`, `model.channels_last`, `trainer.compile`); the hand-written loop
+is the AMP recipe's loop on the same model, data, batch, DataLoader settings and SGD. 1 process, epoch 1 is warm-up
+(and compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import (
+    BENCHMARKS_DIR,
+    Report,
+    add_common_arguments,
+    launch,
+    markdown_table,
+    median,
+    repeats_for,
+    spread,
+    time_epochs,
+    write_json,
+)
+from torch.utils.data import DataLoader
+from variants import ddp_trainer_epochs, timed_rate, worker_epochs
+
+from ddp_trainer import models
+from ddp_trainer.config import ModelConfig, SyntheticConfig
+from ddp_trainer.data.datasets import synthetic
+
+MODELS = ("resnet18", "resnet50")
+IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+LOADER_WORKERS = 4  # the recipe's data.num_workers
+EPOCHS = 4  # 1 warm-up (and compilation) + 3 timed
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how much to train: the device, the batch and the steps per epoch."""
+
+    device: str = "cuda"
+    batch_size: int = 256
+    steps: int = 50
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One combination of the speed options."""
+
+    precision: str
+    channels_last: bool
+    compile: bool
+
+    def overrides(self) -> list[str]:
+        """The ddp-trainer config keys that turn these options on."""
+        return [
+            f"trainer.precision={self.precision}",
+            f"model.channels_last={str(self.channels_last).lower()}",
+            f"trainer.compile={str(self.compile).lower()}",
+        ]
+
+
+MODES = {
+    "fp32": Mode("32", channels_last=False, compile=False),
+    "bf16 + channels_last": Mode("bf16", channels_last=True, compile=False),
+    "bf16 + channels_last + compile": Mode("bf16", channels_last=True, compile=True),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so an epoch's time includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_hand_written(
+    model_name: str, mode: Mode, batch_size: int, steps: int, device: torch.device
+) -> tuple[list[float], int]:
+    """The PyTorch AMP recipe's loop (autocast forward, backward, step) with channels_last and compile as asked."""
+    torch.manual_seed(0)
+    model = models.build(ModelConfig(name=model_name, cifar_stem=True), IMAGE_SHAPE, NUM_CLASSES)
+    memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    train_model = torch.compile(model) if mode.compile else model
+    train_set, _ = synthetic(SyntheticConfig(batch_size * steps, 64, list(IMAGE_SHAPE), NUM_CLASSES))
+    pin = device.type == "cuda"
+    loader = DataLoader(
+        train_set, batch_size, shuffle=True, num_workers=LOADER_WORKERS, pin_memory=pin, persistent_workers=True
+    )
+
+    def run_epoch(epoch: int) -> None:
+        for inputs, targets in loader:
+            inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode.precision == "bf16"):
+                loss = F.cross_entropy(train_model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+
+    return time_epochs(EPOCHS, run_epoch, lambda: None), len(loader)
+
+
+def ddp_trainer_images_per_s(model_name: str, mode: Mode, settings: Settings, folder: Path) -> float:
+    """Images/s of the recipe through ddp-trainer's CLI with this mode's config keys."""
+    output_dir = folder / "ddp-trainer"
+    recipe = ["--config", "configs/cifar10_resnet18.yaml", "data.name=synthetic", f"model.name={model_name}"]
+    recipe += [f"data.synthetic.train_size={settings.batch_size * settings.steps}", "data.synthetic.val_size=64"]
+    recipe += [f"data.batch_size={settings.batch_size}", "optim.scheduler=none", "optim.warmup_steps=0"]
+    recipe += [f"trainer.epochs={EPOCHS}", f"trainer.device={settings.device}", "trainer.resume=none"]
+    recipe += ["trainer.progress_bar=false", "trainer.log_every_n_steps=100", f"output_dir={output_dir}"]
+    launch(["-m", "ddp_trainer.train", *recipe, *mode.overrides()], processes=1, timeout_s=1200)
+    return settings.batch_size * timed_rate(*ddp_trainer_epochs(output_dir))
+
+
+def hand_written_images_per_s(model_name: str, mode_name: str, settings: Settings, folder: Path) -> float:
+    """Images/s of the hand-written loop, run in its own process like ddp-trainer."""
+    result = folder / "hand-written.json"
+    options = ["--worker", "--model", model_name, "--mode", mode_name, "--result", str(result)]
+    options += ["--device", settings.device, "--batch-size", str(settings.batch_size), "--steps", str(settings.steps)]
+    launch([str(BENCHMARKS_DIR / "gpu_throughput.py"), *options], processes=1, timeout_s=1200)
+    return settings.batch_size * timed_rate(*worker_epochs(result))
+
+
+def run(settings: Settings, repeats: int) -> Report:
+    """Both loops for every model and mode, interleaved over the repeats; or the reason this was skipped."""
+    title = "GPU throughput (images/s, 1 GPU)" if settings.device == "cuda" else "Throughput on the CPU (script check)"
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
+    rates: dict[tuple[str, str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
+        for repeat in range(repeats):
+            for model_name in MODELS:
+                for mode_name, mode in MODES.items():
+                    folder = Path(temporary) / f"{model_name}-{len(rates)}-{repeat}"
+                    folder.mkdir()
+                    hand = hand_written_images_per_s(model_name, mode_name, settings, folder)
+                    ours = ddp_trainer_images_per_s(model_name, mode, settings, folder)
+                    rates.setdefault((model_name, mode_name, "hand"), []).append(hand)
+                    rates.setdefault((model_name, mode_name, "ours"), []).append(ours)
+    rows = []
+    for model_name in MODELS:
+        for mode_name in MODES:
+            hand, ours = rates[model_name, mode_name, "hand"], rates[model_name, mode_name, "ours"]
+            ratio = f"{median(ours) / median(hand):.3f}"
+            rows.append([model_name, mode_name, f"{median(hand):,.0f}", spread(hand), f"{median(ours):,.0f}", ratio])
+    headers = ["model", "options", "hand-written img/s", "spread", "ddp-trainer img/s", "vs hand-written"]
+    device_name = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
+    body = (
+        f"{markdown_table(headers, rows)}\n\n{device_name}, batch {settings.batch_size}, {settings.steps} steps per "
+        f"epoch, 32x32 synthetic images, CIFAR stem, SGD; median over {repeats} run(s) of the median of {EPOCHS - 1} "
+        "timed epochs.\n"
+    )
+    return Report(title, body)
+
+
+def main() -> None:
+    """Parse the flags; measure (or, with --worker, be the hand-written loop's process)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        device = torch.device(args.device)
+        seconds, steps = train_hand_written(args.model, MODES[args.mode], args.batch_size, args.steps, device)
+        write_json(args.result, {"epoch_seconds": seconds, "steps_per_epoch": steps})
+        return
+    settings = Settings(args.device, args.batch_size, args.steps)
+    print(run(settings, repeats_for(args.quick, args.repeats)).markdown())
+
+
+if __name__ == "__main__":
+    main()
