@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import read_metrics
-from factories import ProbeNet, small_net
+from factories import ProbeNet, batchnorm_net, small_net
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, config
+from ddp_trainer.distributed import DistEnv
+from ddp_trainer.models import prepare_model
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.train import main
 
@@ -144,3 +146,14 @@ def test_time_based_checkpoints_land_inside_epochs(tmp_path):
     assert main([*args, "trainer.epochs=4"]) == 0  # without every_n_minutes: epoch ends only
     newer = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("step-*.pt"))
     assert newer[-1] == 16 and 13 not in newer and 14 not in newer and 15 not in newer
+
+
+def test_sync_batchnorm_converts_every_batchnorm_layer_for_gpu_ranks():
+    # The meta device stands in for a GPU: no memory, no kernels, and not the CPU that SyncBatchNorm refuses.
+    gpu_rank = DistEnv(
+        rank=0, local_rank=0, world_size=2, device=torch.device("meta"), backend="nccl", launcher="torchrun"
+    )
+    model = prepare_model(batchnorm_net(), config.load(None, ["model.sync_batchnorm=true"]).model, gpu_rank)
+    assert [type(layer) for layer in model.modules() if "BatchNorm" in type(layer).__name__] == [torch.nn.SyncBatchNorm]
+    plain = prepare_model(batchnorm_net(), config.load(None, []).model, gpu_rank)
+    assert [type(layer) for layer in plain.modules() if "BatchNorm" in type(layer).__name__] == [torch.nn.BatchNorm1d]
