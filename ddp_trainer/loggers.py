@@ -51,7 +51,9 @@ class RunLogger:
         self.wandb_run: Run | None = None
         self.wandb_run_id: str | None = None
 
-    def start(self, config_yaml: str, completed_epochs: int, wandb_run_id: str | None = None) -> None:
+    def start(
+        self, config_yaml: str, completed_epochs: int, wandb_run_id: str | None = None, resumed_step: int = 0
+    ) -> None:
         """Write config.yaml, keep only metrics lines the resumed checkpoint holds, open the enabled loggers."""
         # Kept even while W&B is off, so a checkpoint still names the run should a later resume turn it back on.
         self.wandb_run_id = wandb_run_id
@@ -65,7 +67,9 @@ class RunLogger:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         if self.logging_cfg.tensorboard:
             tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
-            self.tensorboard = tensorboard.SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            # Events a crashed attempt wrote after the checkpoint's step are dropped: the resumed run redoes them.
+            purge_step = resumed_step + 1 if resumed_step else None
+            self.tensorboard = tensorboard.SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
         if self.logging_cfg.wandb.mode != "disabled":
             self.wandb_run = self._start_wandb(wandb_run_id)
             self.wandb_run_id = self.wandb_run.id

@@ -102,7 +102,7 @@ class Trainer:
 
     def fit(self) -> int:
         """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
-        self.logger.start(to_yaml(self.cfg), self.completed_epochs, self.wandb_run_id)
+        self.logger.start(to_yaml(self.cfg), self.completed_epochs, self.wandb_run_id, resumed_step=self.step)
         self.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
