@@ -92,12 +92,27 @@ def read_wandb_records(run_file: Path) -> list:
             position += block - position % block  # a block's tail too short for a header is padding
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + header_size])
+        if position + header_size + length > len(data):
+            break  # a record the writer has not finished yet
         pending += data[position + header_size : position + header_size + length]
         position += header_size + length
         if kind in (1, 4):  # a whole record, or the last piece of one
             records.append(wandb_internal_pb2.Record.FromString(pending))
             pending = b""
     return records
+
+
+def finished_run_records(run_file: Path, timeout_s: float = 60.0) -> list:
+    """The records of a finished run's .wandb file, once its writer (wandb's service process) has flushed the exit.
+
+    `finish()` can return before the service has written the last records; the exit record comes last.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(run_file) if run_file.exists() else []
+        if any(record.HasField("exit") for record in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -116,7 +131,7 @@ def test_wandb_offline_run_records_config_and_epoch_metrics_at_their_step(tmp_pa
     log_run(logger)
 
     (run_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{logger.wandb_run_id}/run-{logger.wandb_run_id}.wandb")
-    records = read_wandb_records(run_file)
+    records = finished_run_records(run_file)
     (run,) = [record.run for record in records if record.HasField("run")]
     assert {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"} == run_config
     assert run.project == "tests"
@@ -133,7 +148,7 @@ def test_wandb_run_that_failed_is_marked_with_its_exit_code(tmp_path, wandb_offl
     logger.start("seed: 0\n", completed_epochs=0)
     logger.finish(exit_code=3)
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    assert [record.exit.exit_code for record in read_wandb_records(run_file) if record.HasField("exit")] == [3]
+    assert [record.exit.exit_code for record in finished_run_records(run_file) if record.HasField("exit")] == [3]
 
 
 def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
