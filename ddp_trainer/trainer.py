@@ -242,7 +242,7 @@ class Trainer:
 
     def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
         summary = summarize(totals, "train")
-        if totals["grad_norm_steps"]:
+        if "grad_norm_sum" in totals and totals["grad_norm_steps"]:  # clipping on (a resume may have turned it off)
             summary["train/grad_norm"] = totals["grad_norm_sum"] / totals["grad_norm_steps"]
         return summary
 
