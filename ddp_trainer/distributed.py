@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import slurm
-from ddp_trainer.errors import RankLost, UsageError
+from ddp_trainer.errors import RankLost, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout_s: float, where: str) -
     """The one-line error for a collective that failed `where` on a peer: names the ranks that stopped answering."""
     # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
     missing = absent_ranks(env, wait_s=min(timeout_s, 10.0))
-    reason = (str(error).strip().splitlines() or ["no detail"])[0]
+    reason = first_line(error)
     if missing is None:
         culprit = "rank 0, which hosts the rendezvous store, is gone"
     elif missing:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import distributed
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 SIOCGIFADDR = 0x8915
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (RuntimeError, dist.DistError, TimeoutError) as error:
         where = f"{launch.master_addr}:{launch.master_port}" if launch else "?"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         print(f"doctor: FAIL{distributed.rank_label()}: rendezvous with master {where}: {reason}", file=sys.stderr)
         return 1
     if env.is_main:

@@ -11,3 +11,8 @@ class TrainingDiverged(Exception):
 
 class RankLost(Exception):
     """A collective failed because another rank died or stalled: reported in one line naming it, exit code 4."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): what fits in a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

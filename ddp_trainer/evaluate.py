@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from ddp_trainer import checkpoint, config, data, distributed, models
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, broadcast_buffers
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.precision import MixedPrecision
 
@@ -65,11 +66,9 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
     try:
         model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
     except RuntimeError as error:
-        reason = (str(error).strip().splitlines() or ["mismatch"])[0]
-        raise UsageError(f"checkpoint {path} does not fit the model its config builds: {reason}") from error
-    model = model.to(env.device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        raise UsageError(f"checkpoint {path} does not fit the model its config builds: {first_line(error)}") from error
+    # In eval mode SyncBatchNorm is plain BatchNorm: no conversion, so CPU ranks can evaluate a GPU-trained model.
+    model = models.prepare_model(model, dataclasses.replace(cfg.model, sync_batchnorm=False), env)
     return Restored(cfg, model.eval(), bundle)
 
 

@@ -85,9 +85,10 @@ def _class_names(dataset: Dataset) -> ClassNames:
 
 
 def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dataset, Iterator]:
-    # The train split without augmentation: predictions use the validation preprocessing.
-    train_set, val_set = data.build_datasets(dataclasses.replace(restored.cfg.data, augment=False))
-    dataset = val_set if split == "val" else train_set
+    if split == "val":
+        dataset = restored.data.val_loader.dataset
+    else:  # the train split again, without augmentation: predictions use the validation preprocessing
+        dataset = data.build_datasets(dataclasses.replace(restored.cfg.data, augment=False))[0]
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 

@@ -26,7 +26,7 @@ from ddp_trainer.distributed import (
     rank_lost,
     requeue_slurm_job,
 )
-from ddp_trainer.errors import TrainingDiverged, UsageError
+from ddp_trainer.errors import TrainingDiverged, UsageError, first_line
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
@@ -314,7 +314,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.precision.load_state_dict(state.get("grad_scaler"))
         except (RuntimeError, ValueError, KeyError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
         self.completed_epochs, self.step = state["epoch"], state["step"]
         self.monitor.load_state_dict(state)
