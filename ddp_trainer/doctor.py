@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import distributed
-from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.errors import UsageError, first_line, say
 
 SIOCGIFADDR = 0x8915
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = distributed.detect_launcher()
         device = distributed.resolve_device("auto", launch.local_rank, launch.launcher)
-        print(describe(launch, device), flush=True)
+        say(describe(launch, device))
         reach_master(launch, timeout_s)
         env = distributed.setup("auto", timeout_s)
         try:
@@ -95,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             distributed.teardown()
     except UsageError as error:
-        print(f"doctor: FAIL{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        say(f"doctor: FAIL{distributed.rank_label()}: {error}", sys.stderr)
         return 1
     except (RuntimeError, dist.DistError, TimeoutError) as error:
         where = f"{launch.master_addr}:{launch.master_port}" if launch else "?"
         reason = first_line(error)
-        print(f"doctor: FAIL{distributed.rank_label()}: rendezvous with master {where}: {reason}", file=sys.stderr)
+        say(f"doctor: FAIL{distributed.rank_label()}: rendezvous with master {where}: {reason}", sys.stderr)
         return 1
     if env.is_main:
-        print(f"doctor: {line}", flush=True)
+        say(f"doctor: {line}")
     return 0
 
 

@@ -1,4 +1,7 @@
-"""Exceptions the CLI turns into one line and an exit code of its own."""
+"""Exceptions the CLI turns into one line and an exit code of its own, and how that line is written."""
+
+import sys
+from typing import TextIO
 
 
 class UsageError(Exception):
@@ -16,3 +19,12 @@ class RankLost(Exception):
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type's name): what fits in a one-line error."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Write `line` and its newline in one write, so the lines of ranks sharing a pipe never interleave."""
+    stream = sys.stdout if stream is None else stream
+    # print() writes the text and the newline separately; under PYTHONUNBUFFERED each is its own
+    # system call, and another rank's line can land between them.
+    stream.write(line + "\n")
+    stream.flush()

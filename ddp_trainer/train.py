@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config, to_container
-from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError
+from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError, say
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
@@ -77,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
-        print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
         return EXIT_USAGE
     except (TrainingDiverged, RankLost) as error:
-        print(f"{prog}: error{distributed.rank_label()}: {error}", file=sys.stderr, flush=True)
+        say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
         return EXIT_DIVERGED if isinstance(error, TrainingDiverged) else EXIT_RANK_LOST
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import struct
@@ -13,6 +14,7 @@ import threading
 
 from conftest import REPO_DIR, cli_env, read_metrics
 
+from ddp_trainer.errors import say
 from ddp_trainer.train import main
 
 
@@ -101,3 +103,25 @@ def test_overrides_may_stand_on_both_sides_of_the_config_flag(tmp_path):
     args = ["trainer.epochs=1", "--config", "configs/digits_mlp.yaml", "trainer.device=cpu", f"output_dir={tmp_path}"]
     assert main(args) == 0
     assert len(read_metrics(tmp_path)) == 1
+
+
+class RecordingRaw(io.RawIOBase):
+    """A raw stream that keeps each write it receives: one write is one system call on a real pipe."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_a_rank_line_reaches_an_unbuffered_pipe_in_one_write():
+    # What `python -u` / PYTHONUNBUFFERED gives every rank: print() would send the newline separately,
+    # letting another rank's line land in between (seen from --doctor on 2 ranks).
+    raw = RecordingRaw()
+    say("doctor rank 1/2 (local 1)", io.TextIOWrapper(raw, write_through=True))
+    assert raw.writes == [b"doctor rank 1/2 (local 1)\n"]
