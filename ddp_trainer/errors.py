@@ -4,16 +4,28 @@ import sys
 from typing import TextIO
 
 
-class UsageError(Exception):
+class CliError(Exception):
+    """An error `ddp-train` reports in one line on the rank that meets it, exiting with `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
     """Bad config, missing file or unreadable checkpoint: reported in one line, exit code 2."""
 
+    exit_code = 2
 
-class TrainingDiverged(Exception):
+
+class TrainingDiverged(CliError):
     """The loss became NaN or infinite and trainer.nonfinite_loss=stop: reported in one line, exit code 3."""
 
+    exit_code = 3
 
-class RankLost(Exception):
+
+class RankLost(CliError):
     """A collective failed because another rank died or stalled: reported in one line naming it, exit code 4."""
+
+    exit_code = 4
 
 
 def first_line(error: BaseException) -> str:

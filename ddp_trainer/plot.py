@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,6 @@ from ddp_trainer.errors import UsageError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-EXIT_USAGE = 2
 PANELS = ("loss", "accuracy")
 SPLITS = ("train", "val")
 
@@ -101,14 +99,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `ddp-train plot`; returns the process exit code."""
+    """Entry point of `ddp-train plot`; returns 0 (errors are raised as UsageError to the caller)."""
     args = parse_args(argv)
-    try:
-        file = metrics_file(args.metrics)
-        output = args.output or file.with_name("metrics.png")
-        save_figure(plot_metrics(read_epochs(file), title=str(file.parent)), output)
-    except UsageError as error:
-        print(f"ddp-train plot: error: {error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+    file = metrics_file(args.metrics)
+    output = args.output or file.with_name("metrics.png")
+    save_figure(plot_metrics(read_epochs(file), title=str(file.parent)), output)
     print(f"wrote {output}")
     return 0

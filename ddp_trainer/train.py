@@ -11,15 +11,12 @@ from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
 from ddp_trainer.config import Config, to_container
-from ddp_trainer.errors import RankLost, TrainingDiverged, UsageError, say
+from ddp_trainer.errors import CliError, say
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.trainer import Trainer
 
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3
-EXIT_RANK_LOST = 4
 # `ddp-train COMMAND ...`: each module's main(argv) -> exit code; without a command, ddp-train trains.
 COMMANDS = {
     "evaluate": "ddp_trainer.evaluate",
@@ -74,14 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return importlib.import_module(COMMANDS[command]).main(argv[1:])
         args = parse_args(argv)
         return run(config.load(args.config, args.overrides))
-    except UsageError as error:
+    except CliError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
         say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
-        return EXIT_USAGE
-    except (TrainingDiverged, RankLost) as error:
-        say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
-        return EXIT_DIVERGED if isinstance(error, TrainingDiverged) else EXIT_RANK_LOST
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_plot_output_option_names_the_png(tmp_path):
 
 
 def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 2
+    assert ddp_train(["plot", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == (
         f"ddp-train plot: error: {tmp_path / 'nope'} does not exist (give a run directory or its metrics.jsonl)\n"
     )
@@ -78,7 +78,7 @@ def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys)
 )
 def test_bad_metrics_give_one_error_line_naming_the_file_and_exit_2(tmp_path, capsys, lines, expected):
     file = write_metrics(tmp_path / "run", lines)
-    assert main([str(tmp_path / "run")]) == 2
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"ddp-train plot: error: {file} {expected}") and error.count("\n") == 1
     assert not (tmp_path / "run" / "metrics.png").exists()
