@@ -19,6 +19,7 @@ BUILTIN_MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "nccl", "gloo")
 PRECISIONS = ("32", "bf16", "fp16")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -134,6 +135,7 @@ class TrainerConfig:
     epochs: int = 10
     max_steps: int = -1
     device: str = "auto"
+    dist_backend: str = "auto"
     resume: str = "auto"
     log_every_n_steps: int = 50
     dist_timeout_s: float = 300.0
@@ -151,6 +153,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
         _require(self.device in DEVICES, "trainer.device", self.device, f"one of {', '.join(DEVICES)}")
+        backend = self.dist_backend
+        _require(backend in BACKENDS, "trainer.dist_backend", backend, f"one of {', '.join(BACKENDS)}")
         _require(self.log_every_n_steps > 0, "trainer.log_every_n_steps", self.log_every_n_steps, "a positive integer")
         _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", self.dist_timeout_s, "a positive number")
         _require(self.nonfinite_loss in ("stop", "skip"), "trainer.nonfinite_loss", self.nonfinite_loss, "stop or skip")

@@ -57,6 +57,7 @@ class Launch:
     world_size: int
     master_addr: str | None
     master_port: int | None
+    local_world_size: int  # processes on this node (the largest count over nodes under srun)
 
 
 def detect_launcher() -> Launch:
@@ -66,7 +67,9 @@ def detect_launcher() -> Launch:
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else None
-        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port)
+        # Ranks started by hand without LOCAL_WORLD_SIZE are taken to share one node.
+        local_world_size = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world_size
+        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port, local_world_size)
     # SLURM_STEP_NUM_TASKS exists only inside an srun step; a batch script alone also has SLURM_PROCID=0 and
     # SLURM_NTASKS=N and must not wait for N-1 ranks that were never started.
     if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
@@ -76,22 +79,49 @@ def detect_launcher() -> Launch:
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else slurm.job_port(os.environ["SLURM_JOB_ID"])
         world_size, rank = _int_env("SLURM_STEP_NUM_TASKS"), _int_env("SLURM_PROCID")
         local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
-        return Launch("srun", rank, local_rank, world_size, master_addr, port)
-    return Launch("single", 0, 0, 1, None, None)
+        # Every rank must pick the same backend, so every node judges by the busiest node's task count.
+        per_node = slurm.expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
+        return Launch("srun", rank, local_rank, world_size, master_addr, port, max(per_node))
+    return Launch("single", 0, 0, 1, None, None, 1)
 
 
-def resolve_device(requested: str, local_rank: int, launcher: str = "torchrun") -> torch.device:
-    """Map trainer.device (auto|cpu|cuda) to this rank's device, one GPU per local rank."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str, launch: Launch, gpu_count: int) -> torch.device:
+    """Map trainer.device (auto|cpu|cuda) to this rank's device: GPUs in turn by local rank, shared when too few."""
+    if requested == "cpu" or (requested == "auto" and gpu_count == 0):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if gpu_count == 0:
         raise UsageError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
-    count = torch.cuda.device_count()
-    if count == 1 and launcher == "srun":
+    if launch.launcher == "srun" and gpu_count == 1:
         return torch.device("cuda", 0)  # SLURM's --gpus-per-task shows each task only its own GPU
-    if local_rank >= count:
-        raise UsageError(f"local rank {local_rank} has no GPU: only {count} visible; start fewer processes per node")
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", launch.local_rank % gpu_count)
+
+
+def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_count: int) -> str | None:
+    """trainer.dist_backend (auto|nccl|gloo) for this job; None for a single process.
+
+    NCCL refuses two ranks on one GPU, so `auto` takes gloo, whose ranks may share GPUs, when a node runs more
+    processes than it has GPUs. Every rank reaches the same answer from what the launcher told all of them.
+    """
+    if launch.world_size == 1:
+        return None
+    if device.type != "cuda":
+        if requested == "nccl":
+            raise UsageError(f"trainer.dist_backend=nccl needs CUDA GPUs, but this run is on the {device}; use gloo")
+        return "gloo"
+    bound = launch.launcher == "srun" and gpu_count == 1
+    shared = not bound and launch.local_world_size > gpu_count
+    if requested == "nccl" and shared:
+        raise UsageError(
+            f"trainer.dist_backend=nccl needs {launch.local_world_size} GPUs per node, one per process, but "
+            f"{gpu_count} {'is' if gpu_count == 1 else 'are'} visible; start at most {gpu_count} processes per node, "
+            "or set trainer.dist_backend=gloo (or auto) to let ranks share GPUs"
+        )
+    return "gloo" if requested == "gloo" or shared else "nccl"
 
 
 def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
@@ -108,15 +138,15 @@ def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None
     return dist.PrefixStore(f"ddp_trainer/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
-def setup(requested_device: str, timeout_s: float) -> DistEnv:
+def setup(requested_device: str, timeout_s: float, requested_backend: str = "auto") -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv."""
     launch = detect_launcher()
-    device = resolve_device(requested_device, launch.local_rank, launch.launcher)
+    gpu_count = visible_gpus()
+    device = resolve_device(requested_device, launch, gpu_count)
+    backend = choose_backend(requested_backend, device, launch, gpu_count)  # raises before any rank waits
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = None
-    if launch.world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend is not None:
         timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
         store = _restart_safe_store(launch, timeout)
         if store is not None:
@@ -186,7 +216,7 @@ def barrier(env: DistEnv) -> None:
     """All ranks meet here (e.g. after rank 0 wrote a checkpoint)."""
     if env.distributed:
         if env.backend == "nccl":
-            dist.barrier(device_ids=[env.local_rank])
+            dist.barrier(device_ids=[env.device.index])
         else:
             dist.barrier()
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = None
     try:
         launch = distributed.detect_launcher()
-        device = distributed.resolve_device("auto", launch.local_rank, launch.launcher)
+        device = distributed.resolve_device("auto", launch, distributed.visible_gpus())
         say(describe(launch, device))
         reach_master(launch, timeout_s)
         env = distributed.setup("auto", timeout_s)

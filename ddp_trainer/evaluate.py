@@ -20,7 +20,7 @@ from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, broadcast_buffers
 from ddp_trainer.errors import UsageError, first_line
-from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.precision import MixedPrecision
 
 
@@ -33,13 +33,13 @@ def evaluate_model(
     broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
     was_training = model.training
     model.eval()
-    sums = MetricSums(SUM_NAMES, COUNT_NAMES, env.device)
+    sums = MetricSums(SUM_NAMES, env.device)
     for inputs, targets in loader:
         inputs, targets = to_device(inputs, targets, env.device, channels_last)
         with precision.autocast():
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
-        sums.add(batch_sums(logits, targets, loss), samples=targets.shape[0])
+        sums.add(batch_sums(logits, targets, loss))
     model.train(was_training)
     return summarize(sums.reduce(env), "val")
 
@@ -53,10 +53,14 @@ class Restored:
     data: DataBundle
 
 
+# Where a checkpoint was trained says nothing about where it is read: a GPU run's file evaluates on a CPU machine.
+PORTABLE = ("trainer.device=auto", "trainer.dist_backend=auto")
+
+
 def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Config]:
     """A checkpoint's state (read with weights_only: never runs code) and its saved config with overrides on top."""
     state = checkpoint.load(path)
-    return state, config.from_container(state["config"], overrides)
+    return state, config.from_container(state["config"], [*PORTABLE, *overrides])
 
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
@@ -114,7 +118,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     # Read before joining the others, so a missing or malicious file fails on every rank alike.
     state, cfg = load_config(args.checkpoint, args.overrides)
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
     try:
         restored = restore(args.checkpoint, state, cfg, env)
         precision = MixedPrecision(cfg.trainer.precision, env.device)

@@ -1,4 +1,4 @@
-"""Exact global metrics: per-rank sums on device and counts in Python, one all_reduce per synchronisation."""
+"""Exact global metrics: per-rank sums kept on the device, one all_reduce and one host sync per synchronisation."""
 
 from __future__ import annotations
 
@@ -6,45 +6,43 @@ import torch
 
 from ddp_trainer.distributed import DistEnv, all_reduce_sum
 
-# Device sums of a classification batch, in the order `batch_sums` returns them; the sample count is a Python int.
-SUM_NAMES = ("loss_sum", "correct")
-COUNT_NAMES = ("samples",)
+# The sums of a classification batch, in the order `batch_sums` returns them.
+SUM_NAMES = ("loss_sum", "correct", "samples")
 
 
 class MetricSums:
-    """Running sums kept on device (added without host syncs) and integer counts kept in Python."""
+    """Named running sums on the device: adding them never waits for the device, reading them does (once)."""
 
-    def __init__(self, names: tuple[str, ...], counts: tuple[str, ...], device: torch.device) -> None:
-        self.names, self.count_names = names, counts
+    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+        self.names = names
         self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-        self.counts = dict.fromkeys(counts, 0)
 
-    def add(self, values: torch.Tensor, **counts: int) -> None:
-        """Add device values in the order of `names` (float64, as `batch_sums` makes them) and counts by name."""
+    def add(self, values: torch.Tensor) -> None:
+        """Add float64 device values in the order of `names`."""
         self.sums += values
-        for name, amount in counts.items():
-            self.counts[name] += amount
+
+    def value(self, name: str) -> torch.Tensor:
+        """This rank's running sum `name`, still on the device."""
+        return self.sums[self.names.index(name)]
 
     def add_global(self, totals: dict[str, float], env: DistEnv) -> None:
         """Seed the sums with already-global totals (from a checkpoint): rank 0 holds them so the sum stays exact."""
         if env.is_main:
             # .get: a run resumed with other settings (clipping switched on) starts the sums it did not keep at 0.
             stored = [totals.get(name, 0.0) for name in self.names]
-            self.sums += torch.tensor(stored, dtype=torch.float64, device=self.sums.device)
-            for name in self.count_names:
-                self.counts[name] += int(totals.get(name, 0))
+            self.sums += torch.tensor(stored, dtype=torch.float64).to(self.sums.device)
 
     def reduce(self, env: DistEnv) -> dict[str, float]:
-        """Global totals over all ranks: one all_reduce of sums and counts together, one host sync."""
-        counts = torch.tensor([self.counts[name] for name in self.count_names], dtype=torch.float64)
-        totals = all_reduce_sum(torch.cat([self.sums, counts.to(self.sums.device)]), env)
-        return dict(zip(self.names + self.count_names, totals.tolist(), strict=True))  # .tolist() waits: do it rarely
+        """Global totals over all ranks: one all_reduce and one host sync."""
+        totals = all_reduce_sum(self.sums.clone(), env)
+        return dict(zip(self.names, totals.tolist(), strict=True))  # host sync: only at log intervals and saves
 
 
 def batch_sums(logits: torch.Tensor, targets: torch.Tensor, mean_loss: torch.Tensor) -> torch.Tensor:
-    """(loss x samples, correct predictions) of one batch as float64, on the batch's device."""
+    """(loss x samples, correct predictions, samples) of one batch as float64 on the batch's device, without a sync."""
+    samples = targets.shape[0]
     correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
-    return torch.stack([mean_loss.detach().double() * targets.shape[0], correct])
+    return torch.stack([mean_loss.detach().double() * samples, correct, torch.full_like(correct, samples)])
 
 
 def summarize(totals: dict[str, float], prefix: str) -> dict[str, float | int]:

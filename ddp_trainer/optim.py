@@ -7,18 +7,31 @@ from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ddp_trainer.config import OptimConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer named by `optim.name` over the model's parameters."""
-    params = model.parameters()
+    """The optimizer named by `optim.name` over the model's parameters, fused where the device has the kernels."""
+    params = list(model.parameters())
+    # A fused step takes the step's verdict as a device tensor (found_inf) and skips a poisoned update on the
+    # device, so the trainer never waits for the device to decide (see precision.MixedPrecision.step).
+    devices = _get_fused_kernels_supported_devices()
+    fused = all(param.device.type in devices and param.is_floating_point() for param in params) or None
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+        )
+        if fused and cfg.momentum > 0:
+            # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros
+            # make the first update the same (buffer = gradient, no dampening) and survive a skip.
+            for param in params:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return optimizer
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:

@@ -47,13 +47,23 @@ class MixedPrecision:
             )
         return None
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer step; under fp16 the scaler skips it when the gradients overflowed and lowers the scale."""
-        if self.scaler is None:
-            optimizer.step()
-        else:
+    def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+        """The optimizer step, skipped where `finite` (a device bool) is False; under fp16 the scaler judges instead.
+
+        A fused optimizer skips on the device, as it does for the GradScaler (`found_inf`): no host sync. Other
+        optimizers must read the verdict on the host, which waits for the device once per step.
+        """
+        if self.scaler is not None:  # it skips a step whose gradients overflowed and lowers the scale
             self.scaler.step(optimizer)
             self.scaler.update()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = (~finite).float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif bool(finite):  # host sync: an optimizer without fused kernels
+            optimizer.step()
 
     def state_dict(self) -> dict[str, Any] | None:
         """The scaler's state (scale and growth tracker) for checkpoints; None without a scaler."""

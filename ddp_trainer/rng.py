@@ -19,7 +19,7 @@ def seed_everything(seed: int) -> None:
 
 
 def capture() -> dict[str, Any]:
-    """This process's Python, NumPy, torch and CUDA RNG states, as types weights_only loading accepts."""
+    """This process's Python, NumPy, torch and (its current GPU's) CUDA RNG states, as weights_only-safe types."""
     _, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),
@@ -27,8 +27,10 @@ def capture() -> dict[str, Any]:
         "numpy_gauss": gauss,
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # This process's own GPU only: a resumed rank may see another number of GPUs (or none). A run on the CPU never
+    # initialised CUDA and has no CUDA stream to keep.
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -40,7 +42,7 @@ def restore(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # onto the current device, which setup() chose
 
 
 @contextlib.contextmanager

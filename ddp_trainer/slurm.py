@@ -51,3 +51,14 @@ def job_port(job_id: str) -> int:
     if not job_id.isdigit():
         raise UsageError(f"SLURM_JOB_ID={job_id!r} is not a number")
     return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """`2(x3),1` (SLURM_STEP_TASKS_PER_NODE) -> [2, 2, 2, 1]: the task count of each node of the step."""
+    counts = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match is None:
+            raise UsageError(f"SLURM tasks per node {spec!r}: cannot read {item!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts

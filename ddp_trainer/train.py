@@ -6,7 +6,8 @@ import argparse
 import importlib
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ddp_trainer import config, data, distributed, models
@@ -25,11 +26,14 @@ COMMANDS = {
 }
 
 
-def run(cfg: Config) -> int:
-    """Train one run described by `cfg` on this rank; returns the exit code. Tears down on every exit path."""
+def run(cfg: Config, clock: Callable[[], float] = time.monotonic) -> int:
+    """Train one run described by `cfg` on this rank; returns the exit code. Tears down on every exit path.
+
+    `clock` (seconds) times `checkpoint.every_n_minutes`; tests pass their own to leave the wall clock out.
+    """
     require_packages(cfg.logging)
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
     logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
@@ -37,7 +41,7 @@ def run(cfg: Config) -> int:
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
         model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
         seed_everything(cfg.seed + env.rank)  # then distinct streams per rank (dropout, augmentation)
-        signum = Trainer(cfg, env, model, bundle, logger, stop).fit()
+        signum = Trainer(cfg, env, model, bundle, logger, stop, clock).fit()
         # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
         exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
     finally:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,18 @@ from ddp_trainer.distributed import (
 from ddp_trainer.errors import TrainingDiverged, UsageError, first_line
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.metrics import COUNT_NAMES, SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
 from ddp_trainer.models import prepare_model
 from ddp_trainer.monitor import Monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.preemption import StopSignals
 
-# With clipping, each rank also adds the same (already all-reduced) gradient norm: sum / steps is the exact mean.
-CLIPPED_SUMS, TRAIN_COUNTS = (*SUM_NAMES, "grad_norm_sum"), (*COUNT_NAMES, "grad_norm_steps")
+# Beside the batches' sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
+# (already all-reduced) gradient norms and how many steps they cover. Every rank holds the same values of these;
+# rank 0 alone adds them, so the global sums count each step once.
+TRAIN_SUMS = (*SUM_NAMES, "skipped_steps", "first_skipped_step")
+CLIPPED_SUMS = (*TRAIN_SUMS, "grad_norm_sum", "grad_norm_steps")
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
 
@@ -61,8 +65,9 @@ class Trainer:
         data: DataBundle,
         logger: RunLogger,
         stop: StopSignals | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cfg, self.env, self.data, self.logger, self.stop = cfg, env, data, logger, stop
+        self.cfg, self.env, self.data, self.logger, self.stop, self.clock = cfg, env, data, logger, stop, clock
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         self.model = prepare_model(model, cfg.model, env)
         self.parameters = list(self.model.parameters())
@@ -77,12 +82,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, total_steps)
         self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
-        self.skipped_steps = 0
+        self.reported_skips = 0
+        self.shared_weight = 1.0 if env.is_main else 0.0  # see TRAIN_SUMS
         self.resume_position: dict[str, Any] | None = None
         patience, min_delta = cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta
         self.monitor = Monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, min_delta, patience)
         self.wandb_run_id: str | None = None
-        self.last_save_time = time.monotonic()
+        self.last_save_time = clock()
         if env.is_main:
             for unfinished in checkpoint.remove_unfinished_writes(self.checkpoint_dir):
                 self.logger.info(f"removed {unfinished}: a checkpoint write that a crash interrupted")
@@ -93,7 +99,7 @@ class Trainer:
         self.ddp_model: DistributedDataParallel | None = None
         self.train_model: nn.Module = self.model
         if env.distributed:
-            device_ids = [env.local_rank] if env.device.type == "cuda" else None
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp_model = self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.agreement = LaggedAgreement(env, size=2)
         if cfg.trainer.compile:
@@ -135,7 +141,7 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 **self._train_summary(train_totals),
-                "train/skipped_steps": self.skipped_steps,
+                "train/skipped_steps": int(train_totals["skipped_steps"]),
                 **self.evaluate(),
             }
             record["time/train_s"] = train_s
@@ -149,14 +155,15 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> MetricSums:
         order = self.data.train_order
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
-        names = CLIPPED_SUMS if self.cfg.trainer.grad_clip_norm > 0 else SUM_NAMES
-        sums = MetricSums(names, TRAIN_COUNTS, self.env.device)
-        position, self.resume_position, self.segment_batches, self.skipped_steps = self.resume_position, None, 0, 0
+        names = CLIPPED_SUMS if self.cfg.trainer.grad_clip_norm > 0 else TRAIN_SUMS
+        sums = MetricSums(names, self.env.device)
+        position, self.resume_position, self.segment_batches, self.reported_skips = self.resume_position, None, 0, 0
         if position is not None and not order.resume(position):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this world size: it restarts")
             self.batch_in_epoch, self.partial_epoch_totals = 0, None
         if self.partial_epoch_totals is not None:
             sums.add_global(self.partial_epoch_totals, self.env)
+            self.reported_skips = int(self.partial_epoch_totals.get("skipped_steps", 0))  # reported before the stop
             self.partial_epoch_totals = None
         return sums
 
@@ -167,31 +174,31 @@ class Trainer:
         description = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
         global_batch = self.cfg.data.batch_size * self.env.world_size
         batches = self.logger.progress(self.data.train_loader, self.batches_per_epoch, description, global_batch)
-        window_sums, window_samples = None, 0
-        for inputs, targets in batches:
+        window_sums = None
+        for batch in batches:
             if self._reached_max_steps():
-                return sums.reduce(self.env), False
+                return self._reduce(sums), False
             # A window of `accumulate` micro-batches makes one optimizer step; the epoch's last may be shorter.
             window_start = self.batch_in_epoch - self.batch_in_epoch % self.accumulate
             window_batches = min(self.accumulate, self.batches_per_epoch - window_start)
             if self.batch_in_epoch == window_start:
                 self.optimizer.zero_grad(set_to_none=True)
-                window_sums, window_samples = None, 0
+                window_sums = None
             closes_window = self.batch_in_epoch + 1 == window_start + window_batches
+            # From here on only the device copies: the loader's CPU tensors must not reach a device computation.
+            inputs, targets = to_device(*batch, self.env.device, self.cfg.model.channels_last)
             logits, loss = self._forward_backward(inputs, targets, window_batches, sync=closes_window)
-            batch = batch_sums(logits, targets, loss)
-            window_sums = batch if window_sums is None else window_sums + batch
-            window_samples += targets.shape[0]
+            micro_sums = batch_sums(logits, targets, loss)
+            window_sums = micro_sums if window_sums is None else window_sums + micro_sums
             self.batch_in_epoch += 1
             self.segment_batches += 1
             if closes_window:
-                self._optimizer_step(sums, window_sums, window_samples)
-        return sums.reduce(self.env), True
+                self._optimizer_step(sums, window_sums)
+        return self._reduce(sums), True
 
     def _forward_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, window_batches: int, sync: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = to_device(inputs, targets, self.env.device, self.cfg.model.channels_last)
         # Inside a window, gradients stay local: DDP all-reduces once, on the window's last micro-batch.
         no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
         with no_sync:
@@ -202,25 +209,19 @@ class Trainer:
             self.precision.backward(loss / window_batches if window_batches > 1 else loss)
         return logits, loss
 
-    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor, window_samples: int) -> None:
+    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor) -> None:
         clip = self.cfg.trainer.grad_clip_norm
         # DDP's all-reduce gave every rank the same gradients, so one rank's NaN is every rank's: their norm lets
-        # each rank reach the same decision without a collective. Alone, a rank need only look at its loss.
+        # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
         norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
-        finite = bool(torch.isfinite(window_sums[0] if norm is None else norm))  # the step's one host sync
-        if not finite and self.precision.scaler is None:
-            self._skip_nonfinite_step(window_sums[0])
-        else:
-            self.precision.step(self.optimizer)  # fp16: the scaler skips an overflowed step and lowers its scale
-            self.scheduler.step()
-            self.step += 1
-            if clip > 0 and finite:
-                sums.add(torch.cat([window_sums, norm.detach().double().reshape(1)]), samples=window_samples,
-                         grad_norm_steps=1)  # fmt: skip
-            else:
-                sums.add(window_sums, samples=window_samples)
+        # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync.
+        finite = torch.isfinite(window_sums[0] if norm is None else norm)
+        self.precision.step(self.optimizer, finite)
+        self.scheduler.step()
+        self.step += 1
+        sums.add(self._step_sums(sums, window_sums, norm, finite))
         if self.step % self.cfg.trainer.log_every_n_steps == 0:
-            running = self._train_summary(sums.reduce(self.env))  # the interval's one sync
+            running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
             self.logger.show_running({**running, "lr": self.optimizer.param_groups[0]["lr"]}, self.step)
         # Ranks act on what they agreed at the previous check, and send their flags for the next one.
@@ -228,16 +229,50 @@ class Trainer:
         agreed = self.agreement.receive() if check else [0, 0]
         every = self.cfg.checkpoint.every_n_steps
         if agreed[SIGNAL] or agreed[SAVE_DUE] or (every and self.step % every == 0):
-            self._save("last", partial_totals=sums.reduce(self.env))
+            self._save("last", partial_totals=self._reduce(sums))
         if agreed[SIGNAL]:
             raise Stopped(agreed[SIGNAL])
         if check:
             self.agreement.send(self._local_flags())
 
+    def _step_sums(
+        self, sums: MetricSums, window_sums: torch.Tensor, norm: torch.Tensor | None, finite: torch.Tensor
+    ) -> torch.Tensor:
+        """This step's values in the order of `sums.names`: a skipped step's samples count nowhere."""
+        verdict = finite if self.precision.scaler is None else torch.ones_like(finite)  # fp16: the scaler judged
+        skipped = (~verdict).double() * self.shared_weight
+        first = torch.where(sums.value("skipped_steps") == 0, skipped * self.step, 0.0)
+        shared = [skipped, first]
+        if self.cfg.trainer.grad_clip_norm > 0:
+            counted = finite.double() * self.shared_weight  # fp16's overflowed norms stay out of the mean
+            shared += [torch.where(finite, norm.double(), 0.0) * self.shared_weight, counted]
+        return torch.cat([torch.where(verdict, window_sums, 0.0), torch.stack(shared)])
+
+    def _reduce(self, sums: MetricSums) -> dict[str, float]:
+        """Global totals, and where a skipped step pending on the device comes to light: before any save."""
+        totals = sums.reduce(self.env)
+        skipped = int(totals["skipped_steps"])
+        if skipped > self.reported_skips:
+            where = f"at step {int(totals['first_skipped_step'])} (epoch {self.completed_epochs + 1})"
+            if self.cfg.trainer.nonfinite_loss == "stop":
+                # Nothing is saved: the skipped update never reached the weights, and the last checkpoint on disk
+                # stays the last good one.
+                raise TrainingDiverged(
+                    f"the loss or its gradients were not finite on at least one rank {where}; stopped at step "
+                    f"{self.step} without saving: {self.checkpoint_dir} keeps the last good checkpoint "
+                    "(trainer.nonfinite_loss=skip skips such steps)"
+                )
+            self.logger.info(
+                f"skipped {skipped - self.reported_skips} optimizer step(s) by step {self.step}, the epoch's first "
+                f"{where}: the loss or its gradients were not finite on some rank"
+            )
+            self.reported_skips = skipped
+        return totals
+
     def _local_flags(self) -> list[int]:
         minutes = self.cfg.checkpoint.every_n_minutes
         # Rank 0's clock decides for everyone: clocks of different hosts need not agree.
-        save_due = self.env.is_main and minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
+        save_due = self.env.is_main and minutes > 0 and self.clock() - self.last_save_time >= 60 * minutes
         return [self.stop.received if self.stop is not None else 0, int(save_due)]
 
     def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
@@ -249,19 +284,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float | int]:
         """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
         return evaluate_model(self.model, self.data.val_loader, self.env, self.precision, self.cfg.model.channels_last)
-
-    def _skip_nonfinite_step(self, loss_sum: torch.Tensor) -> None:
-        where = f"at step {self.step + 1} (epoch {self.completed_epochs + 1}, batch {self.batch_in_epoch})"
-        if self.cfg.trainer.nonfinite_loss == "stop":
-            # Nothing is saved: the last checkpoint on disk stays the last good one.
-            raise TrainingDiverged(
-                f"the loss or its gradients were not finite on at least one rank {where} (this rank's summed "
-                f"loss: {loss_sum.item()}); stopped, "
-                f"{self.checkpoint_dir} keeps the last good checkpoint (trainer.nonfinite_loss=skip skips such steps)"
-            )
-        self.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients never reach the weights
-        self.skipped_steps += 1
-        self.logger.info(f"skipped the optimizer step {where}: the loss or its gradients were not finite on some rank")
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step
@@ -282,7 +304,7 @@ class Trainer:
             self._save("best", partial_totals=totals)
 
     def _save(self, which: str, partial_totals: dict[str, float] | None) -> None:
-        self.last_save_time = time.monotonic()
+        self.last_save_time = self.clock()
         rng_states = gather_objects(rng.capture(), self.env)  # every rank's streams, not only rank 0's
         if self.env.is_main:
             state = {

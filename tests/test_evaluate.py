@@ -129,3 +129,17 @@ def test_predict_explains_an_unreadable_image(trained, tmp_path, capsys):
     bad.write_text("not an image")
     assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--images", str(bad)]) == 2
     assert f"image {bad} cannot be read" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_for_gpus_is_evaluated_and_predicted_on_this_cpu(trained, tmp_path, capsys):
+    # What a GPU run saves: its config asks for cuda and nccl, and its RNG streams include CUDA's.
+    state = checkpoint.load(trained / "checkpoints" / "last.pt")
+    state["config"]["trainer"] |= {"device": "cuda", "dist_backend": "nccl"}
+    state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    gpu_file = tmp_path / "gpu.pt"
+    torch.save(state, gpu_file)
+    expected = evaluate_json(capsys, trained / "checkpoints" / "last.pt")["metrics"]
+    assert evaluate_json(capsys, gpu_file)["metrics"] == expected
+    output = tmp_path / "val.jsonl"
+    assert main(["predict", "--checkpoint", str(gpu_file), "--split", "val", "--output", str(output)]) == 0
+    assert f"top-1 accuracy {100 * expected['val/accuracy']:.2f}%" in capsys.readouterr().out

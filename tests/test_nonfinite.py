@@ -24,7 +24,7 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     # 96 samples / batch 8 = 12 steps per epoch: the NaN comes in epoch 2, after epoch 1's checkpoint.
     assert main([*BLOBS, "model.nan_step=15", "trainer.epochs=3", f"output_dir={tmp_path}"]) == 3
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "not finite" in error and "at step 15 (epoch 2, batch 3)" in error
+    assert "\n" not in error and "not finite" in error and "at step 15 (epoch 2)" in error
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, 12) and all_finite(saved["model"])
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
@@ -34,9 +34,9 @@ def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path):
     args = [*BLOBS, "model.nan_step=5", "model.nan_rank=1", "trainer.nonfinite_loss=skip", "trainer.epochs=2"]
     result = run_cli([*args, f"output_dir={tmp_path}"], nproc=2)
     assert result.returncode == 0, result.stderr
-    assert "skipped the optimizer step at step 5" in result.stdout
+    assert "skipped 1 optimizer step(s) by step 6, the epoch's first at step 5 (epoch 1)" in result.stdout
     lines = read_metrics(tmp_path)
     assert [line["train/skipped_steps"] for line in lines] == [1, 0]
-    assert [line["step"] for line in lines] == [5, 11]  # 6 batches per rank per epoch, one step skipped
+    assert [line["step"] for line in lines] == [6, 12]  # 6 batches per rank per epoch: a skipped step still counts
     assert lines[0]["train/samples"] == 96 - 2 * 8  # the skipped batch of each rank is not counted
     assert all_finite(checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"])

@@ -1,13 +1,16 @@
-"""Learning-rate schedules: warmup, then cosine or step decay, per optimizer step."""
+"""Optimizers (fused, skipping poisoned steps on the device) and learning-rate schedules per optimizer step."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import torch
 
 from ddp_trainer.config import OptimConfig
-from ddp_trainer.optim import lr_multiplier
+from ddp_trainer.optim import build_optimizer, lr_multiplier
+from ddp_trainer.precision import MixedPrecision
 
 
 def test_linear_warmup_then_cosine_to_min_lr():
@@ -28,3 +31,31 @@ def test_step_decay_counts_epochs_in_optimizer_steps():
 def test_no_scheduler_keeps_the_lr():
     factor = lr_multiplier(OptimConfig(), steps_per_epoch=5, total_steps=50)
     assert all(math.isclose(factor(step), 1.0) for step in range(50))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
+def test_a_fused_step_told_it_found_inf_changes_nothing(name):
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer(OptimConfig(name=name, lr=0.1), model)
+    assert optimizer.defaults["fused"]  # skips on the device: no host sync per step
+    precision = MixedPrecision("32", torch.device("cpu"))
+    model(torch.randn(8, 4)).square().mean().backward()
+    precision.step(optimizer, torch.tensor(True))  # one real step, so every state tensor exists
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    model(torch.randn(8, 4)).mean().mul(float("nan")).backward()
+    precision.step(optimizer, torch.tensor(False))
+    after = (model.state_dict(), optimizer.state_dict())
+    assert all(torch.equal(tensor, before[0][key]) for key, tensor in after[0].items())
+    for index, state in after[1]["state"].items():  # momentum, moments and Adam's step count alike
+        assert all(torch.equal(value, before[1]["state"][index][key]) for key, value in state.items())
+
+
+def test_a_skipped_first_sgd_step_leaves_a_clean_momentum_buffer():
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0), model)
+    initial = copy.deepcopy(model.state_dict())
+    model(torch.randn(8, 4)).mean().mul(float("nan")).backward()
+    MixedPrecision("32", torch.device("cpu")).step(optimizer, torch.tensor(False))
+    assert all(torch.equal(tensor, initial[key]) for key, tensor in model.state_dict().items())
+    buffers = [state["momentum_buffer"] for state in optimizer.state.values()]
+    assert len(buffers) == 2 and all(torch.equal(buffer, torch.zeros_like(buffer)) for buffer in buffers)

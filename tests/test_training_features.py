@@ -11,7 +11,7 @@ from ddp_trainer import checkpoint, config
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.models import prepare_model
 from ddp_trainer.rng import seed_everything
-from ddp_trainer.train import main
+from ddp_trainer.train import main, run
 
 BLOBS = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
 IMAGES = [
@@ -137,15 +137,35 @@ def test_best_checkpoint_follows_the_monitor_and_its_mode(tmp_path):
     assert best["epoch"] == best_line["epoch"] and best["best_metric"] == best_line["val/loss"]
 
 
+class TickingClock:
+    """A clock that moves `seconds` forward each time it is read: time passes with the steps, not the wall."""
+
+    def __init__(self, seconds: float) -> None:
+        self.now, self.seconds = 0.0, seconds
+
+    def __call__(self) -> float:
+        self.now += self.seconds
+        return self.now
+
+
+def step_checkpoints(output_dir) -> list[int]:
+    return sorted(int(path.stem.split("-")[1]) for path in (output_dir / "checkpoints").glob("step-*.pt"))
+
+
 def test_time_based_checkpoints_land_inside_epochs(tmp_path):
-    # 4 steps of >= 50 ms per epoch and a checkpoint due every 120 ms: some saves fall between epoch ends.
-    args = [*IMAGES, "model.delay_s=0.05", "trainer.epochs=3", "checkpoint.keep_last=100", f"output_dir={tmp_path}"]
-    assert main([*args, "checkpoint.every_n_minutes=0.002"]) == 0
-    steps = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("step-*.pt"))
-    assert [step for step in steps if step % 4] != []  # mid-epoch: only the clock can have asked for these
-    assert main([*args, "trainer.epochs=4"]) == 0  # without every_n_minutes: epoch ends only
-    newer = sorted(int(path.stem.split("-")[1]) for path in (tmp_path / "checkpoints").glob("step-*.pt"))
+    # 4 steps per epoch, the clock read once per step (and once per save), 30 s a read, a save due every minute.
+    args = [*IMAGES, "trainer.epochs=3", "checkpoint.keep_last=100", f"output_dir={tmp_path}"]
+    assert run(config.load(None, [*args, "checkpoint.every_n_minutes=1"]), clock=TickingClock(30.0)) == 0
+    assert [step for step in step_checkpoints(tmp_path) if step % 4] != []  # mid-epoch: only the clock asks
+    assert run(config.load(None, [*args, "trainer.epochs=4"]), clock=TickingClock(30.0)) == 0  # clock unused
+    newer = step_checkpoints(tmp_path)
     assert newer[-1] == 16 and 13 not in newer and 14 not in newer and 15 not in newer
+
+
+def test_a_clock_that_never_reaches_the_interval_saves_at_epoch_ends_only(tmp_path):
+    args = [*IMAGES, "trainer.epochs=3", "checkpoint.keep_last=100", "checkpoint.every_n_minutes=1"]
+    assert run(config.load(None, [*args, f"output_dir={tmp_path}"]), clock=TickingClock(0.001)) == 0
+    assert step_checkpoints(tmp_path) == [4, 8, 12]
 
 
 def test_sync_batchnorm_converts_every_batchnorm_layer_for_gpu_ranks():
