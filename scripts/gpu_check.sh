@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU suite and the GPU benchmark on a bare GPU machine, in one run of about 8 minutes, then a summary.
+#
+# The machine needs torch with CUDA, pytest, numpy, scikit-learn and tqdm (a CUDA image usually has them) and
+# no network: what else is missing comes as wheels in .whl/ at the repo root. omegaconf is pure Python and needs
+# only PyYAML; fetch it where pip works, for the GPU machine's Python (3.12 here):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0
+# Then, on the GPU machine, from the repo root:   bash scripts/gpu_check.sh
+# Logs go to $OUT (or /tmp/gpu-check): gpu-tests.log, gpu-benchmark.md, summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+started=$(date +%s)
+
+# The repo itself needs no install: the tests and benchmarks put it on the path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$python" -c "import omegaconf" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "gpu_check: omegaconf is missing and .whl/ holds no wheels (see the top of this script)" >&2
+        exit 2
+    fi
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-check-site \
+        .whl/*.whl || exit 2
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu-check-site"
+fi
+
+versions=$("$python" - <<'EOF'
+import platform, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a"
+print(f"{gpu}; Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}")
+EOF
+)
+echo "gpu_check: $versions"
+
+# The suite first (at most 4 minutes on one GPU), then the benchmark: both loops, resnet18 and resnet50, 3 modes.
+timeout 300 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
+tests_status=${PIPESTATUS[0]}
+timeout 330 "$python" benchmarks/gpu_throughput.py --repeats 1 --steps 40 2>&1 | tee "$out/gpu-benchmark.md"
+bench_status=${PIPESTATUS[0]}
+
+{
+    echo "## GPU check, $(date -u +%Y-%m-%d) ($(( $(date +%s) - started )) s)"
+    echo "$versions"
+    echo "pytest -m gpu (exit $tests_status): $(grep -E '(passed|failed|error|skipped)' "$out/gpu-tests.log" | tail -n 1)"
+    echo "benchmarks/gpu_throughput.py (exit $bench_status):"
+    grep -E '^\|' "$out/gpu-benchmark.md"
+} | tee "$out/summary.txt"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

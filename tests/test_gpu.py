@@ -1,0 +1,221 @@
+"""The GPU suite (`pytest -m gpu`): every device path on CUDA. Skips without a GPU; about 3 minutes on one.
+
+CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
+same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
+SIGTERM and resume, evaluate and predict (also of a CUDA checkpoint on the CPU), streams, and 2 ranks sharing
+one GPU over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+from conftest import launch_cli, read_metrics, run_cli
+
+from ddp_trainer import checkpoint
+from ddp_trainer.data.shard import main as shard_main
+from ddp_trainer.metrics import MetricSums
+from ddp_trainer.train import main
+from ddp_trainer.trainer import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA device"),
+]
+
+DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cuda", "trainer.progress_bar=false"]
+IMAGES = [
+    "data.name=synthetic",
+    "data.synthetic.input_shape=[3,32,32]",
+    "data.synthetic.train_size=256",
+    "data.synthetic.val_size=64",
+    "data.batch_size=32",
+    "model.name=cnn",
+    "trainer.device=cuda",
+    "trainer.epochs=2",
+]
+
+
+def last_line(output_dir) -> dict:
+    return read_metrics(output_dir)[-1]
+
+
+def weights(output_dir, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return checkpoint.load(output_dir / "checkpoints" / name)["model"]
+
+
+def evaluate_json(capsys, path, *overrides: str) -> dict:
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(path), "--json", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The default recipe trained on cuda in this process."""
+    output_dir = tmp_path_factory.mktemp("digits_cuda")
+    assert main([*DIGITS, f"output_dir={output_dir}"]) == 0
+    return output_dir
+
+
+def test_default_recipe_trains_on_the_gpu_above_95_percent(digits_run):
+    line = last_line(digits_run)
+    assert line["val/accuracy"] > 0.95 and line["val/samples"] == 359
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["trainer.precision=32"],
+        ["trainer.precision=bf16"],
+        ["trainer.precision=fp16"],
+        ["trainer.precision=bf16", "model.channels_last=true", "trainer.compile=true"],
+    ],
+    ids=["fp32", "bf16", "fp16", "bf16-channels_last-compile"],
+)
+def test_precisions_compile_and_channels_last_train_on_the_gpu(tmp_path, options):
+    assert main([*IMAGES, *options, f"output_dir={tmp_path}"]) == 0
+    line = last_line(tmp_path)
+    assert line["train/samples"] == 256 and line["val/samples"] == 64
+    assert torch.isfinite(torch.tensor([line["train/loss"], line["val/loss"]])).all()
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert all(tensor.device.type == "cpu" for tensor in saved["model"].values())  # loads anywhere
+    assert (saved["grad_scaler"] is not None) == ("trainer.precision=fp16" in options)
+
+
+def test_accumulation_with_clipping_matches_one_large_batch(tmp_path):
+    common = [*IMAGES, "optim.name=sgd", "optim.lr=0.05", "trainer.grad_clip_norm=0.5", "trainer.epochs=1"]
+    assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'large'}"]) == 0
+    accumulated = [*common, "data.batch_size=16", "trainer.accumulate_grad_batches=4"]
+    assert main([*accumulated, f"output_dir={tmp_path / 'accumulated'}"]) == 0
+    large, small = weights(tmp_path / "large"), weights(tmp_path / "accumulated")
+    for name, tensor in large.items():
+        torch.testing.assert_close(small[name], tensor, rtol=1e-4, atol=1e-5)
+    assert last_line(tmp_path / "accumulated")["train/grad_norm"] > 0
+
+
+def test_nonfinite_loss_stops_without_saving_or_is_skipped(tmp_path, capsys):
+    blobs = ["data._target_=factories.blobs", "data.batch_size=8", "trainer.device=cuda"]
+    blobs += ["model._target_=factories.NanAtStep", "trainer.epochs=3"]
+    assert main([*blobs, "model.nan_step=15", f"output_dir={tmp_path / 'stop'}"]) == 3
+    assert "at step 15 (epoch 2)" in capsys.readouterr().err
+    saved = checkpoint.load(tmp_path / "stop" / "checkpoints" / "last.pt")
+    assert saved["step"] == 12 and all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
+    skip = [*blobs, "model.nan_step=5", "trainer.nonfinite_loss=skip", f"output_dir={tmp_path / 'skip'}"]
+    assert main(skip) == 0
+    assert [line["train/skipped_steps"] for line in read_metrics(tmp_path / "skip")] == [1, 0, 0]
+    assert all(torch.isfinite(tensor).all() for tensor in weights(tmp_path / "skip").values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision):
+    # Syncs are allowed only where the trainer reads metrics, evaluates and saves; anything else raises.
+    def allowed(method):  # noqa: ANN001, ANN202
+        def quiet(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        return quiet
+
+    for owner, name in ((MetricSums, "reduce"), (Trainer, "evaluate"), (Trainer, "_save")):
+        monkeypatch.setattr(owner, name, allowed(getattr(owner, name)))
+    options = [f"trainer.precision={precision}", "trainer.grad_clip_norm=1.0", "trainer.accumulate_grad_batches=2"]
+    options += ["trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=5", "trainer.epochs=3"]
+    try:
+        assert main([*DIGITS, *options, f"output_dir={tmp_path}"]) == 0
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert last_line(tmp_path)["step"] == 3 * 23
+
+
+def test_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    # Dropout draws from the CUDA RNG: equal weights need every RNG stream restored. cuBLAS GEMMs are
+    # deterministic for fixed shapes with a fixed workspace.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    args = [*DIGITS, "model.hidden_sizes=[64]", "model.dropout=0.2", "trainer.epochs=30", "checkpoint.every_n_steps=5"]
+    straight = run_cli([*args, f"output_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    process = launch_cli([*args, f"output_dir={tmp_path / 'killed'}"])
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")["epoch"] < 30
+    resumed = run_cli([*args, f"output_dir={tmp_path / 'killed'}"])
+    assert resumed.returncode == 0, resumed.stderr
+    straight_weights, resumed_weights = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert all(torch.equal(resumed_weights[name], tensor) for name, tensor in straight_weights.items())
+
+
+def test_evaluate_and_predict_on_the_gpu_and_a_cuda_checkpoint_on_the_cpu(digits_run, tmp_path, capsys):
+    last = digits_run / "checkpoints" / "last.pt"
+    line = last_line(digits_run)
+    on_gpu = evaluate_json(capsys, last)["metrics"]
+    assert on_gpu["val/samples"] == 359 and on_gpu["val/loss"] == pytest.approx(line["val/loss"], rel=1e-6)
+    on_cpu = evaluate_json(capsys, last, "trainer.device=cpu")["metrics"]
+    assert on_cpu["val/loss"] == pytest.approx(line["val/loss"], rel=1e-3)
+    assert abs(on_cpu["val/accuracy"] - line["val/accuracy"]) <= 2 / 359
+    for device in ("cuda", "cpu"):
+        output = tmp_path / f"{device}.jsonl"
+        predict = ["predict", "--checkpoint", str(last), "--split", "val", "--output", str(output)]
+        assert main([*predict, f"trainer.device={device}"]) == 0
+        assert len(output.read_text().splitlines()) == 359
+    assert f"top-1 accuracy {100 * on_gpu['val/accuracy']:.2f}%" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_cuda_checkpoint_resumes_on_the_cpu(digits_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    args = [*DIGITS[:2], "trainer.device=cpu", "trainer.epochs=11", f"output_dir={resumed}"]
+    assert main([*args, f"trainer.resume={digits_run / 'checkpoints' / 'last.pt'}"]) == 0
+    assert [line["epoch"] for line in read_metrics(resumed)] == [11]
+
+
+def test_the_streaming_recipe_trains_on_the_gpu(tmp_path):
+    assert shard_main(["--config", "configs/digits_mlp.yaml", "--out", str(tmp_path / "shards"), "--shards", "8"]) == 0
+    stream = ["--config", "configs/digits_stream.yaml", f"data.root={tmp_path / 'shards'}", "trainer.device=cuda"]
+    assert main([*stream, "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}"]) == 0
+    line = last_line(tmp_path / "run")
+    assert line["val/accuracy"] > 0.95 and line["train/samples"] == 1438 and line["val/samples"] == 359
+
+
+def test_two_ranks_share_one_gpu_over_gloo_with_exact_metrics(tmp_path, capsys):
+    # auto picks gloo: more processes than GPUs. Metric sums, buffers, the RNG gather and DDP's gradient
+    # all-reduce all run on CUDA tensors.
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=3", "model.dropout=0.1", f"output_dir={tmp_path}"]
+    result = run_cli(args, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "world size 2 (gloo, cuda:0)" in result.stdout
+    line = last_line(tmp_path)
+    assert line["val/samples"] == 359 and line["train/samples"] == 1438
+    single = evaluate_json(capsys, tmp_path / "checkpoints" / "last.pt")["metrics"]
+    assert single["val/loss"] == pytest.approx(line["val/loss"], rel=1e-6)
+
+
+def test_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path):
+    args = ["data._target_=factories.blobs", "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true"]
+    result = run_cli([*args, "data.batch_size=8", "trainer.device=cuda", f"output_dir={tmp_path}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert last_line(tmp_path)["val/samples"] == 37
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer GPUs than ranks")
+def test_nccl_on_too_few_gpus_stops_every_rank_in_one_line(tmp_path):
+    args = [
+        "data._target_=factories.blobs",
+        "trainer.device=cuda",
+        "trainer.dist_backend=nccl",
+        f"output_dir={tmp_path}",
+    ]
+    result = run_cli(args, nproc=2, timeout=120)
+    assert result.returncode != 0
+    needs = [line for line in result.stderr.splitlines() if "nccl needs 2 GPUs per node" in line]
+    assert len(needs) == 2, result.stderr
