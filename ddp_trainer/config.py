@@ -177,17 +177,15 @@ class CheckpointConfig:
     every_n_steps: int = 0
     every_n_minutes: float = 0.0
     keep_last: int = 2
-    monitor: str = "val/accuracy"
-    mode: str = "max"
+    monitor: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.every_n_steps >= 0, "checkpoint.every_n_steps", self.every_n_steps, "0 (epoch end only) or more")
         minutes = self.every_n_minutes
         _require(minutes >= 0, "checkpoint.every_n_minutes", minutes, "0 (off) or a positive number of minutes")
         _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "0 (last.pt only) or more")
-        _require(self.mode in ("min", "max"), "checkpoint.mode", self.mode, "min or max")
-        monitors = ("val/accuracy", "val/loss", "train/loss")
-        _require(self.monitor in monitors, "checkpoint.monitor", self.monitor, f"one of {', '.join(monitors)}")
+        _require(self.mode in (None, "min", "max"), "checkpoint.mode", self.mode, "min or max")
 
 
 @dataclass
@@ -217,6 +215,7 @@ class Config:
 
     output_dir: str = "runs/digits_mlp"
     seed: int = 0
+    task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -244,6 +244,15 @@ def gather_objects(value: Any, env: DistEnv) -> list[Any]:
     return gathered
 
 
+def broadcast_object(value: Any, env: DistEnv) -> Any:
+    """Rank 0's `value` on every rank (pickled over the process group: for small, trusted objects)."""
+    if not env.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 class LaggedAgreement:
     """Element-wise maximum of small integer flags over all ranks, read one exchange after it was sent.
 

@@ -11,44 +11,43 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ddp_trainer import checkpoint, config, data, distributed, models
+from ddp_trainer import checkpoint, config, data, distributed, models, tasks
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, broadcast_buffers
 from ddp_trainer.errors import UsageError, first_line
-from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.loggers import format_metrics
+from ddp_trainer.metrics import MetricSums
 from ddp_trainer.precision import MixedPrecision
+from ddp_trainer.tasks import Task
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, loader: DataLoader, env: DistEnv, precision: MixedPrecision, channels_last: bool
+    model: nn.Module, loader: DataLoader, env: DistEnv, precision: MixedPrecision, task: Task, channels_last: bool
 ) -> dict[str, float | int]:
-    """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
+    """The task's global validation metrics (`val/...`), each validation sample counted exactly once."""
     # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
     broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
     was_training = model.training
     model.eval()
-    sums = MetricSums(SUM_NAMES, env.device)
-    for inputs, targets in loader:
-        inputs, targets = to_device(inputs, targets, env.device, channels_last)
+    sums = MetricSums(task.sum_names, env.device)
+    for batch in loader:
         with precision.autocast():
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-        sums.add(batch_sums(logits, targets, loss))
+            sums.add(task.forward(model, to_device(batch, env.device, channels_last))[1])
     model.train(was_training)
-    return summarize(sums.reduce(env), "val")
+    return task.summarize(sums.reduce(env), "val")
 
 
 @dataclass
 class Restored:
-    """A checkpoint brought back for inference: its config (with overrides), model and data."""
+    """A checkpoint brought back for inference: its config (with overrides), task, model and data."""
 
     cfg: Config
+    task: Task
     model: nn.Module
     data: DataBundle
 
@@ -65,15 +64,16 @@ def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], C
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
-    bundle = data.build(cfg.data, env, cfg.seed)
-    model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
+    train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
+    bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
+    model = models.build(cfg.model, data.sample_shape(val_set), data.class_count(train_set))
     try:
         model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
     except RuntimeError as error:
         raise UsageError(f"checkpoint {path} does not fit the model its config builds: {first_line(error)}") from error
     # In eval mode SyncBatchNorm is plain BatchNorm: no conversion, so CPU ranks can evaluate a GPU-trained model.
     model = models.prepare_model(model, dataclasses.replace(cfg.model, sync_batchnorm=False), env)
-    return Restored(cfg, model.eval(), bundle)
+    return Restored(cfg, tasks.resolve(cfg.task), model.eval(), bundle)
 
 
 def checkpoint_command(command: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -107,8 +107,7 @@ def report(path: Path, state: dict[str, Any], cfg: Config, metrics: dict[str, fl
             f"checkpoint {path}: epoch {state['epoch']}, step {state['step']} (saved at world size {saved_by})",
             "config:",
             *("  " + line for line in config.to_yaml(cfg).splitlines()),
-            f"val/loss {metrics['val/loss']:.4f} | val/accuracy {100 * metrics['val/accuracy']:.2f}% "
-            f"| val/samples {metrics['val/samples']}",
+            f"{format_metrics(metrics)} | val/samples {metrics['val/samples']}",
         ]
     )
 
@@ -122,7 +121,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         restored = restore(args.checkpoint, state, cfg, env)
         precision = MixedPrecision(cfg.trainer.precision, env.device)
-        metrics = evaluate_model(restored.model, restored.data.val_loader, env, precision, cfg.model.channels_last)
+        loader, channels_last = restored.data.val_loader, cfg.model.channels_last
+        metrics = evaluate_model(restored.model, loader, env, precision, restored.task, channels_last)
     finally:
         distributed.teardown()
     if env.is_main:

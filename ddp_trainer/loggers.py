@@ -115,7 +115,11 @@ class RunLogger:
         self._write_scalars({RUNNING_PREFIX + name: value for name, value in metrics.items()}, step)
 
     def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        postfix = {"loss": f"{metrics['train/loss']:.4f}", "accuracy": f"{100 * metrics['train/accuracy']:.1f}%"}
+        postfix = {
+            name.split("/", 1)[1]: _format(name, value, percent_digits=1)  # a bar has little room
+            for name, value in metrics.items()
+            if name.startswith("train/") and name != "train/grad_norm"
+        }
         timing = self.bar.format_dict
         # tqdm's smoothed rate needs a few redraws; until then the average since the bar started stands in.
         batches_per_s = timing["rate"] or (timing["n"] / timing["elapsed"] if timing["elapsed"] else 0.0)
@@ -134,10 +138,10 @@ class RunLogger:
             return
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        validation = format_metrics(record)
         self.info(
             f"epoch {record['epoch']}/{epochs} step {record['step']} | train/loss {record['train/loss']:.4f} "
-            f"| val/loss {record['val/loss']:.4f} | val/accuracy {100 * record['val/accuracy']:.2f}% "
-            f"| {record['time/epoch_s']:.1f}s"
+            f"| {validation + ' | ' if validation else ''}{record['time/epoch_s']:.1f}s"
         )
         self._write_scalars({name: value for name, value in record.items() if name != STEP_KEY}, record[STEP_KEY])
         if self.tensorboard is not None:
@@ -159,6 +163,16 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+def format_metrics(record: dict[str, Any], prefix: str = "val") -> str:
+    """`val/loss 0.1234 | val/accuracy 97.21%`: a record's metrics under `prefix`, counts left out."""
+    shown = [(name, value) for name, value in record.items() if name.startswith(f"{prefix}/") and _is_number(value)]
+    return " | ".join(f"{name} {_format(name, value)}" for name, value in shown if not name.endswith("/samples"))
+
+
+def _format(name: str, value: float, percent_digits: int = 2) -> str:
+    return f"{100 * value:.{percent_digits}f}%" if name.endswith("accuracy") else f"{value:.4f}"
 
 
 def require_packages(cfg: LoggingConfig) -> None:

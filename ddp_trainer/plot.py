@@ -1,4 +1,4 @@
-"""The `ddp-train plot` command: a run's metrics.jsonl as a PNG of loss and accuracy per epoch, train vs val."""
+"""The `ddp-train plot` command: a run's metrics.jsonl as a PNG of loss and the task's metrics, train vs val."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from ddp_trainer.errors import UsageError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PANELS = ("loss", "accuracy")
 SPLITS = ("train", "val")
+NOT_PLOTTED = ("samples", "skipped_steps", "grad_norm")  # counts and diagnostics, not curves to compare
 
 
 def metrics_file(path: Path) -> Path:
@@ -52,23 +52,35 @@ def epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[floa
     return [record["epoch"] for record in present], [record[key] for record in present]
 
 
+def panels(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics to draw: loss first, then every other train/ or val/ metric in the records (accuracy, mae...)."""
+    names = ["loss"]
+    for record in records:
+        for key in record:
+            split, _, metric = key.partition("/")
+            if split in SPLITS and metric not in names and metric not in NOT_PLOTTED:
+                names.append(metric)
+    return names
+
+
 def plot_metrics(records: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    """A figure with a loss panel and an accuracy panel, each drawing train and val against the epoch."""
+    """A figure with a panel per metric (loss, accuracy, ...), each drawing train and val against the epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only this command draws
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     # A bare Figure on the Agg canvas: no pyplot state, no display needed on a cluster node.
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    names = panels(records)
+    figure = Figure(figsize=(5 * len(names), 4), layout="constrained")
     FigureCanvasAgg(figure)
-    for axes, panel in zip(figure.subplots(1, len(PANELS)), PANELS, strict=True):
+    for axes, panel in zip(figure.subplots(1, len(names), squeeze=False)[0], names, strict=True):
         for split in SPLITS:
             epochs, values = epoch_series(records, f"{split}/{panel}")
             if epochs:
                 axes.plot(epochs, values, marker="o", label=split)
         axes.set(title=panel, xlabel="epoch", ylabel=panel)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if panel == "accuracy":
+        if panel.endswith("accuracy"):
             axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # stored as fractions, read as percent
         axes.grid(alpha=0.3)
         if axes.lines:
@@ -89,7 +101,7 @@ def save_figure(figure: Figure, output: Path) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line arguments: the run directory or metrics.jsonl, and where to write the PNG."""
     parser = argparse.ArgumentParser(
-        prog="ddp-train plot", description="Plot loss and accuracy per epoch (train vs val) from a run's metrics."
+        prog="ddp-train plot", description="Plot loss and each metric per epoch (train vs val) from a run's metrics."
     )
     parser.add_argument(
         "metrics", type=Path, metavar="RUN_DIR_OR_METRICS_JSONL", help="a run's output_dir or its metrics.jsonl"

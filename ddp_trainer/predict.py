@@ -88,7 +88,7 @@ def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dat
     if split == "val":
         dataset = restored.data.val_loader.dataset
     else:  # the train split again, without augmentation: predictions use the validation preprocessing
-        dataset = data.build_datasets(dataclasses.replace(restored.cfg.data, augment=False))[0]
+        dataset = data.map_datasets(dataclasses.replace(restored.cfg.data, augment=False))[0]
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
@@ -101,7 +101,7 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     index, top1, topk = 0, 0, 0
     with output.open("w") as file:
         for inputs, targets in batches:
-            inputs, _ = to_device(inputs, targets, env.device, restored.cfg.model.channels_last)
+            inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
             predictions = top_k(restored.model, inputs, args.top_k, precision, names)
             for prediction, target in zip(predictions, targets.tolist(), strict=True):
                 classes = [name for name, _ in prediction]
@@ -119,13 +119,13 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
     """One line per image file: its top-k classes with probabilities."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
     val_set = restored.data.val_loader.dataset
-    prepare = image_preprocessing(val_set, restored.data.input_shape)
+    prepare = image_preprocessing(val_set, data.sample_shape(val_set))
     names = _class_names(val_set)
     lines = []
     for start in range(0, len(args.images), args.batch_size):
         files = args.images[start : start + args.batch_size]
         inputs = torch.stack([prepare(path) for path in files])
-        inputs, _ = to_device(inputs, torch.empty(0), env.device, restored.cfg.model.channels_last)
+        inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
         for path, prediction in zip(files, top_k(restored.model, inputs, args.top_k, precision, names), strict=True):
             lines.append(f"{path}: " + ", ".join(f"{name} ({probability:.4f})" for name, probability in prediction))
     return "\n".join(lines)
@@ -139,6 +139,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         if env.distributed:
             raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
+        if cfg.task != "classification":
+            raise UsageError(
+                f"ddp-train predict gives top-k classes of a classification run; {args.checkpoint} is task={cfg.task}"
+            )
         restored = restore(args.checkpoint, state, cfg, env)
         summary = predict_split(restored, args, env) if args.split else predict_images(restored, args, env)
     finally:

@@ -1,22 +1,21 @@
-"""The `ddp-train` command: parse -> load config -> join ranks -> build -> fit -> tear down, with exit codes."""
+"""The `ddp-train` command: parse -> load config -> build data and model from it -> `api.run`, with exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from ddp_trainer import config, data, distributed, models
-from ddp_trainer.config import Config, to_container
+from torch import nn
+from torch.utils.data import Dataset
+
+from ddp_trainer import api, config, data, distributed, models, tasks
+from ddp_trainer.config import Config
+from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import CliError, say
-from ddp_trainer.loggers import RunLogger, require_packages
-from ddp_trainer.preemption import StopSignals
 from ddp_trainer.rng import seed_everything
-from ddp_trainer.trainer import Trainer
 
 # `ddp-train COMMAND ...`: each module's main(argv) -> exit code; without a command, ddp-train trains.
 COMMANDS = {
@@ -27,28 +26,15 @@ COMMANDS = {
 
 
 def run(cfg: Config, clock: Callable[[], float] = time.monotonic) -> int:
-    """Train one run described by `cfg` on this rank; returns the exit code. Tears down on every exit path.
+    """Train the run `cfg` describes (data and model from the config) on this rank; returns the exit code."""
+    task = tasks.resolve(cfg.task)
 
-    `clock` (seconds) times `checkpoint.every_n_minutes`; tests pass their own to leave the wall clock out.
-    """
-    require_packages(cfg.logging)
-    stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
-    logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
-    exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
-    try:
-        bundle = data.build(cfg.data, env, cfg.seed)
+    def build(env: DistEnv) -> tuple[nn.Module, Dataset, Dataset]:
+        train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
-        model = models.build(cfg.model, bundle.input_shape, bundle.num_classes)
-        seed_everything(cfg.seed + env.rank)  # then distinct streams per rank (dropout, augmentation)
-        signum = Trainer(cfg, env, model, bundle, logger, stop, clock).fit()
-        # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
-        exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
-    finally:
-        logger.finish(exit_code)
-        distributed.teardown()
-        stop.restore()
-    return exit_code
+        return models.build(cfg.model, data.sample_shape(val_set), data.class_count(train_set)), train_set, val_set
+
+    return api.run(cfg, build, task, clock)[0]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

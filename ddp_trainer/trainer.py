@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,18 +29,19 @@ from ddp_trainer.distributed import (
 from ddp_trainer.errors import TrainingDiverged, UsageError, first_line
 from ddp_trainer.evaluate import evaluate_model
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.metrics import SUM_NAMES, MetricSums, batch_sums, summarize
+from ddp_trainer.metrics import MetricSums
 from ddp_trainer.models import prepare_model
 from ddp_trainer.monitor import Monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.preemption import StopSignals
+from ddp_trainer.tasks import Task, metric_names, monitor_mode
 
-# Beside the batches' sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
+# Beside the task's sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
 # (already all-reduced) gradient norms and how many steps they cover. Every rank holds the same values of these;
 # rank 0 alone adds them, so the global sums count each step once.
-TRAIN_SUMS = (*SUM_NAMES, "skipped_steps", "first_skipped_step")
-CLIPPED_SUMS = (*TRAIN_SUMS, "grad_norm_sum", "grad_norm_steps")
+STEP_SUMS = ("skipped_steps", "first_skipped_step")
+CLIP_SUMS = ("grad_norm_sum", "grad_norm_steps")
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
 
@@ -63,11 +63,13 @@ class Trainer:
         env: DistEnv,
         model: nn.Module,
         data: DataBundle,
+        task: Task,
         logger: RunLogger,
         stop: StopSignals | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cfg, self.env, self.data, self.logger, self.stop, self.clock = cfg, env, data, logger, stop, clock
+        self.cfg, self.env, self.data, self.task, self.logger = cfg, env, data, task, logger
+        self.stop, self.clock = stop, clock
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         self.model = prepare_model(model, cfg.model, env)
         self.parameters = list(self.model.parameters())
@@ -83,10 +85,9 @@ class Trainer:
         self.completed_epochs, self.step, self.batch_in_epoch, self.segment_batches = 0, 0, 0, 0
         self.partial_epoch_totals: dict[str, float] | None = None
         self.reported_skips = 0
-        self.shared_weight = 1.0 if env.is_main else 0.0  # see TRAIN_SUMS
+        self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.resume_position: dict[str, Any] | None = None
-        patience, min_delta = cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta
-        self.monitor = Monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode, min_delta, patience)
+        self.monitor = self._build_monitor()
         self.wandb_run_id: str | None = None
         self.last_save_time = clock()
         if env.is_main:
@@ -155,7 +156,8 @@ class Trainer:
     def _start_epoch(self, epoch: int) -> MetricSums:
         order = self.data.train_order
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
-        names = CLIPPED_SUMS if self.cfg.trainer.grad_clip_norm > 0 else TRAIN_SUMS
+        clip_sums = CLIP_SUMS if self.cfg.trainer.grad_clip_norm > 0 else ()
+        names = (*self.task.sum_names, *STEP_SUMS, *clip_sums)
         sums = MetricSums(names, self.env.device)
         position, self.resume_position, self.segment_batches, self.reported_skips = self.resume_position, None, 0, 0
         if position is not None and not order.resume(position):
@@ -186,9 +188,8 @@ class Trainer:
                 window_sums = None
             closes_window = self.batch_in_epoch + 1 == window_start + window_batches
             # From here on only the device copies: the loader's CPU tensors must not reach a device computation.
-            inputs, targets = to_device(*batch, self.env.device, self.cfg.model.channels_last)
-            logits, loss = self._forward_backward(inputs, targets, window_batches, sync=closes_window)
-            micro_sums = batch_sums(logits, targets, loss)
+            batch = to_device(batch, self.env.device, self.cfg.model.channels_last)
+            micro_sums = self._forward_backward(batch, window_batches, sync=closes_window)
             window_sums = micro_sums if window_sums is None else window_sums + micro_sums
             self.batch_in_epoch += 1
             self.segment_batches += 1
@@ -196,18 +197,16 @@ class Trainer:
                 self._optimizer_step(sums, window_sums)
         return self._reduce(sums), True
 
-    def _forward_backward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, window_batches: int, sync: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, batch: Any, window_batches: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the task's sums for it."""
         # Inside a window, gradients stay local: DDP all-reduces once, on the window's last micro-batch.
         no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
         with no_sync:
             with self.precision.autocast():
-                logits = self.train_model(inputs)
-                loss = F.cross_entropy(logits, targets)
+                loss, sums = self.task.forward(self.train_model, batch)
             # The mean of k batch means is the mean over the window's kB samples.
             self.precision.backward(loss / window_batches if window_batches > 1 else loss)
-        return logits, loss
+        return sums
 
     def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor) -> None:
         clip = self.cfg.trainer.grad_clip_norm
@@ -276,14 +275,31 @@ class Trainer:
         return [self.stop.received if self.stop is not None else 0, int(save_due)]
 
     def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
-        summary = summarize(totals, "train")
+        summary = self.task.summarize(totals, "train")
         if "grad_norm_sum" in totals and totals["grad_norm_steps"]:  # clipping on (a resume may have turned it off)
             summary["train/grad_norm"] = totals["grad_norm_sum"] / totals["grad_norm_steps"]
         return summary
 
     def evaluate(self) -> dict[str, float | int]:
-        """Global val/loss, val/accuracy and val/samples, each validation sample counted exactly once."""
-        return evaluate_model(self.model, self.data.val_loader, self.env, self.precision, self.cfg.model.channels_last)
+        """The task's global validation metrics, each sample counted exactly once; none without validation data."""
+        if self.data.val_loader is None:
+            return {}
+        loader, channels_last = self.data.val_loader, self.cfg.model.channels_last
+        return evaluate_model(self.model, loader, self.env, self.precision, self.task, channels_last)
+
+    def _build_monitor(self) -> Monitor:
+        """`checkpoint.monitor` (by default the task's, or train/loss without validation), checked against the run."""
+        name = self.cfg.checkpoint.monitor
+        if name is None:
+            name = self.task.default_monitor if self.data.val_loader is not None else "train/loss"
+        available = metric_names(self.task, "train")
+        if self.data.val_loader is not None:
+            available += metric_names(self.task, "val")
+        if name not in available:
+            raise UsageError(f"checkpoint.monitor={name} is not a metric of this run: one of {', '.join(available)}")
+        mode = self.cfg.checkpoint.mode or monitor_mode(self.task, name)
+        trainer = self.cfg.trainer
+        return Monitor(name, mode, trainer.early_stopping_min_delta, trainer.early_stopping_patience)
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.step
@@ -353,12 +369,10 @@ class Trainer:
         self.logger.info(f"resumed from {path}: epoch {self.completed_epochs}, step {self.step}")
 
     def _describe(self) -> str:
-        data, env = self.cfg.data, self.env
-        what = data._target_ or data.name
-        model = self.cfg.model._target_ or self.cfg.model.name
+        env, parameters = self.env, sum(parameter.numel() for parameter in self.parameters)
         return (
-            f"training {model} on {what}: world size {env.world_size} ({env.backend or 'single process'}, "
-            f"{env.device}), {self.data.train_size} train / {self.data.val_size} val "
-            f"samples, batch {data.batch_size} per rank x {self.accumulate} accumulated, "
+            f"training {type(self.model).__name__} ({parameters:,} parameters): world size {env.world_size} "
+            f"({env.backend or 'single process'}, {env.device}), {self.data.train_size} train / {self.data.val_size} "
+            f"val samples, batch {self.cfg.data.batch_size} per rank x {self.accumulate} accumulated, "
             f"{self.steps_per_epoch} optimizer steps per epoch, precision {self.cfg.trainer.precision}"
         )

@@ -29,6 +29,13 @@ def cli_command(args: list[str], nproc: int) -> list[str]:
     return (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
 
 
+def run_script(script: Path, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS`, under torchrun --standalone when nproc > 1, to the end, output captured."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*(launcher if nproc > 1 else [sys.executable]), str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO_DIR)
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run the CLI to the end and capture its output."""
     command = cli_command(args, nproc)

@@ -100,10 +100,11 @@ def test_training_and_evaluation_use_only_the_device_copies_of_a_batch(tmp_path,
     trace = LoaderTensorTrace()
     original = data.to_device
 
-    def copying_to_device(inputs, targets, device, channels_last):  # noqa: ANN001, ANN202
+    def copying_to_device(batch, device, channels_last):  # noqa: ANN001, ANN202
         # On the CPU `.to(cpu)` returns the same tensor; a copy stands in for the GPU's, so a use of the
         # loader's own tensor after this point is told apart from a use of the copy.
-        moved = original(inputs.clone(), targets.clone(), device, channels_last)
+        inputs, targets = batch
+        moved = original((inputs.clone(), targets.clone()), device, channels_last)
         trace.retire(inputs, targets)
         return moved
 

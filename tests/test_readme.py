@@ -1,13 +1,19 @@
-"""The README's promises that code can check: CI runs its test command, its key table matches the schema."""
+"""The README's promises that code can check: CI runs its test command, its key table matches the schema, its API
+example runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
+
+from conftest import cli_env
 
 from ddp_trainer.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
 
 
 def test_ci_runs_the_readme_test_command():
@@ -33,3 +39,11 @@ def documented_keys(schema: type, prefix: str = "") -> list[str]:
 def test_every_config_key_is_documented():
     readme = (REPO / "README.md").read_text()
     assert [key for key in documented_keys(Config) if f"`{key}`" not in readme] == []
+
+
+def test_the_python_api_example_runs_as_written(tmp_path):
+    script = README.read_text().split("## The Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(script + "assert record['epoch'] == 5 and record['val/samples'] == 200\n")
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs" / "mine" / "checkpoints" / "best.pt").exists()

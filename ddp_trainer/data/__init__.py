@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import ignore_stop_signals
@@ -34,31 +36,62 @@ class DataBundle:
     """This rank's loaders plus what model builders need to know about the samples."""
 
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: DataLoader | None
     train_order: EpochOrder
     train_size: int
     val_size: int
-    input_shape: tuple[int, ...]
-    num_classes: int | None
 
 
-def to_device(
-    inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a batch to `device` without blocking (from pinned memory) and, for image batches, to NHWC if asked."""
-    inputs = inputs.to(device, non_blocking=True)
-    if channels_last and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs, targets.to(device, non_blocking=True)
+def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+    """The batch (tensors, in tuples, lists and dicts at any depth) on `device`, copied without blocking.
+
+    Copies from pinned memory overlap compute. With `channels_last`, 4-D floating tensors (image batches) become NHWC.
+    """
+    if torch.is_tensor(batch):
+        moved = batch.to(device, non_blocking=True)
+        if channels_last and moved.dim() == 4 and moved.is_floating_point():
+            moved = moved.contiguous(memory_format=torch.channels_last)
+        return moved
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device, channels_last) for key, value in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(value, device, channels_last) for value in batch)
+    return batch
 
 
-def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+def sample_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape of one sample's inputs, for model builders that size their first layer from it."""
+    first = dataset.first_sample() if isinstance(dataset, ShardedIterableDataset) else dataset[0]
+    return tuple(first[0].shape)  # asked of the validation split: no random augmentation, so no RNG is consumed
+
+
+def class_count(dataset: Dataset) -> int | None:
+    """How many classes a dataset names in its `classes` attribute (torchvision's convention), if it does."""
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else None
+
+
+def build_datasets(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[Dataset, Dataset]:
+    """The (train, val) pair for `data.name` or `data._target_`: map-style, or this rank's sharded streams."""
+    if cfg.name == "stream" and cfg._target_ is None:
+        return _open_streams(cfg, env, seed)
+    if cfg.download and env.distributed:
+        # One download per job: rank 0 fetches while the others wait, then every rank reads its files.
+        if env.is_main:
+            map_datasets(cfg)
+        barrier(env)
+    return map_datasets(cfg)
+
+
+def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The map-style (train, val) pair for `data.name` or `data._target_`."""
     if cfg._target_ is not None:
         pair = locate(cfg._target_, "data._target_")(**cfg.kwargs)
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
             raise UsageError(f"data._target_={cfg._target_} must return (train_dataset, val_dataset)")
         return pair[0], pair[1]
+    if cfg.name == "stream":
+        raise UsageError("data.name=stream is read as shards, not as a map-style dataset")
     if cfg.name == "digits":
         from ddp_trainer.data.datasets import digits
 
@@ -67,8 +100,6 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         from ddp_trainer.data.datasets import synthetic
 
         return synthetic(cfg.synthetic)
-    if cfg.name == "stream":
-        raise UsageError("data.name=stream is read as shards, not as a map-style dataset")
     from ddp_trainer.data import vision  # lazy: torchvision's datasets only when asked for
 
     if cfg.name == "fashion_mnist":
@@ -89,7 +120,7 @@ def _loader_options(cfg: DataConfig, env: DistEnv, seed: int) -> dict[str, Any]:
     }
 
 
-def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
+def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIterableDataset, ShardedIterableDataset]:
     from ddp_trainer.data.stream_formats import open_stream
 
     root = Path(cfg.root).expanduser()
@@ -97,16 +128,19 @@ def _build_streams(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     shuffle = {"shuffle": True, "shuffle_buffer": cfg.stream.shuffle_buffer}
     train_set = open_stream(root / "train", {**common, **shuffle, "balanced": True}, cfg.stream)
     val_set = open_stream(root / "val", {**common, "shuffle": False, "balanced": False}, cfg.stream)
+    return train_set, val_set
+
+
+def _stream_loaders(
+    train_set: ShardedIterableDataset, val_set: ShardedIterableDataset | None, cfg: DataConfig, env: DistEnv, seed: int
+) -> DataBundle:
     # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
-    classes = train_set.classes
     return DataBundle(
         train_loader=DataLoader(train_set, batch_size=None, **_loader_options(cfg, env, seed)),
-        val_loader=DataLoader(val_set, batch_size=None, **_loader_options(cfg, env, seed)),
+        val_loader=None if val_set is None else DataLoader(val_set, batch_size=None, **_loader_options(cfg, env, seed)),
         train_order=train_set,
         train_size=sum(train_set.counts),
-        val_size=sum(val_set.counts),
-        input_shape=tuple(val_set.first_sample()[0].shape),
-        num_classes=len(classes) if classes else None,
+        val_size=0 if val_set is None else sum(val_set.counts),
     )
 
 
@@ -116,17 +150,22 @@ def _augments(cfg: DataConfig) -> bool:
 
 
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
+    """This rank's loaders for the datasets the `data` section names."""
+    train_set, val_set = build_datasets(cfg, env, seed)
+    return build_loaders(train_set, val_set, cfg, env, seed)
+
+
+def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     """Train loader over a seeded, padded DistributedSampler and val loader over an unpadded one; or streams."""
-    if cfg.name == "stream" and cfg._target_ is None:
-        return _build_streams(cfg, env, seed)
-    if cfg.download and env.distributed:
-        # One download per job: rank 0 fetches while the others wait, then every rank reads its files.
-        if env.is_main:
-            build_datasets(cfg)
-        barrier(env)
-    train_set, val_set = build_datasets(cfg)
+    if isinstance(train_set, ShardedIterableDataset):
+        return _stream_loaders(train_set, val_set, cfg, env, seed)
     for split, dataset in (("training", train_set), ("validation", val_set)):
-        if len(dataset) == 0:
+        if isinstance(dataset, IterableDataset):
+            raise UsageError(
+                f"the {split} data is an IterableDataset: give map-style datasets (with __len__ and __getitem__), "
+                "or shard files read with data.name=stream"
+            )
+        if dataset is not None and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
     per_sample_seed = _augments(cfg) if cfg.per_sample_seed is None else cfg.per_sample_seed
     train_sampler = ResumableDistributedSampler(
@@ -136,15 +175,14 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
     batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.persistent_workers and cfg.num_workers > 0}
     train_loader = DataLoader(samples, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
-    val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-    val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))
-    classes = getattr(train_set, "classes", None)
+    val_loader = None
+    if val_set is not None:
+        val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
+        val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))
     return DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,
         train_order=train_sampler,
         train_size=len(train_set),
-        val_size=len(val_set),
-        input_shape=tuple(val_set[0][0].shape),  # val: no random augmentation, so no RNG is consumed
-        num_classes=len(classes) if classes is not None else None,
+        val_size=0 if val_set is None else len(val_set),
     )

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddp_trainer import config
-from ddp_trainer.data import build_datasets
+from ddp_trainer.data import map_datasets
 from ddp_trainer.data.stream_formats import INDEX_FILE
 from ddp_trainer.errors import UsageError
 
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--shards={args.shards}: need at least 1")
         if args.out.exists() and any(args.out.iterdir()):
             raise UsageError(f"--out {args.out} is not empty; shards are never written over existing files")
-        train, val = build_datasets(config.load(args.config, args.overrides).data)
+        train, val = map_datasets(config.load(args.config, args.overrides).data)
         train_counts = write_shards(train, args.out / "train", args.shards, args.format)
         val_counts = write_shards(val, args.out / "val", max(1, args.shards // 2), args.format)
     except UsageError as error:

@@ -1,0 +1,93 @@
+"""The Python API: `fit(model, train_data, val_data)` trains from a script exactly as `ddp-train` does from a config.
+
+The same script runs under `python script.py` (one process), `torchrun ... script.py` and `srun python script.py`:
+every rank calls `fit` with the same arguments, and `fit` reads who launched it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ddp_trainer import config, data, distributed, tasks
+from ddp_trainer.config import Config, to_container
+from ddp_trainer.distributed import DistEnv
+from ddp_trainer.errors import UsageError
+from ddp_trainer.loggers import RunLogger, require_packages
+from ddp_trainer.preemption import StopSignals
+from ddp_trainer.rng import seed_everything
+from ddp_trainer.tasks import Task
+from ddp_trainer.trainer import Trainer
+
+# What a run trains, made on each rank once it has joined the others: (model, train data, val data or None).
+Build = Callable[[DistEnv], tuple[nn.Module, Dataset, Dataset | None]]
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None = None,
+    *,
+    task: str | Task = "classification",
+    config: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Train `model` on `train_data` (validating on `val_data` each epoch); returns the last epoch's record.
+
+    `task` is "classification", "regression", "language_model" or an object following `ddp_trainer.tasks.Task`.
+    `config` is a YAML path, a dict of config keys, or None for the defaults; `overrides` are `key=value` strings.
+    The outputs (config.yaml, metrics.jsonl, checkpoints), resume and exit codes are those of `ddp-train`; a run
+    stopped by a signal raises SystemExit with the CLI's exit code after its checkpoint.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
+    cfg = _load(config, overrides)
+    cfg = dataclasses.replace(cfg, task=task if isinstance(task, str) else type(task).__name__)
+    exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))
+    if exit_code != 0 or not record:
+        raise SystemExit(exit_code)
+    return record
+
+
+def _load(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str]) -> Config:
+    if isinstance(source, Mapping):
+        return config.from_container(dict(source), overrides)
+    return config.load(source, overrides)
+
+
+def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time.monotonic) -> tuple[int, dict]:
+    """Train on this rank: (exit code, the last epoch's record, the same on every rank). Tears down on every path.
+
+    `clock` (seconds) times `checkpoint.every_n_minutes`; tests pass their own to leave the wall clock out.
+    """
+    require_packages(cfg.logging)
+    stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
+    logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
+    exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
+    try:
+        model, train_set, val_set = build(env)
+        bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
+        seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
+        signum = Trainer(cfg, env, model, bundle, task, logger, stop, clock).fit()
+        # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
+        exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
+        record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
+    finally:
+        logger.finish(exit_code)
+        distributed.teardown()
+        stop.restore()
+    return exit_code, record if signum == 0 else {}
+
+
+def _last_record(metrics_path: Path) -> dict[str, Any]:
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    return json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,186 @@
+"""Tasks: what a batch means and what is measured, as a loss plus named sums that make exact global metrics.
+
+A task turns (model, batch) into the mean loss to backpropagate and a float64 vector of sums over the batch. The
+trainer adds those sums on the device, all_reduces them once per log interval and epoch, and hands the global
+totals back to the task to name the metrics. Sums, not means, so every metric is exact at any world size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddp_trainer.errors import UsageError
+
+
+class Task(Protocol):
+    """The protocol a task follows; `sum_names` starts with "loss_sum" and holds "samples".
+
+    - `sum_names`: names of the sums `forward` returns, in order. "loss_sum" (the mean loss times what it averages
+      over) comes first: the trainer judges a step non-finite by it. "samples" counts the batch's samples.
+    - `forward(model, batch)`: (mean loss, float64 sums) on the batch's device, without a host sync.
+    - `summarize(totals, prefix)`: metrics named `prefix/...` from global sums; `prefix/loss` and `prefix/samples`
+      among them.
+    - `default_monitor`: the validation metric best.pt follows unless `checkpoint.monitor` says otherwise.
+    - `higher_is_better` (optional): metric names, without prefix, that improve upwards (best.pt and early
+      stopping maximise them unless `checkpoint.mode` says otherwise); all others are minimised.
+    """
+
+    sum_names: tuple[str, ...]
+    default_monitor: str
+    higher_is_better: tuple[str, ...]
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss to backpropagate and this batch's sums, in the order of `sum_names`."""
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        """Named metrics from global sums."""
+
+
+def inputs_and_targets(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, targets) of a batch given as a pair or as a dict with "inputs" and "targets"."""
+    if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
+        return batch["inputs"], batch["targets"]
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise UsageError(
+        f"a batch must be (inputs, targets) or a dict with 'inputs' and 'targets', not {_describe(batch)}; "
+        "pass a task object for other layouts"
+    )
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {sorted(batch)}"
+    if isinstance(batch, list | tuple):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return type(batch).__name__
+
+
+def _count(reference: torch.Tensor, value: int) -> torch.Tensor:
+    """A float64 device scalar holding a host count, made without a copy from the host (no sync)."""
+    return torch.full((), value, dtype=torch.float64, device=reference.device)
+
+
+def _per_sample_mean(totals: dict[str, float], name: str, count: str) -> float:
+    return totals[name] / max(totals[count], 1.0)
+
+
+class Classification:
+    """Cross-entropy over class logits `model(inputs)`; reports loss and accuracy."""
+
+    sum_names = ("loss_sum", "correct", "samples")
+    default_monitor = "val/accuracy"
+    higher_is_better = ("accuracy",)
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy, and (loss x samples, correct predictions, samples)."""
+        inputs, targets = inputs_and_targets(batch)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        samples = targets.shape[0]
+        correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
+        return loss, torch.stack([loss.detach().double() * samples, correct, _count(correct, samples)])
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        """`prefix/loss`, `prefix/accuracy`, `prefix/samples`."""
+        return {
+            f"{prefix}/loss": _per_sample_mean(totals, "loss_sum", "samples"),
+            f"{prefix}/accuracy": _per_sample_mean(totals, "correct", "samples"),
+            f"{prefix}/samples": int(round(totals["samples"])),
+        }
+
+
+class Regression:
+    """Mean squared error of `model(inputs)` against float targets of the same size; reports MSE and MAE."""
+
+    sum_names = ("loss_sum", "abs_error_sum", "values", "samples")
+    default_monitor = "val/loss"
+    higher_is_better = ()
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squared error, and (squared error sum, absolute error sum, target values, samples)."""
+        inputs, targets = inputs_and_targets(batch)
+        predictions = model(inputs).float()
+        if predictions.numel() != targets.numel():
+            raise UsageError(
+                f"regression: the model gave {tuple(predictions.shape)} for targets of {tuple(targets.shape)}"
+            )
+        errors = predictions.reshape(targets.shape) - targets.float()  # (B, 1) against (B,) is not a broadcast
+        loss = errors.square().mean()
+        values = targets.numel()
+        sums = [loss.detach().double() * values, errors.detach().abs().sum(dtype=torch.float64)]
+        return loss, torch.stack([*sums, _count(loss, values), _count(loss, targets.shape[0])])
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        """`prefix/loss` (the MSE), `prefix/mse`, `prefix/mae`, `prefix/samples`."""
+        mse = _per_sample_mean(totals, "loss_sum", "values")
+        return {
+            f"{prefix}/loss": mse,
+            f"{prefix}/mse": mse,
+            f"{prefix}/mae": _per_sample_mean(totals, "abs_error_sum", "values"),
+            f"{prefix}/samples": int(round(totals["samples"])),
+        }
+
+
+class LanguageModel:
+    """Next-token cross-entropy: `model(tokens)` gives (batch, time, vocabulary) logits; reports perplexity.
+
+    A batch is a (batch, time + 1) tensor of token ids, read as inputs [:, :-1] and targets [:, 1:], or an
+    (inputs, targets) pair of (batch, time) tensors. Targets equal to -100 are not counted (padding).
+    """
+
+    sum_names = ("loss_sum", "tokens", "samples")
+    default_monitor = "val/loss"
+    higher_is_better = ()
+    ignore_index = -100
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy per token, and (loss x tokens, tokens, sequences)."""
+        inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index)
+        tokens = (targets != self.ignore_index).sum(dtype=torch.float64)
+        return loss, torch.stack([loss.detach().double() * tokens, tokens, _count(tokens, targets.shape[0])])
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        """`prefix/loss` (per token), `prefix/perplexity`, `prefix/samples` (sequences)."""
+        loss = _per_sample_mean(totals, "loss_sum", "tokens")
+        return {
+            f"{prefix}/loss": loss,
+            f"{prefix}/perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+            f"{prefix}/samples": int(round(totals["samples"])),
+        }
+
+
+BUILT_IN = {"classification": Classification, "regression": Regression, "language_model": LanguageModel}
+
+
+def resolve(task: str | Task) -> Task:
+    """A built-in task by name, or a task object checked against the protocol; UsageError names what is wrong."""
+    if isinstance(task, str):
+        if task not in BUILT_IN:
+            raise UsageError(f"task {task!r} is not one of {', '.join(BUILT_IN)} (or pass a task object)")
+        return BUILT_IN[task]()
+    missing = [name for name in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, name)]
+    if missing:
+        raise UsageError(f"task {type(task).__name__} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
+    names = tuple(task.sum_names)
+    if not names or names[0] != "loss_sum" or "samples" not in names:
+        raise UsageError(f"task {type(task).__name__}: sum_names must start with 'loss_sum' and hold 'samples'")
+    return task
+
+
+def monitor_mode(task: Task, metric: str) -> str:
+    """ "max" for a metric the task says improves upwards (`higher_is_better`), else "min"."""
+    return "max" if metric.split("/", 1)[-1] in getattr(task, "higher_is_better", ()) else "min"
+
+
+def metric_names(task: Task, prefix: str) -> list[str]:
+    """The metrics `task` reports under `prefix`, by summarising sums of ones."""
+    return list(task.summarize(dict.fromkeys(task.sum_names, 1.0), prefix))

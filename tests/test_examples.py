@@ -1,0 +1,33 @@
+"""The examples run as users run them, with `python` and with `torchrun`, and agree across world sizes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO_DIR, read_metrics, run_script
+
+# Plain SGD: 1 rank with batch 2B and 2 ranks with batch B then take the same steps, so the metrics must agree.
+SAME_STEPS = ["trainer.device=cpu", "optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0", "trainer.epochs=1"]
+
+
+@pytest.mark.parametrize(
+    ("example", "metrics"),
+    [
+        ("regression_diabetes.py", ["val/loss", "val/mse", "val/mae", "train/loss"]),
+        ("char_language_model.py", ["val/loss", "val/perplexity", "train/loss"]),
+    ],
+)
+def test_example_gives_the_same_metrics_on_one_and_two_ranks(tmp_path, example, metrics):
+    script = REPO_DIR / "examples" / example
+    one = run_script(script, [*SAME_STEPS, "optim.lr=0.05", "data.batch_size=32", f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    args = [*SAME_STEPS, "optim.lr=0.05", "data.batch_size=16", f"output_dir={tmp_path / 'two'}"]
+    two = run_script(script, args, nproc=2)
+    assert two.returncode == 0, two.stderr
+    single, double = read_metrics(tmp_path / "one")[-1], read_metrics(tmp_path / "two")[-1]
+    assert (single["world_size"], double["world_size"]) == (1, 2)
+    for key in ("train/samples", "val/samples", "step"):
+        assert single[key] == double[key], key
+    for key in metrics:
+        assert double[key] == pytest.approx(single[key], rel=1e-4), key
+    printed = [line for line in two.stdout.splitlines() if line.startswith("val/")]
+    assert len(printed) == 2 and printed[0] == printed[1]  # fit() returned the same record on both ranks

@@ -1,0 +1,194 @@
+"""Tasks: exact sums for each built-in task, batches of any layout, and a user's own task through fit()."""
+
+from __future__ import annotations
+
+import math
+from unittest.mock import ANY
+
+import pytest
+import torch
+from conftest import read_metrics
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+import ddp_trainer
+from ddp_trainer import checkpoint
+from ddp_trainer.data import to_device
+from ddp_trainer.errors import UsageError
+from ddp_trainer.tasks import Classification, LanguageModel, Regression, metric_names, resolve
+
+CPU = ["trainer.device=cpu", "trainer.progress_bar=false"]
+
+
+def test_regression_sums_give_exact_mse_and_mae_whatever_the_split():
+    model = nn.Identity()
+    predictions, targets = torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([0.0, 2.0, 1.0])
+    task = Regression()
+    loss, whole = task.forward(model, (predictions, targets))
+    parts = [
+        task.forward(model, (predictions[:1], targets[:1]))[1],
+        task.forward(model, (predictions[1:], targets[1:]))[1],
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], whole)  # (B, 1) predictions against (B,) targets: no broadcast
+    metrics = task.summarize(dict(zip(task.sum_names, whole.tolist(), strict=True)), "val")
+    assert metrics == pytest.approx({"val/loss": 10 / 3, "val/mse": 10 / 3, "val/mae": 4 / 3, "val/samples": 3})
+    assert loss.item() == pytest.approx(10 / 3)
+
+
+def test_language_model_counts_tokens_not_padding_and_reports_perplexity():
+    vocabulary = 5
+    model = nn.Embedding(vocabulary, vocabulary)  # logits for every position
+    tokens = torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
+    task = LanguageModel()
+    loss, sums = task.forward(model, tokens)
+    totals = dict(zip(task.sum_names, sums.tolist(), strict=True))
+    assert totals["tokens"] == 6 and totals["samples"] == 2  # 2 sequences of 3 next-token targets
+    metrics = task.summarize(totals, "val")
+    assert metrics["val/loss"] == pytest.approx(loss.item()) and metrics["val/perplexity"] == pytest.approx(
+        math.exp(loss.item())
+    )
+    padded = (tokens[:, :-1], torch.tensor([[1, 2, -100], [3, -100, -100]]))
+    assert dict(zip(task.sum_names, task.forward(model, padded)[1].tolist(), strict=True))["tokens"] == 3
+
+
+def test_batches_of_tuples_and_dicts_move_to_the_device_at_any_depth():
+    batch = {"inputs": (torch.zeros(2, 3, 4, 4), [torch.ones(2)]), "targets": torch.tensor([0, 1]), "name": "x"}
+    moved = to_device(batch, torch.device("meta"), channels_last=True)
+    assert moved["inputs"][0].device.type == "meta" and moved["inputs"][1][0].device.type == "meta"
+    assert moved["inputs"][0].is_contiguous(memory_format=torch.channels_last)
+    assert moved["targets"].device.type == "meta" and moved["name"] == "x" and isinstance(moved["inputs"], tuple)
+
+
+def test_a_dict_batch_and_a_pair_give_the_same_classification_sums():
+    model = nn.Linear(4, 3)
+    inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    assert torch.equal(
+        Classification().forward(model, {"inputs": inputs, "targets": targets})[1],
+        Classification().forward(model, (inputs, targets))[1],
+    )
+
+
+def test_a_batch_of_another_layout_names_what_it_is():
+    with pytest.raises(UsageError, match="a dict with keys \\['x', 'y'\\]"):
+        Classification().forward(nn.Identity(), {"x": torch.zeros(1), "y": torch.zeros(1)})
+
+
+class Ranking:
+    """A user's own task: margin loss on (query, positive, negative) triples, reporting how often it ranks right."""
+
+    sum_names = ("loss_sum", "ranked", "samples")
+    default_monitor = "val/ranked"
+    higher_is_better = ("ranked",)
+
+    def forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean margin loss, and (loss x samples, correctly ranked triples, samples)."""
+        query, positive, negative = (model(batch[key]) for key in ("query", "positive", "negative"))
+        good, bad = (query * positive).sum(1), (query * negative).sum(1)
+        loss = torch.relu(1 - good + bad).mean()
+        samples = torch.full((), float(len(good)), dtype=torch.float64)
+        return loss, torch.stack([loss.detach().double() * samples, (good > bad).sum(dtype=torch.float64), samples])
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        """`prefix/loss`, `prefix/ranked`, `prefix/samples`."""
+        samples = max(totals["samples"], 1.0)
+        return {
+            f"{prefix}/loss": totals["loss_sum"] / samples,
+            f"{prefix}/ranked": totals["ranked"] / samples,
+            f"{prefix}/samples": int(totals["samples"]),
+        }
+
+
+class Triples(Dataset):
+    """Dict samples: a query, a noisy copy of it (positive) and an unrelated vector (negative)."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.query = torch.randn(count, 6, generator=generator)
+        self.positive = self.query + 0.3 * torch.randn(count, 6, generator=generator)
+        self.negative = torch.randn(count, 6, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"query": self.query[index], "positive": self.positive[index], "negative": self.negative[index]}
+
+
+def test_fit_runs_a_users_task_on_dict_batches_and_follows_its_metric(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 6)
+    args = [*CPU, "trainer.epochs=4", "optim.lr=0.01", f"output_dir={tmp_path}"]
+    record = ddp_trainer.fit(model, Triples(96, 1), Triples(40, 2), task=Ranking(), overrides=args)
+    lines = read_metrics(tmp_path)
+    assert record == lines[-1] and record["val/samples"] == 40 and record["train/samples"] == 96
+    best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert best["best_metric"] == max(line["val/ranked"] for line in lines)  # maximised: the task says so
+    assert (tmp_path / "config.yaml").read_text().count("task: Ranking") == 1
+
+
+def test_monitor_takes_any_metric_the_task_reports_and_refuses_others(tmp_path):
+    data = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    val = TensorDataset(torch.randn(20, 3), torch.randn(20))
+    args = [*CPU, "trainer.epochs=3", "checkpoint.monitor=val/mae", f"output_dir={tmp_path / 'mae'}"]
+    ddp_trainer.fit(nn.Linear(3, 1), data, val, task="regression", overrides=args)
+    lines = read_metrics(tmp_path / "mae")
+    assert checkpoint.load(tmp_path / "mae" / "checkpoints" / "best.pt")["best_metric"] == min(
+        line["val/mae"] for line in lines
+    )  # min: only accuracies are maximised by default
+    wrong = [*CPU, "checkpoint.monitor=val/accuracy", f"output_dir={tmp_path / 'wrong'}"]
+    with pytest.raises(
+        UsageError, match="checkpoint.monitor=val/accuracy is not a metric of this run: one of train/loss"
+    ):
+        ddp_trainer.fit(nn.Linear(3, 1), data, val, task="regression", overrides=wrong)
+
+
+def test_built_in_tasks_name_their_metrics_and_unknown_ones_are_refused():
+    assert metric_names(resolve("language_model"), "val") == ["val/loss", "val/perplexity", "val/samples"]
+    with pytest.raises(UsageError, match="task 'segmentation' is not one of classification, regression"):
+        resolve("segmentation")
+
+    class NoSums:
+        default_monitor = "val/loss"
+
+    with pytest.raises(UsageError, match="task NoSums lacks sum_names, forward, summarize"):
+        resolve(NoSums())
+
+
+def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
+    data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    record = ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, "trainer.epochs=2", f"output_dir={tmp_path}"])
+    assert record["epoch"] == 2 and record["train/samples"] == 64
+    assert not [key for key in record if key.startswith("val/")]
+    assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["best_metric"] == min(
+        line["train/loss"] for line in read_metrics(tmp_path)
+    )
+
+
+class Counting(IterableDataset):
+    def __iter__(self):  # noqa: ANN204
+        yield from ((torch.zeros(3), torch.tensor(0)) for _ in range(8))
+
+
+def test_fit_refuses_an_iterable_dataset_and_a_model_that_is_not_a_module(tmp_path):
+    with pytest.raises(UsageError, match="the training data is an IterableDataset: give map-style datasets"):
+        ddp_trainer.fit(nn.Linear(3, 2), Counting(), overrides=[*CPU, f"output_dir={tmp_path}"])
+    with pytest.raises(UsageError, match="fit\\(\\) trains an nn.Module, not function"):
+        ddp_trainer.fit(lambda inputs: inputs, TensorDataset(torch.zeros(4, 3)), overrides=[f"output_dir={tmp_path}"])
+
+
+def test_a_regression_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(96, 3, generator=generator), torch.randn(96, generator=generator))
+    val = TensorDataset(torch.randn(20, 3, generator=generator), torch.randn(20, generator=generator))
+
+    def fit(output_dir, *extra: str) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+        args = [*CPU, "trainer.epochs=3", "data.batch_size=8", f"output_dir={output_dir}", *extra]
+        return ddp_trainer.fit(model, data, val, task="regression", overrides=args)
+
+    straight = fit(tmp_path / "straight")
+    fit(tmp_path / "split", "trainer.max_steps=17")  # 12 steps per epoch: stops 5 steps into epoch 2
+    assert fit(tmp_path / "split") == {**straight, "time/train_s": ANY, "time/epoch_s": ANY}
+    weights = [checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("straight", "split")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
