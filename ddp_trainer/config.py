@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ddp_trainer import factory_args
 from ddp_trainer.errors import UsageError
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
@@ -274,15 +275,25 @@ def _error_message(error: OmegaConfBaseException) -> str:
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
     raw = _read_yaml(path) if path is not None else OmegaConf.create({})
-    return _validate(OmegaConf.merge(raw, _parse_overrides(overrides)))
+    merged = OmegaConf.merge(raw, _parse_overrides(overrides))
+    return _validate(merged, written=merged)
 
 
 def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     """A config saved by `to_container` (e.g. inside a checkpoint), with `key=value` overrides on top."""
-    return _validate(OmegaConf.merge(OmegaConf.create(container), _parse_overrides(overrides)))
+    # The saved keys were judged when the run started (and older checkpoints kept keys that reached nothing):
+    # only the overrides are keys written now.
+    written = _parse_overrides(overrides)
+    return _validate(OmegaConf.merge(OmegaConf.create(container), written), written)
 
 
-def _validate(raw: DictConfig) -> Config:
+def _written_keys(written: DictConfig, section: str) -> list[str]:
+    node = written.get(section)
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _validate(raw: DictConfig, written: DictConfig) -> Config:
+    written_keys = {section: _written_keys(written, section) for section in ("data", "model")}  # raw changes below
     _collect_factory_kwargs(raw, "data", DataConfig)
     _collect_factory_kwargs(raw, "model", ModelConfig)
     try:
@@ -290,15 +301,21 @@ def _validate(raw: DictConfig) -> Config:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise UsageError(_error_message(error)) from error
-    for key, target in (("data._target_", config.data._target_), ("model._target_", config.model._target_)):
-        if target is not None:
-            locate(target, key)
+    for section, settings in (("data", config.data), ("model", config.model)):
+        if settings._target_ is not None:
+            factory = locate(settings._target_, f"{section}._target_")
+            factory_args.route(section, factory, settings, written_keys[section])
     return config
 
 
 def to_container(config: Config) -> dict[str, Any]:
     """Plain dicts and lists only, so the config can travel inside a weights_only checkpoint."""
-    return dataclasses.asdict(config)
+    container = dataclasses.asdict(config)
+    for section, schema in (("data", DataConfig), ("model", ModelConfig)):
+        if container[section]["_target_"] is not None:
+            defaults = dataclasses.asdict(schema())
+            container[section] = factory_args.saved(section, container[section], defaults)
+    return container
 
 
 def to_yaml(config: Config) -> str:

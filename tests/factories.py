@@ -103,6 +103,30 @@ def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Modul
     return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
 
 
+def classifier(features: int = 8, num_classes: int = 3, dropout: float = 0.0) -> nn.Module:
+    """A model factory whose parameters share their names with `model.num_classes` and `model.dropout`."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+
+
+class AnyOptions(nn.Module):
+    """A model class taking any keyword argument (`**options`), which it keeps as `.options`."""
+
+    def __init__(self, features: int = 8, classes: int = 3, **options: object) -> None:
+        super().__init__()
+        self.linear, self.options = nn.Linear(features, classes), options
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.linear(inputs)
+
+
+def folder_blobs(root: str, val_size: int = 37) -> tuple[Dataset, Dataset]:
+    """`blobs` as if read from the folder `root`, which both splits keep as `.root`."""
+    train, val = blobs(val_size=val_size)
+    train.root = val.root = root
+    return train, val
+
+
 def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
     """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
     return nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from ddp_trainer import config
+from ddp_trainer import config, data, models
 from ddp_trainer.errors import UsageError
+from ddp_trainer.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -71,6 +73,105 @@ def test_target_sibling_keys_become_factory_kwargs(tmp_path):
     cfg = config.load(recipe, ["data.train_size=10"])
     assert cfg.model.kwargs == {"hidden": 5}
     assert cfg.data.kwargs == {"train_size": 10}
+
+
+def test_schema_keys_the_model_factory_takes_reach_it():
+    cfg = config.load(None, ["model._target_=factories.classifier", "model.num_classes=5", "model.dropout=0.25"])
+    dropout, linear = models.build(cfg.model, (8,), dataset_classes=3)
+    assert (linear.out_features, dropout.p) == (5, 0.25)
+    assert (cfg.model.num_classes, cfg.model.dropout) == (5, 0.25)
+
+
+def test_data_root_reaches_a_dataset_factory_that_takes_it():
+    cfg = config.load(None, ["data._target_=factories.folder_blobs", "data.root=/datasets/mine"])
+    train, val = data.build_datasets(cfg.data)
+    assert train.root == val.root == "/datasets/mine"
+
+
+def test_trainer_key_the_factory_does_not_take_stays_with_the_trainer_only():
+    cfg = config.load(None, ["data._target_=factories.blobs", "data.batch_size=8", "data.num_workers=2"])
+    assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.kwargs) == (8, 2, {})
+
+
+def test_factory_taking_any_keyword_gets_every_key_written():
+    cfg = config.load(None, ["model._target_=factories.AnyOptions", "model.channels_last=true", "model.width=3"])
+    model = models.build(cfg.model, (8,), dataset_classes=3)
+    assert model.options == {"channels_last": True, "width": 3}
+    assert cfg.model.channels_last  # the trainer reads it as well
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.widht=3", "'model.widht'"),
+        ("model.kwargs.widht=3", "'model.kwargs.widht'"),
+    ],
+)
+def test_key_the_factory_does_not_take_is_refused_naming_key_and_factory(override, named):
+    with pytest.raises(UsageError) as raised:
+        config.load(None, ["model._target_=factories.small_net", override])
+    assert str(raised.value) == (
+        f"config key {named} is not a parameter of factories.small_net (it takes features, hidden, classes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["model._target_=factories.small_net", "model.dropout=0.5"], "'model.dropout'"),
+        (["model._target_=factories.small_net", "model.num_classes=3"], "'model.num_classes'"),
+        (["model._target_=factories.small_net", "model.name=cnn"], "'model.name'"),
+        (["model._target_=factories.small_net", "model.hidden_sizes=[16]"], "'model.hidden_sizes'"),
+        (["data._target_=factories.blobs", "data.root=/datasets/mine"], "'data.root'"),
+        (["data._target_=factories.blobs", "data.val_fraction=0.5"], "'data.val_fraction'"),
+        (["data._target_=factories.blobs", "data.synthetic.train_size=10"], "'data.synthetic'"),
+    ],
+)
+def test_built_in_only_key_the_factory_does_not_take_is_refused(overrides, named):
+    with pytest.raises(UsageError, match="only applies to the built-in") as raised:
+        config.load(None, overrides)
+    message = str(raised.value)
+    assert named in message and overrides[0].split("=")[1] in message
+    assert "\n" not in message
+
+
+def test_built_in_only_key_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    args = ["model._target_=factories.small_net", "model.dropout=0.5", "trainer.device=cpu", f"output_dir={output_dir}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "ddp-train: error: config key 'model.dropout' is not a parameter of factories.small_net "
+        "(it takes features, hidden, classes) and only applies to the built-in models\n"
+    )
+    assert not output_dir.exists()
+
+
+FACTORY_RUN = [
+    "data._target_=factories.folder_blobs",
+    "data.root=/datasets/mine",
+    "data.batch_size=8",
+    "model._target_=factories.classifier",
+    "model.dropout=0.25",
+    "model.features=8",
+]
+
+
+def test_saved_factory_config_loads_back_identically(tmp_path):
+    cfg = config.load(None, FACTORY_RUN)
+    assert config.from_container(config.to_container(cfg)) == cfg  # a checkpoint's config
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml(cfg))
+    assert config.load(saved) == cfg  # the run's config.yaml, given again as --config
+    assert "hidden_sizes" not in saved.read_text()  # keys that reached nothing are not saved as if they had
+
+
+def test_checkpoint_config_with_every_schema_key_loads_and_takes_overrides():
+    cfg = config.load(None, FACTORY_RUN)
+    every_key = dataclasses.asdict(cfg)  # as older checkpoints saved it: unused schema keys at their defaults
+    assert config.from_container(every_key) == cfg
+    overridden = config.from_container(every_key, ["model.dropout=0.5"])
+    assert overridden.model.kwargs == {"features": 8, "dropout": 0.5}
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

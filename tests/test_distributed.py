@@ -24,6 +24,7 @@ from ddp_trainer.train import main
 
 DIGITS = "configs/digits_mlp.yaml"
 BLOBS = ["data._target_=factories.blobs", "model.hidden_sizes=[16]", "trainer.device=cpu"]
+BLOBS_OWN_MODEL = ["data._target_=factories.blobs", "trainer.device=cpu"]  # hidden_sizes is refused beside a factory
 
 
 def test_default_recipe_on_two_ranks_reaches_95_percent_with_global_metrics(tmp_path):
@@ -61,7 +62,7 @@ def test_validation_is_identical_on_one_and_two_ranks(tmp_path):
 
 def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
     model = ["model._target_=factories.batchnorm_net", "trainer.epochs=1", "data.batch_size=8"]
-    result = run_cli([*BLOBS, *model, f"output_dir={tmp_path / 'run'}"], nproc=2)
+    result = run_cli([*BLOBS_OWN_MODEL, *model, f"output_dir={tmp_path / 'run'}"], nproc=2)
     assert result.returncode == 0, result.stderr
     reported = read_metrics(tmp_path / "run")[-1]
     spawn(1, evaluate_checkpoint, str(tmp_path / "run" / "checkpoints" / "last.pt"), [], str(tmp_path / "one.json"))
@@ -184,8 +185,8 @@ def test_accumulation_all_reduces_gradients_once_per_window(tmp_path):
 
 
 def test_sync_batchnorm_on_cpu_ranks_is_refused_on_every_rank(tmp_path):
-    args = [*BLOBS, "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true", f"output_dir={tmp_path}"]
-    result = run_cli(args, nproc=2)
+    args = [*BLOBS_OWN_MODEL, "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true"]
+    result = run_cli([*args, f"output_dir={tmp_path}"], nproc=2)
     assert result.returncode != 0
     assert result.stderr.count("model.sync_batchnorm=true needs GPUs") == 2  # each rank says it, none hangs
     assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,69 @@
+"""Keys of a `_target_` config section: each one reaches the factory, or is refused in one line that names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ddp_trainer.errors import UsageError
+
+if TYPE_CHECKING:  # config imports this module
+    from ddp_trainer.config import DataConfig, ModelConfig
+
+# Schema keys the trainer reads itself even when a factory builds the section: the loaders' settings, `download`
+# (rank 0 calls the factory first while the others wait) and how the model is wrapped. Every other schema key only
+# configures a built-in dataset or model.
+TRAINER_KEYS = {
+    "data": {
+        "batch_size",
+        "num_workers",
+        "pin_memory",
+        "persistent_workers",
+        "prefetch_factor",
+        "per_sample_seed",
+        "download",
+    },
+    "model": {"sync_batchnorm", "channels_last"},
+}
+BUILT_INS = {"data": "datasets", "model": "models"}
+
+
+def _parameters(factory: Callable[..., Any]) -> tuple[list[str], bool]:
+    """The names `factory` takes as keywords (a class: its `__init__`'s) and whether it takes `**kwargs`."""
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no readable signature: the call itself will judge
+        return [], True
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def route(section: str, factory: Callable[..., Any], cfg: DataConfig | ModelConfig, written: Sequence[str]) -> None:
+    """Add each schema key in `written` that `factory` takes to `cfg.kwargs`; refuse a key that would reach nothing."""
+    names, takes_any = _parameters(factory)
+    refusal = f"is not a parameter of {cfg._target_} (it takes {', '.join(names) or 'no keyword arguments'})"
+    for key in cfg.kwargs:
+        if not takes_any and key not in names:
+            dotted = f"{section}.{key}" if key in written else f"{section}.kwargs.{key}"
+            raise UsageError(f"config key '{dotted}' {refusal}")
+    fields = {field.name for field in dataclasses.fields(cfg)} - {"_target_", "kwargs"}
+    for key in (key for key in written if key in fields):
+        if takes_any or key in names:
+            cfg.kwargs[key] = getattr(cfg, key)  # the schema keeps it too: the trainer may read it as well
+        elif key not in TRAINER_KEYS[section]:
+            built_ins = BUILT_INS[section]
+            raise UsageError(f"config key '{section}.{key}' {refusal} and only applies to the built-in {built_ins}")
+
+
+def saved(section: str, values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A `_target_` section as saved: only the keys that took effect, so loading it back makes the same call."""
+    # A schema key the factory took is in kwargs. Saving the others would have them written when the file is
+    # loaded again: a built-in-only key refused, a trainer key at its default passed to a factory that never got it.
+    kept = {"_target_", "kwargs", *values["kwargs"]}
+    return {
+        key: value
+        for key, value in values.items()
+        if key in kept or (key in TRAINER_KEYS[section] and value != defaults[key])
+    }
