@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from ddp_trainer import config, data, distributed, tasks
-from ddp_trainer.config import Config, to_container
+from ddp_trainer import data, distributed, tasks
+from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
@@ -49,18 +49,12 @@ def fit(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
-    cfg = _load(config, overrides)
+    cfg = load_for_objects(config, overrides)
     cfg = dataclasses.replace(cfg, task=task if isinstance(task, str) else type(task).__name__)
     exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))
     if exit_code != 0 or not record:
         raise SystemExit(exit_code)
     return record
-
-
-def _load(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str]) -> Config:
-    if isinstance(source, Mapping):
-        return config.from_container(dict(source), overrides)
-    return config.load(source, overrides)
 
 
 def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time.monotonic) -> tuple[int, dict]:

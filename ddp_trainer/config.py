@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,24 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
     # only the overrides are keys written now.
     written = _parse_overrides(overrides)
     return _validate(OmegaConf.merge(OmegaConf.create(container), written), written)
+
+
+def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+    """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused."""
+    if isinstance(source, Mapping):
+        raw = OmegaConf.create(dict(source))
+    else:
+        raw = _read_yaml(source) if source is not None else OmegaConf.create({})
+    merged = OmegaConf.merge(raw, _parse_overrides(overrides))
+    for section, objects in (("data", "datasets"), ("model", "model")):
+        usable = factory_args.TRAINER_KEYS[section]
+        for key in _written_keys(merged, section):
+            if key not in usable:
+                raise UsageError(
+                    f"config key '{section}.{key}' does nothing here: fit() is given the {objects}, and only "
+                    f"{', '.join(f'{section}.{name}' for name in sorted(usable))} apply"
+                )
+    return _validate(merged, written=merged)
 
 
 def _written_keys(written: DictConfig, section: str) -> list[str]:

@@ -84,7 +84,7 @@ def test_schema_keys_the_model_factory_takes_reach_it():
 
 def test_data_root_reaches_a_dataset_factory_that_takes_it():
     cfg = config.load(None, ["data._target_=factories.folder_blobs", "data.root=/datasets/mine"])
-    train, val = data.build_datasets(cfg.data)
+    train, val = data.map_datasets(cfg.data)
     assert train.root == val.root == "/datasets/mine"
 
 

@@ -192,3 +192,11 @@ def test_a_regression_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights
     assert fit(tmp_path / "split") == {**straight, "time/train_s": ANY, "time/epoch_s": ANY}
     weights = [checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("straight", "split")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_fit_refuses_keys_that_would_build_the_model_or_data_it_was_given(tmp_path):
+    data = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    for key in ("model.hidden_sizes=[8]", "data.name=digits"):
+        with pytest.raises(UsageError, match=f"config key '{key.split('=')[0]}' does nothing here: fit\\(\\) is given"):
+            ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, key, f"output_dir={tmp_path}"])
+    assert not (tmp_path / "metrics.jsonl").exists()
