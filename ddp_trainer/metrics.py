@@ -6,9 +6,6 @@ import torch
 
 from ddp_trainer.distributed import DistEnv, all_reduce_sum
 
-# The sums of a classification batch, in the order `batch_sums` returns them.
-SUM_NAMES = ("loss_sum", "correct", "samples")
-
 
 class MetricSums:
     """Named running sums on the device: adding them never waits for the device, reading them does (once)."""
@@ -36,20 +33,3 @@ class MetricSums:
         """Global totals over all ranks: one all_reduce and one host sync."""
         totals = all_reduce_sum(self.sums.clone(), env)
         return dict(zip(self.names, totals.tolist(), strict=True))  # host sync: only at log intervals and saves
-
-
-def batch_sums(logits: torch.Tensor, targets: torch.Tensor, mean_loss: torch.Tensor) -> torch.Tensor:
-    """(loss x samples, correct predictions, samples) of one batch as float64 on the batch's device, without a sync."""
-    samples = targets.shape[0]
-    correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
-    return torch.stack([mean_loss.detach().double() * samples, correct, torch.full_like(correct, samples)])
-
-
-def summarize(totals: dict[str, float], prefix: str) -> dict[str, float | int]:
-    """Turn global sums into `prefix/loss`, `prefix/accuracy` and `prefix/samples`."""
-    samples = totals["samples"]
-    return {
-        f"{prefix}/loss": totals["loss_sum"] / max(samples, 1.0),
-        f"{prefix}/accuracy": totals["correct"] / max(samples, 1.0),
-        f"{prefix}/samples": int(round(samples)),
-    }
