@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_trainer import data, distributed, tasks
+from ddp_trainer.assembly import assemble
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -71,7 +72,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         model, train_set, val_set = build(env)
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
-        signum = Trainer(cfg, env, model, bundle, task, logger, stop, clock).fit()
+        parts = assemble(cfg, env, model, bundle, task, logger)
+        signum = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
         # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
         exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
         record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)

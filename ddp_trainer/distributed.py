@@ -254,15 +254,15 @@ def broadcast_object(value: Any, env: DistEnv) -> Any:
 
 
 class LaggedAgreement:
-    """Element-wise maximum of small integer flags over all ranks, read one exchange after it was sent.
+    """Element-wise maximum (or sum) of small integers over all ranks, read one exchange after it was sent.
 
     The all_reduce runs in the background between two steps, so no step waits on it, and every rank reads the
     same answer at the same step. It runs on CPU tensors over gloo (a group of its own beside nccl), so reading
     it never waits for the GPU.
     """
 
-    def __init__(self, env: DistEnv, size: int) -> None:
-        self.env, self.size = env, size
+    def __init__(self, env: DistEnv, size: int, op: dist.ReduceOp.RedOpType = dist.ReduceOp.MAX) -> None:
+        self.env, self.size, self.op = env, size, op
         self.group = dist.new_group(backend="gloo") if env.backend == "nccl" else None
         self.pending: tuple[Any, torch.Tensor] | None = None
         self.local = [0] * size
@@ -273,10 +273,10 @@ class LaggedAgreement:
             self.local = flags
             return
         tensor = torch.tensor(flags, dtype=torch.int64)
-        self.pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
+        self.pending = (dist.all_reduce(tensor, op=self.op, group=self.group, async_op=True), tensor)
 
     def receive(self) -> list[int]:
-        """The maximum over ranks of the flags sent last (zeros if nothing was sent since the last receive)."""
+        """The maximum (or sum) over ranks of the flags sent last (zeros if nothing was sent since the last receive)."""
         if not self.env.distributed:
             flags, self.local = self.local, [0] * self.size
             return flags

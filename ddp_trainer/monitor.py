@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddp_trainer.config import Config
+from ddp_trainer.errors import UsageError
+from ddp_trainer.tasks import Task, metric_names, monitor_mode
+
 
 class Monitor:
     """Tracks `checkpoint.monitor` over whole epochs: the best value and the epochs since it last improved."""
@@ -42,3 +46,15 @@ class Monitor:
         """Restore from a checkpoint's top-level keys (written by `state_dict`)."""
         self.best = state.get("best_metric")
         self.stale_epochs = state.get("epochs_without_improvement", 0)
+
+
+def build_monitor(cfg: Config, task: Task, validates: bool) -> Monitor:
+    """`checkpoint.monitor` (by default the task's, or train/loss without validation), checked against the run."""
+    name = cfg.checkpoint.monitor
+    if name is None:
+        name = task.default_monitor if validates else "train/loss"
+    available = metric_names(task, "train") + (metric_names(task, "val") if validates else [])
+    if name not in available:
+        raise UsageError(f"checkpoint.monitor={name} is not a metric of this run: one of {', '.join(available)}")
+    mode = cfg.checkpoint.mode or monitor_mode(task, name)
+    return Monitor(name, mode, cfg.trainer.early_stopping_min_delta, cfg.trainer.early_stopping_patience)

@@ -9,7 +9,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from ddp_trainer.config import OptimConfig
+from ddp_trainer.config import Config, OptimConfig
+from ddp_trainer.errors import UsageError
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -34,9 +35,15 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: int | None) -> Callable[[int], float]:
     """LR factor per optimizer step: linear warmup, then the configured decay down to `min_lr`."""
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    needs = {"cosine": total_steps, "step": steps_per_epoch}
+    if needs.get(cfg.scheduler, 0) is None:
+        raise UsageError(
+            f"optim.scheduler={cfg.scheduler} needs the run's length, and the training stream has none: "
+            + ("set trainer.max_steps" if cfg.scheduler == "cosine" else "use optim.scheduler=cosine or constant")
+        )
+    decay_steps = max((total_steps or 0) - cfg.warmup_steps, 1)
     floor = cfg.min_lr / cfg.lr
 
     # A plain function, not a callable object: LambdaLR would put an object's fields into its state dict,
@@ -54,8 +61,19 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> C
     return multiplier
 
 
+def schedule_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int | None, int | None]:
+    """(optimizer steps per epoch, in the whole run): None where a stream of unknown length leaves it open."""
+    steps_per_epoch = (
+        None if batches_per_epoch is None else math.ceil(batches_per_epoch / cfg.trainer.accumulate_grad_batches)
+    )
+    lengths = [cfg.trainer.max_steps] if cfg.trainer.max_steps > 0 else []
+    if steps_per_epoch is not None:
+        lengths.append(cfg.trainer.epochs * steps_per_epoch)
+    return steps_per_epoch, min(lengths, default=None)
+
+
 def build_scheduler(
-    cfg: OptimConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None, total_steps: int | None
 ) -> LambdaLR:
     """A LambdaLR stepped once per optimizer step; its state (the step count) goes into checkpoints."""
     return LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))

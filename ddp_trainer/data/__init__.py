@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.data.streaming import ShardedIterableDataset
+from ddp_trainer.data.user_streams import RankShardedStream, batch_of
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import ignore_stop_signals
@@ -38,8 +39,9 @@ class DataBundle:
     train_loader: DataLoader
     val_loader: DataLoader | None
     train_order: EpochOrder
-    train_size: int
-    val_size: int
+    train_size: int | None  # None: a user's stream, of unknown length
+    val_size: int | None
+    batches_per_epoch: int | None  # the same on every rank; None when ranks may differ (a user's stream)
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
@@ -141,7 +143,25 @@ def _stream_loaders(
         train_order=train_set,
         train_size=sum(train_set.counts),
         val_size=0 if val_set is None else sum(val_set.counts),
+        batches_per_epoch=len(train_set),
     )
+
+
+def _user_stream(dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
+    stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed)
+    return DataLoader(stream, batch_size=None, **_loader_options(cfg, env, seed), **options)
+
+
+def _val_loader(val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader | None:
+    """Each validation sample on exactly one rank: an unpadded sampler, or a user's stream split by readers."""
+    if val_set is None:
+        return None
+    if isinstance(val_set, IterableDataset):
+        return _user_stream(val_set, cfg, env, seed, collate_fn=batch_of)
+    sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
+    persistent = cfg.persistent_workers and cfg.num_workers > 0
+    options = {"batch_size": cfg.batch_size, "persistent_workers": persistent, **_loader_options(cfg, env, seed)}
+    return DataLoader(val_set, sampler=sampler, **options)
 
 
 def _augments(cfg: DataConfig) -> bool:
@@ -156,17 +176,18 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
 
 
 def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
-    """Train loader over a seeded, padded DistributedSampler and val loader over an unpadded one; or streams."""
+    """Loaders for this rank: a seeded, padded DistributedSampler for training, an unpadded one for validation;
+    shard streams; or a user's IterableDataset split over ranks x workers."""
     if isinstance(train_set, ShardedIterableDataset):
         return _stream_loaders(train_set, val_set, cfg, env, seed)
     for split, dataset in (("training", train_set), ("validation", val_set)):
-        if isinstance(dataset, IterableDataset):
-            raise UsageError(
-                f"the {split} data is an IterableDataset: give map-style datasets (with __len__ and __getitem__), "
-                "or shard files read with data.name=stream"
-            )
-        if dataset is not None and len(dataset) == 0:
+        if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
+    val_loader = _val_loader(val_set, cfg, env, seed)
+    val_size = None if isinstance(val_set, IterableDataset) else len(val_set or ())
+    if isinstance(train_set, IterableDataset):
+        train_loader = _user_stream(train_set, cfg, env, seed)
+        return DataBundle(train_loader, val_loader, train_loader.dataset, None, val_size, batches_per_epoch=None)
     per_sample_seed = _augments(cfg) if cfg.per_sample_seed is None else cfg.per_sample_seed
     train_sampler = ResumableDistributedSampler(
         train_set, cfg.batch_size, env.world_size, env.rank, seed, per_sample_seed
@@ -175,14 +196,4 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
     batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.persistent_workers and cfg.num_workers > 0}
     train_loader = DataLoader(samples, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
-    val_loader = None
-    if val_set is not None:
-        val_sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-        val_loader = DataLoader(val_set, sampler=val_sampler, **batching, **_loader_options(cfg, env, seed))
-    return DataBundle(
-        train_loader=train_loader,
-        val_loader=val_loader,
-        train_order=train_sampler,
-        train_size=len(train_set),
-        val_size=0 if val_set is None else len(val_set),
-    )
+    return DataBundle(train_loader, val_loader, train_sampler, len(train_set), val_size, len(train_loader))

@@ -1,0 +1,85 @@
+"""A run assembled in reading order: model, optimizer, schedule, precision, checkpoint load, DDP, compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddp_trainer import checkpoint, rng
+from ddp_trainer.config import Config
+from ddp_trainer.data import DataBundle
+from ddp_trainer.distributed import DistEnv
+from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.loggers import RunLogger
+from ddp_trainer.models import prepare_model
+from ddp_trainer.monitor import Monitor, build_monitor
+from ddp_trainer.optim import build_optimizer, build_scheduler, schedule_length
+from ddp_trainer.precision import MixedPrecision
+from ddp_trainer.progress import Progress
+from ddp_trainer.tasks import Task
+
+
+@dataclass
+class Parts:
+    """What the Trainer drives: built from the config and, when resuming, restored from a checkpoint."""
+
+    model: nn.Module  # the bare module: what checkpoints hold and evaluation runs
+    train_model: nn.Module  # what a training step calls: `model` inside DDP and/or torch.compile
+    ddp_model: DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: MixedPrecision
+    monitor: Monitor
+    progress: Progress
+    steps_per_epoch: int | None  # None: a stream of unknown length
+
+
+def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
+    """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
+    model = prepare_model(model, cfg.model, env)
+    optimizer = build_optimizer(cfg.optim, model)
+    steps_per_epoch, total_steps = schedule_length(cfg, data.batches_per_epoch)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch, total_steps)
+    precision = MixedPrecision(cfg.trainer.precision, env.device)
+    monitor = build_monitor(cfg, task, validates=data.val_loader is not None)
+    parts = Parts(model, model, None, optimizer, scheduler, precision, monitor, Progress(), steps_per_epoch)
+    checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+    if env.is_main:
+        for unfinished in checkpoint.remove_unfinished_writes(checkpoint_dir):
+            logger.info(f"removed {unfinished}: a checkpoint write that a crash interrupted")
+    # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
+    resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
+    if resumed is not None:
+        restore(parts, *resumed, env, logger)
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.trainer.compile:
+        # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
+        parts.train_model = torch.compile(parts.train_model)
+    return parts
+
+
+def restore(parts: Parts, state: dict[str, Any], path: Path, env: DistEnv, logger: RunLogger) -> None:
+    """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
+    try:
+        parts.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.precision.load_state_dict(state.get("grad_scaler"))
+    except (RuntimeError, ValueError, KeyError) as error:
+        reason = first_line(error)
+        raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
+    parts.progress.load_state_dict(state)
+    parts.monitor.load_state_dict(state)
+    rng_states = state.get("rng") or []
+    if len(rng_states) == env.world_size:
+        rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
+    else:
+        logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
+    logger.info(f"resumed from {path}: epoch {parts.progress.epoch}, step {parts.progress.step}")

@@ -1,0 +1,104 @@
+"""A user's IterableDataset on N ranks x W workers: each record once, uneven ranks, exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import math
+from unittest.mock import ANY
+
+import pytest
+import torch
+from conftest import REPO_DIR, read_metrics, run_script
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+import ddp_trainer
+from ddp_trainer import checkpoint
+from ddp_trainer.data.user_streams import RankShardedStream
+from ddp_trainer.errors import UsageError
+
+CPU = ["trainer.device=cpu", "trainer.progress_bar=false"]
+
+
+class Range(IterableDataset):
+    """The tutorial's dataset: splits start..end across readers with get_worker_info()."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+
+    def __iter__(self):  # noqa: ANN204
+        info = get_worker_info()
+        if info is None:
+            return iter(range(self.start, self.end))
+        per_worker = math.ceil((self.end - self.start) / info.num_workers)
+        first = self.start + info.id * per_worker
+        return iter(range(first, min(first + per_worker, self.end)))
+
+
+class Unaware(IterableDataset):
+    """A dataset that knows nothing of workers or ranks."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(range(self.count))
+
+
+def records_of(dataset: IterableDataset, world_size: int, workers: int) -> list[list[int]]:
+    """Every rank's records, read through real DataLoader workers."""
+    ranks = []
+    for rank in range(world_size):
+        stream = RankShardedStream(dataset, 4, rank, world_size, workers, seed=0)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        ranks.append([record for _, batch in loader for record in batch.tolist()])
+    return ranks
+
+
+@pytest.mark.parametrize("dataset", [Range(0, 37), Unaware(37)], ids=["splits-itself", "knows-nothing"])
+def test_every_record_is_read_once_across_ranks_and_workers(dataset):
+    ranks = records_of(dataset, world_size=2, workers=2)
+    assert sorted(ranks[0] + ranks[1]) == list(range(37))
+    assert len(ranks[0]) != len(ranks[1])  # 10 + 10 against 10 + 7: the ranks' batch counts differ
+
+
+def test_a_dataset_that_knows_nothing_is_split_here_and_told_so():
+    with pytest.warns(UserWarning, match="Unaware does not read get_worker_info"):
+        first = records_of(Unaware(10), world_size=3, workers=0)[0]  # in this process, where warnings are seen
+    assert first == [0, 3, 6, 9]
+
+
+def test_an_empty_stream_and_a_schedule_that_needs_a_length_are_refused(tmp_path):
+    model, args = nn.Linear(1, 2), [*CPU, f"output_dir={tmp_path}"]
+    with pytest.raises(UsageError, match="the training stream yielded no record in epoch 1"):
+        ddp_trainer.fit(model, Unaware(0), overrides=args)
+    with pytest.raises(UsageError, match="optim.scheduler=cosine needs the run's length.*set trainer.max_steps"):
+        ddp_trainer.fit(model, Unaware(8), overrides=[*args, "optim.scheduler=cosine"])
+
+
+def test_two_uneven_ranks_train_every_record_once_and_resume_mid_epoch_exactly(tmp_path):
+    """The digits stream example: 4 readers of 360, 360, 360, 357 images in batches of 7, so one rank holds 104
+    batches and the other 103. Stopped at step 103, when one rank's part is all trained and the other's next batch
+    comes from its second worker, then resumed, the run ends with the weights of the uninterrupted run."""
+    script = REPO_DIR / "examples" / "digits_stream.py"
+    common = [*CPU, "trainer.epochs=1", "data.batch_size=7", "data.num_workers=2", "optim.name=sgd"]
+    straight = run_script(script, [*common, f"output_dir={tmp_path / 'straight'}"], nproc=2)
+    assert straight.returncode == 0, straight.stderr
+    for stop in ("trainer.max_steps=103", "trainer.max_steps=-1"):
+        split = run_script(script, [*common, stop, f"output_dir={tmp_path / 'split'}"], nproc=2)
+        assert split.returncode == 0, split.stderr
+    record = read_metrics(tmp_path / "straight")[-1]
+    assert (record["step"], record["train/samples"], record["val/samples"]) == (104, 1437, 360)
+    resumed = read_metrics(tmp_path / "split")[-1]
+    assert resumed == {**record, "time/train_s": ANY, "time/epoch_s": ANY}
+    weights = [checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("straight", "split")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_the_stream_example_runs_in_one_process(tmp_path):
+    result = run_script(
+        REPO_DIR / "examples" / "digits_stream.py", [*CPU, "trainer.epochs=1", f"output_dir={tmp_path}"]
+    )
+    assert result.returncode == 0, result.stderr
+    record = read_metrics(tmp_path)[-1]
+    assert (record["world_size"], record["step"], record["train/samples"], record["val/samples"]) == (1, 45, 1437, 360)
+    assert "on 360 images after epoch 1" in result.stdout
