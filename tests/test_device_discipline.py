@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ddp_trainer import data, evaluation, trainer
-from ddp_trainer.train import main
+from ddp_trainer.cli.train import main
 
 # Tensor methods that wait for the device when the tensor lives on a GPU.
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
