@@ -27,7 +27,7 @@ from ddp_trainer.distributed import (
     requeue_slurm_job,
 )
 from ddp_trainer.errors import TrainingDiverged, UsageError, first_line
-from ddp_trainer.evaluate import evaluate_model
+from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.models import prepare_model
