@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from variants import ddp_trainer_args, ddp_trainer_epochs, run_once, timed_rate
 from workloads import WORKLOADS, Workload
 
-from ddp_trainer import train
+from ddp_trainer.cli import train
 
 EPOCHS = 3  # one warm-up epoch, two timed ones
 TOP_ROWS = 12

@@ -25,7 +25,7 @@ from ddp_trainer.distributed import (
     requeue_slurm_job,
 )
 from ddp_trainer.errors import TrainingDiverged
-from ddp_trainer.evaluate import evaluate_model
+from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums

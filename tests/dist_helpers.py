@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import train
 from ddp_trainer import trainer as trainer_module
+from ddp_trainer.cli import train
 
 
 def free_port() -> int:

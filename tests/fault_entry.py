@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ddp_trainer import train
+from ddp_trainer.cli import train
 
 
 def dying_save(real_save: Callable[..., None], kill_at: int) -> Callable[..., None]:

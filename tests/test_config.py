@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ddp_trainer import config, data, models
+from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
-from ddp_trainer.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

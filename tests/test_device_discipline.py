@@ -17,8 +17,8 @@ from conftest import read_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ddp_trainer import data, evaluate, trainer
-from ddp_trainer.train import main
+from ddp_trainer import data, evaluation, trainer
+from ddp_trainer.cli.train import main
 
 # Tensor methods that wait for the device when the tensor lives on a GPU.
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
@@ -108,7 +108,7 @@ def test_training_and_evaluation_use_only_the_device_copies_of_a_batch(tmp_path,
         trace.retire(inputs, targets)
         return moved
 
-    for module in (trainer, evaluate):
+    for module in (trainer, evaluation):
         monkeypatch.setattr(module, "to_device", copying_to_device)
     args = [*DIGITS, "trainer.epochs=1", "trainer.grad_clip_norm=1.0", f"output_dir={tmp_path}"]
     with trace:

@@ -20,7 +20,7 @@ from dist_helpers import (
 )
 
 from ddp_trainer import checkpoint, config
-from ddp_trainer.train import main
+from ddp_trainer.cli.train import main
 
 DIGITS = "configs/digits_mlp.yaml"
 BLOBS = ["data._target_=factories.blobs", "model.hidden_sizes=[16]", "trainer.device=cpu"]
@@ -132,7 +132,7 @@ def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     port = str(free_port())
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "ddp_trainer.train", *args],
+            [sys.executable, "-m", "ddp_trainer.cli.train", *args],
             env={
                 **cli_env(),
                 "RANK": str(rank),

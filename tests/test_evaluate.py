@@ -10,8 +10,8 @@ from conftest import read_metrics, run_cli
 from PIL import Image
 
 from ddp_trainer import checkpoint
+from ddp_trainer.cli.train import main
 from ddp_trainer.data.datasets import digits
-from ddp_trainer.train import main
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "trainer.epochs=3"]
 

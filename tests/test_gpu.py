@@ -17,9 +17,9 @@ import torch
 from conftest import launch_cli, read_metrics, run_cli
 
 from ddp_trainer import checkpoint
-from ddp_trainer.data.shard import main as shard_main
+from ddp_trainer.cli.shard import main as shard_main
+from ddp_trainer.cli.train import main
 from ddp_trainer.metrics import MetricSums
-from ddp_trainer.train import main
 from ddp_trainer.trainer import Trainer
 
 pytestmark = [

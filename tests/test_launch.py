@@ -10,8 +10,8 @@ from conftest import REPO_DIR, cli_env, read_metrics
 from dist_helpers import free_port
 
 from ddp_trainer import distributed, slurm
+from ddp_trainer.cli.launch import torchrun_command
 from ddp_trainer.errors import UsageError
-from ddp_trainer.launch import torchrun_command
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -75,13 +75,13 @@ def test_torchrun_variables_win_over_slurm(srun_task):
 def test_ddp_launch_fills_what_the_allocation_knows_and_keeps_what_was_given():
     allocation = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
     command = torchrun_command(
-        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"], allocation
+        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"], allocation
     )
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nnodes=2" in command and "--node-rank=1" in command and "--rdzv-backend=c10d" in command
     assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in command
     assert not any(token.startswith("--rdzv-id=") for token in command)  # the user's --rdzv-id mine stays
-    assert command[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"]
+    assert command[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"]
     assert sum(token.startswith("--nproc") for token in command) == 1
 
 
@@ -95,7 +95,7 @@ def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess
 
 
 def test_doctor_reports_every_rank_and_times_an_all_reduce():
-    result = run([sys.executable, "-m", "ddp_trainer.launch", "--doctor", "--standalone", "--nproc-per-node=2"])
+    result = run([sys.executable, "-m", "ddp_trainer.cli.launch", "--doctor", "--standalone", "--nproc-per-node=2"])
     assert result.returncode == 0, result.stderr
     assert sorted(line.split(" on ")[0] for line in result.stdout.splitlines() if line.startswith("doctor rank")) == [
         "doctor rank 0/2 (local 0)",
@@ -108,7 +108,7 @@ def test_doctor_reports_every_rank_and_times_an_all_reduce():
 def test_doctor_names_an_unreachable_master_in_one_line():
     env = {**cli_env(), "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     result = subprocess.run(
-        [sys.executable, "-m", "ddp_trainer.doctor", "--timeout", "2"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "ddp_trainer.cli.doctor", "--timeout", "2"], capture_output=True, text=True, env=env
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("doctor: FAIL (rank 1): cannot reach the master 127.0.0.1:")
@@ -123,7 +123,7 @@ def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "ddp_trainer.launch",
+                "ddp_trainer.cli.launch",
                 "--nnodes=2",
                 f"--node-rank={node}",
                 "--nproc-per-node=2",
@@ -131,7 +131,7 @@ def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
                 f"--rdzv-endpoint={endpoint}",
                 "--rdzv-id=loopback",
                 "-m",
-                "ddp_trainer.train",
+                "ddp_trainer.cli.train",
                 *args,
             ],
             stdout=subprocess.PIPE,
@@ -168,7 +168,7 @@ def test_doctor_names_missing_ranks_when_the_world_size_is_wrong():
     port = str(free_port())
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-m", "ddp_trainer.doctor", "--timeout", "3"],
+            [sys.executable, "-m", "ddp_trainer.cli.doctor", "--timeout", "3"],
             env={**cli_env(), "RANK": str(rank), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

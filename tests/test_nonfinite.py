@@ -6,7 +6,7 @@ import torch
 from conftest import read_metrics, run_cli
 
 from ddp_trainer import checkpoint
-from ddp_trainer.train import main
+from ddp_trainer.cli.train import main
 
 BLOBS = [
     "data._target_=factories.blobs",

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import cli_env
 
-from ddp_trainer.plot import main, plot_metrics, read_epochs
-from ddp_trainer.train import main as ddp_train
+from ddp_trainer.cli.plot import main, plot_metrics, read_epochs
+from ddp_trainer.cli.train import main as ddp_train
 
 RECORDS = [
     {"epoch": 1, "step": 10, "train/loss": 1.5, "train/accuracy": 0.4, "val/loss": 1.25, "val/accuracy": 0.5},
@@ -85,7 +85,7 @@ def test_bad_metrics_give_one_error_line_naming_the_file_and_exit_2(tmp_path, ca
 
 
 def test_importing_the_plot_command_does_not_load_matplotlib():
-    script = "import sys, ddp_trainer.plot; print([name for name in sys.modules if name.startswith('matplotlib')])"
+    script = "import sys, ddp_trainer.cli.plot; print([name for name in sys.modules if name.startswith('matplotlib')])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

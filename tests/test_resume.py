@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
 
 from ddp_trainer import checkpoint
-from ddp_trainer.train import main
+from ddp_trainer.cli.train import main
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "model.dropout=0.2"]
 
@@ -164,10 +164,10 @@ def assert_same_run(faulted: Path, uninterrupted: Path) -> None:
             assert line[key] == expected_line[key], key
 
 
-def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.train") -> subprocess.Popen:
+def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.cli.train") -> subprocess.Popen:
     command = cli_command(args, nproc=2)
     command.insert(command.index("--standalone"), "--max-restarts=1")
-    command[command.index("ddp_trainer.train")] = module
+    command[command.index("ddp_trainer.cli.train")] = module
     env = {**cli_env(), "KILL_AT_SAVE": "8"}
     return subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

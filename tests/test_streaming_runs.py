@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import launch_cli, read_metrics, run_cli
 
-from ddp_trainer.data.shard import main as shard_main
-from ddp_trainer.train import main as train_main
+from ddp_trainer.cli.shard import main as shard_main
+from ddp_trainer.cli.train import main as train_main
 
 SHARD_SIZES = [0, 37, 5, 60]  # uneven, one empty, fewer files than 2 ranks x 3 workers
 VAL_SIZES = [11, 0, 6]

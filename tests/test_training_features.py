@@ -8,10 +8,10 @@ from conftest import read_metrics
 from factories import ProbeNet, batchnorm_net, small_net
 
 from ddp_trainer import checkpoint, config
+from ddp_trainer.cli.train import main, run
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.models import prepare_model
 from ddp_trainer.rng import seed_everything
-from ddp_trainer.train import main, run
 
 BLOBS = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
 IMAGES = [

@@ -11,7 +11,8 @@ from conftest import read_metrics
 from torchvision import transforms
 from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist
 
-from ddp_trainer import config, data, train
+from ddp_trainer import config, data
+from ddp_trainer.cli import train
 from ddp_trainer.data import vision
 from ddp_trainer.data.samplers import PerSampleSeeded, SampleKey
 from ddp_trainer.distributed import DistEnv

@@ -77,7 +77,7 @@ def read_index(folder: Path) -> dict[str, Any]:
     if not files:
         raise UsageError(
             f"data.root: {folder} holds no {INDEX_FILE}, .jsonl or .npz shards (write them with "
-            f"python -m ddp_trainer.data.shard)"
+            f"python -m ddp_trainer.cli.shard)"
         )
     formats = {FORMATS[path.suffix] for path in files}
     if len(formats) > 1:

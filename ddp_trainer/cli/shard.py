@@ -1,4 +1,4 @@
-"""`python -m ddp_trainer.data.shard`: write a config's map-style dataset as stream shards (train/ and val/)."""
+"""`python -m ddp_trainer.cli.shard`: write a config's map-style dataset as stream shards (train/ and val/)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def write_shards(dataset: Dataset, folder: Path, shards: int, shard_format: str)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.data.shard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.shard", description=__doc__)
     parser.add_argument("--config", help="recipe whose data section names the map-style dataset")
     parser.add_argument("--out", required=True, type=Path, help="folder to create; gets train/ and val/")
     parser.add_argument("--shards", type=int, default=8, help="training shards (validation gets half, at least 1)")

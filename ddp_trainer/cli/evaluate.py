@@ -1,4 +1,4 @@
-"""Evaluation: exact global validation metrics, and `ddp-train evaluate` to inspect and score a checkpoint."""
+"""`ddp-train evaluate`: a checkpoint's progress and config, and its exact validation metrics measured now."""
 
 from __future__ import annotations
 
@@ -10,36 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ddp_trainer import checkpoint, config, data, distributed, models, tasks
 from ddp_trainer.config import Config
-from ddp_trainer.data import DataBundle, to_device
-from ddp_trainer.distributed import DistEnv, broadcast_buffers
+from ddp_trainer.data import DataBundle
+from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.loggers import format_metrics
-from ddp_trainer.metrics import MetricSums
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.tasks import Task
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, loader: DataLoader, env: DistEnv, precision: MixedPrecision, task: Task, channels_last: bool
-) -> dict[str, float | int]:
-    """The task's global validation metrics (`val/...`), each validation sample counted exactly once."""
-    # The bare module, not DDP: evaluation must not run a collective per batch (ranks hold uneven counts).
-    broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
-    was_training = model.training
-    model.eval()
-    sums = MetricSums(task.sum_names, env.device)
-    for batch in loader:
-        with precision.autocast():
-            sums.add(task.forward(model, to_device(batch, env.device, channels_last))[1])
-    model.train(was_training)
-    return task.summarize(sums.reduce(env), "val")
 
 
 @dataclass

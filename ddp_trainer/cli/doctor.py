@@ -1,4 +1,4 @@
-"""`python -m ddp_trainer.doctor` (or `ddp-launch --doctor`): check a launch before it burns GPU hours.
+"""`python -m ddp_trainer.cli.doctor` (or `ddp-launch --doctor`): check a launch before it burns GPU hours.
 
 Every rank prints what it detected, then all ranks time one all_reduce. A failure is named in one line.
 """
@@ -80,7 +80,7 @@ def check_all_reduce(env: distributed.DistEnv) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print this rank's view, join the group, time an all_reduce; exit 1 with one line naming what failed."""
-    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master and the ranks")
     timeout_s = parser.parse_args(argv).timeout
     launch = None

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_trainer import data, distributed
+from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
-from ddp_trainer.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.precision import MixedPrecision
 
 Prediction = list[tuple[str, float]]

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dry_run, doctor = (flag in arguments for flag in OWN_FLAGS)
     arguments = [token for token in arguments if token not in OWN_FLAGS]
     if doctor:
-        arguments += ["-m", "ddp_trainer.doctor"]
+        arguments += ["-m", "ddp_trainer.cli.doctor"]
     try:
         command = torchrun_command(arguments, os.environ)
     except UsageError as error:
