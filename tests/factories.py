@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ddp_trainer.data.datasets import TensorClassification
 
@@ -191,3 +191,19 @@ class ProbeNet(nn.Module):
         )
         time.sleep(self.delay_s)
         return self.head(self.conv(images).mean(dim=(2, 3)))
+
+
+class BlobStream(IterableDataset):
+    """A stream of blobs that knows nothing of workers or ranks (the trainer splits it)."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+
+    def __iter__(self):  # noqa: ANN204
+        return (self.inner[index] for index in range(len(self.inner)))
+
+
+def blob_streams(train_size: int = 96, val_size: int = 37) -> tuple[IterableDataset, IterableDataset]:
+    """`blobs` as two IterableDatasets, for `data._target_`."""
+    train, val = blobs(train_size, val_size)
+    return BlobStream(train), BlobStream(val)

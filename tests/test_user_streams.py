@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import ddp_trainer
 from ddp_trainer import checkpoint
+from ddp_trainer.cli import train
 from ddp_trainer.data.user_streams import RankShardedStream
 from ddp_trainer.errors import UsageError
 
@@ -102,3 +103,12 @@ def test_the_stream_example_runs_in_one_process(tmp_path):
     record = read_metrics(tmp_path)[-1]
     assert (record["world_size"], record["step"], record["train/samples"], record["val/samples"]) == (1, 45, 1437, 360)
     assert "on 360 images after epoch 1" in result.stdout
+
+
+def test_a_stream_from_a_target_factory_trains_through_the_command_line(tmp_path):
+    target = ["data._target_=factories.blob_streams", "data.val_size=37", "model._target_=factories.small_net"]
+    assert train.main([*CPU, *target, "trainer.epochs=2", f"output_dir={tmp_path}"]) == 0
+    assert [(line["step"], line["train/samples"], line["val/samples"]) for line in read_metrics(tmp_path)] == [
+        (2, 96, 37),
+        (4, 96, 37),
+    ]

@@ -63,7 +63,10 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
 
 def sample_shape(dataset: Dataset) -> tuple[int, ...]:
     """The shape of one sample's inputs, for model builders that size their first layer from it."""
-    first = dataset.first_sample() if isinstance(dataset, ShardedIterableDataset) else dataset[0]
+    if isinstance(dataset, ShardedIterableDataset):
+        first = dataset.first_sample()
+    else:
+        first = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
     return tuple(first[0].shape)  # asked of the validation split: no random augmentation, so no RNG is consumed
 
 
