@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import trainer as trainer_module
+from ddp_trainer import assembly
 from ddp_trainer.cli import train
 
 
@@ -82,6 +82,6 @@ def train_counting_gradient_allreduces(rank: int, world_size: int, port: int, ar
             super().__init__(*ddp_args, **ddp_kwargs)
             self.register_comm_hook(None, counting_allreduce)
 
-    trainer_module.DistributedDataParallel = CountingDDP
+    assembly.DistributedDataParallel = CountingDDP
     assert train.main(args) == 0
     Path(out_dir, f"gradient_allreduces_rank{rank}.txt").write_text(str(len(calls)))
