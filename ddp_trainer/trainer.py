@@ -76,19 +76,16 @@ class Trainer:
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
         # A stream of unknown length agrees each step whether any rank still holds a batch.
-        stream = data.train_order
+        unknown_length = data.batches_per_epoch is None
         self.stream_feed = (
-            None if data.batches_per_epoch is not None else AgreedFeed(data.train_loader, stream, env, self.accumulate)
+            AgreedFeed(data.train_loader, data.train_order, env, self.accumulate) if unknown_length else None
         )
 
     def fit(self) -> int:
         """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
-        self.logger.start(
-            to_yaml(self.cfg), self.progress.epoch, self.progress.wandb_run_id, resumed_step=self.progress.step
-        )
-        self.progress.wandb_run_id = (
-            self.logger.wandb_run_id
-        )  # kept in checkpoints: a requeued job continues the same run
+        progress = self.progress
+        self.logger.start(to_yaml(self.cfg), progress.epoch, progress.wandb_run_id, resumed_step=progress.step)
+        progress.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
             self._run_epochs()
@@ -136,12 +133,8 @@ class Trainer:
         order.set_epoch(epoch)  # a new, seed-reproducible order every epoch, the same on every rank
         clip_sums = CLIP_SUMS if self.cfg.trainer.grad_clip_norm > 0 else ()
         sums = MetricSums((*self.task.sum_names, *STEP_SUMS, *clip_sums), self.env.device)
-        positions, progress.data_position, progress.segment_batches, self.reported_skips = (
-            progress.data_position,
-            None,
-            0,
-            0,
-        )
+        positions, progress.data_position = progress.data_position, None
+        progress.segment_batches = self.reported_skips = 0
         # One position per rank; a run on other ranks starts from rank 0's, which tells whether it fits.
         if positions and not order.resume(positions[self.env.rank if len(positions) == self.env.world_size else 0]):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this run: it restarts")
