@@ -16,8 +16,7 @@ from ddp_trainer.errors import UsageError
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name` over the model's parameters, fused where the device has the kernels."""
     params = list(model.parameters())
-    # A fused step takes the step's verdict as a device tensor (found_inf) and skips a poisoned update on the
-    # device, so the trainer never waits for the device to decide (see precision.MixedPrecision.step).
+    # A fused step skips a poisoned update on the device (found_inf): no host sync (see MixedPrecision.step).
     devices = _get_fused_kernels_supported_devices()
     fused = all(param.device.type in devices and param.is_floating_point() for param in params) or None
     options = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused}
@@ -45,8 +44,7 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: in
     decay_steps = max((total_steps or 0) - cfg.warmup_steps, 1)
     floor = cfg.min_lr / cfg.lr
 
-    # A plain function, not a callable object: LambdaLR would put an object's fields into its state dict,
-    # and a dataclass there would make checkpoints unloadable with weights_only=True.
+    # A plain function: LambdaLR saves a callable object's fields, which weights_only=True may refuse to load.
     def multiplier(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
