@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -15,19 +15,38 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from ddp_trainer import factory_args
 from ddp_trainer.errors import UsageError
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
-BUILTIN_MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULERS = ("none", "cosine", "step")
-DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "nccl", "gloo")
-PRECISIONS = ("32", "bf16", "fp16")
-WANDB_MODES = ("disabled", "offline", "online")
+
+def _invalid(key: str, value: Any, expected: str) -> UsageError:
+    return UsageError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
 
 
-def _require(condition: bool, key: str, value: Any, expected: str) -> None:
-    if not condition:
-        raise UsageError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
+def _checked(default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
+    """A field whose value must pass `valid`, checked by `_Section.__post_init__`; `expected` says what passes."""
+    return field(default=default, metadata={"valid": valid, "expected": expected})
+
+
+def _one_of(default: str, choices: tuple[str, ...]) -> Any:
+    return _checked(default, lambda value: value in choices, f"one of {', '.join(choices)}")
+
+
+def _positive(default: float, expected: str = "a positive integer") -> Any:
+    return _checked(default, lambda value: value > 0, expected)
+
+
+def _not_negative(default: float, expected: str) -> Any:
+    return _checked(default, lambda value: value >= 0, expected)
+
+
+class _Section:
+    """A config section whose fields made by `_checked` are checked on construction, naming the key that fails."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if "valid" in spec.metadata and not spec.metadata["valid"](value):
+                raise _invalid(f"{self.section}.{spec.name}", value, spec.metadata["expected"])
 
 
 @dataclass
@@ -41,54 +60,52 @@ class SyntheticConfig:
 
 
 @dataclass
-class StreamConfig:
+class StreamConfig(_Section):
     """How `data.name=stream` reads shard folders `data.root/train` and `data.root/val`."""
 
-    shuffle_buffer: int = 1000
+    section = "data.stream"
+    shuffle_buffer: int = _positive(1000, "1 (no shuffle) or more")
     input_field: str = "x"
     label_field: str = "y"
     input_shape: list[int] | None = None
 
-    def __post_init__(self) -> None:
-        _require(self.shuffle_buffer >= 1, "data.stream.shuffle_buffer", self.shuffle_buffer, "1 (no shuffle) or more")
-
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where samples come from and how they are batched; `batch_size` is per rank."""
 
+    section = "data"
     name: str = "digits"
     root: str = "data"
-    batch_size: int = 64
-    num_workers: int = 0
+    batch_size: int = _positive(64)
+    num_workers: int = _not_negative(0, "0 or more")
     download: bool = False
     augment: bool = True
-    val_fraction: float = 0.2
+    val_fraction: float = _checked(0.2, lambda value: 0 < value < 1, "a fraction between 0 and 1")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     pin_memory: bool | None = None
     persistent_workers: bool = True
-    prefetch_factor: int = 2
+    prefetch_factor: int = _positive(2)
     per_sample_seed: bool | None = None
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self._target_ is None:
-            _require(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)} or data._target_")
-        _require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive integer")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
-        _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a fraction between 0 and 1")
-        _require(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor, "a positive integer")
+        datasets = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
+        if self._target_ is None and self.name not in datasets:
+            raise _invalid("data.name", self.name, f"one of {', '.join(datasets)} or data._target_")
+        super().__post_init__()
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Which network to build; `num_classes` defaults to the dataset's."""
 
+    section = "model"
     name: str = "mlp"
     hidden_sizes: list[int] = field(default_factory=lambda: [512, 256])
-    dropout: float = 0.0
+    dropout: float = _checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
     num_classes: int | None = None
     cifar_stem: bool = False
     sync_batchnorm: bool = False
@@ -97,109 +114,75 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self._target_ is None and self.name not in BUILTIN_MODELS:
+        if self._target_ is None and self.name not in ("mlp", "cnn"):
             import torchvision  # lazy: only needed when the name is not one of ours
 
-            known = torchvision.models.list_models()
-            _require(
-                self.name in known, "model.name", self.name, "mlp, cnn, a torchvision model name or model._target_"
-            )
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+            if self.name not in torchvision.models.list_models():
+                raise _invalid("model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
+        super().__post_init__()
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """Optimizer and learning-rate schedule (stepped once per optimizer step)."""
 
-    name: str = "adamw"
-    lr: float = 1e-3
+    section = "optim"
+    name: str = _one_of("adamw", ("sgd", "adamw", "adam"))
+    lr: float = _positive(1e-3, "a positive number")
     weight_decay: float = 0.01
     momentum: float = 0.9
-    scheduler: str = "none"
-    warmup_steps: int = 0
-    step_epochs: int = 30
+    scheduler: str = _one_of("none", ("none", "cosine", "step"))
+    warmup_steps: int = _not_negative(0, "0 or more")
+    step_epochs: int = _positive(30)
     gamma: float = 0.1
     min_lr: float = 0.0
 
-    def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
-        _require(self.scheduler in SCHEDULERS, "optim.scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
-        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "0 or more")
-        _require(self.step_epochs > 0, "optim.step_epochs", self.step_epochs, "a positive integer")
-
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Section):
     """How long and where to train, and how the run talks to the user."""
 
-    epochs: int = 10
+    section = "trainer"
+    epochs: int = _positive(10)
     max_steps: int = -1
-    device: str = "auto"
-    dist_backend: str = "auto"
+    device: str = _one_of("auto", ("auto", "cpu", "cuda"))
+    dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
     resume: str = "auto"
-    log_every_n_steps: int = 50
-    dist_timeout_s: float = 300.0
+    log_every_n_steps: int = _positive(50)
+    dist_timeout_s: float = _positive(300.0, "a positive number")
     progress_bar: bool = True
-    stop_check_every_n_steps: int = 1
+    stop_check_every_n_steps: int = _positive(1)
     requeue: bool = True
-    nonfinite_loss: str = "stop"
-    precision: str = "32"
-    accumulate_grad_batches: int = 1
-    grad_clip_norm: float = 0.0
+    nonfinite_loss: str = _checked("stop", lambda value: value in ("stop", "skip"), "stop or skip")
+    precision: str = _one_of("32", ("32", "bf16", "fp16"))
+    accumulate_grad_batches: int = _positive(1)
+    grad_clip_norm: float = _not_negative(0.0, "0 (off) or a positive norm")
     compile: bool = False
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
-
-    def __post_init__(self) -> None:
-        _require(self.epochs > 0, "trainer.epochs", self.epochs, "a positive integer")
-        _require(self.device in DEVICES, "trainer.device", self.device, f"one of {', '.join(DEVICES)}")
-        backend = self.dist_backend
-        _require(backend in BACKENDS, "trainer.dist_backend", backend, f"one of {', '.join(BACKENDS)}")
-        _require(self.log_every_n_steps > 0, "trainer.log_every_n_steps", self.log_every_n_steps, "a positive integer")
-        _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", self.dist_timeout_s, "a positive number")
-        _require(self.nonfinite_loss in ("stop", "skip"), "trainer.nonfinite_loss", self.nonfinite_loss, "stop or skip")
-        every = self.stop_check_every_n_steps
-        _require(every > 0, "trainer.stop_check_every_n_steps", every, "a positive integer")
-        _require(self.precision in PRECISIONS, "trainer.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        accumulate = self.accumulate_grad_batches
-        _require(accumulate > 0, "trainer.accumulate_grad_batches", accumulate, "a positive integer")
-        _require(self.grad_clip_norm >= 0, "trainer.grad_clip_norm", self.grad_clip_norm, "0 (off) or a positive norm")
-        patience = self.early_stopping_patience
-        _require(patience >= 0, "trainer.early_stopping_patience", patience, "0 (off) or a number of epochs")
-        delta = self.early_stopping_min_delta
-        _require(delta >= 0, "trainer.early_stopping_min_delta", delta, "0 or a positive improvement")
+    early_stopping_patience: int = _not_negative(0, "0 (off) or a number of epochs")
+    early_stopping_min_delta: float = _not_negative(0.0, "0 or a positive improvement")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """When checkpoints are written and which one counts as best."""
 
-    every_n_steps: int = 0
-    every_n_minutes: float = 0.0
-    keep_last: int = 2
+    section = "checkpoint"
+    every_n_steps: int = _not_negative(0, "0 (epoch end only) or more")
+    every_n_minutes: float = _not_negative(0.0, "0 (off) or a positive number of minutes")
+    keep_last: int = _not_negative(2, "0 (last.pt only) or more")
     monitor: str | None = None
-    mode: str | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.every_n_steps >= 0, "checkpoint.every_n_steps", self.every_n_steps, "0 (epoch end only) or more")
-        minutes = self.every_n_minutes
-        _require(minutes >= 0, "checkpoint.every_n_minutes", minutes, "0 (off) or a positive number of minutes")
-        _require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "0 (last.pt only) or more")
-        _require(self.mode in (None, "min", "max"), "checkpoint.mode", self.mode, "min or max")
+    mode: str | None = _checked(None, lambda value: value in (None, "min", "max"), "min or max")
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig(_Section):
     """Weights & Biases: off by default; offline runs can be uploaded later with `wandb sync`."""
 
-    mode: str = "disabled"
+    section = "logging.wandb"
+    mode: str = _one_of("disabled", ("disabled", "offline", "online"))
     project: str = "ddp-trainer"
     name: str | None = None
     entity: str | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.mode in WANDB_MODES, "logging.wandb.mode", self.mode, f"one of {', '.join(WANDB_MODES)}")
 
 
 @dataclass
@@ -225,8 +208,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _read_yaml(path: str | Path) -> DictConfig:
-    file = Path(path)
+def _read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
+    """The keys of a YAML file, of a mapping, or none; UsageError for a missing or unreadable file."""
+    if source is None or isinstance(source, Mapping):
+        return OmegaConf.create(dict(source or {}))
+    file = Path(source)
     if not file.is_file():
         raise UsageError(f"config file {file} does not exist")
     try:
@@ -274,8 +260,7 @@ def _error_message(error: OmegaConfBaseException) -> str:
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
-    raw = _read_yaml(path) if path is not None else OmegaConf.create({})
-    merged = OmegaConf.merge(raw, _parse_overrides(overrides))
+    merged = OmegaConf.merge(_read(path), _parse_overrides(overrides))
     return _validate(merged, written=merged)
 
 
@@ -289,11 +274,7 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
 
 def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
     """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused."""
-    if isinstance(source, Mapping):
-        raw = OmegaConf.create(dict(source))
-    else:
-        raw = _read_yaml(source) if source is not None else OmegaConf.create({})
-    merged = OmegaConf.merge(raw, _parse_overrides(overrides))
+    merged = OmegaConf.merge(_read(source), _parse_overrides(overrides))
     for section, objects in (("data", "datasets"), ("model", "model")):
         usable = factory_args.TRAINER_KEYS[section]
         for key in _written_keys(merged, section):

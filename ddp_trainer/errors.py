@@ -36,7 +36,6 @@ def first_line(error: BaseException) -> str:
 def say(line: str, stream: TextIO | None = None) -> None:
     """Write `line` and its newline in one write, so the lines of ranks sharing a pipe never interleave."""
     stream = sys.stdout if stream is None else stream
-    # print() writes the text and the newline separately; under PYTHONUNBUFFERED each is its own
-    # system call, and another rank's line can land between them.
+    # One write: print() writes the newline separately, and unbuffered, another rank's line can land in between.
     stream.write(line + "\n")
     stream.flush()

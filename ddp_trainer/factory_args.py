@@ -15,18 +15,8 @@ if TYPE_CHECKING:  # config imports this module
 # Schema keys the trainer reads itself even when a factory builds the section: the loaders' settings, `download`
 # (rank 0 calls the factory first while the others wait) and how the model is wrapped. Every other schema key only
 # configures a built-in dataset or model.
-TRAINER_KEYS = {
-    "data": {
-        "batch_size",
-        "num_workers",
-        "pin_memory",
-        "persistent_workers",
-        "prefetch_factor",
-        "per_sample_seed",
-        "download",
-    },
-    "model": {"sync_batchnorm", "channels_last"},
-}
+LOADER_KEYS = {"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "per_sample_seed"}
+TRAINER_KEYS = {"data": {*LOADER_KEYS, "download"}, "model": {"sync_batchnorm", "channels_last"}}
 BUILT_INS = {"data": "datasets", "model": "models"}
 
 

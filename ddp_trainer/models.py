@@ -52,19 +52,6 @@ class GarmentClassifier(nn.Module):
         return self.classifier(self.features(images))
 
 
-def _torchvision_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    import torchvision  # lazy: heavy, and only needed for these names
-
-    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
-    if cfg.cifar_stem:
-        if not cfg.name.startswith("resnet"):
-            raise UsageError(f"model.cifar_stem=true applies to resnet models, not model.name={cfg.name}")
-        # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    return model
-
-
 def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int | None) -> nn.Module:
     """Build the configured model for samples of `input_shape` (on CPU; the trainer moves it)."""
     if cfg._target_ is not None:
@@ -79,7 +66,16 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
         return mlp(input_shape, cfg.hidden_sizes, num_classes, cfg.dropout)
     if cfg.name == "cnn":
         return GarmentClassifier(input_shape, num_classes)
-    return _torchvision_model(cfg, num_classes)
+    import torchvision  # lazy: heavy, and only needed for these names
+
+    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+    if cfg.cifar_stem:
+        if not cfg.name.startswith("resnet"):
+            raise UsageError(f"model.cifar_stem=true applies to resnet models, not model.name={cfg.name}")
+        # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module:

@@ -16,23 +16,21 @@ from ddp_trainer.errors import UsageError
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name` over the model's parameters, fused where the device has the kernels."""
     params = list(model.parameters())
-    # A fused step takes the step's verdict as a device tensor (found_inf) and skips a poisoned update on the
-    # device, so the trainer never waits for the device to decide (see precision.MixedPrecision.step).
+    # A fused step skips a poisoned update on the device (found_inf): no host sync (see MixedPrecision.step).
     devices = _get_fused_kernels_supported_devices()
     fused = all(param.device.type in devices and param.is_floating_point() for param in params) or None
-    if cfg.name == "sgd":
-        optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
-        )
-        if fused and cfg.momentum > 0:
-            # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros
-            # make the first update the same (buffer = gradient, no dampening) and survive a skip.
-            for param in params:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
-        return optimizer
+    options = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused}
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.Adam(params, **options)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, **options)
+    optimizer = torch.optim.SGD(params, momentum=cfg.momentum, **options)
+    if fused and cfg.momentum > 0:
+        # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros
+        # make the first update the same (buffer = gradient, no dampening) and survive a skip.
+        for param in params:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: int | None) -> Callable[[int], float]:
@@ -46,8 +44,7 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: in
     decay_steps = max((total_steps or 0) - cfg.warmup_steps, 1)
     floor = cfg.min_lr / cfg.lr
 
-    # A plain function, not a callable object: LambdaLR would put an object's fields into its state dict,
-    # and a dataclass there would make checkpoints unloadable with weights_only=True.
+    # A plain function: LambdaLR saves a callable object's fields, which weights_only=True may refuse to load.
     def multiplier(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -63,13 +60,12 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: in
 
 def schedule_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int | None, int | None]:
     """(optimizer steps per epoch, in the whole run): None where a stream of unknown length leaves it open."""
-    steps_per_epoch = (
-        None if batches_per_epoch is None else math.ceil(batches_per_epoch / cfg.trainer.accumulate_grad_batches)
-    )
-    lengths = [cfg.trainer.max_steps] if cfg.trainer.max_steps > 0 else []
-    if steps_per_epoch is not None:
-        lengths.append(cfg.trainer.epochs * steps_per_epoch)
-    return steps_per_epoch, min(lengths, default=None)
+    trainer = cfg.trainer
+    max_steps = trainer.max_steps if trainer.max_steps > 0 else None
+    if batches_per_epoch is None:
+        return None, max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
+    return steps_per_epoch, min(max_steps or math.inf, trainer.epochs * steps_per_epoch)
 
 
 def build_scheduler(

@@ -27,8 +27,7 @@ def capture() -> dict[str, Any]:
         "numpy_gauss": gauss,
         "torch": torch.get_rng_state(),
     }
-    # This process's own GPU only: a resumed rank may see another number of GPUs (or none). A run on the CPU never
-    # initialised CUDA and has no CUDA stream to keep.
+    # Only this process's GPU, as a resumed rank may see other GPUs (or none); a CPU run never initialised CUDA.
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

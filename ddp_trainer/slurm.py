@@ -11,18 +11,6 @@ PORT_BASE = 20000
 PORT_SPAN = 10000  # ports 20000-29999: above the usual services, below Linux's ephemeral range
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current] if current else parts
-
-
 def _expand_range(text: str, nodelist: str) -> list[str]:
     names = []
     for item in text.split(","):
@@ -37,7 +25,8 @@ def _expand_range(text: str, nodelist: str) -> list[str]:
 def expand_nodelist(nodelist: str) -> list[str]:
     """`node[01-03,07],gpu5` -> ['node01', 'node02', 'node03', 'node07', 'gpu5'], as `scontrol show hostnames`."""
     hosts = []
-    for part in _split_top_level(nodelist.strip()):
+    parts = re.split(r",(?![^\[]*\])", nodelist.strip())  # split at the commas outside brackets
+    for part in filter(None, parts):
         pieces = re.split(r"\[([^\]]*)\]", part)  # text, range, text, range, ..., text
         choices = [[piece] if index % 2 == 0 else _expand_range(piece, nodelist) for index, piece in enumerate(pieces)]
         hosts += ["".join(combination) for combination in itertools.product(*choices)]
