@@ -122,11 +122,9 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
 
 
 def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, the rendezvous store with keys prefixed by the restart count.
-
-    With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
-    attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
-    """
+    """Under torchrun, the rendezvous store with keys prefixed by the restart count; None otherwise."""
+    # With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
+    # attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or launch.master_addr is None or launch.master_port is None:
         return None
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
