@@ -31,12 +31,8 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes so files load into a bare model."""
     cleaned = {}
     for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
+        while key.startswith(WRAPPER_PREFIXES):  # nested wrappers stack prefixes in either order
+            key = key.split(".", 1)[1]
         cleaned[key] = value
     return cleaned
 
@@ -117,19 +113,11 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
     return unfinished
 
 
-def _saved_checkpoints(directory: Path) -> list[Path]:
-    last = directory / "last.pt"
-    return ([last] if last.exists() else []) + sorted(directory.glob("step-*.pt"), reverse=True)
-
-
 def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
-    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh.
-
-    With auto, an unreadable last.pt is reported and the newest readable step checkpoint is used; if none is
-    readable the run stops rather than silently starting over.
-    """
+    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; auto skips unreadable files."""
     directory = output_dir / "checkpoints"
-    saved = _saved_checkpoints(directory)
+    last = directory / "last.pt"
+    saved = ([last] if last.exists() else []) + sorted(directory.glob("step-*.pt"), reverse=True)
     if resume == "none":
         if saved:
             raise UsageError(
@@ -146,6 +134,6 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
         except UnreadableCheckpoint as error:
             problems.append(str(error))
             report(f"{error}; trying an older checkpoint")
-    if problems:
+    if problems:  # saved files, none readable: stopping beats silently starting over
         raise UsageError(f"no readable checkpoint in {directory} ({len(problems)} tried): {problems[0]}")
     return None

@@ -102,11 +102,7 @@ def resolve_device(requested: str, launch: Launch, gpu_count: int) -> torch.devi
 
 
 def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_count: int) -> str | None:
-    """trainer.dist_backend (auto|nccl|gloo) for this job; None for a single process.
-
-    NCCL refuses two ranks on one GPU, so `auto` takes gloo, whose ranks may share GPUs, when a node runs more
-    processes than it has GPUs. Every rank reaches the same answer from what the launcher told all of them.
-    """
+    """trainer.dist_backend (auto|nccl|gloo) for this job, the same on every rank; None for a single process."""
     if launch.world_size == 1:
         return None
     if device.type != "cuda":
@@ -114,6 +110,7 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
             raise UsageError(f"trainer.dist_backend=nccl needs CUDA GPUs, but this run is on the {device}; use gloo")
         return "gloo"
     bound = launch.launcher == "srun" and gpu_count == 1
+    # NCCL refuses two ranks on one GPU; gloo's ranks may share one, so `auto` takes it when GPUs are too few.
     shared = not bound and launch.local_world_size > gpu_count
     if requested == "nccl" and shared:
         raise UsageError(
@@ -125,11 +122,9 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
 
 
 def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, the rendezvous store with keys prefixed by the restart count.
-
-    With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
-    attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
-    """
+    """Under torchrun, the rendezvous store with keys prefixed by the restart count; None otherwise."""
+    # With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
+    # attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or launch.master_addr is None or launch.master_port is None:
         return None
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -149,15 +144,11 @@ def setup(requested_device: str, timeout_s: float, requested_backend: str = "aut
     if backend is not None:
         timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
         store = _restart_safe_store(launch, timeout)
-        if store is not None:
-            dist.init_process_group(
-                backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
-            )
-        else:
-            init_method = "env://" if launch.launcher != "srun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-            dist.init_process_group(
-                backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
-            )
+        tcp = store is None and launch.launcher == "srun"
+        init_method = f"tcp://{launch.master_addr}:{launch.master_port}" if tcp else None  # None: the store, or env://
+        dist.init_process_group(
+            backend, init_method, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+        )
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
 
 
@@ -171,11 +162,7 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 def absent_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
-    """After a collective failed here: ranks that do not report the same within `wait_s` (dead or stalled ones).
-
-    Each failing rank leaves a key in the rendezvous store; a rank that died or hangs leaves none. None means the
-    store itself is gone, i.e. rank 0, which hosts it, died.
-    """
+    """Ranks that leave no key in the store within `wait_s` of a failed collective; None if its host, rank 0, died."""
     try:
         store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())
         store.set(str(env.rank), "1")
@@ -215,10 +202,7 @@ def teardown() -> None:
 def barrier(env: DistEnv) -> None:
     """All ranks meet here (e.g. after rank 0 wrote a checkpoint)."""
     if env.distributed:
-        if env.backend == "nccl":
-            dist.barrier(device_ids=[env.device.index])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[env.device.index] if env.backend == "nccl" else None)
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -265,26 +249,21 @@ class LaggedAgreement:
         self.env, self.size, self.op = env, size, op
         self.group = dist.new_group(backend="gloo") if env.backend == "nccl" else None
         self.pending: tuple[Any, torch.Tensor] | None = None
-        self.local = [0] * size
 
     def send(self, flags: list[int]) -> None:
         """Start agreeing on this rank's flags; `receive` at a later step returns the result."""
-        if not self.env.distributed:
-            self.local = flags
-            return
         tensor = torch.tensor(flags, dtype=torch.int64)
-        self.pending = (dist.all_reduce(tensor, op=self.op, group=self.group, async_op=True), tensor)
+        work = dist.all_reduce(tensor, op=self.op, group=self.group, async_op=True) if self.env.distributed else None
+        self.pending = (work, tensor)
 
     def receive(self) -> list[int]:
         """The maximum (or sum) over ranks of the flags sent last (zeros if nothing was sent since the last receive)."""
-        if not self.env.distributed:
-            flags, self.local = self.local, [0] * self.size
-            return flags
         if self.pending is None:
             return [0] * self.size
         work, tensor = self.pending
-        work.wait()
         self.pending = None
+        if work is not None:
+            work.wait()
         return tensor.tolist()
 
 

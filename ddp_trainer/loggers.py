@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -79,15 +80,8 @@ class RunLogger:
         wandb = _import_optional("wandb", f"logging.wandb.mode={settings.mode}")
         # resume="allow" with the checkpoint's id: a resumed or requeued job appends to the same run;
         # without an id W&B makes a fresh one (or takes WANDB_RUN_ID).
-        run = wandb.init(
-            mode=settings.mode,
-            project=settings.project,
-            name=settings.name,
-            entity=settings.entity,
-            dir=str(self.output_dir),
-            config=self.run_config,
-            id=run_id,
-            resume="allow",
+        run = wandb.init(  # logging.wandb's keys (mode, project, name, entity) are wandb.init's
+            **dataclasses.asdict(settings), dir=str(self.output_dir), config=self.run_config, id=run_id, resume="allow"
         )
         # W&B's own step counts log calls; plotting against ours keeps a resumed run's points in place.
         run.define_metric(STEP_KEY)
