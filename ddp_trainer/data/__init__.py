@@ -136,20 +136,6 @@ def _sampled_loader(dataset: Dataset, sampler: Sampler, cfg: DataConfig, env: Di
     return _loader(dataset, cfg, env, seed, sampler=sampler, batch_size=cfg.batch_size, persistent_workers=persistent)
 
 
-def _stream_loaders(
-    train_set: ShardedIterableDataset, val_set: ShardedIterableDataset | None, cfg: DataConfig, env: DistEnv, seed: int
-) -> DataBundle:
-    # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
-    return DataBundle(
-        train_loader=_loader(train_set, cfg, env, seed, batch_size=None),
-        val_loader=None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None),
-        train_order=train_set,
-        train_size=sum(train_set.counts),
-        val_size=0 if val_set is None else sum(val_set.counts),
-        batches_per_epoch=len(train_set),
-    )
-
-
 def _user_stream(dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
     stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed)
     return _loader(stream, cfg, env, seed, batch_size=None, **options)
@@ -175,7 +161,11 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     """Loaders for this rank: a seeded, padded DistributedSampler for training, an unpadded one for validation;
     shard streams; or a user's IterableDataset split over ranks x workers."""
     if isinstance(train_set, ShardedIterableDataset):
-        return _stream_loaders(train_set, val_set, cfg, env, seed)
+        # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
+        train_loader = _loader(train_set, cfg, env, seed, batch_size=None)
+        val_loader = None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None)
+        val_size = 0 if val_set is None else sum(val_set.counts)
+        return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")

@@ -53,12 +53,6 @@ def balanced_batches(sequence: np.ndarray, world_size: int, batch_size: int) -> 
     return [batches[rank * batches_per_rank : (rank + 1) * batches_per_rank] for rank in range(world_size)]
 
 
-def evaluation_batches(sequence: np.ndarray, world_size: int, rank: int, batch_size: int) -> list[np.ndarray]:
-    """This rank's batches for evaluation: each record once, counts may differ (evaluation has no collective)."""
-    chunk = np.array_split(sequence, world_size)[rank]
-    return [chunk[start : start + batch_size] for start in range(0, len(chunk), batch_size)]
-
-
 def remaining_records(sequence: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
     """The records of `sequence` that the given segments of an epoch have not consumed, in order."""
     for world_size, batch_size, done in segments:
@@ -132,8 +126,9 @@ class ShardedIterableDataset(IterableDataset):
 
     def _compute_rank_plan(self) -> list[np.ndarray]:
         sequence = epoch_sequence(self.counts, self.seed, self.epoch, self.shuffle, self.shuffle_buffer)
-        if not self.balanced:
-            return evaluation_batches(sequence, self.world_size, self.rank, self.batch_size)
+        if not self.balanced:  # evaluation: each record once, counts may differ (evaluation has no collective)
+            chunk = np.array_split(sequence, self.world_size)[self.rank]
+            return [chunk[start : start + self.batch_size] for start in range(0, len(chunk), self.batch_size)]
         segments, skip = self.segments, 0
         if segments and segments[-1][:2] == (self.world_size, self.batch_size):
             # Same layout as the stored run: continue its very plan, batch for batch.
