@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ddp_trainer.config import DataConfig, locate
+from ddp_trainer.data.datasets import digits, synthetic
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream, batch_of
 from ddp_trainer.distributed import DistEnv, barrier
@@ -20,16 +22,15 @@ from ddp_trainer.preemption import ignore_stop_signals
 
 
 class EpochOrder(Protocol):
-    """What the trainer asks of the training data's order: a new epoch, a position, a resume part-way."""
+    """What the trainer asks of the training data's order: `set_epoch` starts an epoch from its beginning;
+    `position` is checkpointable, after `batches_done` batches since the epoch (or resume) started; `resume`
+    continues at a position, or returns False when it cannot, and the epoch restarts from its beginning."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its beginning."""
+    def set_epoch(self, epoch: int) -> None: ...
 
-    def position(self, batches_done: int) -> dict[str, Any]:
-        """A checkpointable position after `batches_done` batches since the epoch (or resume) started."""
+    def position(self, batches_done: int) -> dict[str, Any]: ...
 
-    def resume(self, position: dict[str, Any]) -> bool:
-        """Continue at `position`; False when it cannot, and the epoch restarts from its beginning."""
+    def resume(self, position: dict[str, Any]) -> bool: ...
 
 
 @dataclass
@@ -45,12 +46,9 @@ class DataBundle:
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
-    """The batch (tensors, in tuples, lists and dicts at any depth) on `device`, copied without blocking.
-
-    Copies from pinned memory overlap compute. With `channels_last`, 4-D floating tensors (image batches) become NHWC.
-    """
+    """The batch (tensors in tuples, lists and dicts at any depth) on `device`; images NHWC if `channels_last`."""
     if torch.is_tensor(batch):
-        moved = batch.to(device, non_blocking=True)
+        moved = batch.to(device, non_blocking=True)  # from pinned memory, the copy overlaps compute
         if channels_last and moved.dim() == 4 and moved.is_floating_point():
             moved = moved.contiguous(memory_format=torch.channels_last)
         return moved
@@ -98,12 +96,8 @@ def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if cfg.name == "stream":
         raise UsageError("data.name=stream is read as shards, not as a map-style dataset")
     if cfg.name == "digits":
-        from ddp_trainer.data.datasets import digits
-
         return digits(cfg.val_fraction)
     if cfg.name == "synthetic":
-        from ddp_trainer.data.datasets import synthetic
-
         return synthetic(cfg.synthetic)
     from ddp_trainer.data import vision  # lazy: torchvision's datasets only when asked for
 
@@ -112,22 +106,7 @@ def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return vision.cifar10(cfg.root, cfg.download, cfg.augment)
 
 
-def _loader_options(cfg: DataConfig, env: DistEnv, seed: int) -> dict[str, Any]:
-    return {
-        "num_workers": cfg.num_workers,
-        # Pinned host memory lets the copy to the GPU overlap compute; on CPU it only costs.
-        "pin_memory": env.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
-        "prefetch_factor": cfg.prefetch_factor if cfg.num_workers else None,
-        "worker_init_fn": ignore_stop_signals if cfg.num_workers else None,
-        # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
-        # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
-        "generator": torch.Generator().manual_seed(seed + env.rank),
-    }
-
-
 def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIterableDataset, ShardedIterableDataset]:
-    from ddp_trainer.data.stream_formats import open_stream
-
     root = Path(cfg.root).expanduser()
     common = {"batch_size": cfg.batch_size, "rank": env.rank, "world_size": env.world_size, "seed": seed}
     shuffle = {"shuffle": True, "shuffle_buffer": cfg.stream.shuffle_buffer}
@@ -136,23 +115,30 @@ def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIter
     return train_set, val_set
 
 
-def _stream_loaders(
-    train_set: ShardedIterableDataset, val_set: ShardedIterableDataset | None, cfg: DataConfig, env: DistEnv, seed: int
-) -> DataBundle:
-    # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
-    return DataBundle(
-        train_loader=DataLoader(train_set, batch_size=None, **_loader_options(cfg, env, seed)),
-        val_loader=None if val_set is None else DataLoader(val_set, batch_size=None, **_loader_options(cfg, env, seed)),
-        train_order=train_set,
-        train_size=sum(train_set.counts),
-        val_size=0 if val_set is None else sum(val_set.counts),
-        batches_per_epoch=len(train_set),
+def _loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
+    return DataLoader(
+        dataset,
+        num_workers=cfg.num_workers,
+        # Pinned host memory lets the copy to the GPU overlap compute; on CPU it only costs.
+        pin_memory=env.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
+        # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
+        # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
+        generator=torch.Generator().manual_seed(seed + env.rank),
+        **options,
     )
+
+
+def _sampled_loader(dataset: Dataset, sampler: Sampler, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader:
+    # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
+    persistent = cfg.persistent_workers and cfg.num_workers > 0
+    return _loader(dataset, cfg, env, seed, sampler=sampler, batch_size=cfg.batch_size, persistent_workers=persistent)
 
 
 def _user_stream(dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
     stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed)
-    return DataLoader(stream, batch_size=None, **_loader_options(cfg, env, seed), **options)
+    return _loader(stream, cfg, env, seed, batch_size=None, **options)
 
 
 def _val_loader(val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader | None:
@@ -162,14 +148,7 @@ def _val_loader(val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: in
     if isinstance(val_set, IterableDataset):
         return _user_stream(val_set, cfg, env, seed, collate_fn=batch_of)
     sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-    persistent = cfg.persistent_workers and cfg.num_workers > 0
-    options = {"batch_size": cfg.batch_size, "persistent_workers": persistent, **_loader_options(cfg, env, seed)}
-    return DataLoader(val_set, sampler=sampler, **options)
-
-
-def _augments(cfg: DataConfig) -> bool:
-    """Whether a built-in training set draws random numbers per sample (a user's `_target_` must say so itself)."""
-    return cfg._target_ is None and cfg.name == "cifar10" and cfg.augment
+    return _sampled_loader(val_set, sampler, cfg, env, seed)
 
 
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
@@ -182,7 +161,11 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     """Loaders for this rank: a seeded, padded DistributedSampler for training, an unpadded one for validation;
     shard streams; or a user's IterableDataset split over ranks x workers."""
     if isinstance(train_set, ShardedIterableDataset):
-        return _stream_loaders(train_set, val_set, cfg, env, seed)
+        # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
+        train_loader = _loader(train_set, cfg, env, seed, batch_size=None)
+        val_loader = None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None)
+        val_size = 0 if val_set is None else sum(val_set.counts)
+        return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
@@ -191,12 +174,10 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     if isinstance(train_set, IterableDataset):
         train_loader = _user_stream(train_set, cfg, env, seed)
         return DataBundle(train_loader, val_loader, train_loader.dataset, None, val_size, batches_per_epoch=None)
-    per_sample_seed = _augments(cfg) if cfg.per_sample_seed is None else cfg.per_sample_seed
-    train_sampler = ResumableDistributedSampler(
-        train_set, cfg.batch_size, env.world_size, env.rank, seed, per_sample_seed
-    )
+    # Of the built-in training sets only CIFAR-10's draws random numbers per sample; a user's `_target_` must say so.
+    augments = cfg._target_ is None and cfg.name == "cifar10" and cfg.augment
+    per_sample_seed = augments if cfg.per_sample_seed is None else cfg.per_sample_seed
+    sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed, per_sample_seed)
     samples = PerSampleSeeded(train_set, seed) if per_sample_seed else train_set
-    # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
-    batching = {"batch_size": cfg.batch_size, "persistent_workers": cfg.persistent_workers and cfg.num_workers > 0}
-    train_loader = DataLoader(samples, sampler=train_sampler, **batching, **_loader_options(cfg, env, seed))
-    return DataBundle(train_loader, val_loader, train_sampler, len(train_set), val_size, len(train_loader))
+    train_loader = _sampled_loader(samples, sampler, cfg, env, seed)
+    return DataBundle(train_loader, val_loader, sampler, len(train_set), val_size, len(train_loader))

@@ -5,24 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import TensorDataset
 
 from ddp_trainer.config import SyntheticConfig
 
 DIGITS_SPLIT_SEED = 0  # fixed, not cfg.seed: the validation set must be the same set in every run
 
 
-class TensorClassification(Dataset):
+class TensorClassification(TensorDataset):
     """Inputs and integer labels held in memory, with the `classes` attribute torchvision datasets have."""
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        super().__init__(inputs, labels)
         self.inputs, self.labels, self.classes = inputs, labels, list(classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.labels[index]
 
 
 def digits(val_fraction: float) -> tuple[TensorClassification, TensorClassification]:

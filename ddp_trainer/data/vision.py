@@ -24,22 +24,20 @@ class CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def _require_files(root: Path, dataset: str, files: list[Path], download: bool) -> None:
-    if download:
-        return
-    missing = [file for file in files if not file.is_file()]
-    if missing:
+def _require_files(root: str, dataset: str, folder: str, names: list[str], download: bool) -> None:
+    files = Path(root).expanduser() / folder
+    missing = [files / name for name in names if not (files / name).is_file()]
+    if missing and not download:
         raise UsageError(
-            f"data.root={root} is missing {dataset} files; expected {missing[0]} "
+            f"data.root={Path(root).expanduser()} is missing {dataset} files; expected {missing[0]} "
             f"(set data.download=true to fetch it, or copy the files there)"
         )
 
 
 def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
     """FashionMNIST 28x28 grey garments, normalised to [-1, 1] as in the tutorial."""
-    raw = Path(root).expanduser() / "FashionMNIST" / "raw"
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    _require_files(Path(root).expanduser(), "FashionMNIST", [raw / name for name in names], download)
+    _require_files(root, "FashionMNIST", "FashionMNIST/raw", names, download)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     return (
         datasets.FashionMNIST(root, train=True, download=download, transform=transform),
@@ -49,9 +47,8 @@ def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, dat
 
 def cifar10(root: str, download: bool, augment: bool) -> tuple[CIFAR10Files, CIFAR10Files]:
     """CIFAR-10 with its channel statistics; random crop and flip on the training split when `augment`."""
-    folder = Path(root).expanduser() / CIFAR10Files.base_folder
     names = [name for name, _ in CIFAR10Files.train_list + CIFAR10Files.test_list] + [CIFAR10Files.meta["filename"]]
-    _require_files(Path(root).expanduser(), "CIFAR-10", [folder / name for name in names], download)
+    _require_files(root, "CIFAR-10", CIFAR10Files.base_folder, names, download)
     normalize = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
     return (
