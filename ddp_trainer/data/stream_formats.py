@@ -11,7 +11,7 @@ import torch
 
 from ddp_trainer.config import StreamConfig
 from ddp_trainer.data.datasets import TensorClassification
-from ddp_trainer.data.streaming import ShardedIterableDataset
+from ddp_trainer.data.streaming import ShardedIterableDataset, to_tensors
 from ddp_trainer.errors import UsageError
 
 INDEX_FILE = "index.json"
@@ -31,7 +31,7 @@ class JsonlShards(ShardedIterableDataset):
             return sum(1 for line in file if line.strip())
 
     def load_shard(self, path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Parse every line of the shard into (float input reshaped to `input_shape` if given, long label) tensors."""
+        """Parse every line of the shard into (input, label) tensors."""
         samples = []
         with path.open() as file:
             for number, line in enumerate(file, start=1):
@@ -39,14 +39,12 @@ class JsonlShards(ShardedIterableDataset):
                     continue
                 try:
                     record = json.loads(line)
-                    inputs = torch.as_tensor(np.asarray(record[self.input_field], dtype=np.float32))
-                    label = torch.as_tensor(int(record[self.label_field]))
+                    samples.append(to_tensors(record[self.input_field], record[self.label_field], self.input_shape))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                     raise UsageError(
                         f"{path}:{number}: not a record with fields {self.input_field!r} and "
                         f"{self.label_field!r} ({type(error).__name__}: {error})"
                     ) from error
-                samples.append((inputs.reshape(self.input_shape) if self.input_shape else inputs, label))
         return samples
 
 

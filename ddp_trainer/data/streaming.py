@@ -13,13 +13,14 @@ resuming removes exactly the records those segments consumed, also when the worl
 
 from __future__ import annotations
 
-import functools
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ddp_trainer.errors import UsageError
@@ -67,7 +68,7 @@ class ShardedIterableDataset(IterableDataset):
     """A stream of shard files split across ranks and DataLoader workers; yields whole batches.
 
     Subclasses implement `load_shard(path)`, returning a random-access sequence of samples, and may override
-    `count_records` (e.g. from an index). Use with `DataLoader(dataset, batch_size=None)`.
+    `count_records` (e.g. from an index) and `collate`. Use with `DataLoader(dataset, batch_size=None)`.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class ShardedIterableDataset(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer, self.balanced = seed, shuffle, shuffle_buffer, balanced
         self.epoch, self.segments = 0, []
         self._plan_cache: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
+        self.cache_size = 2 + math.ceil(shuffle_buffer / max(1, min((c for c in self.counts if c), default=1)))
 
     def load_shard(self, path: Path) -> Sequence[Any]:
         """All samples of one shard, indexable by position."""
@@ -97,6 +99,10 @@ class ShardedIterableDataset(IterableDataset):
     def count_records(self, path: Path) -> int:
         """Number of records in one shard (default: load it and count)."""
         return len(self.load_shard(path))
+
+    def collate(self, samples: list[Any]) -> Any:
+        """Turn a list of samples into a batch."""
+        return default_collate(samples)
 
     def __len__(self) -> int:
         return len(self.rank_plan())
@@ -139,14 +145,21 @@ class ShardedIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        # Keep the shards a shuffle window can span, even over the smallest ones; windows move forward in shard order.
-        smallest = min((count for count in self.counts if count), default=1)
-        load_shard = functools.lru_cache(maxsize=2 + math.ceil(self.shuffle_buffer / smallest))(self.load_shard)
+        cache: OrderedDict[int, Sequence[Any]] = OrderedDict()
         for batch in self.rank_plan()[worker_id::num_workers]:
             shards = np.searchsorted(self.offsets, batch, side="right") - 1
             positions = batch - self.offsets[shards]
             pairs = zip(shards.tolist(), positions.tolist(), strict=True)
-            yield default_collate([load_shard(self.shards[shard])[position] for shard, position in pairs])
+            samples = [self._shard(shard, cache)[position] for shard, position in pairs]
+            yield self.collate(samples)
+
+    def _shard(self, shard: int, cache: OrderedDict[int, Sequence[Any]]) -> Sequence[Any]:
+        if shard in cache:
+            return cache[shard]
+        cache[shard] = self.load_shard(self.shards[shard])
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
+        return cache[shard]
 
     def first_sample(self) -> Any:
         """One sample, to learn the input shape."""
@@ -154,3 +167,11 @@ class ShardedIterableDataset(IterableDataset):
         if shard is None:
             raise UsageError(f"the stream in {self.shards[0].parent if self.shards else '?'} has no records")
         return self.load_shard(self.shards[shard])[0]
+
+
+def to_tensors(inputs: Any, label: Any, input_shape: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float input reshaped to `input_shape` if given, long label) from array-likes."""
+    tensor = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+    if input_shape:
+        tensor = tensor.reshape(tuple(input_shape))
+    return tensor, torch.as_tensor(int(label))
