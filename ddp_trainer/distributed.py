@@ -249,21 +249,26 @@ class LaggedAgreement:
         self.env, self.size, self.op = env, size, op
         self.group = dist.new_group(backend="gloo") if env.backend == "nccl" else None
         self.pending: tuple[Any, torch.Tensor] | None = None
+        self.local = [0] * size  # a single process agrees with itself: no tensor, so nothing to read back
 
     def send(self, flags: list[int]) -> None:
         """Start agreeing on this rank's flags; `receive` at a later step returns the result."""
+        if not self.env.distributed:
+            self.local = flags
+            return
         tensor = torch.tensor(flags, dtype=torch.int64)
-        work = dist.all_reduce(tensor, op=self.op, group=self.group, async_op=True) if self.env.distributed else None
-        self.pending = (work, tensor)
+        self.pending = (dist.all_reduce(tensor, op=self.op, group=self.group, async_op=True), tensor)
 
     def receive(self) -> list[int]:
         """The maximum (or sum) over ranks of the flags sent last (zeros if nothing was sent since the last receive)."""
+        if not self.env.distributed:
+            flags, self.local = self.local, [0] * self.size
+            return flags
         if self.pending is None:
             return [0] * self.size
         work, tensor = self.pending
+        work.wait()
         self.pending = None
-        if work is not None:
-            work.wait()
         return tensor.tolist()
 
 
