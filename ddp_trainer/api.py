@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -73,15 +72,13 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
         parts = assemble(cfg, env, model, bundle, task, logger)
-        signum = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
-        # Stopped by SLURM's warning: requeued, so a success; by another signal: the shell's 128 + signal convention.
-        exit_code = 0 if signum in (0, signal.SIGUSR2) else 128 + signum
+        exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
         record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
         logger.finish(exit_code)
         distributed.teardown()
         stop.restore()
-    return exit_code, record if signum == 0 else {}
+    return exit_code, record if finished else {}
 
 
 def _last_record(metrics_path: Path) -> dict[str, Any]:

@@ -272,15 +272,15 @@ class LaggedAgreement:
         return tensor.tolist()
 
 
-def requeue_slurm_job() -> str:
-    """Ask SLURM to requeue this job (`scontrol requeue`); returns what happened, in words."""
+def requeue_slurm_job() -> tuple[bool, str]:
+    """Ask SLURM to requeue this job (`scontrol requeue`): whether it did, and what happened, in words."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
-        return "not a SLURM job: nothing to requeue"
+        return False, "not a SLURM job: nothing to requeue"
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
-        return f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
-    return f"SLURM job {job_id} requeued"
+        return False, f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
+    return True, f"SLURM job {job_id} requeued"
 
 
 def rank_label() -> str:

@@ -19,6 +19,7 @@ from ddp_trainer.distributed import (
     DistEnv,
     LaggedAgreement,
     barrier,
+    broadcast_object,
     gather_objects,
     is_peer_failure,
     rank_lost,
@@ -81,8 +82,8 @@ class Trainer:
             AgreedFeed(data.train_loader, data.train_order, env, self.accumulate) if unknown_length else None
         )
 
-    def fit(self) -> int:
-        """Train until `trainer.epochs` (or `trainer.max_steps`); returns 0, or the signal that stopped the run."""
+    def fit(self) -> tuple[int, bool]:
+        """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
         progress = self.progress
         self.logger.start(to_yaml(self.cfg), progress.epoch, progress.wandb_run_id, resumed_step=progress.step)
         progress.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
@@ -96,13 +97,22 @@ class Trainer:
                 raise rank_lost(error, self.env, self.cfg.trainer.dist_timeout_s, where) from error
             raise
         except Stopped as stop:
-            requeue = stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue and self.env.is_main
-            outcome = requeue_slurm_job() if requeue else "not requeued"
+            requeued, outcome = self._requeue(stop.signum)
+            # Requeued by SLURM, the job goes on later: a success. Otherwise the shell's 128 + signal convention.
+            exit_code = 0 if requeued else 128 + stop.signum
             saved = self.checkpoint_dir / "last.pt"
-            self.logger.info(f"stopped by {stop} at step {self.progress.step}: {saved} saved; {outcome}")
-            return stop.signum
+            self.logger.info(
+                f"stopped by {stop} at step {self.progress.step}: {saved} saved; {outcome}; exit code {exit_code}"
+            )
+            return exit_code, False
         self.logger.info(f"done at step {self.progress.step}: {self.monitor.describe()}; {self.checkpoint_dir}")
-        return 0
+        return 0, True
+
+    def _requeue(self, signum: int) -> tuple[bool, str]:
+        """SLURM's warning (USR2) asks for a requeue; rank 0 asks SLURM and every rank learns the outcome."""
+        if signum != signal.SIGUSR2 or not self.cfg.trainer.requeue:
+            return False, "not requeued" + ("" if signum != signal.SIGUSR2 else " (trainer.requeue=false)")
+        return broadcast_object(requeue_slurm_job() if self.env.is_main else None, self.env)
 
     def _run_epochs(self) -> None:
         for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):

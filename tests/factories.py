@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -
 
 
 class FaultyDataset(Dataset):
-    """After serving `after` items on a faulty rank, raises (`fault="crash"`) or hangs for an hour (`"stall"`)."""
+    """After serving `after` items on a faulty rank: raises (`fault="crash"`), hangs for an hour (`"stall"`) or
+    gets SLURM's preemption warning once (`"usr2"`)."""
 
     def __init__(self, inner: Dataset, fault: str | None, after: int) -> None:
         self.inner, self.fault, self.after, self.served, self.classes = inner, fault, after, 0, inner.classes
@@ -87,6 +89,10 @@ class FaultyDataset(Dataset):
         if self.fault is not None and self.served > self.after:
             if self.fault == "crash":
                 raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+            if self.fault == "usr2":
+                self.fault = None
+                os.kill(os.getpid(), signal.SIGUSR2)
+                return self.inner[index]
             time.sleep(3600)  # a rank stuck on a dead filesystem
         return self.inner[index]
 

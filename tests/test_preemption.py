@@ -7,6 +7,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from ddp_trainer import checkpoint
+from ddp_trainer.cli.train import main
 from ddp_trainer.preemption import StopSignals
 
 
@@ -35,3 +39,16 @@ def test_a_second_signal_ends_the_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == f"noted {int(signal.SIGTERM)}"
     assert result.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("requeue", ["true", "false"])
+def test_usr2_without_a_requeue_saves_and_exits_140_not_0(tmp_path, capsys, monkeypatch, requeue):
+    # USR2 arrives in the first epoch, outside SLURM (or with requeue off): the job will not run again.
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    data = ["data._target_=factories.faulty_blobs", "data.fault=usr2", "data.fault_rank=0", "data.after=20"]
+    args = [*data, "model._target_=factories.small_net", "trainer.device=cpu", f"trainer.requeue={requeue}"]
+    assert main([*args, "data.batch_size=8", f"output_dir={tmp_path}"]) == 128 + signal.SIGUSR2
+    said = "nothing to requeue" if requeue == "true" else "not requeued (trainer.requeue=false)"
+    assert f"{said}; exit code 140" in capsys.readouterr().out
+    # Noted while batch 3 loads (samples 17-24), acted on at the next step's agreement: saved after step 4 of 12.
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 4
