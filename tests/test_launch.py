@@ -85,6 +85,21 @@ def test_ddp_launch_fills_what_the_allocation_knows_and_keeps_what_was_given():
     assert sum(token.startswith("--nproc") for token in command) == 1
 
 
+def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "ddp_trainer.cli.launch", "--dry-run", "train.py"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO_DIR,
+        timeout=60,
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    assert "--nproc-per-node=1 train.py" in pinned.stdout  # one core of the machine's os.cpu_count()
+    allocation = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"}  # SLURM gave the task 1 CPU, pinned or not
+    assert "--nproc-per-node=1" in torchrun_command(["--standalone", "train.py"], allocation)
+
+
 def test_ddp_launch_outside_slurm_only_adds_processes_per_node():
     command = torchrun_command(["--standalone", "train.py"], {})
     assert command[3].startswith("--nproc-per-node=") and command[4:] == ["--standalone", "train.py"]

@@ -21,9 +21,14 @@ def _given(flags: Sequence[str], option_strings: Sequence[str]) -> bool:
     return any(token == option or token.startswith(option + "=") for token in flags for option in option_strings)
 
 
-def default_nproc_per_node() -> int:
-    """One process per GPU, or one per CPU core for the CPU test mode."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
+def default_nproc_per_node(environ: Mapping[str, str]) -> int:
+    """One process per GPU; without GPUs, one per CPU core this job may use, not per core of the machine."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    usable = len(os.sched_getaffinity(0))  # a cpuset, cgroup or taskset narrows it
+    # SLURM pins tasks to their cores only with an affinity task plugin; its count holds either way.
+    given = environ.get("SLURM_CPUS_PER_TASK") if "SLURM_JOB_ID" in environ else None
+    return min(usable, int(given)) if given and given.isdigit() else usable
 
 
 def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
@@ -49,7 +54,7 @@ def torchrun_command(argv: Sequence[str], environ: Mapping[str, str]) -> list[st
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
     added = []
     if not _given(flags, options["nproc_per_node"]):
-        added.append(f"--nproc-per-node={default_nproc_per_node()}")
+        added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
     if not args.standalone:
         for flag, value in slurm_flags(environ).items():
             if not _given(flags, options[flag.lstrip("-").replace("-", "_")]):
