@@ -64,7 +64,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     """
     require_packages(cfg.logging)
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
+    # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
     logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:

@@ -150,6 +150,7 @@ class TrainerConfig(_Section):
     resume: str = "auto"
     log_every_n_steps: int = _positive(50)
     dist_timeout_s: float = _positive(300.0, "a positive number")
+    startup_timeout_s: float = _positive(1800.0, "a positive number")
     progress_bar: bool = True
     stop_check_every_n_steps: int = _positive(1)
     requeue: bool = True

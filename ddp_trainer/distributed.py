@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -176,8 +177,12 @@ def absent_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
         return None
 
 
-def rank_lost(error: RuntimeError, env: DistEnv, timeout_s: float, where: str) -> RankLost:
-    """The one-line error for a collective that failed `where` on a peer: names the ranks that stopped answering."""
+def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], where: str) -> RankLost:
+    """The one-line error for a collective that failed `where` on a peer: names the ranks that stopped answering.
+
+    `timeout` is the (config key, seconds) of the timeout in force: start-up's or training's.
+    """
+    key, timeout_s = timeout
     # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
     missing = absent_ranks(env, wait_s=min(timeout_s, 10.0))
     reason = first_line(error)
@@ -187,7 +192,33 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout_s: float, where: str) -
         culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
     else:
         culprit = "every rank's collective failed (network?)"
-    return RankLost(f"{culprit}; a collective failed {where} (trainer.dist_timeout_s={timeout_s:g}): {reason}")
+    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {reason}")
+
+
+class PhaseTimeouts:
+    """Start-up's long process-group timeout until the first optimizer step is done, then training's short one.
+
+    Start-up (rendezvous, a dataset download, the first step's compile) may keep ranks apart for long; once
+    steps run, a silent peer is dead or stuck and should become an error soon. torchtitan does the same.
+    """
+
+    def __init__(self, env: DistEnv, startup_s: float, training_s: float) -> None:
+        self.env, self.startup_s, self.training_s, self.training = env, startup_s, training_s, False
+
+    def training_started(self, groups: Sequence[dist.ProcessGroup | None]) -> None:
+        """After a step: from now on the default group and `groups` time out after training's timeout."""
+        if self.training:
+            return
+        self.training = True
+        if self.env.distributed:
+            for group in {None, *groups}:
+                dist.set_timeout(timedelta(seconds=self.training_s), group)
+
+    def in_force(self) -> tuple[str, float]:
+        """(config key, seconds) of the timeout that applies now."""
+        if self.training:
+            return "trainer.dist_timeout_s", self.training_s
+        return "trainer.startup_timeout_s", self.startup_s
 
 
 def teardown() -> None:
@@ -272,8 +303,12 @@ class LaggedAgreement:
         return tensor.tolist()
 
 
-def requeue_slurm_job() -> tuple[bool, str]:
-    """Ask SLURM to requeue this job (`scontrol requeue`): whether it did, and what happened, in words."""
+def requeue_slurm_job(env: DistEnv) -> tuple[bool, str]:
+    """Rank 0 asks SLURM to requeue this job (`scontrol requeue`); every rank learns whether it did, in words too."""
+    return broadcast_object(_scontrol_requeue() if env.is_main else None, env)
+
+
+def _scontrol_requeue() -> tuple[bool, str]:
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
         return False, "not a SLURM job: nothing to requeue"

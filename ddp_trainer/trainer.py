@@ -18,8 +18,8 @@ from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
     LaggedAgreement,
+    PhaseTimeouts,
     barrier,
-    broadcast_object,
     gather_objects,
     is_peer_failure,
     rank_lost,
@@ -76,11 +76,10 @@ class Trainer:
         self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
-        # A stream of unknown length agrees each step whether any rank still holds a batch.
-        unknown_length = data.batches_per_epoch is None
-        self.stream_feed = (
-            AgreedFeed(data.train_loader, data.train_order, env, self.accumulate) if unknown_length else None
-        )
+        self.timeouts = PhaseTimeouts(env, cfg.trainer.startup_timeout_s, cfg.trainer.dist_timeout_s)
+        self.stream_feed = None  # a stream of unknown length agrees each step whether any rank still holds a batch
+        if data.batches_per_epoch is None:
+            self.stream_feed = AgreedFeed(data.train_loader, data.train_order, env, self.accumulate)
 
     def fit(self) -> tuple[int, bool]:
         """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
@@ -94,25 +93,20 @@ class Trainer:
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
                 where = f"at step {self.progress.step + 1} (epoch {self.progress.epoch + 1})"
-                raise rank_lost(error, self.env, self.cfg.trainer.dist_timeout_s, where) from error
+                raise rank_lost(error, self.env, self.timeouts.in_force(), where) from error
             raise
         except Stopped as stop:
-            requeued, outcome = self._requeue(stop.signum)
+            if stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue:
+                requeued, outcome = requeue_slurm_job(self.env)
+            else:
+                requeued, outcome = False, f"not requeued (trainer.requeue={self.cfg.trainer.requeue})"
             # Requeued by SLURM, the job goes on later: a success. Otherwise the shell's 128 + signal convention.
             exit_code = 0 if requeued else 128 + stop.signum
-            saved = self.checkpoint_dir / "last.pt"
-            self.logger.info(
-                f"stopped by {stop} at step {self.progress.step}: {saved} saved; {outcome}; exit code {exit_code}"
-            )
+            saved, step = self.checkpoint_dir / "last.pt", self.progress.step
+            self.logger.info(f"stopped by {stop} at step {step}: {saved} saved; {outcome}; exit code {exit_code}")
             return exit_code, False
         self.logger.info(f"done at step {self.progress.step}: {self.monitor.describe()}; {self.checkpoint_dir}")
         return 0, True
-
-    def _requeue(self, signum: int) -> tuple[bool, str]:
-        """SLURM's warning (USR2) asks for a requeue; rank 0 asks SLURM and every rank learns the outcome."""
-        if signum != signal.SIGUSR2 or not self.cfg.trainer.requeue:
-            return False, "not requeued" + ("" if signum != signal.SIGUSR2 else " (trainer.requeue=false)")
-        return broadcast_object(requeue_slurm_job() if self.env.is_main else None, self.env)
 
     def _run_epochs(self) -> None:
         for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
@@ -208,6 +202,7 @@ class Trainer:
         self.precision.step(self.optimizer, finite)
         self.scheduler.step()
         step = self.progress.step = self.progress.step + 1
+        self.timeouts.training_started([self.agreement.group, self.stream_feed and self.stream_feed.agreement.group])
         sums.add(self._step_sums(sums, window_sums, norm, finite))
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync

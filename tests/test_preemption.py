@@ -48,7 +48,7 @@ def test_usr2_without_a_requeue_saves_and_exits_140_not_0(tmp_path, capsys, monk
     data = ["data._target_=factories.faulty_blobs", "data.fault=usr2", "data.fault_rank=0", "data.after=20"]
     args = [*data, "model._target_=factories.small_net", "trainer.device=cpu", f"trainer.requeue={requeue}"]
     assert main([*args, "data.batch_size=8", f"output_dir={tmp_path}"]) == 128 + signal.SIGUSR2
-    said = "nothing to requeue" if requeue == "true" else "not requeued (trainer.requeue=false)"
+    said = "not a SLURM job: nothing to requeue" if requeue == "true" else "not requeued (trainer.requeue=False)"
     assert f"{said}; exit code 140" in capsys.readouterr().out
     # Noted while batch 3 loads (samples 17-24), acted on at the next step's agreement: saved after step 4 of 12.
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 4
