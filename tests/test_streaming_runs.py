@@ -58,7 +58,7 @@ def recorded_ids(record_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("workers", [0, 1, 3])
+@pytest.mark.parametrize("workers", [0, 3])  # in the main process, and workers that get uneven shares of batches
 def test_every_record_is_trained_on_once_per_epoch(shard_root, tmp_path, world_size, workers):
     args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), f"data.num_workers={workers}"]
     result = run_cli([*args, "trainer.epochs=1"], nproc=world_size, timeout=120)
