@@ -55,7 +55,7 @@ class RankShardedStream(IterableDataset):
 
     Resumable mid-epoch: a position counts the batches trained from each reader slot; a resumed reader skips its
     records of those batches, which is exact when the dataset yields the same records in the same order for the
-    same epoch and reader (see the README).
+    same epoch and reader (see docs/streaming.md).
     """
 
     def __init__(
