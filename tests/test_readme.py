@@ -15,7 +15,8 @@ from ddp_trainer.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-CONFIGURATION = REPO / "docs" / "configuration.md"
+DOCS = REPO / "docs"
+CONFIGURATION = DOCS / "configuration.md"
 
 
 def test_ci_runs_the_readme_test_command():
@@ -56,3 +57,36 @@ def test_the_python_api_example_runs_as_written(tmp_path):
     result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs" / "mine" / "checkpoints" / "best.pt").exists()
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for the headings outside code blocks: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, in_code = set(), False
+    for line in markdown.splitlines():
+        in_code ^= line.startswith("```")
+        if not in_code and line.startswith("#"):
+            anchors.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of a Markdown page whose file, or heading after `#`, does not exist."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.is_file() or (anchor and anchor not in heading_anchors(linked.read_text())):
+            broken.append(f"{page.relative_to(REPO)}: {target}")
+    return broken
+
+
+def test_the_readme_links_every_docs_page_and_only_pages_that_exist():
+    linked = {target.partition("#")[0] for target in re.findall(r"\]\((docs/[^)\s]+)\)", README.read_text())}
+    assert linked == {f"docs/{page.name}" for page in DOCS.glob("*.md")}
+    assert broken_links(README) == []
+
+
+def test_links_between_docs_pages_lead_to_files_and_headings_that_exist():
+    assert [link for page in sorted(DOCS.glob("*.md")) for link in broken_links(page)] == []
