@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import checkpoint, rng
+from ddp_trainer import changes, checkpoint, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv
@@ -55,7 +55,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
     resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
     if resumed is not None:
-        restore(parts, *resumed, env, logger)
+        restore(parts, *resumed, cfg, env, logger)
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids=device_ids)
@@ -65,13 +65,15 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     return parts
 
 
-def restore(parts: Parts, state: dict[str, Any], path: Path, env: DistEnv, logger: RunLogger) -> None:
+def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
+    accepted = changes.check(state, cfg, env.world_size, path, logger.info)
     try:
         parts.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state.get("grad_scaler"))
+        changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)
     except (RuntimeError, ValueError, KeyError) as error:
         reason = first_line(error)
         raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
@@ -82,4 +84,10 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, env: DistEnv, logge
         rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
     else:
         logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
-    logger.info(f"resumed from {path}: epoch {parts.progress.epoch}, step {parts.progress.step}")
+    progress = parts.progress
+    logger.info(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
+    if progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step:
+        logger.info(
+            f"this run is finished ({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}): nothing "
+            "to train; to train again, use another output_dir or trainer.resume=none"
+        )

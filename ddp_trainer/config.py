@@ -22,7 +22,10 @@ def _invalid(key: str, value: Any, expected: str) -> UsageError:
 
 def _checked(default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
     """A field whose value must pass `valid`, checked by `_Section.__post_init__`; `expected` says what passes."""
-    return field(default=default, metadata={"valid": valid, "expected": expected})
+    metadata = {"valid": valid, "expected": expected}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _one_of(default: str, choices: tuple[str, ...]) -> Any:
@@ -35,6 +38,23 @@ def _positive(default: float, expected: str = "a positive integer") -> Any:
 
 def _not_negative(default: float, expected: str) -> Any:
     return _checked(default, lambda value: value >= 0, expected)
+
+
+# What trainer.allow_changes may name: changes a resumed run can meaningfully continue with (see changes.py).
+CONTINUABLE = (
+    "trainer.epochs",
+    "trainer.max_steps",
+    "optim.lr",
+    "optim.min_lr",
+    "optim.weight_decay",
+    "optim.momentum",
+    "trainer.grad_clip_norm",
+    "trainer.nonfinite_loss",
+    "trainer.early_stopping_patience",
+    "trainer.early_stopping_min_delta",
+    "world_size",
+)
+CONTINUED = ", ".join(CONTINUABLE)
 
 
 class _Section:
@@ -161,6 +181,7 @@ class TrainerConfig(_Section):
     compile: bool = False
     early_stopping_patience: int = _not_negative(0, "0 (off) or a number of epochs")
     early_stopping_min_delta: float = _not_negative(0.0, "0 or a positive improvement")
+    allow_changes: list[str] = _checked([], lambda keys: set(keys) <= set(CONTINUABLE), f"keys among {CONTINUED}")
 
 
 @dataclass

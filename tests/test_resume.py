@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
 
-from ddp_trainer import checkpoint
+import ddp_trainer
+from ddp_trainer import checkpoint, config, optim
 from ddp_trainer.cli.train import main
+from ddp_trainer.errors import UsageError
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "model.dropout=0.2"]
 
@@ -64,13 +68,15 @@ def test_killed_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path, signum
 
 
 def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
-    # No LR schedule: a cosine schedule is stretched over max_steps, so the stopped run would differ by design.
-    args = [*DIGITS, "trainer.epochs=3", "optim.scheduler=none"]
-    assert main([*args, f"output_dir={tmp_path / 'straight'}"]) == 0
-    assert main([*args, f"output_dir={tmp_path / 'split'}", "trainer.max_steps=70"]) == 0  # 45 steps per epoch
+    # No LR schedule: a cosine schedule is stretched over the run's length, so the stopped run would differ by design.
+    # Without one, a resumed run may change its length (trainer.epochs, trainer.max_steps): it continues the same run.
+    args = [*DIGITS, "optim.scheduler=none"]
+    assert main([*args, "trainer.epochs=3", f"output_dir={tmp_path / 'straight'}"]) == 0
+    split = [*args, f"output_dir={tmp_path / 'split'}"]
+    assert main([*split, "trainer.epochs=2", "trainer.max_steps=70"]) == 0  # 45 steps per epoch
     stopped = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert (stopped["epoch"], stopped["step"], stopped["batch_in_epoch"]) == (1, 70, 25)
-    assert main([*args, f"output_dir={tmp_path / 'split'}"]) == 0
+    assert main([*split, "trainer.epochs=3"]) == 0
     assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "straight"))
     split, straight = read_metrics(tmp_path / "split"), read_metrics(tmp_path / "straight")
     assert [line["epoch"] for line in split] == [1, 2, 3]
@@ -110,12 +116,55 @@ def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys
     assert last.read_bytes() == b"\x00" * 64
 
 
-def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys):
-    assert main([*DIGITS, f"output_dir={tmp_path}", "trainer.epochs=1"]) == 0
+def test_checkpoint_of_another_model_from_python_is_refused_in_one_line(tmp_path, capsys):
+    # The same config with another module, which fit() receives as an object: only the weights can tell.
+    train, val = factories.blobs()
+    overrides = ["trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    ddp_trainer.fit(factories.small_net(hidden=16), train, val, overrides=overrides)
+    with pytest.raises(UsageError, match="does not fit this run's model") as refused:
+        ddp_trainer.fit(factories.small_net(hidden=32), train, val, overrides=[*overrides, "trainer.epochs=2"])
+    assert "\n" not in str(refused.value)
+
+
+def checkpoint_files(output_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((output_dir / "checkpoints").glob("*.pt"))}
+
+
+def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_request(tmp_path, capsys):
+    args = [*DIGITS, "trainer.epochs=2", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    saved, last = checkpoint_files(tmp_path), tmp_path / "checkpoints" / "last.pt"
     capsys.readouterr()
-    assert main([*DIGITS, f"output_dir={tmp_path}", "trainer.epochs=2", "model.hidden_sizes=[32]"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "does not fit this run's model" in error and "\n" not in error
+
+    # The recipe's cosine schedule spans the run, so more epochs change it as a new learning rate does.
+    assert main([*args, "optim.lr=3e-4", "trainer.epochs=4"]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train: error: checkpoint {last} was saved with another config: optim.lr 0.001 -> 0.0003, "
+        "trainer.epochs 2 -> 4; to train anew, use another output_dir or trainer.resume=none; to go on from step "
+        "90 with the new values: trainer.allow_changes=[optim.lr,trainer.epochs]\n"
+    )
+    assert main([*args, "model.hidden_sizes=[32]", "seed=1"]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train: error: checkpoint {last} was saved with another config: model.hidden_sizes [64] -> [32], "
+        "seed 0 -> 1; to train anew, use another output_dir or trainer.resume=none; model.hidden_sizes, seed "
+        "cannot change within one run\n"
+    )
+    assert main([*args, "trainer.allow_changes=[model.name]"]) == 2
+    assert "config key 'trainer.allow_changes' has invalid value ['model.name']" in capsys.readouterr().err
+    assert checkpoint_files(tmp_path) == saved
+
+    assert main([*args, "trainer.log_every_n_steps=7", "trainer.dist_timeout_s=60"]) == 0
+    output = capsys.readouterr().out
+    assert "as it was: trainer.dist_timeout_s 300.0 -> 60.0, trainer.log_every_n_steps 10 -> 7" in output
+    assert "this run is finished (2 of 2 epochs, step 90): nothing to train" in output
+    assert checkpoint_files(tmp_path) == saved and len(read_metrics(tmp_path)) == 2
+
+    changed = ["optim.lr=3e-4", "trainer.epochs=4", "trainer.allow_changes=[optim.lr,trainer.epochs]"]
+    assert main([*args, *changed]) == 0
+    cfg = config.load("configs/digits_mlp.yaml", [*DIGITS[2:], *changed])
+    multiplier = optim.lr_multiplier(cfg.optim, steps_per_epoch=45, total_steps=180)
+    assert [(line["epoch"], line["step"]) for line in read_metrics(tmp_path)] == [(1, 45), (2, 90), (3, 135), (4, 180)]
+    assert read_metrics(tmp_path)[2]["lr"] == pytest.approx(3e-4 * multiplier(135), rel=1e-12)
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:
@@ -199,6 +248,26 @@ def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted_tw
     assert "resumed from" in output and "unreadable" not in output  # last.pt was the previous, whole checkpoint
     assert not list((tmp_path / "checkpoints").glob(".*"))
     assert_same_run(tmp_path, uninterrupted_two_ranks)
+
+
+def test_two_ranks_refuse_a_changed_run_alike_and_go_on_with_an_accepted_one(tmp_path, uninterrupted_two_ranks, capsys):
+    shutil.copytree(uninterrupted_two_ranks, tmp_path, dirs_exist_ok=True)
+    saved, args = checkpoint_files(tmp_path), [*TORCHRUN_RUN, f"output_dir={tmp_path}"]
+    refused = run_cli([*args, "optim.lr=0.01"], nproc=2)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("ddp-train: error (rank ")]
+    assert len(errors) == 2 and all("optim.lr 0.001 -> 0.01;" in line for line in errors)  # every rank, no hang
+    assert main(args) == 2  # one rank where two trained: another global batch
+    assert "world_size 2 -> 1;" in capsys.readouterr().err
+    assert checkpoint_files(tmp_path) == saved
+
+    more = ["trainer.epochs=13", "trainer.allow_changes=[trainer.epochs]", "trainer.log_every_n_steps=7"]
+    went_on = run_cli([*args, *more], nproc=2)
+    assert went_on.returncode == 0, went_on.stderr
+    assert (
+        "trainer.log_every_n_steps 10 -> 7" in went_on.stdout.split("leave the result as it was: ")[1].splitlines()[0]
+    )
+    assert [(line["epoch"], line["world_size"]) for line in read_metrics(tmp_path)][-2:] == [(12, 2), (13, 2)]
 
 
 def test_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, capsys):

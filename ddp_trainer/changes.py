@@ -1,0 +1,110 @@
+"""What a resumed run may change: its config is compared with the checkpoint's before anything is restored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ddp_trainer.config import CONTINUABLE, Config, to_container
+from ddp_trainer.errors import UsageError
+
+# How the run reports, saves, waits or where it runs: the weights come out the same.
+HARMLESS = (
+    "output_dir",
+    "logging.",
+    "trainer.resume",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.stop_check_every_n_steps",
+    "trainer.dist_timeout_s",
+    "trainer.startup_timeout_s",
+    "trainer.requeue",
+    "trainer.device",
+    "trainer.dist_backend",
+    "trainer.compile",
+    "checkpoint.every_n_steps",
+    "checkpoint.every_n_minutes",
+    "checkpoint.keep_last",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.prefetch_factor",
+    "model.channels_last",
+)
+# A longer or shorter run continues the same one, unless the schedule is stretched over the run's length.
+LENGTH = ("trainer.epochs", "trainer.max_steps")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys: {"optim.lr": 0.05, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def differences(saved: dict[str, Any], cfg: Config, saved_world: int | None, world: int) -> dict[str, tuple]:
+    """{key: (old, new)} for every config key both configs hold with different values, and the world size."""
+    old, new = flatten(saved), flatten(to_container(cfg))
+    compared = old.keys() & new.keys() - {"trainer.allow_changes"}  # what this run accepts, not what it trains
+    changed = {key: (old[key], new[key]) for key in compared if old[key] != new[key]}
+    if saved_world is not None and saved_world != world:
+        changed["world_size"] = (saved_world, world)  # the global batch, and every rank's data order, change
+    return dict(sorted(changed.items()))
+
+
+def changes_result(key: str, cfg: Config) -> bool:
+    """Whether a different value of `key` makes the resumed run end elsewhere than the saved run would."""
+    if key in LENGTH:
+        return cfg.optim.scheduler == "cosine"
+    return not key.startswith(HARMLESS)
+
+
+def check(state: dict[str, Any], cfg: Config, world: int, path: Path, report: Callable[[str], None]) -> list[str]:
+    """Refuse a resume whose config changes the result unless trainer.allow_changes accepts it; returns those keys.
+
+    Differences that leave the result as it was go to `report`. Every rank reads the same file and config, so
+    every rank raises the same one-line error, before any collective.
+    """
+    changed = differences(state.get("config") or {}, cfg, state.get("world_size"), world)
+    refused = {key: values for key, values in changed.items() if changes_result(key, cfg)}
+    unasked = [key for key in refused if key not in cfg.trainer.allow_changes]
+    if unasked:
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        forward = "to train anew, use another output_dir or trainer.resume=none"
+        fixed = [key for key in unasked if key not in CONTINUABLE]
+        if fixed:
+            forward += f"; {', '.join(fixed)} cannot change within one run"
+        else:
+            keys = ",".join(refused)
+            forward += f"; to go on from step {state['step']} with the new values: trainer.allow_changes=[{keys}]"
+        raise UsageError(f"checkpoint {path} was saved with another config: {listed}; {forward}")
+    harmless = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items() if key not in refused]
+    if harmless:
+        report(f"resuming with changes that leave the result as it was: {', '.join(harmless)}")
+    if refused:
+        report(f"resuming with the changes trainer.allow_changes accepts: {', '.join(refused)}")
+    return list(refused)
+
+
+def apply(accepted: list[str], cfg: Config, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> None:
+    """Put accepted optimizer changes into the restored optimizer and schedule, which hold the saved values."""
+    for name in ("weight_decay", "momentum"):
+        if f"optim.{name}" in accepted:
+            for group in optimizer.param_groups:
+                if name in group:
+                    group[name] = getattr(cfg.optim, name)
+    if "optim.lr" in accepted:
+        scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+        for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = cfg.optim.lr
+            group["lr"] = cfg.optim.lr * multiplier(scheduler.last_epoch)
