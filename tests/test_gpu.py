@@ -174,7 +174,8 @@ def test_evaluate_and_predict_on_the_gpu_and_a_cuda_checkpoint_on_the_cpu(digits
 
 def test_a_cuda_checkpoint_resumes_on_the_cpu(digits_run, tmp_path):
     resumed = tmp_path / "resumed"
-    args = [*DIGITS[:2], "trainer.device=cpu", "trainer.epochs=11", f"output_dir={resumed}"]
+    args = [*DIGITS[:2], "trainer.device=cpu", "trainer.epochs=11", "trainer.allow_changes=[trainer.epochs]"]
+    args.append(f"output_dir={resumed}")
     assert main([*args, f"trainer.resume={digits_run / 'checkpoints' / 'last.pt'}"]) == 0
     assert [line["epoch"] for line in read_metrics(resumed)] == [11]
 
