@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ from ddp_trainer.data.datasets import digits, synthetic
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
-from ddp_trainer.data.user_streams import RankShardedStream, batch_of
+from ddp_trainer.data.user_streams import RankShardedStream
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import ignore_stop_signals
@@ -146,7 +147,7 @@ def _val_loader(val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: in
     if val_set is None:
         return None
     if isinstance(val_set, IterableDataset):
-        return _user_stream(val_set, cfg, env, seed, collate_fn=batch_of)
+        return _user_stream(val_set, cfg, env, seed, collate_fn=itemgetter(1))  # (reader slot, batch) -> batch
     sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
     return _sampled_loader(val_set, sampler, cfg, env, seed)
 

@@ -9,6 +9,7 @@ Readers batch their own records; ranks may end up with different batch counts, w
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -121,21 +122,15 @@ class RankShardedStream(IterableDataset):
             yield SPARE, default_collate(spare)  # this reader's part was all trained: a stand-in for the feed
 
     def _batches(self, info: ReaderInfo) -> Iterator[list[Any]]:
-        batch: list[Any] = []
-        for record in self._records(info):
-            batch.append(record)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
+        records = self._records(info)
+        while batch := list(itertools.islice(records, self.batch_size)):  # the last one may be short
             yield batch
 
     def _records(self, info: ReaderInfo) -> Iterator[Any]:
         """The records of reader `info.id`: split by the dataset if it asked who it is, else every readers-th one."""
         with presenting(info):
             source = iter(self.dataset)
-        index = 0
-        while True:
+        for index in itertools.count():
             with presenting(info):
                 record = next(source, _END)
             if record is _END:
@@ -148,12 +143,6 @@ class RankShardedStream(IterableDataset):
                 )
             if info.read or index % info._num_workers == info._id:
                 yield record
-            index += 1
 
 
 _END = object()
-
-
-def batch_of(item: tuple[int, Any]) -> Any:
-    """The batch of a (reader slot, batch) pair: what evaluation takes from a stream."""
-    return item[1]
