@@ -11,7 +11,7 @@ import torch
 
 from ddp_trainer.config import StreamConfig
 from ddp_trainer.data.datasets import TensorClassification
-from ddp_trainer.data.streaming import ShardedIterableDataset, to_tensors
+from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.errors import UsageError
 
 INDEX_FILE = "index.json"
@@ -32,14 +32,16 @@ class JsonlShards(ShardedIterableDataset):
 
     def load_shard(self, path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Parse every line of the shard into (input, label) tensors."""
-        samples = []
+        samples, shape = [], tuple(self.input_shape or ())
         with path.open() as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                    samples.append(to_tensors(record[self.input_field], record[self.label_field], self.input_shape))
+                    inputs, label = record[self.input_field], record[self.label_field]
+                    inputs = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+                    samples.append((inputs.reshape(shape) if shape else inputs, torch.as_tensor(int(label))))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                     raise UsageError(
                         f"{path}:{number}: not a record with fields {self.input_field!r} and "

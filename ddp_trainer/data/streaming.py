@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ddp_trainer.errors import UsageError
@@ -154,11 +153,10 @@ class ShardedIterableDataset(IterableDataset):
             yield self.collate(samples)
 
     def _shard(self, shard: int, cache: OrderedDict[int, Sequence[Any]]) -> Sequence[Any]:
-        if shard in cache:
-            return cache[shard]
-        cache[shard] = self.load_shard(self.shards[shard])
-        if len(cache) > self.cache_size:
-            cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
+        if shard not in cache:
+            cache[shard] = self.load_shard(self.shards[shard])
+            if len(cache) > self.cache_size:
+                cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
         return cache[shard]
 
     def first_sample(self) -> Any:
@@ -167,11 +165,3 @@ class ShardedIterableDataset(IterableDataset):
         if shard is None:
             raise UsageError(f"the stream in {self.shards[0].parent if self.shards else '?'} has no records")
         return self.load_shard(self.shards[shard])[0]
-
-
-def to_tensors(inputs: Any, label: Any, input_shape: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float input reshaped to `input_shape` if given, long label) from array-likes."""
-    tensor = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
-    if input_shape:
-        tensor = tensor.reshape(tuple(input_shape))
-    return tensor, torch.as_tensor(int(label))
