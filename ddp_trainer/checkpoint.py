@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer.errors import UsageError
 
@@ -18,13 +19,9 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

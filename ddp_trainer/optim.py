@@ -20,10 +20,8 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     devices = _get_fused_kernels_supported_devices()
     fused = all(param.device.type in devices and param.is_floating_point() for param in params) or None
     options = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused}
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, **options)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, **options)
+    if cfg.name in ("adam", "adamw"):
+        return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name](params, **options)
     optimizer = torch.optim.SGD(params, momentum=cfg.momentum, **options)
     if fused and cfg.momentum > 0:
         # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros

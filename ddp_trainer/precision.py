@@ -25,9 +25,7 @@ class MixedPrecision:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the forward pass and the loss run in (a no-op at 32-bit precision)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss`, scaled first under fp16."""
@@ -42,9 +40,7 @@ class MixedPrecision:
         if clip_norm > 0:
             return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
         if measure:
-            return torch.nn.utils.get_total_norm(
-                [parameter.grad for parameter in parameters if parameter.grad is not None]
-            )
+            return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
         return None
 
     def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
