@@ -60,13 +60,7 @@ class RankShardedStream(IterableDataset):
     """
 
     def __init__(
-        self,
-        dataset: IterableDataset,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        seed: int,
+        self, dataset: IterableDataset, batch_size: int, rank: int, world_size: int, workers: int, seed: int
     ) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.workers, self.seed = max(workers, 1), seed
