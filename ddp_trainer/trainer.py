@@ -123,8 +123,8 @@ class Trainer:
                 **self._train_summary(train_totals),
                 "train/skipped_steps": int(train_totals["skipped_steps"]),
                 **self.evaluate(),
+                "time/train_s": train_s,
             }
-            record["time/train_s"] = train_s
             record["time/epoch_s"] = time.perf_counter() - started
             self.logger.log_epoch(record, self.cfg.trainer.epochs)
             if finished:
