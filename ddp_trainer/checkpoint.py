@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer.errors import UsageError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,12 +27,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes so files load into a bare model."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        while key.startswith(WRAPPER_PREFIXES):  # nested wrappers stack prefixes in either order
-            key = key.split(".", 1)[1]
-        cleaned[key] = value
-    return cleaned
+    return {WRAPPER_PREFIXES.sub("", key): value for key, value in state_dict.items()}
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
