@@ -48,7 +48,9 @@ def restore(state: dict[str, Any]) -> None:
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with Python, NumPy and torch (CPU) seeded by `seed`, leaving the streams as they were after it."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    seed_everything(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU's stream (dropout) too
     try:
         yield
     finally:

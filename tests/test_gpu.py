@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import launch_cli, read_metrics, run_cli
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, rng
 from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.cli.train import main
 from ddp_trainer.metrics import MetricSums
@@ -170,6 +170,15 @@ def test_evaluate_and_predict_on_the_gpu_and_a_cuda_checkpoint_on_the_cpu(digits
         assert main([*predict, f"trainer.device={device}"]) == 0
         assert len(output.read_text().splitlines()) == 359
     assert f"top-1 accuracy {100 * on_gpu['val/accuracy']:.2f}%" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_seeding_a_sample_leaves_the_gpu_stream_alone():
+    # With per-sample seeds and no DataLoader workers, samples are drawn in the training process between steps.
+    torch.cuda.init()
+    before = torch.cuda.get_rng_state()
+    with rng.seeded(123):
+        torch.rand(3)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
 def test_a_cuda_checkpoint_resumes_on_the_cpu(digits_run, tmp_path):
