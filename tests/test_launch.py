@@ -92,14 +92,15 @@ def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():
     assert "--nnodes=1" in arguments and "--node-rank=0" in arguments
 
 
-def test_ddp_launch_in_an_srun_step_outlives_usr2_and_exits_with_the_workers_code():
+def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the_workers_code():
     # The worker signals its agent, as SLURM signals every process of the step, then stops as a rank not requeued does.
     step = {**cli_env(), "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
-    worker = ["--no-python", "sh", "-c", "kill -USR2 $PPID; exit 140"]
+    worker = ["--no-python", "sh", "-c", "kill -USR2 $PPID; kill -TERM $PPID; exit 140"]
     command = [sys.executable, "-m", "ddp_trainer.cli.launch", "--standalone", "--nproc-per-node=1", *worker]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=step, cwd=REPO_DIR)
-    assert result.returncode == 140, result.stderr
+    assert result.returncode == 140, result.stderr  # killed by USR2: -12; torchrun acting on SIGTERM: 143
     assert "ddp-launch: SIGUSR2 reached this agent" in result.stderr
+    assert "ddp-launch: SIGTERM reached this agent" in result.stderr
 
 
 def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():

@@ -73,6 +73,10 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
         for flag, value in slurm_flags(environ).items():
             if not _given(flags, options[flag.lstrip("-").replace("-", "_")]):
                 added.append(f"{flag}={value}")
+    # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
+    # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
+    if in_srun_step(environ) and "signals_to_handle" in options and not _given(flags, options["signals_to_handle"]):
+        added.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
     return [*added, *argv]
 
 
@@ -83,14 +87,11 @@ def _note_stop_signal(signum: int, frame: FrameType | None) -> None:
 
 def outlive_stop_signals() -> None:
     """In an srun step, keep this agent alive through USR2 and SIGTERM, which SLURM also sends every worker."""
-    if not in_srun_step(os.environ):
-        return
-    # SLURM signals every process of the step (its cgroup or process tree, setsid'd workers included). The workers
-    # checkpoint and exit with their own code; the agent must wait for them. By default USR2 would kill it, and
-    # torchrun would pass SIGTERM on to the workers a second time, which they take as "stop at once".
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _note_stop_signal)
+    # SLURM signals every process of the step (its cgroup or process tree: the setsid'd workers too). The workers
+    # checkpoint and exit with their own code, and the agent must wait for them; USR2's default action kills it.
+    if in_srun_step(os.environ):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _note_stop_signal)
 
 
 def run_agent(arguments: Sequence[str]) -> int:
