@@ -86,6 +86,11 @@ def detect_launcher() -> Launch:
     return Launch("single", 0, 0, 1, None, None, 1)
 
 
+def slurm_array_task() -> int | None:
+    """This job's index in a SLURM job array (SLURM_ARRAY_TASK_ID); None outside an array."""
+    return _int_env("SLURM_ARRAY_TASK_ID") if "SLURM_ARRAY_TASK_ID" in os.environ else None
+
+
 def visible_gpus() -> int:
     """How many CUDA devices this process sees (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
