@@ -36,18 +36,13 @@ def default_nproc_per_node(environ: Mapping[str, str]) -> int:
     return min(usable, int(given)) if given and given.isdigit() else usable
 
 
-def in_srun_step(environ: Mapping[str, str]) -> bool:
-    """Whether this process is a task of an srun step (a batch script itself is not)."""
-    return "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ
-
-
 def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
     """torchrun flags that a SLURM allocation determines: agents, this agent's rank, the c10d rendezvous."""
     if "SLURM_JOB_ID" not in environ:
         return {}
     # Each task of the srun step is one torchrun agent (a "node" to torchrun): one task per node, as the sbatch
     # scripts ask, makes them the nodes; two tasks on one node are two agents. A batch script alone is the only one.
-    step = in_srun_step(environ)
+    step = slurm.in_srun_step(environ)
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     job_id = environ["SLURM_JOB_ID"]
     return {
@@ -75,7 +70,8 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
                 added.append(f"{flag}={value}")
     # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
     # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
-    if in_srun_step(environ) and "signals_to_handle" in options and not _given(flags, options["signals_to_handle"]):
+    handled = options.get("signals_to_handle")
+    if slurm.in_srun_step(environ) and handled and not _given(flags, handled):
         added.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
     return [*added, *argv]
 
@@ -89,7 +85,7 @@ def outlive_stop_signals() -> None:
     """In an srun step, keep this agent alive through USR2 and SIGTERM, which SLURM also sends every worker."""
     # SLURM signals every process of the step (its cgroup or process tree: the setsid'd workers too). The workers
     # checkpoint and exit with their own code, and the agent must wait for them; USR2's default action kills it.
-    if in_srun_step(os.environ):
+    if slurm.in_srun_step(os.environ):
         for signum in STOP_SIGNALS:
             signal.signal(signum, _note_stop_signal)
 
