@@ -1,9 +1,9 @@
 """`python -m ddp_trainer.cli.relay COMMAND...`: the batch script's part of a preemptible SLURM job.
 
-`#SBATCH --signal=B:USR2@120` warns the batch script alone, and a shell waiting for srun cannot act on it. The
-script `exec`s this (so the warning reaches it, by process id), which runs COMMAND, the job's srun step, passes
-the warning to every process of the job's steps (`scancel --signal=USR2`), where the ranks checkpoint and rank 0
-requeues, and exits with COMMAND's exit code. A launcher, like launch.py: it reads SLURM's variables.
+`#SBATCH --signal=B:USR2@120` warns the batch script's process alone, and a shell waiting for srun cannot act on
+it. The script execs this module, which runs COMMAND (the job's srun step), passes the warning on to every process
+of the job's steps (the ranks checkpoint, rank 0 requeues) and exits with COMMAND's code. Like launch.py, a
+launcher: it reads SLURM's variables.
 """
 
 from __future__ import annotations
