@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ddp_trainer import data, distributed, tasks
 from ddp_trainer.assembly import assemble
-from ddp_trainer.config import Config, load_for_objects, to_container
+from ddp_trainer.config import Config, for_array_task, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
@@ -63,10 +63,14 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     `clock` (seconds) times `checkpoint.every_n_minutes`; tests pass their own to leave the wall clock out.
     """
     require_packages(cfg.logging)
+    array_task = distributed.slurm_array_task()
+    cfg = for_array_task(cfg, array_task)
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
     # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
     env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
     logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
+    if array_task is not None:
+        logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
         model, train_set, val_set = build(env)

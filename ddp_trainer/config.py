@@ -220,6 +220,9 @@ class Config:
     """The whole run: one dataclass per section, mapped one to one onto the YAML file."""
 
     output_dir: str = "runs/digits_mlp"
+    # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
+    # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
+    output_dir_per_array_task: bool = True
     seed: int = 0
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
@@ -327,6 +330,13 @@ def _validate(raw: DictConfig, written: DictConfig) -> Config:
             factory = locate(settings._target_, f"{section}._target_")
             factory_args.route(section, factory, settings, written_keys[section])
     return config
+
+
+def for_array_task(config: Config, task_id: int | None) -> Config:
+    """The config SLURM array task `task_id` runs (None: not an array job): its own folder inside output_dir."""
+    if task_id is None or not config.output_dir_per_array_task:
+        return config
+    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"array_task_{task_id}"))
 
 
 def to_container(config: Config) -> dict[str, Any]:

@@ -71,9 +71,8 @@ def detect_launcher() -> Launch:
         # Ranks started by hand without LOCAL_WORLD_SIZE are taken to share one node.
         local_world_size = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world_size
         return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port, local_world_size)
-    # SLURM_STEP_NUM_TASKS exists only inside an srun step; a batch script alone also has SLURM_PROCID=0 and
-    # SLURM_NTASKS=N and must not wait for N-1 ranks that were never started.
-    if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+    # A batch script alone has SLURM_NTASKS=N too and must not wait for N-1 ranks that were never started.
+    if slurm.in_srun_step(os.environ):
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
         # The master is the first host of the node list, where SLURM puts task 0; the port comes from the job id.
         master_addr = os.environ.get("MASTER_ADDR") or slurm.expand_nodelist(nodes)[0]
@@ -84,6 +83,11 @@ def detect_launcher() -> Launch:
         per_node = slurm.expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
         return Launch("srun", rank, local_rank, world_size, master_addr, port, max(per_node))
     return Launch("single", 0, 0, 1, None, None, 1)
+
+
+def slurm_array_task() -> int | None:
+    """This job's index in a SLURM job array (SLURM_ARRAY_TASK_ID); None outside an array."""
+    return _int_env("SLURM_ARRAY_TASK_ID") if "SLURM_ARRAY_TASK_ID" in os.environ else None
 
 
 def visible_gpus() -> int:

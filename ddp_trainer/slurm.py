@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 
 from ddp_trainer.errors import UsageError
 
@@ -40,6 +41,11 @@ def job_port(job_id: str) -> int:
     if not job_id.isdigit():
         raise UsageError(f"SLURM_JOB_ID={job_id!r} is not a number")
     return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def in_srun_step(environ: Mapping[str, str]) -> bool:
+    """Whether `environ` is an srun task's: a batch script also has SLURM_PROCID=0 and SLURM_NTASKS, but no step."""
+    return "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ
 
 
 def expand_tasks_per_node(spec: str) -> list[int]:

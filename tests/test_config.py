@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics
 
 from ddp_trainer import config, data, models
 from ddp_trainer.cli.train import main
@@ -179,3 +180,31 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     saved = tmp_path / "config.yaml"
     saved.write_text(config.to_yaml(cfg))
     assert config.load(saved) == cfg
+
+
+def test_array_tasks_of_one_command_write_apart_and_a_requeued_task_resumes_its_own_folder(
+    tmp_path, capsys, monkeypatch
+):
+    args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
+    for task in ("0", "1", "0"):  # task 0 again, as SLURM requeues it: same command, same SLURM_ARRAY_TASK_ID
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        assert main(args) == 0
+    said = capsys.readouterr().out
+    assert f"SLURM array task 1: output_dir {tmp_path / 'array_task_1'}" in said
+    assert said.count(f"resumed from {tmp_path / 'array_task_0' / 'checkpoints' / 'last.pt'}") == 1
+    assert [len(read_metrics(tmp_path / f"array_task_{task}")) for task in (0, 1)] == [1, 1]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_output_dir_per_array_task_false_keeps_output_dir_as_written():
+    cfg = config.load(None, ["output_dir=runs/sweep_3", "output_dir_per_array_task=false"])
+    assert config.for_array_task(cfg, 3).output_dir == "runs/sweep_3"
+
+
+def test_a_malformed_array_task_id_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4294967294x")
+    assert main(["trainer.device=cpu", f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        "ddp-train: error: environment variable SLURM_ARRAY_TASK_ID='4294967294x' is not an integer\n"
+    )

@@ -10,7 +10,7 @@ from conftest import REPO_DIR, cli_env, read_metrics
 from dist_helpers import free_port
 
 from ddp_trainer import distributed, slurm
-from ddp_trainer.cli.launch import torchrun_command
+from ddp_trainer.cli.launch import torchrun_arguments
 from ddp_trainer.errors import UsageError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -72,17 +72,35 @@ def test_torchrun_variables_win_over_slurm(srun_task):
     assert distributed.detect_launcher().launcher == "env"
 
 
-def test_ddp_launch_fills_what_the_allocation_knows_and_keeps_what_was_given():
-    allocation = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
-    command = torchrun_command(
-        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"], allocation
+def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
+    # Two tasks on one node are two agents, as two nodes with a task each would be.
+    task = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "gpu[3-4]"}
+    task |= {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    arguments = torchrun_arguments(
+        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"], task
     )
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--nnodes=2" in command and "--node-rank=1" in command and "--rdzv-backend=c10d" in command
-    assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in command
-    assert not any(token.startswith("--rdzv-id=") for token in command)  # the user's --rdzv-id mine stays
-    assert command[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"]
-    assert sum(token.startswith("--nproc") for token in command) == 1
+    assert "--nnodes=2" in arguments and "--node-rank=1" in arguments and "--rdzv-backend=c10d" in arguments
+    assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in arguments
+    assert not any(token.startswith("--rdzv-id=") for token in arguments)  # the user's --rdzv-id mine stays
+    assert arguments[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.cli.train", "a=1"]
+    assert sum(token.startswith("--nproc") for token in arguments) == 1
+
+
+def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():
+    batch_script = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_PROCID": "0"}
+    arguments = torchrun_arguments(["train.py"], batch_script)
+    assert "--nnodes=1" in arguments and "--node-rank=0" in arguments
+
+
+def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the_workers_code():
+    # The worker signals its agent, as SLURM signals every process of the step, then stops as a rank not requeued does.
+    step = {**cli_env(), "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
+    worker = ["--no-python", "sh", "-c", "kill -USR2 $PPID; kill -TERM $PPID; exit 140"]
+    command = [sys.executable, "-m", "ddp_trainer.cli.launch", "--standalone", "--nproc-per-node=1", *worker]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=step, cwd=REPO_DIR)
+    assert result.returncode == 140, result.stderr  # killed by USR2: -12; torchrun acting on SIGTERM: 143
+    assert "ddp-launch: SIGUSR2 reached this agent" in result.stderr
+    assert "ddp-launch: SIGTERM reached this agent" in result.stderr
 
 
 def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
@@ -97,12 +115,12 @@ def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
     assert pinned.returncode == 0, pinned.stderr
     assert "--nproc-per-node=1 train.py" in pinned.stdout  # one core of the machine's os.cpu_count()
     allocation = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"}  # SLURM gave the task 1 CPU, pinned or not
-    assert "--nproc-per-node=1" in torchrun_command(["--standalone", "train.py"], allocation)
+    assert "--nproc-per-node=1" in torchrun_arguments(["--standalone", "train.py"], allocation)
 
 
 def test_ddp_launch_outside_slurm_only_adds_processes_per_node():
-    command = torchrun_command(["--standalone", "train.py"], {})
-    assert command[3].startswith("--nproc-per-node=") and command[4:] == ["--standalone", "train.py"]
+    arguments = torchrun_arguments(["--standalone", "train.py"], {})
+    assert arguments[0].startswith("--nproc-per-node=") and arguments[1:] == ["--standalone", "train.py"]
 
 
 def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

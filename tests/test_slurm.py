@@ -30,27 +30,39 @@ def test_two_srun_tasks_train_to_the_end(slurm_cluster, tmp_path):  # noqa: F811
     assert (tmp_path / "log").read_text().count("epoch 3/3") == 1
 
 
-def test_multinode_script_runs_ddp_launch_inside_the_allocation(slurm_cluster, tmp_path):  # noqa: F811
-    args = [*DIGITS, "trainer.epochs=1", f"output_dir={tmp_path}"]
-    job = submit(slurm_cluster, "multinode.sbatch", args, tmp_path / "log", "--nodes=1")  # the cluster has one node
-    assert slurm_cluster.wait(job, timeout=180) == "COMPLETED", (tmp_path / "log").read_text()
-    assert [line["world_size"] for line in read_metrics(tmp_path)] == [2]  # one process per CPU core
+def preempt_and_finish(cluster, job: int, output_dir: Path, log: Path) -> str:
+    """Warn the job as SLURM does before its time limit once it logged an epoch; the log once it finished."""
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.1)
+    cluster.signal(job, "USR2", batch_only=True)  # what --signal=B:USR2@120 sends before the time limit
+    cluster.wait_state(job, {"PENDING"}, timeout=60)
+    cluster.release(job)  # skip the requeue start delay
+    assert cluster.wait(job, timeout=240) == "COMPLETED", log.read_text()
+    assert cluster.job_info(job)["Restarts"] == "1"
+    return log.read_text()
+
+
+def test_multinode_array_task_is_preempted_requeued_and_resumes_its_own_folder(slurm_cluster, tmp_path):  # noqa: F811
+    # The cluster has one node: two srun tasks on it are two torchrun agents ("nodes"), with one rank each.
+    log, epochs, run_dir = tmp_path / "log", 12, tmp_path / "array_task_5"
+    args = [*DIGITS, f"trainer.epochs={epochs}", f"output_dir={tmp_path}"]
+    layout = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--array=5"]  # GPUs: the script's, unchanged
+    job = submit(slurm_cluster, "multinode.sbatch", args, log, *layout)
+    text = preempt_and_finish(slurm_cluster, job, run_dir, log)
+    assert all(f"--nproc-per-node=1 --nnodes=2 --node-rank={node}" in text for node in (0, 1))
+    assert text.count("ddp-launch: SIGUSR2 reached this agent") == 2  # both agents outlived the warning
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'}" in text
+    lines = read_metrics(run_dir)
+    assert [(line["epoch"], line["world_size"]) for line in lines] == [(e, 2) for e in range(1, epochs + 1)]
 
 
 def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm_cluster, tmp_path):  # noqa: F811
-    log, epochs = tmp_path / "log", 40
+    log, epochs = tmp_path / "log", 12
     job = submit(
         slurm_cluster, "preemptible.sbatch", [*DIGITS, f"trainer.epochs={epochs}", f"output_dir={tmp_path}"], log
     )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.1)
-    slurm_cluster.signal(job, "USR2", batch_only=True)  # what --signal=B:USR2@120 sends before the time limit
-    slurm_cluster.wait_state(job, {"PENDING"}, timeout=60)
-    slurm_cluster.release(job)  # skip the requeue start delay
-    assert slurm_cluster.wait(job, timeout=240) == "COMPLETED", log.read_text()
-    text = log.read_text()
+    text = preempt_and_finish(slurm_cluster, job, tmp_path, log)
     assert "stopped by SIGUSR2" in text and "requeued" in text and "resumed from" in text
-    assert slurm_cluster.job_info(job)["Restarts"] == "1"
     assert [line["epoch"] for line in read_metrics(tmp_path)] == list(range(1, epochs + 1))  # each epoch once

@@ -1,1 +1,1 @@
-"""The command-line tools: ddp-train and its commands, ddp-launch, the doctor and the shard writer."""
+"""The command-line tools: ddp-train and its commands, ddp-launch, the doctor, the shard writer and the batch relay."""

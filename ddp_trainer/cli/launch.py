@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
+import signal
 import sys
 from collections.abc import Mapping, Sequence
+from types import FrameType
 
 import torch
-from torch.distributed.run import get_args_parser
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ddp_trainer import slurm
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, say
+from ddp_trainer.preemption import STOP_SIGNALS
 
 OWN_FLAGS = ("--dry-run", "--doctor")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what --dry-run prints; the agent runs in this process
 
 
 def _given(flags: Sequence[str], option_strings: Sequence[str]) -> bool:
@@ -32,23 +37,27 @@ def default_nproc_per_node(environ: Mapping[str, str]) -> int:
 
 
 def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
-    """torchrun flags that a SLURM allocation determines: nodes, this node's rank, the c10d rendezvous."""
+    """torchrun flags that a SLURM allocation determines: agents, this agent's rank, the c10d rendezvous."""
     if "SLURM_JOB_ID" not in environ:
         return {}
-    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "localhost"
+    # Each task of the srun step is one torchrun agent (a "node" to torchrun): one task per node, as the sbatch
+    # scripts ask, makes them the nodes; two tasks on one node are two agents. A batch script alone is the only one.
+    step = slurm.in_srun_step(environ)
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     job_id = environ["SLURM_JOB_ID"]
     return {
-        "--nnodes": environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES") or "1",
-        "--node-rank": environ.get("SLURM_NODEID", "0"),
+        "--nnodes": environ["SLURM_STEP_NUM_TASKS"] if step else "1",
+        "--node-rank": environ["SLURM_PROCID"] if step else "0",
         "--rdzv-backend": "c10d",
+        # On the step's first node; when several agents share that node, the first to bind hosts the store.
         "--rdzv-endpoint": f"{slurm.expand_nodelist(nodes)[0]}:{slurm.job_port(job_id)}",
         "--rdzv-id": job_id,
     }
 
 
-def torchrun_command(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
-    """The torchrun command for `argv` (torchrun's own syntax), with what the user left out filled in."""
-    parser = get_args_parser()
+def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """torchrun's arguments for `argv` (torchrun's own syntax), with what the user left out filled in."""
+    parser = torchrun.get_args_parser()
     args = parser.parse_args(list(argv))
     flags = list(argv)[: len(argv) - len(args.training_script_args) - 1]
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
@@ -59,7 +68,40 @@ def torchrun_command(argv: Sequence[str], environ: Mapping[str, str]) -> list[st
         for flag, value in slurm_flags(environ).items():
             if not _given(flags, options[flag.lstrip("-").replace("-", "_")]):
                 added.append(f"{flag}={value}")
-    return [sys.executable, "-m", "torch.distributed.run", *added, *argv]
+    # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
+    # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
+    handled = options.get("signals_to_handle")
+    if slurm.in_srun_step(environ) and handled and not _given(flags, handled):
+        added.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
+    return [*added, *argv]
+
+
+def _note_stop_signal(signum: int, frame: FrameType | None) -> None:
+    # os.write, not print: a handler that interrupts a print on the same stream would fail with a reentrant call.
+    os.write(2, f"ddp-launch: {signal.Signals(signum).name} reached this agent; it waits for the workers\n".encode())
+
+
+def outlive_stop_signals() -> None:
+    """In an srun step, keep this agent alive through USR2 and SIGTERM, which SLURM also sends every worker."""
+    # SLURM signals every process of the step (its cgroup or process tree: the setsid'd workers too). The workers
+    # checkpoint and exit with their own code, and the agent must wait for them; USR2's default action kills it.
+    if slurm.in_srun_step(os.environ):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _note_stop_signal)
+
+
+def run_agent(arguments: Sequence[str]) -> int:
+    """Run torchrun in this process; its exit code is the first failed worker's (torchrun's own is 1 for any)."""
+    try:
+        torchrun.main(list(arguments))
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        exit_code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # the shell's 128 + signal
+        say(f"ddp-launch: exits with code {exit_code}, that of rank {rank}, the first to fail", sys.stderr)
+        return exit_code
+    except SignalException as error:
+        return 128 + error.sigval
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,14 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if doctor:
         arguments += ["-m", "ddp_trainer.cli.doctor"]
     try:
-        command = torchrun_command(arguments, os.environ)
+        arguments = torchrun_arguments(arguments, os.environ)
     except UsageError as error:
         print(f"ddp-launch: error: {error}", file=sys.stderr)
         return 2
     if dry_run:
-        print(shlex.join(command))
+        print(shlex.join([*TORCHRUN, *arguments]))
         return 0
-    return subprocess.call(command)
+    say(f"ddp-launch: torchrun {shlex.join(arguments)}", sys.stderr)
+    outlive_stop_signals()
+    return run_agent(arguments)
 
 
 if __name__ == "__main__":
