@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -309,6 +310,9 @@ class LaggedAgreement:
 
 def requeue_slurm_job(env: DistEnv) -> tuple[bool, str]:
     """Rank 0 asks SLURM to requeue this job (`scontrol requeue`); every rank learns whether it did, in words too."""
+    # SLURM ends a requeued job with SIGTERM at once, which as a second stop signal would kill a rank before it
+    # reports; the checkpoint is saved, so every rank lets SIGTERM pass and exits on its own.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return broadcast_object(_scontrol_requeue() if env.is_main else None, env)
 
 
