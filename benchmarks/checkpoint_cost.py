@@ -57,7 +57,7 @@ RECIPE = [
 def train_seconds(every_n_steps: int, output_dir: Path) -> float:
     """`time/train_s` of the second epoch (the first is warm-up) of the recipe with this checkpoint interval."""
     interval = f"checkpoint.every_n_steps={every_n_steps}"
-    launch(["-m", "ddp_trainer.cli.train", *RECIPE, interval, f"output_dir={output_dir}"], processes=1)
+    launch(["-m", "ddp_trainer.train", *RECIPE, interval, f"output_dir={output_dir}"], processes=1)
     seconds, _ = ddp_trainer_epochs(output_dir)
     return seconds[1]
 

@@ -121,7 +121,7 @@ def ddp_trainer_images_per_s(model_name: str, mode: Mode, settings: Settings, fo
     recipe += [f"data.batch_size={settings.batch_size}", "optim.scheduler=none", "optim.warmup_steps=0"]
     recipe += [f"trainer.epochs={EPOCHS}", f"trainer.device={settings.device}", "trainer.resume=none"]
     recipe += ["trainer.progress_bar=false", "trainer.log_every_n_steps=100", f"output_dir={output_dir}"]
-    launch(["-m", "ddp_trainer.cli.train", *recipe, *mode.overrides()], processes=1, timeout_s=1200)
+    launch(["-m", "ddp_trainer.train", *recipe, *mode.overrides()], processes=1, timeout_s=1200)
     return settings.batch_size * timed_rate(*ddp_trainer_epochs(output_dir))
 
 

@@ -40,7 +40,7 @@ def describe_importer(stack: list[traceback.FrameSummary]) -> str:
 
 
 def main() -> None:
-    """Install the import audit hook, run `python -m ddp_trainer.cli.train ARGS`, write the first importers."""
+    """Install the import audit hook, run `python -m ddp_trainer.train ARGS`, write the first importers."""
     out, sys.argv = Path(sys.argv[1]), ["ddp-train", *sys.argv[2:]]
     first_importer: dict[str, str] = {}
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     sys.addaudithook(note_import)
     try:
-        runpy.run_module("ddp_trainer.cli.train", run_name="__main__", alter_sys=True)
+        runpy.run_module("ddp_trainer.train", run_name="__main__", alter_sys=True)
     finally:
         out.write_text(json.dumps(first_importer))
 

@@ -1,6 +1,6 @@
 """Launch every variant on every workload and world size, interleaved, and read back steps/s and start-up time.
 
-ddp-trainer runs through its real CLI (`python -m ddp_trainer.cli.train`, under torchrun for 2 ranks) and is timed by
+ddp-trainer runs through its real CLI (`python -m ddp_trainer.train`, under torchrun for 2 ranks) and is timed by
 its own `time/train_s` (an epoch's training, without evaluation or checkpoints) in metrics.jsonl; the other
 variants run benchmarks/frameworks.py, launched the same way and timed the same way. Epoch 1 is warm-up for all.
 """
@@ -108,7 +108,7 @@ def run_once(
     if variant == "ddp-trainer":
         output_dir = folder / "run"
         args = ddp_trainer_args(workload, train_size, epochs, output_dir, stamp)
-        started = launch(["-m", "ddp_trainer.cli.train", *args, *extra_overrides], world_size)
+        started = launch(["-m", "ddp_trainer.train", *args, *extra_overrides], world_size)
         seconds, steps = ddp_trainer_epochs(output_dir)
     else:
         result = folder / "result.json"

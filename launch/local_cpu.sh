@@ -3,4 +3,4 @@
 #   launch/local_cpu.sh --config configs/digits_mlp.yaml trainer.epochs=3
 set -euo pipefail
 exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc-per-node="${NPROC:-2}" \
-  -m ddp_trainer.cli.train trainer.device=cpu "$@"
+  -m ddp_trainer.train trainer.device=cpu "$@"

@@ -7,4 +7,4 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}" "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}"
 exec "${PYTHON:-python3}" -m ddp_trainer.cli.launch --nnodes="${NNODES}" --node-rank="${NODE_RANK}" \
   --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv-id="${RUN_ID:-ddp-trainer}" \
-  -m ddp_trainer.cli.train "$@"
+  -m ddp_trainer.train "$@"

@@ -24,9 +24,9 @@ def cli_env() -> dict[str, str]:
 
 
 def cli_command(args: list[str], nproc: int) -> list[str]:
-    """`python -m ddp_trainer.cli.train ARGS`, under torchrun --standalone when nproc > 1."""
+    """`python -m ddp_trainer.train ARGS`, under torchrun --standalone when nproc > 1."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.cli.train", *args]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
 
 
 def run_script(script: Path, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:

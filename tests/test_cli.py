@@ -47,7 +47,7 @@ def test_factory_returning_the_wrong_thing_is_named(tmp_path, capsys):
 
 def test_module_entry_point_prints_help():
     result = subprocess.run(
-        [sys.executable, "-m", "ddp_trainer.cli.train", "--help"],
+        [sys.executable, "-m", "ddp_trainer.train", "--help"],
         capture_output=True,
         text=True,
         env=cli_env(),
@@ -75,7 +75,7 @@ def run_with_terminal_stderr(args: list[str]) -> str:
 
     reader = threading.Thread(target=drain)
     reader.start()
-    command = [sys.executable, "-m", "ddp_trainer.cli.train", *args]
+    command = [sys.executable, "-m", "ddp_trainer.train", *args]
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=terminal, env=cli_env(), cwd=REPO_DIR)
     os.close(terminal)
     reader.join(timeout=10)
@@ -89,7 +89,7 @@ def test_progress_bar_is_drawn_on_a_terminal_and_not_in_logs(tmp_path):
     drawn = run_with_terminal_stderr([*args, f"output_dir={tmp_path / 'tty'}"])
     assert "epoch 1/2" in drawn and "epoch 2/2" in drawn and "/45 [" in drawn and "loss=" in drawn
     logged = subprocess.run(
-        [sys.executable, "-m", "ddp_trainer.cli.train", *args, f"output_dir={tmp_path / 'log'}"],
+        [sys.executable, "-m", "ddp_trainer.train", *args, f"output_dir={tmp_path / 'log'}"],
         capture_output=True,
         text=True,
         env=cli_env(),

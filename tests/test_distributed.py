@@ -132,7 +132,7 @@ def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     port = str(free_port())
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "ddp_trainer.cli.train", *args],
+            [sys.executable, "-m", "ddp_trainer.train", *args],
             env={
                 **cli_env(),
                 "RANK": str(rank),

@@ -222,10 +222,10 @@ def assert_same_run(faulted: Path, uninterrupted: Path) -> None:
             assert line[key] == expected_line[key], key
 
 
-def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.cli.train") -> subprocess.Popen:
+def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.train") -> subprocess.Popen:
     command = cli_command(args, nproc=2)
     command.insert(command.index("--standalone"), "--max-restarts=1")
-    command[command.index("ddp_trainer.cli.train")] = module
+    command[command.index("ddp_trainer.train")] = module
     env = {**cli_env(), "KILL_AT_SAVE": "8"}
     return subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

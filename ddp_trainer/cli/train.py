@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `ddp-train` and `python -m ddp_trainer.cli.train`; returns the process exit code."""
+    """Entry point of `ddp-train` and `python -m ddp_trainer.train` (or `.cli.train`); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     prog = f"ddp-train {command}" if command else "ddp-train"
