@@ -1,4 +1,4 @@
-"""Functions run inside real worker processes started by torch.multiprocessing (gloo on CPU)."""
+"""Real ranks for tests: functions run in processes torch.multiprocessing starts, and the CLI as plain ranks."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO_DIR, cli_env
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +27,30 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """The CLI in `world_size` plain processes with the rank variables set, as srun would start them.
+
+    Not torchrun: torchrun ends the other ranks as soon as one exits, which would hide what each rank does alone.
+    """
+    port = str(free_port())
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "ddp_trainer.train", *args],
+            env={
+                **cli_env(),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_DIR,
+        )  # fmt: skip
+        for rank in range(world_size)
+    ]
 
 
 def spawn(world_size: int, function: Callable, *args: object) -> None:

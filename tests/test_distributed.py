@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_DIR, cli_env, read_metrics, run_cli
+from conftest import read_metrics, run_cli
 from dist_helpers import (
     evaluate_checkpoint,
-    free_port,
+    plain_ranks,
     spawn,
     train_counting_all_reduce,
     train_counting_gradient_allreduces,
@@ -122,30 +120,6 @@ def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
-
-
-def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
-    """The CLI in `world_size` plain processes with the rank variables set, as srun would start them.
-
-    Not torchrun: torchrun ends the other ranks as soon as one exits, which would hide what each rank does alone.
-    """
-    port = str(free_port())
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "ddp_trainer.train", *args],
-            env={
-                **cli_env(),
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-            },
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO_DIR,
-        )  # fmt: skip
-        for rank in range(world_size)
-    ]
 
 
 @pytest.mark.parametrize(

@@ -76,9 +76,7 @@ def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
     # Two tasks on one node are two agents, as two nodes with a task each would be.
     task = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "gpu[3-4]"}
     task |= {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
-    arguments = torchrun_arguments(
-        ["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"], task
-    )
+    arguments = torchrun_arguments(["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"], task)
     assert "--nnodes=2" in arguments and "--node-rank=1" in arguments and "--rdzv-backend=c10d" in arguments
     assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in arguments
     assert not any(token.startswith("--rdzv-id=") for token in arguments)  # the user's --rdzv-id mine stays
