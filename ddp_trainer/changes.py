@@ -14,7 +14,7 @@ from ddp_trainer.errors import UsageError
 
 # How the run reports, saves, waits or where it runs: the weights come out the same.
 HARMLESS = (
-    "output_dir",
+    "output_dir",  # also output_dir_per_array_task: where the files go
     "logging.",
     "trainer.resume",
     "trainer.progress_bar",
