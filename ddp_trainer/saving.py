@@ -60,8 +60,10 @@ def _copy_to_cpu(value: Any) -> Any:
         return pinned.copy_(value.detach(), non_blocking=True)
     if isinstance(value, dict):
         return {key: _copy_to_cpu(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_copy_to_cpu(item) for item in value)
+    if isinstance(value, list):
+        return [_copy_to_cpu(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_to_cpu(item) for item in value)
     return value  # numbers, strings, None: immutable
 
 
