@@ -29,6 +29,7 @@ HARMLESS = (
     "checkpoint.every_n_steps",
     "checkpoint.every_n_minutes",
     "checkpoint.keep_last",
+    "checkpoint.async_save",
     "data.root",
     "data.download",
     "data.num_workers",

@@ -192,6 +192,7 @@ class CheckpointConfig(_Section):
     every_n_steps: int = _not_negative(0, "0 (epoch end only) or more")
     every_n_minutes: float = _not_negative(0.0, "0 (off) or a positive number of minutes")
     keep_last: int = _not_negative(2, "0 (last.pt only) or more")
+    async_save: bool = False  # `checkpoint.async` would be the name, but `async` is a Python keyword
     monitor: str | None = None
     mode: str | None = _checked(None, lambda value: value in (None, "min", "max"), "min or max")
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ddp_trainer import checkpoint, rng
+from ddp_trainer import rng
 from ddp_trainer.assembly import Parts
-from ddp_trainer.config import Config, to_container, to_yaml
+from ddp_trainer.config import Config, to_yaml
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import (
     DistEnv,
@@ -31,6 +31,7 @@ from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.preemption import StopSignals
+from ddp_trainer.saving import Saver, build_state
 from ddp_trainer.tasks import Task
 
 # Beside the task's sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
@@ -65,11 +66,12 @@ class Trainer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg, self.env, self.data, self.task, self.logger = cfg, env, data, task, logger
-        self.stop, self.clock = stop, clock
+        self.stop, self.clock, self.parts = stop, clock, parts
         self.model, self.train_model, self.ddp_model = parts.model, parts.train_model, parts.ddp_model
         self.optimizer, self.scheduler, self.precision = parts.optimizer, parts.scheduler, parts.precision
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+        self.saver = Saver(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.parameters = list(self.model.parameters())
         self.accumulate = cfg.trainer.accumulate_grad_batches
         self.reported_skips = 0
@@ -88,14 +90,22 @@ class Trainer:
         progress.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
+            return self._fit()
+        finally:
+            self.saver.close()  # on every path a write still running ends whole on disk; its error is raised here
+
+    def _fit(self) -> tuple[int, bool]:
+        try:
             self._run_epochs()
             self.agreement.receive()  # the last exchange, still in flight on every rank: finish it before teardown
+            self.saver.close()  # the last checkpoint is on disk before the run says it is done
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
                 where = f"at step {self.progress.step + 1} (epoch {self.progress.epoch + 1})"
                 raise rank_lost(error, self.env, self.timeouts.in_force(), where) from error
             raise
         except Stopped as stop:
+            self.saver.close()  # the stop's checkpoint is on disk before the job exits or is requeued
             if stop.signum == signal.SIGUSR2 and self.cfg.trainer.requeue:
                 requeued, outcome = requeue_slurm_job(self.env)
             else:
@@ -213,7 +223,7 @@ class Trainer:
         agreed = self.agreement.receive() if check else [0, 0]
         every = self.cfg.checkpoint.every_n_steps
         if agreed[SIGNAL] or agreed[SAVE_DUE] or (every and step % every == 0):
-            self._save("last", partial_totals=self._reduce(sums))
+            self._save(("last",), partial_totals=self._reduce(sums))
         if agreed[SIGNAL]:
             raise Stopped(agreed[SIGNAL])
         if check:
@@ -286,34 +296,18 @@ class Trainer:
 
     def _save_epoch_checkpoints(self, record: dict[str, Any], totals: dict[str, float] | None) -> None:
         improved = self.monitor.update(record, whole_epoch=totals is None)
-        self._save("last", partial_totals=totals)
-        if improved:
-            self._save("best", partial_totals=totals)
+        self._save(("last", "best") if improved else ("last",), partial_totals=totals)
 
-    def _save(self, which: str, partial_totals: dict[str, float] | None) -> None:
+    def _save(self, names: tuple[str, ...], partial_totals: dict[str, float] | None) -> None:
         self.last_save_time = self.clock()
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
         # Every rank's RNG streams and data position, not only rank 0's: a stream's ranks stand at different places.
         gathered = gather_objects((rng.capture(), position), self.env)
         if self.env.is_main:
-            state = {
-                "model": checkpoint.clean_state_dict(self.model.state_dict()),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "grad_scaler": self.precision.state_dict(),
-                **self.progress.state_dict(),
-                "partial_epoch_totals": partial_totals,
-                "data_position": [position for _, position in gathered] if partial_totals else None,
-                **self.monitor.state_dict(),
-                "world_size": self.env.world_size,
-                "rng": [states for states, _ in gathered],
-                "config": to_container(self.cfg),
-            }
-            if which == "last":
-                checkpoint.save_last(state, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            else:
-                checkpoint.save_atomic(state, self.checkpoint_dir / "best.pt")
-        barrier(self.env)  # no rank runs ahead of a checkpoint that is not on disk yet
+            self.saver.save(build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered), names)
+        # Ranks agree the save was issued. With checkpoint.async_save, the file is on disk once the next save, a stop
+        # or the end of the run has waited for it; a kill before that leaves the previous checkpoint whole.
+        barrier(self.env)
 
     def _describe(self) -> str:
         env, parameters = self.env, sum(parameter.numel() for parameter in self.parameters)

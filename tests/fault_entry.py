@@ -1,7 +1,8 @@
 """`python -m fault_entry ARGS`: ddp-train, except rank 0 of the first attempt dies half-way through a checkpoint write.
 
 The write is real: half of the serialised checkpoint reaches the temporary file, then the process gets SIGKILL,
-as a node failure or the OOM killer would deliver it.
+as a node failure or the OOM killer would deliver it. A single process (no RANK) counts as rank 0; with
+checkpoint.async_save=true the kill lands in the background writer thread while training goes on.
 """
 
 from __future__ import annotations
@@ -41,6 +42,6 @@ def dying_save(real_save: Callable[..., None], kill_at: int) -> Callable[..., No
 
 
 if __name__ == "__main__":
-    if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         torch.save = dying_save(torch.save, int(os.environ["KILL_AT_SAVE"]))
     sys.exit(train.main())

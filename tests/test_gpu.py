@@ -2,8 +2,8 @@
 
 CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
-SIGTERM and resume, evaluate and predict (also of a CUDA checkpoint on the CPU), streams, and 2 ranks sharing
-one GPU over gloo.
+SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
+and 2 ranks sharing one GPU over gloo.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import launch_cli, read_metrics, run_cli
 
-from ddp_trainer import checkpoint, rng
+from ddp_trainer import checkpoint, rng, saving
 from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.cli.train import main
 from ddp_trainer.metrics import MetricSums
@@ -229,3 +229,30 @@ def test_nccl_on_too_few_gpus_stops_every_rank_in_one_line(tmp_path):
     assert result.returncode != 0
     needs = [line for line in result.stderr.splitlines() if "nccl needs 2 GPUs per node" in line]
     assert len(needs) == 2, result.stderr
+
+
+def test_staging_copies_cuda_state_into_pinned_cpu_memory():
+    model = torch.nn.Linear(8, 4).cuda()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 8, device="cuda")).sum().backward()
+    optimizer.step()
+    state = saving.model_state(model, optimizer)
+    staged = saving.stage(state)
+    moments = state["optimizer"]["state"][0]["exp_avg"]
+    assert staged["optimizer"]["state"][0]["exp_avg"].is_pinned()
+    assert torch.equal(staged["optimizer"]["state"][0]["exp_avg"], moments.cpu())
+    for name, tensor in state["model"].items():
+        assert staged["model"][name].device.type == "cpu" and staged["model"][name].is_pinned(), name
+        assert torch.equal(staged["model"][name], tensor.cpu()), name
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on: the staged copy keeps the values it was given
+    assert torch.equal(staged["model"]["weight"] + 1.0, model.weight.detach().cpu())
+
+
+def test_async_save_on_cuda_writes_checkpoints_a_cpu_can_load(tmp_path):
+    args = [*DIGITS, "trainer.epochs=2", "checkpoint.every_n_steps=5", "checkpoint.async_save=true"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    written = {path.name: checkpoint.load(path) for path in (tmp_path / "checkpoints").glob("*.pt")}
+    assert sorted(written) == ["best.pt", "last.pt", "step-00000085.pt", "step-00000090.pt"]
+    assert written["last.pt"]["step"] == 90
+    assert all(tensor.device.type == "cpu" for tensor in written["last.pt"]["model"].values())
