@@ -1,4 +1,4 @@
-"""The training loop: epochs of DDP steps, exact evaluation, global metrics and checkpoints."""
+"""The training loop: epochs of DDP or FSDP steps, exact evaluation, global metrics and checkpoints."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.preemption import StopSignals
+from ddp_trainer.sharding import full_state_dicts, gradient_sync
 from ddp_trainer.tasks import Task
 
 # Beside the task's sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
@@ -182,9 +183,8 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, weight: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the task's sums for it."""
-        # Inside a window, gradients stay local: DDP all-reduces once, on the window's last micro-batch.
-        no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
-        with no_sync:
+        # Inside a window, gradients stay local: DDP all-reduces (FSDP reduce-scatters) once, on its last micro-batch.
+        with gradient_sync(self.ddp_model or self.model, sync):
             with self.precision.autocast():
                 loss, sums = self.task.forward(self.train_model, batch)
             self.precision.backward(loss * weight if weight != 1 else loss)
@@ -295,10 +295,11 @@ class Trainer:
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
         # Every rank's RNG streams and data position, not only rank 0's: a stream's ranks stand at different places.
         gathered = gather_objects((rng.capture(), position), self.env)
+        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)  # under FSDP: every rank gathers
         if self.env.is_main:
             state = {
-                "model": checkpoint.clean_state_dict(self.model.state_dict()),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "grad_scaler": self.precision.state_dict(),
                 **self.progress.state_dict(),
