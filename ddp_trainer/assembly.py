@@ -44,15 +44,16 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
     model = prepare_model(model, cfg.model, env)
     fsdp = cfg.trainer.strategy == "fsdp"
+    sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
     if fsdp:  # before the optimizer is built: it must hold the sharded (DTensor) parameters
-        blocks = shard_model(model, cfg.trainer)
+        blocks = shard_model(model, cfg.trainer, sharded)
         found = ", ".join(blocks) or "nothing: no trainer.fsdp_wrap class is in the model"
-        logger.info(f"fsdp: one unit per {found}, and the root")
+        logger.info(f"fsdp: one unit per {found}, and the root" if sharded else "fsdp in one process: nothing sharded")
     optimizer = build_optimizer(cfg.optim, model)
     steps_per_epoch, total_steps = schedule_length(cfg, data.batches_per_epoch)
     scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch, total_steps)
     # Under FSDP its MixedPrecisionPolicy casts the parameters: no autocast on top.
-    precision = MixedPrecision("32" if fsdp else cfg.trainer.precision, env.device)
+    precision = MixedPrecision("32" if sharded else cfg.trainer.precision, env.device)
     monitor = build_monitor(cfg, task, validates=data.val_loader is not None)
     parts = Parts(model, model, None, optimizer, scheduler, precision, monitor, Progress(), steps_per_epoch)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
@@ -76,7 +77,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
     accepted = changes.check(state, cfg, env.world_size, path, logger.info)
     try:
-        load_full_state_dicts(parts.model, parts.optimizer, state["model"], state["optimizer"])
+        load_full_state_dicts(parts.model, parts.optimizer, state["model"], state["optimizer"], cfg.trainer.strategy)
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state.get("grad_scaler"))
         changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)

@@ -24,8 +24,8 @@ from ddp_trainer.config import TrainerConfig
 from ddp_trainer.precision import AUTOCAST_DTYPES
 
 
-def shard_model(model: nn.Module, cfg: TrainerConfig) -> list[str]:
-    """Shard `model` in place: each `trainer.fsdp_wrap` block, then the root; returns the block classes found."""
+def shard_model(model: nn.Module, cfg: TrainerConfig, shard: bool) -> list[str]:
+    """Shard `model` in place (if `shard`): each `trainer.fsdp_wrap` block, then the root; returns the block classes."""
     dtype = AUTOCAST_DTYPES.get(cfg.precision)
     # bf16 compute with fp32 gradient reduction: a sum over ranks in bf16 would lose the small contributions.
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
@@ -38,8 +38,10 @@ def shard_model(model: nn.Module, cfg: TrainerConfig) -> list[str]:
             continue
         if cfg.activation_checkpointing:
             checkpoint(block)  # recompute the block's activations in backward instead of keeping them
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        if shard:
+            fully_shard(block, mp_policy=policy)
+    if shard:
+        fully_shard(model, mp_policy=policy)
     return found
 
 
@@ -74,23 +76,29 @@ def unsharded(model: nn.Module) -> Iterator[None]:
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The unsharded model and optimizer state dicts that checkpoints hold; under FSDP a collective, rank 0 gets them.
 
-    Under FSDP the optimizer's state is keyed by parameter name (torch.distributed.checkpoint's form), under DDP by
-    index (`optimizer.state_dict()`), as before.
+    Under `fsdp` the optimizer's state is keyed by parameter name (torch.distributed.checkpoint's form), also in one
+    process, so that a resume at another world size reads it; under `ddp` by index (`optimizer.state_dict()`).
     """
-    if not isinstance(model, FSDPModule):
+    if strategy != "fsdp":
         return clean_state_dict(model.state_dict()), optimizer.state_dict()
     model_state = get_model_state_dict(model, options=FULL_ON_CPU)
     return model_state, get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
 
 
 def load_full_state_dicts(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optimizer_state: dict[str, Any]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    strategy: str,
 ) -> None:
     """Load what `full_state_dicts` saved; every rank read the whole file and takes its own shard of it."""
-    if not isinstance(model, FSDPModule):
+    if strategy != "fsdp":
         model.load_state_dict(clean_state_dict(model_state))
         optimizer.load_state_dict(optimizer_state)
         return

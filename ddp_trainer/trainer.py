@@ -293,9 +293,9 @@ class Trainer:
     def _save(self, which: str, partial_totals: dict[str, float] | None) -> None:
         self.last_save_time = self.clock()
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
-        # Every rank's RNG streams and data position, not only rank 0's: a stream's ranks stand at different places.
+        # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and FSDP's full state.
         gathered = gather_objects((rng.capture(), position), self.env)
-        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)  # under FSDP: every rank gathers
+        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer, self.cfg.trainer.strategy)
         if self.env.is_main:
             state = {
                 "model": model_state,
