@@ -33,6 +33,13 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, shard: bool) -> list[str]:
     # Innermost first: a block's parameters belong to the innermost unit holding them, never to its parent.
     blocks = [module for module in reversed(list(model.modules())) if type(module).__name__ in wrap]
     found = sorted({type(block).__name__ for block in blocks})  # before fully_shard renames them (FSDPLinear)
+    if dtype is not None and shard:
+        # BatchNorm keeps fp32 weights beside its fp32 running statistics (the kernel needs one dtype): each is a unit
+        # that computes in fp32 and hands bf16 on.
+        batchnorm = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                fully_shard(module, mp_policy=batchnorm)
     for block in blocks:
         if block is model:
             continue
