@@ -1,4 +1,4 @@
-"""A run assembled in reading order: model, optimizer, schedule, precision, checkpoint load, DDP, compile."""
+"""A run assembled in reading order: model (FSDP-sharded), optimizer, schedule, precision, checkpoint, DDP, compile."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ddp_trainer.monitor import Monitor, build_monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler, schedule_length
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.progress import Progress
+from ddp_trainer.sharding import load_full_state_dicts, shard_model
 from ddp_trainer.tasks import Task
 
 
@@ -28,7 +29,7 @@ from ddp_trainer.tasks import Task
 class Parts:
     """What the Trainer drives: built from the config and, when resuming, restored from a checkpoint."""
 
-    model: nn.Module  # the bare module: what checkpoints hold and evaluation runs
+    model: nn.Module  # the bare module (FSDP-sharded in place under fsdp): what checkpoints hold and evaluation runs
     train_model: nn.Module  # what a training step calls: `model` inside DDP and/or torch.compile
     ddp_model: DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
@@ -42,10 +43,17 @@ class Parts:
 def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
     """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
     model = prepare_model(model, cfg.model, env)
+    fsdp = cfg.trainer.strategy == "fsdp"
+    sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
+    if fsdp:  # before the optimizer is built: it must hold the sharded (DTensor) parameters
+        blocks = shard_model(model, cfg.trainer, sharded)
+        found = ", ".join(blocks) or "nothing: no trainer.fsdp_wrap class is in the model"
+        logger.info(f"fsdp: one unit per {found}, and the root" if sharded else "fsdp in one process: nothing sharded")
     optimizer = build_optimizer(cfg.optim, model)
     steps_per_epoch, total_steps = schedule_length(cfg, data.batches_per_epoch)
     scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch, total_steps)
-    precision = MixedPrecision(cfg.trainer.precision, env.device)
+    # Under FSDP its MixedPrecisionPolicy casts the parameters: no autocast on top.
+    precision = MixedPrecision("32" if sharded else cfg.trainer.precision, env.device)
     monitor = build_monitor(cfg, task, validates=data.val_loader is not None)
     parts = Parts(model, model, None, optimizer, scheduler, precision, monitor, Progress(), steps_per_epoch)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
@@ -56,7 +64,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
     if resumed is not None:
         restore(parts, *resumed, cfg, env, logger)
-    if env.distributed:
+    if env.distributed and not fsdp:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.trainer.compile:
@@ -69,8 +77,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
     accepted = changes.check(state, cfg, env.world_size, path, logger.info)
     try:
-        parts.model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
-        parts.optimizer.load_state_dict(state["optimizer"])
+        load_full_state_dicts(parts.model, parts.optimizer, state["model"], state["optimizer"], cfg.trainer.strategy)
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state.get("grad_scaler"))
         changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)

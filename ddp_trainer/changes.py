@@ -26,6 +26,10 @@ HARMLESS = (
     "trainer.device",
     "trainer.dist_backend",
     "trainer.compile",
+    # Checkpoints hold full state dicts, whatever the FSDP units. trainer.strategy is not here: the optimizer's state
+    # is keyed by index under ddp and by name under fsdp.
+    "trainer.fsdp_wrap",
+    "trainer.activation_checkpointing",
     "checkpoint.every_n_steps",
     "checkpoint.every_n_minutes",
     "checkpoint.keep_last",

@@ -55,6 +55,13 @@ CONTINUABLE = (
     "world_size",
 )
 CONTINUED = ", ".join(CONTINUABLE)
+# Under trainer.strategy=fsdp each module of these classes is one FSDP unit (the blocks of torchvision's ResNets,
+# ViTs, ConvNeXts, EfficientNets, MobileNets and Swins, and torch's transformer layers); the root is always one. The
+# built-in mlp and cnn have no blocks: they are small enough to be a single unit.
+FSDP_WRAP = [
+    "BasicBlock", "Bottleneck", "EncoderBlock", "CNBlock", "MBConv", "FusedMBConv", "InvertedResidual",
+    "SwinTransformerBlock", "SwinTransformerBlockV2", "TransformerEncoderLayer", "TransformerDecoderLayer",
+]  # fmt: skip
 
 
 class _Section:
@@ -179,9 +186,26 @@ class TrainerConfig(_Section):
     accumulate_grad_batches: int = _positive(1)
     grad_clip_norm: float = _not_negative(0.0, "0 (off) or a positive norm")
     compile: bool = False
+    strategy: str = _one_of("ddp", ("ddp", "fsdp"))
+    fsdp_wrap: list[str] = _checked(
+        FSDP_WRAP, lambda names: all(str(name).isidentifier() for name in names), "a list of module class names"
+    )
+    activation_checkpointing: bool = False
     early_stopping_patience: int = _not_negative(0, "0 (off) or a number of epochs")
     early_stopping_min_delta: float = _not_negative(0.0, "0 or a positive improvement")
     allow_changes: list[str] = _checked([], lambda keys: set(keys) <= set(CONTINUABLE), f"keys among {CONTINUED}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy != "fsdp":
+            if self.activation_checkpointing:  # it checkpoints the FSDP units: trainer.fsdp_wrap's blocks
+                raise _invalid("trainer.activation_checkpointing", True, "false unless trainer.strategy=fsdp")
+            return
+        # Not yet built: fp16 under FSDP needs a scaler that agrees on overflows across shards, and compile per block.
+        if self.precision == "fp16":
+            raise _invalid("trainer.precision", self.precision, "32 or bf16 with trainer.strategy=fsdp (fp16: ddp)")
+        if self.compile:
+            raise _invalid("trainer.compile", self.compile, "false with trainer.strategy=fsdp (compile: ddp)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from ddp_trainer.data import to_device
 from ddp_trainer.distributed import DistEnv, broadcast_buffers
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.precision import MixedPrecision
+from ddp_trainer.sharding import unsharded
 from ddp_trainer.tasks import Task
 
 
@@ -23,8 +24,9 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     sums = MetricSums(task.sum_names, env.device)
-    for batch in loader:
-        with precision.autocast():
-            sums.add(task.forward(model, to_device(batch, env.device, channels_last))[1])
+    with unsharded(model):  # FSDP: gathered once, as an all-gather per batch would hang on uneven counts
+        for batch in loader:
+            with precision.autocast():
+                sums.add(task.forward(model, to_device(batch, env.device, channels_last))[1])
     model.train(was_training)
     return task.summarize(sums.reduce(env), "val")

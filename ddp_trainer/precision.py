@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ddp_trainer.errors import UsageError
 
@@ -37,11 +38,14 @@ class MixedPrecision:
         """The total gradient norm (of the true gradients under fp16) when measured or clipped, clipping if asked."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
+        if clip_norm <= 0 and not measure:
+            return None
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # FSDP: each rank holds a shard of the gradients; an all-reduce makes it whole
         if clip_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
-        if measure:
-            return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        return None
+            torch.nn.utils.clip_grads_with_norm_(parameters, clip_norm, norm)
+        return norm
 
     def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
         """The optimizer step, skipped where `finite` (a device bool) is False; under fp16 the scaler judges instead.

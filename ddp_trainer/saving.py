@@ -14,23 +14,24 @@ from ddp_trainer import checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import CliError, first_line
+from ddp_trainer.sharding import full_state_dicts
 
 
 class CheckpointWriteFailed(CliError):
     """A checkpoint file could not be written (no permission, disk full): one line naming the file, exit code 1."""
 
 
-def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The bare model's state dict (no wrapper prefixes) and the optimizer's: the part an FSDP run must gather."""
-    return {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict()}
+def model_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp") -> dict[str, Any]:
+    """The unsharded model and optimizer state dicts; under FSDP a collective that every rank calls, rank 0 keeps."""
+    weights, optimizer_state = full_state_dicts(model, optimizer, strategy)
+    return {"model": weights, "optimizer": optimizer_state}
 
 
 def build_state(
     parts: Parts, cfg: Config, world_size: int, partial_totals: dict[str, float] | None, gathered: list[Any]
 ) -> dict[str, Any]:
-    """The checkpoint of a run; `gathered` holds every rank's (RNG states, data position), in rank order."""
+    """The checkpoint but `model_state`; `gathered` holds every rank's (RNG states, data position), in rank order."""
     return {
-        **model_state(parts.model, parts.optimizer),
         "scheduler": parts.scheduler.state_dict(),
         "grad_scaler": parts.precision.state_dict(),
         **parts.progress.state_dict(),

@@ -1,4 +1,4 @@
-"""The training loop: epochs of DDP steps, exact evaluation, global metrics and checkpoints."""
+"""The training loop: epochs of DDP or FSDP steps, exact evaluation, global metrics and checkpoints."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.preemption import StopSignals
-from ddp_trainer.saving import Saver, build_state
+from ddp_trainer.saving import Saver, build_state, model_state
+from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import Task
 
 # Beside the task's sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
@@ -192,9 +193,8 @@ class Trainer:
 
     def _forward_backward(self, batch: Any, weight: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the task's sums for it."""
-        # Inside a window, gradients stay local: DDP all-reduces once, on the window's last micro-batch.
-        no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not sync else contextlib.nullcontext()
-        with no_sync:
+        # Inside a window, gradients stay local: DDP all-reduces (FSDP reduce-scatters) once, on its last micro-batch.
+        with gradient_sync(self.ddp_model or self.model, sync):
             with self.precision.autocast():
                 loss, sums = self.task.forward(self.train_model, batch)
             self.precision.backward(loss * weight if weight != 1 else loss)
@@ -301,10 +301,12 @@ class Trainer:
     def _save(self, names: tuple[str, ...], partial_totals: dict[str, float] | None) -> None:
         self.last_save_time = self.clock()
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
-        # Every rank's RNG streams and data position, not only rank 0's: a stream's ranks stand at different places.
+        # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and FSDP's full state.
         gathered = gather_objects((rng.capture(), position), self.env)
+        weights = model_state(self.model, self.optimizer, self.cfg.trainer.strategy)
         if self.env.is_main:
-            self.saver.save(build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered), names)
+            state = {**weights, **build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered)}
+            self.saver.save(state, names)
         # Ranks agree the save was issued. With checkpoint.async_save, the file is on disk once the next save, a stop
         # or the end of the run has waited for it; a kill before that leaves the previous checkpoint whole.
         barrier(self.env)

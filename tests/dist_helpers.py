@@ -112,3 +112,9 @@ def train_counting_gradient_allreduces(rank: int, world_size: int, port: int, ar
     assembly.DistributedDataParallel = CountingDDP
     assert train.main(args) == 0
     Path(out_dir, f"gradient_allreduces_rank{rank}.txt").write_text(str(len(calls)))
+
+
+def train_rank(rank: int, world_size: int, port: int, args: list[str]) -> None:
+    """Run the CLI on this rank; it must succeed."""
+    _join_as(rank, world_size, port)
+    assert train.main(args) == 0

@@ -43,6 +43,8 @@ def test_overrides_are_converted_to_the_schema_types():
         ("trainer.device=tpu", "'trainer.device'"),
         ("data.batch_size=0", "'data.batch_size'"),
         ("model._target_=no_such_module.make", "'model._target_'"),
+        ("trainer.strategy=zero3", "'trainer.strategy'"),
+        ("trainer.fsdp_wrap=[resnet.BasicBlock]", "'trainer.fsdp_wrap'"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
@@ -51,6 +53,28 @@ def test_bad_value_names_its_key_in_one_line(override, named):
     message = str(raised.value)
     assert named in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["trainer.strategy=fsdp", "trainer.precision=fp16"], "'trainer.precision'"),
+        (["trainer.strategy=fsdp", "trainer.compile=true"], "'trainer.compile'"),
+        (["trainer.activation_checkpointing=true"], "'trainer.activation_checkpointing'"),
+    ],
+)
+def test_what_the_strategy_cannot_do_is_refused_naming_its_key(overrides, named):
+    with pytest.raises(UsageError) as raised:
+        config.load(None, overrides)
+    assert named in str(raised.value)
+    assert "strategy" in str(raised.value)
+
+
+def test_fsdp_takes_bf16_activation_checkpointing_and_its_own_blocks():
+    overrides = ["trainer.strategy=fsdp", "trainer.precision=bf16", "trainer.activation_checkpointing=true"]
+    cfg = config.load(None, [*overrides, "trainer.fsdp_wrap=[Block]"])
+    assert (cfg.trainer.strategy, cfg.trainer.fsdp_wrap) == ("fsdp", ["Block"])
+    assert "BasicBlock" in config.load(None).trainer.fsdp_wrap  # torchvision's ResNets shard per block by default
 
 
 def test_misspelt_key_suggests_the_right_one():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dist_helpers import (
     spawn,
     train_counting_all_reduce,
     train_counting_gradient_allreduces,
+    train_rank,
 )
 
 from ddp_trainer import checkpoint, config
@@ -186,3 +188,42 @@ def test_compiled_ddp_model_with_accumulation_matches_eager_on_two_ranks(tmp_pat
     assert eager["model"].keys() == compiled["model"].keys()
     for name, weight in eager["model"].items():
         torch.testing.assert_close(compiled["model"][name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_on_two_ranks_trains_the_same_weights_as_ddp(tmp_path):
+    # Accumulation, clipping and evaluation each take FSDP's own path; Linear blocks make several FSDP units.
+    args = [*BLOBS, "model.hidden_sizes=[16,16]", "trainer.epochs=2", "data.batch_size=8"]
+    args += ["trainer.accumulate_grad_batches=2", "trainer.grad_clip_norm=0.5", "trainer.log_every_n_steps=1"]
+    fsdp = ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.activation_checkpointing=true"]
+    # A spawn per run: two runs in one pair of processes would race on the rendezvous port.
+    for name, extra in (("ddp", []), ("fsdp", fsdp)):
+        spawn(2, train_rank, [*args, *extra, f"output_dir={tmp_path / name}"])
+    ddp, sharded = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in ("ddp", "fsdp"))
+    assert ddp["step"] == sharded["step"] == 6  # 96 samples / (2 ranks x 8) / 2 micro-batches = 3 per epoch
+    assert ddp["model"].keys() == sharded["model"].keys()
+    for name, weight in ddp["model"].items():
+        torch.testing.assert_close(sharded["model"][name], weight, rtol=1e-5, atol=1e-6)
+    assert list(sharded["optimizer"]["state"])[0] == "1.weight"  # FSDP's full optimizer state, keyed by name
+    ddp_record, fsdp_record = (read_metrics(tmp_path / name)[-1] for name in ("ddp", "fsdp"))
+    assert fsdp_record["val/samples"] == ddp_record["val/samples"] == 37  # uneven ranks, each sample once
+    for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
+        assert fsdp_record[key] == pytest.approx(ddp_record[key], rel=1e-5), key
+
+
+def test_fsdp_run_stopped_mid_epoch_resumes_exactly_and_continues_at_another_world_size(tmp_path):
+    args = [*BLOBS, "model.dropout=0.2", "trainer.epochs=2", "data.batch_size=8", "trainer.strategy=fsdp"]
+    args += ["trainer.fsdp_wrap=[Linear]"]  # dropout: each rank's restored RNG stream matters
+    spawn(2, train_rank, [*args, f"output_dir={tmp_path / 'straight'}"])
+    split = [*args, f"output_dir={tmp_path / 'split'}"]
+    spawn(2, train_rank, [*split, "trainer.max_steps=4"])  # 6 steps per epoch: stopped inside the first
+    shutil.copytree(tmp_path / "split", tmp_path / "one_rank")
+    spawn(2, train_rank, split)
+    straight, resumed = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in ("straight", "split"))
+    assert straight["step"] == resumed["step"] == 12
+    for name, weight in straight["model"].items():
+        assert torch.equal(resumed["model"][name], weight), name
+    # Full state dicts fit any world size: one process takes the 2-rank checkpoint and trains on to the end.
+    assert main([*args, f"output_dir={tmp_path / 'one_rank'}", "trainer.allow_changes=[world_size]"]) == 0
+    # 2 ranks' position in the epoch does not fit one rank: epoch 1 restarts, 12 steps of batch 8 per epoch.
+    assert checkpoint.load(tmp_path / "one_rank" / "checkpoints" / "last.pt")["step"] == 4 + 12 + 12
+    assert [line["epoch"] for line in read_metrics(tmp_path / "one_rank")] == [1, 2]
