@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ddp_trainer import data, distributed, tasks
 from ddp_trainer.assembly import assemble
-from ddp_trainer.config import Config, for_array_task, load_for_objects, to_container
+from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
@@ -84,6 +84,13 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         distributed.teardown()
         stop.restore()
     return exit_code, record if finished else {}
+
+
+def for_array_task(config: Config, task_id: int | None) -> Config:
+    """The config SLURM array task `task_id` runs (None: not an array job): its own folder inside output_dir."""
+    if task_id is None or not config.output_dir_per_array_task:
+        return config
+    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"array_task_{task_id}"))
 
 
 def _last_record(metrics_path: Path) -> dict[str, Any]:

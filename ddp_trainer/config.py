@@ -42,22 +42,13 @@ def _not_negative(default: float, expected: str) -> Any:
 
 # What trainer.allow_changes may name: changes a resumed run can meaningfully continue with (see changes.py).
 CONTINUABLE = (
-    "trainer.epochs",
-    "trainer.max_steps",
-    "optim.lr",
-    "optim.min_lr",
-    "optim.weight_decay",
-    "optim.momentum",
-    "trainer.grad_clip_norm",
-    "trainer.nonfinite_loss",
-    "trainer.early_stopping_patience",
-    "trainer.early_stopping_min_delta",
-    "world_size",
-)
+    "trainer.epochs", "trainer.max_steps", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.momentum",
+    "trainer.grad_clip_norm", "trainer.nonfinite_loss", "trainer.early_stopping_patience",
+    "trainer.early_stopping_min_delta", "world_size",
+)  # fmt: skip
 CONTINUED = ", ".join(CONTINUABLE)
-# Under trainer.strategy=fsdp each module of these classes is one FSDP unit (the blocks of torchvision's ResNets,
-# ViTs, ConvNeXts, EfficientNets, MobileNets and Swins, and torch's transformer layers); the root is always one. The
-# built-in mlp and cnn have no blocks: they are small enough to be a single unit.
+# Under trainer.strategy=fsdp each module of these classes is one FSDP unit: torchvision's ResNet, ViT, ConvNeXt,
+# EfficientNet, MobileNet and Swin blocks, torch's transformer layers. The root is one too (all the mlp and cnn are).
 FSDP_WRAP = [
     "BasicBlock", "Bottleneck", "EncoderBlock", "CNBlock", "MBConv", "FusedMBConv", "InvertedResidual",
     "SwinTransformerBlock", "SwinTransformerBlockV2", "TransformerEncoderLayer", "TransformerDecoderLayer",
@@ -355,13 +346,6 @@ def _validate(raw: DictConfig, written: DictConfig) -> Config:
             factory = locate(settings._target_, f"{section}._target_")
             factory_args.route(section, factory, settings, written_keys[section])
     return config
-
-
-def for_array_task(config: Config, task_id: int | None) -> Config:
-    """The config SLURM array task `task_id` runs (None: not an array job): its own folder inside output_dir."""
-    if task_id is None or not config.output_dir_per_array_task:
-        return config
-    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"array_task_{task_id}"))
 
 
 def to_container(config: Config) -> dict[str, Any]:

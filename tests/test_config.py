@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics
 
-from ddp_trainer import config, data, models
+from ddp_trainer import api, config, data, models
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
 
@@ -223,7 +223,7 @@ def test_array_tasks_of_one_command_write_apart_and_a_requeued_task_resumes_its_
 
 def test_output_dir_per_array_task_false_keeps_output_dir_as_written():
     cfg = config.load(None, ["output_dir=runs/sweep_3", "output_dir_per_array_task=false"])
-    assert config.for_array_task(cfg, 3).output_dir == "runs/sweep_3"
+    assert api.for_array_task(cfg, 3).output_dir == "runs/sweep_3"
 
 
 def test_a_malformed_array_task_id_is_named_in_one_line(tmp_path, capsys, monkeypatch):
