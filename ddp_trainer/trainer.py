@@ -303,7 +303,8 @@ class Trainer:
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
         # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and FSDP's full state.
         gathered = gather_objects((rng.capture(), position), self.env)
-        weights = model_state(self.model, self.optimizer, self.cfg.trainer.strategy)
+        strategy = self.cfg.trainer.strategy  # FSDP gathers the full state on every rank; DDP's rank 0 holds it alone
+        weights = model_state(self.model, self.optimizer, strategy) if self.env.is_main or strategy == "fsdp" else {}
         if self.env.is_main:
             state = {**weights, **build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered)}
             self.saver.save(state, names)
