@@ -21,7 +21,7 @@ from ddp_trainer.monitor import Monitor, build_monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler, schedule_length
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.progress import Progress
-from ddp_trainer.sharding import load_full_state_dicts, shard_model
+from ddp_trainer.sharding import load_full_state_dicts, load_shards, shard_model
 from ddp_trainer.tasks import Task
 
 
@@ -77,7 +77,12 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
     accepted = changes.check(state, cfg, env.world_size, path, logger.info)
     try:
-        load_full_state_dicts(parts.model, parts.optimizer, state["model"], state["optimizer"], cfg.trainer.strategy)
+        if path.is_dir():
+            load_shards(parts.model, parts.optimizer, path)
+        else:
+            load_full_state_dicts(
+                parts.model, parts.optimizer, state["model"], state["optimizer"], cfg.trainer.strategy
+            )
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.precision.load_state_dict(state.get("grad_scaler"))
         changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)

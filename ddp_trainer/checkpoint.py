@@ -1,19 +1,24 @@
-"""Checkpoint files: atomic writes, weights_only reads, and state dicts free of wrapper prefixes."""
+"""Checkpoints: atomic files and sharded folders, weights_only reads, and state dicts free of wrapper prefixes."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
 
@@ -44,41 +49,136 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames in `directory` themselves survive a power cut."""
+    handle = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)  # makes the rename itself survive a power cut
+        os.fsync(handle)
     finally:
-        os.close(directory)
+        os.close(handle)
 
 
 class UnreadableCheckpoint(UsageError):
-    """A checkpoint file that is empty, truncated or not ours: an older one may be used instead."""
+    """A checkpoint that is empty, truncated or not ours: an older one may be used instead."""
+
+
+# A sharded checkpoint is a folder: each rank's shard of the model and optimizer (torch.distributed.checkpoint, DCP),
+# its `.metadata`, and rank 0's state file holding the rest (progress, RNG streams, config).
+SHARDED_STATE, SHARDED_METADATA = "state.pt", ".metadata"
+FILE_KEYS, SHARDED_KEYS = ("model", "optimizer", "epoch", "step", "config"), ("epoch", "step", "config")
+# What DCP pickles into `.metadata` (torch 2.4-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
+METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata")
+        + ("BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+    ),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` with only its own classes allowed: plain pickle would run any code in the file."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed global, else UnpicklingError in torch's weights_only wording (`GLOBAL module.name`)."""
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or (module, name) in METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported GLOBAL {module}.{name} in checkpoint metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's folder reader, `.metadata` checked against METADATA_GLOBALS first: reading never runs code from it."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """DCP's metadata, once the allowlist read it without error (a second read of a small file)."""
+        _read(Path(self._get_metadata_path(kwargs.get("rank"))), lambda file: _MetadataUnpickler(file).load())
+        return super().read_metadata(*args, **kwargs)
+
+
+class _WeightsOnlyBytes:
+    """A DCP load planner whose non-tensor items (the optimizer's hyperparameters) must load with weights_only."""
+
+    def load_bytes(self, read_item: Any, value: IO[bytes]) -> None:
+        """Refuse an item that could run code; then DCP's own load puts the item in place."""
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)  # type: ignore[misc]
+
+
+class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    """DCP's default planner (into an existing state dict), reading non-tensor items with weights_only."""
+
+
+class _WholeLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    """DCP's planner that rebuilds the whole saved state dict in one process, with weights_only items."""
+
+
+def _read(path: Path, read: Callable[[IO[bytes]], Any]) -> Any:
+    """`read` applied to the open file; UsageError if it holds code, UnreadableCheckpoint if it is not readable."""
+    try:
+        with path.open("rb") as file:
+            return read(file)
+    except Exception as error:  # missing, truncated zip, empty file, not a torch file: all unreadable
+        raise _refused_or_unreadable(path, error) from error
+
+
+def _refused_or_unreadable(path: Path, error: BaseException) -> UsageError:
+    """A load's error, named: refused (no fallback) when weights_only blocked code, else unreadable."""
+    blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+    if isinstance(error, pickle.UnpicklingError) and blocked:
+        return UsageError(
+            f"checkpoint {path} refused: it holds objects that could run code and weights_only loading "
+            f"blocks them ({blocked[0]})"
+        )
+    if isinstance(error, pickle.UnpicklingError):
+        return UnreadableCheckpoint(f"checkpoint {path} is unreadable (not a torch checkpoint file)")
+    return UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line(error)})")
+
+
+def dcp_cause(error: BaseException) -> BaseException:
+    """The first failed rank's own error inside DCP's CheckpointException, whose text names only the ranks."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]  # (exception, traceback) per rank
+    return error
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint file, or a sharded checkpoint's state without its shards (`.metadata` checked), weights_only."""
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        _read(path / SHARDED_METADATA, lambda file: _MetadataUnpickler(file).load())
+    file, required = (path / SHARDED_STATE, SHARDED_KEYS) if path.is_dir() else (path, FILE_KEYS)
+    state = _read(file, lambda opened: torch.load(opened, map_location="cpu", weights_only=True))
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(
+            f"checkpoint {file} is not a ddp-trainer checkpoint (holds a {type(state).__name__})"
+        )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise UnreadableCheckpoint(f"checkpoint {file} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
+    return state
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True (never runs code from the file); UsageError names the file."""
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
-        if blocked:
-            raise UsageError(
-                f"checkpoint {path} refused: it holds objects that could run code and weights_only loading "
-                f"blocks them ({blocked[0]})"
-            ) from error
-        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (not a torch checkpoint file)") from error
-    except Exception as error:  # truncated zip, empty file, not a torch file: all unreadable
-        reason = (str(error).splitlines() or [""])[0]
-        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason})") from error
-    if not isinstance(state, dict):
-        raise UnreadableCheckpoint(
-            f"checkpoint {path} is not a ddp-trainer checkpoint (holds a {type(state).__name__})"
-        )
-    missing = [key for key in ("model", "optimizer", "epoch", "step", "config") if key not in state]
-    if missing:
-        raise UnreadableCheckpoint(f"checkpoint {path} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
+    """A whole checkpoint, read with weights_only=True (never runs code); a sharded one gathered into this process."""
+    state = read_state(path)
+    if path.is_dir():
+        tensors: dict[str, Any] = {}
+        try:
+            _load_state_dict(tensors, storage_reader=SafeReader(path), planner=_WholeLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as error:  # DCP's own error is a BaseException
+            raise _refused_or_unreadable(path, dcp_cause(error)) from error
+        state.update(tensors)
     return state
 
 
@@ -98,19 +198,57 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
         old.unlink()
 
 
+def _point(directory: Path, name: str, target: Path) -> None:
+    """Make `directory/name` a relative symlink to `target`, replacing any old one in one atomic rename."""
+    link = directory / f".{name}.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target.name)
+    os.replace(link, directory / name)
+
+
+def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: int) -> None:
+    """Rename a finished sharded checkpoint to `final`, point each of `names` at it, keep the newest keep_last (>= 1).
+
+    Until the rename the folder has a temporary name that resume ignores, so a crash mid-save leaves the last
+    complete checkpoint in use. The folder `best` points to is kept however old.
+    """
+    directory = final.parent
+    if final.exists():  # saved again at the same step (a stop right after a step's save): the newer state wins
+        replaced = directory / f".{final.name}.replaced.tmp"
+        os.replace(final, replaced)
+        os.replace(written, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(written, final)
+    for name in names:
+        _point(directory, name, final)
+    _fsync_directory(directory)
+    kept = {(directory / name).resolve() for name in ("last", "best") if (directory / name).exists()}
+    folders = sorted(path for path in directory.glob("step-*") if path.is_dir())
+    for old in folders[: -max(keep_last, 1)]:
+        if old.resolve() not in kept:
+            shutil.rmtree(old)
+
+
 def remove_unfinished_writes(directory: Path) -> list[Path]:
-    """Delete temporary files of saves that a crash interrupted (never a finished checkpoint); returns them."""
-    unfinished = sorted([*directory.glob(".*.pt.*.tmp"), *directory.glob(".last.pt.*.link")])
+    """Delete what saves that a crash interrupted left (temporary files, folders, links; never a checkpoint)."""
+    unfinished = sorted([*directory.glob(".*.tmp"), *directory.glob(".*.link")])
     for path in unfinished:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return unfinished
 
 
 def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
-    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; auto skips unreadable files."""
+    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; auto skips unreadable checkpoints.
+
+    The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read its own part of.
+    """
     directory = output_dir / "checkpoints"
-    last = directory / "last.pt"
-    saved = ([last] if last.exists() else []) + sorted(directory.glob("step-*.pt"), reverse=True)
+    latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
+    saved = latest + sorted(directory.glob("step-*"), reverse=True)  # step files and sharded folders alike
     if resume == "none":
         if saved:
             raise UsageError(
@@ -119,14 +257,14 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
             )
         return None
     if resume != "auto":
-        return load(Path(resume)), Path(resume)
+        return read_state(Path(resume)), Path(resume)
     problems = []
     for path in saved:
         try:
-            return load(path), path
+            return read_state(path), path
         except UnreadableCheckpoint as error:
             problems.append(str(error))
             report(f"{error}; trying an older checkpoint")
-    if problems:  # saved files, none readable: stopping beats silently starting over
+    if problems:  # saved checkpoints, none readable: stopping beats silently starting over
         raise UsageError(f"no readable checkpoint in {directory} ({len(problems)} tried): {problems[0]}")
     return None

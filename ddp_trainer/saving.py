@@ -1,30 +1,34 @@
-"""Saving a run: what a checkpoint holds, and rank 0 writing it at once or from one background thread."""
+"""Saving a run: what a checkpoint holds; rank 0 writes a file or every rank its shard, at once or in the background."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ddp_trainer import checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import CliError, first_line
-from ddp_trainer.sharding import full_state_dicts
+from ddp_trainer.sharding import sharded_state_dicts
 
 
 class CheckpointWriteFailed(CliError):
     """A checkpoint file could not be written (no permission, disk full): one line naming the file, exit code 1."""
 
 
-def model_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp") -> dict[str, Any]:
-    """The unsharded model and optimizer state dicts; under FSDP a collective that every rank calls, rank 0 keeps."""
-    weights, optimizer_state = full_state_dicts(model, optimizer, strategy)
-    return {"model": weights, "optimizer": optimizer_state}
+def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's state dict (no wrapper prefixes) and the optimizer's: what a checkpoint file holds beside `state`."""
+    return {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict()}
 
 
 def build_state(
@@ -71,10 +75,24 @@ def _copy_to_cpu(value: Any) -> Any:
 class Saver:
     """Rank 0's checkpoint writes into one folder: at once, or (async_save) staged to CPU and written by a thread."""
 
+    LAST = "last.pt"
+
     def __init__(self, directory: Path, keep_last: int, async_save: bool) -> None:
         self.directory, self.keep_last = directory, keep_last
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if async_save else None
         self.pending: Future[None] | None = None
+
+    def save_run(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any] | None,
+        names: Sequence[str],
+        step: int,
+    ) -> None:
+        """Rank 0, the one given `state`, saves it with the model and optimizer as one file per name."""
+        if state is not None:
+            self.save({**model_state(model, optimizer), **state}, names)
 
     def save(self, state: dict[str, Any], names: Sequence[str]) -> None:
         """Write `state` as each of `names` ("last", "best"), in order; with async_save return once it is staged."""
@@ -101,15 +119,77 @@ class Saver:
 
     def _write(self, state: dict[str, Any], names: Sequence[str]) -> None:
         for name in names:
-            path = self.directory / f"{name}.pt"
-            try:
+            with failures_named(self.directory / f"{name}.pt"):
                 if name == "last":
                     checkpoint.save_last(state, self.directory, self.keep_last)
                 else:
-                    checkpoint.save_atomic(state, path)
-            except Exception as error:
-                # The previous whole file stays in place: save_atomic renames only a finished file over it.
-                raise CheckpointWriteFailed(
-                    f"could not write checkpoint {path} ({type(error).__name__}: {first_line(error)}); "
-                    "the previous one is intact"
-                ) from error
+                    checkpoint.save_atomic(state, self.directory / f"{name}.pt")
+
+
+class ShardedSaver(Saver):
+    """Sharded checkpoints (FSDP): every rank writes its shard with DCP into a folder that rank 0 then publishes.
+
+    With async_save DCP copies the shards to CPU memory and writes them from a thread, its collectives on a gloo group
+    of their own while the training thread's run on the default one; rank 0's writer thread then publishes the folder.
+    """
+
+    LAST = "last"
+
+    def __init__(self, directory: Path, keep_last: int, async_save: bool) -> None:
+        super().__init__(directory, keep_last, async_save)
+        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    def save_run(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any] | None,
+        names: Sequence[str],
+        step: int,
+    ) -> None:
+        """Every rank's shard into `step-<step>/`, with rank 0's `state` (None elsewhere) as its state file."""
+        self.wait()
+        written, final = self.directory / f".step-{step:08d}.tmp", self.directory / f"step-{step:08d}"
+        shards, no_dist = sharded_state_dicts(model, optimizer), not dist.is_initialized()
+        shards_written = None
+        with failures_named(final):
+            if self.writer is None:
+                dcp.save(shards, storage_writer=FileSystemWriter(written), no_dist=no_dist)
+            else:
+                shards_written = dcp.async_save(
+                    shards, storage_writer=FileSystemWriter(written), process_group=self.group, no_dist=no_dist
+                )
+        if shards_written is None:
+            self._publish(None, state, written, final, names)
+        else:
+            staged = stage(state) if state is not None else None
+            self.pending = self.writer.submit(self._publish, shards_written, staged, written, final, names)
+
+    def _publish(
+        self,
+        shards_written: Future | None,
+        state: dict[str, Any] | None,
+        written: Path,
+        final: Path,
+        names: Sequence[str],
+    ) -> None:
+        with failures_named(final):
+            if shards_written is not None:
+                shards_written.result()  # on rank 0: every rank's shard is in, DCP wrote `.metadata` last
+            if state is not None:
+                checkpoint.save_atomic(state, written / checkpoint.SHARDED_STATE)
+                checkpoint.publish_folder(written, final, names, self.keep_last)
+
+
+@contextmanager
+def failures_named(path: Path) -> Iterator[None]:
+    """A failed write (no permission, disk full, a rank's DCP error) as one line naming `path`."""
+    try:
+        yield
+    except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+        cause = checkpoint.dcp_cause(error)
+        # The previous checkpoint stays in place: only a finished file or folder is renamed over or beside it.
+        raise CheckpointWriteFailed(
+            f"could not write checkpoint {path} ({type(cause).__name__}: {first_line(cause)}); "
+            "the previous one is intact"
+        ) from error

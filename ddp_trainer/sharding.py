@@ -1,27 +1,36 @@
-"""FSDP2 (`fully_shard`): the model sharded per block, its full state dicts for checkpoints, unsharded evaluation."""
+"""FSDP2 (`fully_shard`): the model sharded per block, its state dicts for checkpoints, unsharded evaluation."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer.checkpoint import clean_state_dict
+from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, clean_state_dict, dcp_cause
 from ddp_trainer.config import TrainerConfig
+from ddp_trainer.errors import first_line
 from ddp_trainer.precision import AUTOCAST_DTYPES
+
+# One process reads and writes sharded checkpoints on purpose (fsdp without torchrun, evaluate): DCP need not warn.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming")
 
 
 def shard_model(model: nn.Module, cfg: TrainerConfig, shard: bool) -> list[str]:
@@ -80,21 +89,21 @@ def unsharded(model: nn.Module) -> Iterator[None]:
         model.set_reshard_after_forward(False, recurse=False)  # fully_shard's default: the root's backward needs it
 
 
-FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def sharded_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shards of the model and optimizer state (DTensors under FSDP), keyed by parameter name for DCP."""
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": weights, "optimizer": optimizer_state}
 
 
-def full_state_dicts(
-    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The unsharded model and optimizer state dicts that checkpoints hold; under FSDP a collective, rank 0 gets them.
-
-    Under `fsdp` the optimizer's state is keyed by parameter name (torch.distributed.checkpoint's form), also in one
-    process, so that a resume at another world size reads it; under `ddp` by index (`optimizer.state_dict()`).
-    """
-    if strategy != "fsdp":
-        return clean_state_dict(model.state_dict()), optimizer.state_dict()
-    model_state = get_model_state_dict(model, options=FULL_ON_CPU)
-    return model_state, get_optimizer_state_dict(model, optimizer, options=FULL_ON_CPU)
+def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read this rank's part of a sharded checkpoint, at any world size (DCP reshards); every rank calls it."""
+    tensors = sharded_state_dicts(model, optimizer)
+    reader, planner = SafeReader(folder), SafeLoadPlanner()
+    try:
+        dcp.load(tensors, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    except CheckpointException as error:  # a BaseException, which the caller's handling of bad files would miss
+        raise RuntimeError(first_line(dcp_cause(error))) from error
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
 
 
 def load_full_state_dicts(
@@ -104,7 +113,7 @@ def load_full_state_dicts(
     optimizer_state: dict[str, Any],
     strategy: str,
 ) -> None:
-    """Load what `full_state_dicts` saved; every rank read the whole file and takes its own shard of it."""
+    """Load a checkpoint file; under FSDP (a `ddp-train consolidate` file) each rank takes its shard of it."""
     if strategy != "fsdp":
         model.load_state_dict(clean_state_dict(model_state))
         optimizer.load_state_dict(optimizer_state)

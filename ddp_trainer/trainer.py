@@ -31,7 +31,7 @@ from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.preemption import StopSignals
-from ddp_trainer.saving import Saver, build_state, model_state
+from ddp_trainer.saving import Saver, ShardedSaver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import Task
 
@@ -72,7 +72,11 @@ class Trainer:
         self.optimizer, self.scheduler, self.precision = parts.optimizer, parts.scheduler, parts.precision
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-        self.saver = Saver(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        keep_last, async_save = cfg.checkpoint.keep_last, cfg.checkpoint.async_save
+        if cfg.trainer.strategy == "fsdp":
+            self.saver = ShardedSaver(self.checkpoint_dir, keep_last, async_save)
+        else:
+            self.saver = Saver(self.checkpoint_dir, keep_last, async_save)
         self.parameters = list(self.model.parameters())
         self.accumulate = cfg.trainer.accumulate_grad_batches
         self.reported_skips = 0
@@ -113,7 +117,7 @@ class Trainer:
                 requeued, outcome = False, f"not requeued (trainer.requeue={self.cfg.trainer.requeue})"
             # Requeued by SLURM, the job goes on later: a success. Otherwise the shell's 128 + signal convention.
             exit_code = 0 if requeued else 128 + stop.signum
-            saved, step = self.checkpoint_dir / "last.pt", self.progress.step
+            saved, step = self.checkpoint_dir / self.saver.LAST, self.progress.step
             self.logger.info(f"stopped by {stop} at step {step}: {saved} saved; {outcome}; exit code {exit_code}")
             return exit_code, False
         self.logger.info(f"done at step {self.progress.step}: {self.monitor.describe()}; {self.checkpoint_dir}")
@@ -301,13 +305,12 @@ class Trainer:
     def _save(self, names: tuple[str, ...], partial_totals: dict[str, float] | None) -> None:
         self.last_save_time = self.clock()
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
-        # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and FSDP's full state.
+        # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and under FSDP its shard.
         gathered = gather_objects((rng.capture(), position), self.env)
-        strategy = self.cfg.trainer.strategy  # FSDP gathers the full state on every rank; DDP's rank 0 holds it alone
-        weights = model_state(self.model, self.optimizer, strategy) if self.env.is_main or strategy == "fsdp" else {}
+        state = None
         if self.env.is_main:
-            state = {**weights, **build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered)}
-            self.saver.save(state, names)
+            state = build_state(self.parts, self.cfg, self.env.world_size, partial_totals, gathered)
+        self.saver.save_run(self.model, self.optimizer, state, names, self.progress.step)
         # Ranks agree the save was issued. With checkpoint.async_save, the file is on disk once the next save, a stop
         # or the end of the run has waited for it; a kill before that leaves the previous checkpoint whole.
         barrier(self.env)

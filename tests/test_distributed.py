@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
+from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli
 from dist_helpers import (
     evaluate_checkpoint,
     plain_ranks,
@@ -190,40 +191,64 @@ def test_compiled_ddp_model_with_accumulation_matches_eager_on_two_ranks(tmp_pat
         torch.testing.assert_close(compiled["model"][name], weight, rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp_on_two_ranks_trains_the_same_weights_as_ddp(tmp_path):
+def test_fsdp_on_two_and_four_ranks_trains_the_same_weights_as_ddp(tmp_path):
     # Accumulation, clipping and evaluation each take FSDP's own path; Linear blocks make several FSDP units.
-    args = [*BLOBS, "model.hidden_sizes=[16,16]", "trainer.epochs=2", "data.batch_size=8"]
-    args += ["trainer.accumulate_grad_batches=2", "trainer.grad_clip_norm=0.5", "trainer.log_every_n_steps=1"]
+    args = [*BLOBS, "model.hidden_sizes=[16,16]", "trainer.epochs=2", "trainer.accumulate_grad_batches=2"]
+    args += ["trainer.grad_clip_norm=0.5", "trainer.log_every_n_steps=1"]
     fsdp = ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.activation_checkpointing=true"]
-    # A spawn per run: two runs in one pair of processes would race on the rendezvous port.
-    for name, extra in (("ddp", []), ("fsdp", fsdp)):
-        spawn(2, train_rank, [*args, *extra, f"output_dir={tmp_path / name}"])
-    ddp, sharded = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in ("ddp", "fsdp"))
-    assert ddp["step"] == sharded["step"] == 6  # 96 samples / (2 ranks x 8) / 2 micro-batches = 3 per epoch
-    assert ddp["model"].keys() == sharded["model"].keys()
-    for name, weight in ddp["model"].items():
-        torch.testing.assert_close(sharded["model"][name], weight, rtol=1e-5, atol=1e-6)
-    assert list(sharded["optimizer"]["state"])[0] == "1.weight"  # FSDP's full optimizer state, keyed by name
-    ddp_record, fsdp_record = (read_metrics(tmp_path / name)[-1] for name in ("ddp", "fsdp"))
-    assert fsdp_record["val/samples"] == ddp_record["val/samples"] == 37  # uneven ranks, each sample once
-    for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
-        assert fsdp_record[key] == pytest.approx(ddp_record[key], rel=1e-5), key
+    # One global batch of 16 in each run: DistributedSampler gives 2 ranks x 8 and 4 ranks x 4 the same samples.
+    runs = {"ddp": (2, ["data.batch_size=8"]), "fsdp2": (2, ["data.batch_size=8", *fsdp])}
+    runs["fsdp4"] = (4, ["data.batch_size=4", *fsdp])
+    for name, (ranks, extra) in runs.items():  # a spawn per run: two runs in one set of processes share a port
+        spawn(ranks, train_rank, [*args, *extra, f"output_dir={tmp_path / name}"])
+    ddp = checkpoint.load(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    for name in ("fsdp2", "fsdp4"):
+        folder = tmp_path / name / "checkpoints"
+        assert (folder / "last").resolve() == folder / "step-00000006"  # 96 samples / 16 / 2 micro-batches x 2
+        assert sorted(path.name for path in (folder / "last").iterdir()) == [
+            ".metadata", *(f"__{rank}_0.distcp" for rank in range(runs[name][0])), "state.pt"
+        ]  # fmt: skip
+        sharded = checkpoint.load(folder / "last")  # the shards gathered in this process
+        assert sharded["step"] == ddp["step"] == 6 and sharded["world_size"] == runs[name][0]
+        assert ddp["model"].keys() == sharded["model"].keys()
+        for key, weight in ddp["model"].items():
+            torch.testing.assert_close(sharded["model"][key], weight, rtol=1e-5, atol=1e-6)
+        assert list(sharded["optimizer"]["state"])[0] == "1.weight"  # DCP's optimizer state, keyed by name
+        record, ddp_record = read_metrics(tmp_path / name)[-1], read_metrics(tmp_path / "ddp")[-1]
+        assert record["val/samples"] == ddp_record["val/samples"] == 37  # uneven ranks, each sample once
+        for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
+            assert record[key] == pytest.approx(ddp_record[key], rel=1e-5), (name, key)
 
 
-def test_fsdp_run_stopped_mid_epoch_resumes_exactly_and_continues_at_another_world_size(tmp_path):
+def test_fsdp_run_killed_mid_save_resumes_bitwise_and_continues_at_another_world_size(tmp_path):
     args = [*BLOBS, "model.dropout=0.2", "trainer.epochs=2", "data.batch_size=8", "trainer.strategy=fsdp"]
-    args += ["trainer.fsdp_wrap=[Linear]"]  # dropout: each rank's restored RNG stream matters
-    spawn(2, train_rank, [*args, f"output_dir={tmp_path / 'straight'}"])
-    split = [*args, f"output_dir={tmp_path / 'split'}"]
-    spawn(2, train_rank, [*split, "trainer.max_steps=4"])  # 6 steps per epoch: stopped inside the first
-    shutil.copytree(tmp_path / "split", tmp_path / "one_rank")
-    spawn(2, train_rank, split)
-    straight, resumed = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in ("straight", "split"))
-    assert straight["step"] == resumed["step"] == 12
+    args += ["trainer.fsdp_wrap=[Linear]", "checkpoint.every_n_steps=2", "checkpoint.async_save=true"]
+    spawn(2, train_rank, [*args, f"output_dir={tmp_path / 'straight'}"])  # dropout: each rank's RNG stream matters
+    killed_args = [*args, f"output_dir={tmp_path / 'killed'}"]
+    command = cli_command(killed_args, nproc=2)
+    command[command.index("ddp_trainer.train")] = "fault_entry"
+    # Rank 0 gets SIGKILL in its writer thread, half-way through the state file of the 2nd save (step 4 of 6): the
+    # shards are in, the folder is not published, and training has gone on meanwhile.
+    killed = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env={**cli_env(), "KILL_AT_SAVE": "2"}, cwd=REPO_DIR
+    )
+    assert killed.returncode != 0, killed.stdout
+    folder = tmp_path / "killed" / "checkpoints"
+    assert (folder / "last").resolve().name == "step-00000002"
+    assert sorted(path.name for path in folder.iterdir()) == [".step-00000004.tmp", "last", "step-00000002"]
+    shutil.copytree(tmp_path / "killed", tmp_path / "one_rank", symlinks=True)  # `last` stays a link
+
+    resumed = run_cli(killed_args, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "a checkpoint write that a crash interrupted" in resumed.stdout
+    assert f"resumed from {folder / 'last'}: epoch 0, step 2" in resumed.stdout
+    straight, final = (checkpoint.load(tmp_path / name / "checkpoints" / "last") for name in ("straight", "killed"))
+    assert straight["step"] == final["step"] == 12
     for name, weight in straight["model"].items():
-        assert torch.equal(resumed["model"][name], weight), name
-    # Full state dicts fit any world size: one process takes the 2-rank checkpoint and trains on to the end.
+        assert torch.equal(final["model"][name], weight), name
+    assert read_metrics(tmp_path / "killed")[-1]["val/loss"] == read_metrics(tmp_path / "straight")[-1]["val/loss"]
+    # DCP reshards: one process reads the 2-rank shards and trains on to the end.
     assert main([*args, f"output_dir={tmp_path / 'one_rank'}", "trainer.allow_changes=[world_size]"]) == 0
     # 2 ranks' position in the epoch does not fit one rank: epoch 1 restarts, 12 steps of batch 8 per epoch.
-    assert checkpoint.load(tmp_path / "one_rank" / "checkpoints" / "last.pt")["step"] == 4 + 12 + 12
+    assert checkpoint.load(tmp_path / "one_rank" / "checkpoints" / "last")["step"] == 2 + 12 + 12
     assert [line["epoch"] for line in read_metrics(tmp_path / "one_rank")] == [1, 2]

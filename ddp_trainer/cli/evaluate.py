@@ -60,7 +60,7 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
 def checkpoint_command(command: str, description: str, example: str) -> argparse.ArgumentParser:
     """The parser of a `ddp-train COMMAND` that reads one checkpoint: `--checkpoint PATH` and config overrides."""
     parser = argparse.ArgumentParser(prog=f"ddp-train {command}", description=description, epilog=f"example: {example}")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a last.pt, best.pt or step-*.pt file")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="last.pt, best.pt, step-*.pt or sharded folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override the saved config (data.root=...)")
     return parser
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": "ddp_trainer.cli.evaluate",
     "predict": "ddp_trainer.cli.predict",
     "plot": "ddp_trainer.cli.plot",
+    "consolidate": "ddp_trainer.cli.consolidate",
 }
 
 
@@ -43,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="ddp-train",
         description="Train a model on 1..N ranks (plain python, torchrun or srun) from a YAML config.",
         epilog="example: ddp-train --config configs/digits_mlp.yaml optim.lr=3e-4 trainer.epochs=10\n"
-        "other commands: ddp-train evaluate|predict|plot --help",
+        "other commands: ddp-train evaluate|predict|plot|consolidate --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe; without it, the built-in defaults (digits MLP)")

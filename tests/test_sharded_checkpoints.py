@@ -1,0 +1,113 @@
+"""Sharded checkpoints (trainer.strategy=fsdp) in one process: folders, consolidation, fallback, code never run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import read_metrics
+
+from ddp_trainer import checkpoint
+from ddp_trainer.cli.train import main
+from ddp_trainer.errors import UsageError
+
+FSDP = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "trainer.strategy=fsdp"]
+RUN = [*FSDP, "trainer.fsdp_wrap=[Linear]", "checkpoint.every_n_steps=20", "optim.scheduler=none"]
+
+
+class RunsCode:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def folders(directory) -> list[str]:
+    return sorted(
+        path.name if not path.is_symlink() else f"{path.name}->{os.readlink(path)}" for path in directory.iterdir()
+    )
+
+
+def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(tmp_path, capsys):
+    assert main([*RUN, "trainer.epochs=2", "checkpoint.keep_last=1", f"output_dir={tmp_path / 'run'}"]) == 0
+    saved = tmp_path / "run" / "checkpoints"
+    assert folders(saved) == ["best->step-00000090", "last->step-00000090", "step-00000090"]  # keep_last=1
+    assert sorted(os.listdir(saved / "last")) == [".metadata", "__0_0.distcp", "state.pt"]
+    consolidated = tmp_path / "model.pt"
+    assert main(["consolidate", "--checkpoint", str(saved / "best"), "--output", str(consolidated)]) == 0
+    assert f"wrote {consolidated}: epoch 2, step 90, 4,810 model parameters" in capsys.readouterr().out
+    plain = torch.load(consolidated, weights_only=True)
+    assert list(plain["model"]) == ["1.weight", "1.bias", "3.weight", "3.bias"] and plain["step"] == 90
+    assert list(plain["optimizer"]["state"]) == list(plain["model"])  # keyed by name: any world size reads it
+    assert main(["consolidate", "--checkpoint", str(saved / "best"), "--output", str(consolidated)]) == 2
+    assert "exists; consolidate never overwrites" in capsys.readouterr().err
+
+    evaluated = []
+    for path in (saved / "best", consolidated):
+        assert main(["evaluate", "--checkpoint", str(path), "--json"]) == 0
+        evaluated.append(capsys.readouterr().out.split('"metrics": ')[1].split("}")[0])
+    assert evaluated[0] == evaluated[1] and '"val/samples": 359' in evaluated[0]
+    # From the consolidated file and from the folder, one more epoch ends at the same weights.
+    more = [*RUN, "trainer.epochs=3"]
+    assert main([*more, f"output_dir={tmp_path / 'file'}", f"trainer.resume={consolidated}"]) == 0
+    assert main([*more, f"output_dir={tmp_path / 'run'}"]) == 0
+    from_file, from_folder = (checkpoint.load(tmp_path / name / "checkpoints" / "last") for name in ("file", "run"))
+    assert from_file["step"] == from_folder["step"] == 135
+    for name, weight in from_folder["model"].items():
+        assert torch.equal(from_file["model"][name], weight), name
+    assert read_metrics(tmp_path / "file")[-1]["val/loss"] == read_metrics(tmp_path / "run")[-1]["val/loss"]
+
+
+def test_unreadable_newest_folder_falls_back_and_unfinished_folders_are_removed(tmp_path, capsys):
+    args = [*RUN, f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.epochs=1"]) == 0
+    saved = tmp_path / "checkpoints"
+    assert folders(saved) == ["best->step-00000045", "last->step-00000045", "step-00000040", "step-00000045"]
+    (saved / "step-00000045" / "state.pt").write_bytes(b"PK\x03\x04 cut off")
+    (saved / ".step-00000060.tmp").mkdir()  # a save that a crash interrupted
+    capsys.readouterr()
+    assert main([*args, "trainer.epochs=2"]) == 0
+    output = capsys.readouterr().out
+    assert f"checkpoint {saved / 'step-00000045' / 'state.pt'} is unreadable" in output
+    assert f"removed {saved / '.step-00000060.tmp'}" in output
+    assert f"resumed from {saved / 'step-00000040'}: epoch 0, step 40" in output
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2]  # epoch 1 written again, from step 40 on
+
+
+def test_a_folder_whose_metadata_or_values_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    dcp.save({"model": {"w": torch.ones(2)}, "optimizer": {"lr": RunsCode(str(marker))}}, checkpoint_id=folder)
+    torch.save({"epoch": 0, "step": 1, "config": {}}, folder / checkpoint.SHARDED_STATE)
+    state = checkpoint.read_state(folder)  # the state file and .metadata hold nothing but data
+    assert state["step"] == 1
+    with pytest.raises(UsageError, match=r"refused: it holds objects that could run code .*GLOBAL posix.system"):
+        checkpoint.load(folder)  # the optimizer's non-tensor value is read with weights_only
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(str(marker))))
+    with pytest.raises(UsageError, match=r"refused: it holds objects that could run code .*GLOBAL posix.system"):
+        checkpoint.load_for_resume("auto", tmp_path, print)  # refused, not skipped for an older checkpoint
+    assert not marker.exists()
+
+
+def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
+    def publish(step: int, names: tuple[str, ...]) -> None:
+        written = tmp_path / f".step-{step:08d}.tmp"
+        written.mkdir()
+        (written / "state.pt").write_text(str(step))
+        checkpoint.publish_folder(written, tmp_path / f"step-{step:08d}", names, keep_last=2)
+
+    publish(1, ("last", "best"))
+    publish(2, ("last",))
+    publish(3, ("last",))
+    publish(3, ("last",))  # the same step again (a stop right after a step's save): replaced, not duplicated
+    assert folders(tmp_path) == ["best->step-00000001", "last->step-00000003", "step-00000001"] + [
+        "step-00000002", "step-00000003"
+    ]  # fmt: skip
+    publish(4, ("last", "best"))
+    assert folders(tmp_path) == ["best->step-00000004", "last->step-00000004", "step-00000003", "step-00000004"]
