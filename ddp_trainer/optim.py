@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -22,6 +23,8 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     options = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused}
     if cfg.name in ("adam", "adamw"):
         return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name](params, **options)
+    if any(isinstance(param, DTensor) for param in params):
+        fused = options["fused"] = None  # FSDP's DTensors have fused Adam kernels (torch 2.14), not fused SGD
     optimizer = torch.optim.SGD(params, momentum=cfg.momentum, **options)
     if fused and cfg.momentum > 0:
         # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros
