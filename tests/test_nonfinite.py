@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import read_metrics, run_cli
 
@@ -30,13 +31,15 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
 
 
-def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
     args = [*BLOBS, "model.nan_step=5", "model.nan_rank=1", "trainer.nonfinite_loss=skip", "trainer.epochs=2"]
-    result = run_cli([*args, f"output_dir={tmp_path}"], nproc=2)
+    result = run_cli([*args, f"trainer.strategy={strategy}", f"output_dir={tmp_path}"], nproc=2)
     assert result.returncode == 0, result.stderr
     assert "skipped 1 optimizer step(s) by step 6, the epoch's first at step 5 (epoch 1)" in result.stdout
     lines = read_metrics(tmp_path)
     assert [line["train/skipped_steps"] for line in lines] == [1, 0]
     assert [line["step"] for line in lines] == [6, 12]  # 6 batches per rank per epoch: a skipped step still counts
     assert lines[0]["train/samples"] == 96 - 2 * 8  # the skipped batch of each rank is not counted
-    assert all_finite(checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"])
+    last = tmp_path / "checkpoints" / ("last" if strategy == "fsdp" else "last.pt")  # fsdp: a sharded folder
+    assert all_finite(checkpoint.load(last)["model"])

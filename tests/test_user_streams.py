@@ -79,9 +79,11 @@ def test_an_empty_stream_and_a_schedule_that_needs_a_length_are_refused(tmp_path
 def test_two_uneven_ranks_train_every_record_once_and_resume_mid_epoch_exactly(tmp_path):
     """The digits stream example: 4 readers of 360, 360, 360, 357 images in batches of 7, so one rank holds 104
     batches and the other 103. Stopped at step 103, when one rank's part is all trained and the other's next batch
-    comes from its second worker, then resumed, the run ends with the weights of the uninterrupted run."""
+    comes from its second worker, then resumed, the run ends with the weights of the uninterrupted run. The model is
+    sharded with FSDP: the stand-in batch of the rank that ran dry must join FSDP's collectives as it joins DDP's."""
     script = REPO_DIR / "examples" / "digits_stream.py"
     common = [*CPU, "trainer.epochs=1", "data.batch_size=7", "data.num_workers=2", "optim.name=sgd"]
+    common += ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]
     straight = run_script(script, [*common, f"output_dir={tmp_path / 'straight'}"], nproc=2)
     assert straight.returncode == 0, straight.stderr
     for stop in ("trainer.max_steps=103", "trainer.max_steps=-1"):
@@ -91,7 +93,7 @@ def test_two_uneven_ranks_train_every_record_once_and_resume_mid_epoch_exactly(t
     assert (record["step"], record["train/samples"], record["val/samples"]) == (104, 1437, 360)
     resumed = read_metrics(tmp_path / "split")[-1]
     assert resumed == {**record, "time/train_s": ANY, "time/epoch_s": ANY}
-    weights = [checkpoint.load(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("straight", "split")]
+    weights = [checkpoint.load(tmp_path / run / "checkpoints" / "last")["model"] for run in ("straight", "split")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
