@@ -1,4 +1,4 @@
-"""The benchmark scripts stay runnable: the GPU one skips cleanly on a CPU machine, the async one runs --quick."""
+"""The benchmark scripts stay runnable: the GPU one skips cleanly on a CPU machine, the others run --quick."""
 
 from __future__ import annotations
 
@@ -19,3 +19,14 @@ def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 3 and "`checkpoint.async_save=true`" in rows[2]
+
+
+def test_fsdp_memory_benchmark_prints_its_tables_in_quick_mode():
+    result = run_script(REPO_DIR / "benchmarks" / "fsdp_memory.py", ["--quick"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| 2 |")]  # the rows at 2 ranks
+    ddp, fsdp, speed = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    assert (ddp[1], fsdp[1]) == ("ddp", "fsdp")
+    assert fsdp[3] == "0.50"  # each of 2 ranks holds half the parameters, gradients and AdamW state
+    for number in (ddp[2], fsdp[2], ddp[4], fsdp[4], speed[2], speed[4]):
+        assert float(number.replace(",", "")) > 0
