@@ -1,108 +1,143 @@
-"""Async checkpoints: how long one save blocks training, `checkpoint.async_save` against today's rank-0 torch.save.
+"""Checkpoint stalls: how long one save blocks training on 2 ranks, for each way ddp-trainer can save.
 
-Run: python benchmarks/async_checkpoint.py [--quick] [--repeats 3]
-A 100M-parameter MLP (four 5,000 x 5,000 Linear layers) with AdamW trains on CPU in this process; every few steps
-ddp-trainer's `saving.Saver` writes `last.pt` (model + AdamW moments, 1.2 GB), once synchronously and once with
-async_save, side by side. The stall of a save is the wall time the training loop spends in `Saver.save`: the whole
-write when synchronous; waiting for the previous write (if still running) and the copy to CPU memory when async.
+Run: python benchmarks/async_checkpoint.py [--quick] [--repeats 1]
+A 100M-parameter MLP (four 5,000 x 5,000 Linear layers) with AdamW trains on 2 CPU ranks (gloo) in one process group;
+every few steps ddp-trainer's own saver writes the model and AdamW moments (1.2 GB), in four modes side by side:
+DDP with rank 0's `torch.save` (today's default) and with `checkpoint.async_save`, and FSDP (`trainer.strategy=fsdp`)
+writing sharded DCP folders, synchronously and with `checkpoint.async_save`. The stall of a save is what the trainer
+waits for: the saver's call plus the barrier after it (DDP's other rank waits there for rank 0's write), the slower
+rank's time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from common import Report, add_common_arguments, filesystem_of, markdown_table, median, repeats_for
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import saving
+from ddp_trainer import config, saving
+from ddp_trainer.sharding import shard_model
 
-WIDTH, LAYERS, BATCH = 5000, 4, 16  # 4 x 25M weights: 100M parameters, 1.2 GB of checkpoint with AdamW's moments
+WIDTH, LAYERS, BATCH, RANKS = 5000, 4, 16, 2  # 4 x 25M weights: 100M parameters, 1.2 GB of state with AdamW
 QUICK_WIDTH = 256
-SAVES, STEPS_BETWEEN_SAVES = 4, 8
-GOAL = 0.2  # async stall at most 0.2x the synchronous one
-Results = dict[bool, dict[str, list[float]]]  # async_save -> measurement -> seconds
+SAVES, STEPS_BETWEEN_SAVES = 4, 4
+GOAL = 0.2  # async sharded stall at most 0.2x today's
+MODES = {  # row name -> (trainer.strategy, checkpoint.async_save)
+    "DDP, rank-0 `torch.save` (today)": ("ddp", False),
+    "DDP, `checkpoint.async_save=true`": ("ddp", True),
+    "FSDP, sharded DCP": ("fsdp", False),
+    "FSDP, sharded DCP, `checkpoint.async_save=true`": ("fsdp", True),
+}
+Results = dict[str, dict[str, list[float]]]  # mode -> measurement -> seconds
 
 
-def build(width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The MLP and its AdamW, with one step taken so the optimizer holds its moments."""
+def build(width: int, strategy: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(bare model, what trains, AdamW) on this rank, sharded by ddp-trainer's own shard_model under fsdp."""
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(LAYERS)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train_step(model, optimizer, width)
-    return model, optimizer
+    if strategy == "fsdp":
+        shard_model(model, config.load(None, ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]).trainer, True)
+        return model, model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, DistributedDataParallel(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, width: int) -> None:
+def train_step(trained: nn.Module, optimizer: torch.optim.Optimizer, width: int) -> None:
     """One forward, backward and AdamW step on random data."""
     optimizer.zero_grad(set_to_none=True)
-    model(torch.randn(BATCH, width)).square().mean().backward()
+    trained(torch.randn(BATCH, width)).square().mean().backward()
     optimizer.step()
 
 
-def measure(async_save: bool, width: int, saves: int, steps: int, folder: Path) -> dict[str, list[float]]:
-    """Stall of each save, seconds per training step between saves, and the end-of-run wait for the last write."""
-    model, optimizer = build(width)
-    saver = saving.Saver(folder, keep_last=2, async_save=async_save)
+def measure(mode: str, width: int, saves: int, steps: int, folder: Path) -> dict[str, list[float]]:
+    """This rank's stall of each save, seconds per step between saves, and the end-of-run wait for the last write."""
+    strategy, async_save = MODES[mode]
+    model, trained, optimizer = build(width, strategy)
+    train_step(trained, optimizer, width)  # AdamW holds its moments from here on
+    saver_class = saving.ShardedSaver if strategy == "fsdp" else saving.Saver
+    saver = saver_class(folder, keep_last=1, async_save=async_save)
     stalls, step_seconds = [], []
     for save in range(saves):
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(model, optimizer, width)
+            train_step(trained, optimizer, width)
         step_seconds.append((time.perf_counter() - started) / steps)
-        state = {**saving.model_state(model, optimizer), "epoch": 0, "step": save + 1, "config": {}}
+        state = {"epoch": 0, "step": save + 1, "config": {}} if dist.get_rank() == 0 else None
         started = time.perf_counter()
-        saver.save(state, ["last"])
+        saver.save_run(model, optimizer, state, ["last"], save + 1)
+        dist.barrier()  # as the trainer's save ends: the ranks agree the save was issued
         stalls.append(time.perf_counter() - started)
     started = time.perf_counter()
     saver.close()
+    dist.barrier()
     return {"stall": stalls, "step": step_seconds, "end": [time.perf_counter() - started]}
 
 
+def rank_main(rank: int, port: int, width: int, saves: int, steps: int, repeats: int, folder: str) -> None:
+    """One rank: every mode `repeats` times, alternating the order; rank 0 writes the slower rank's figures."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    results: Results = {mode: {} for mode in MODES}
+    for repeat in range(repeats):
+        for mode in list(MODES) if repeat % 2 == 0 else list(reversed(MODES)):
+            measured = measure(mode, width, saves, steps, Path(folder) / f"{MODES[mode][0]}-{MODES[mode][1]}-{repeat}")
+            gathered: list[dict[str, list[float]]] = [{} for _ in range(RANKS)]
+            dist.all_gather_object(gathered, measured)
+            for name in measured:  # per save, the rank that waited longer: training goes on only when both do
+                slowest = [max(values) for values in zip(*(ranks[name] for ranks in gathered), strict=True)]
+                results[mode].setdefault(name, []).extend(slowest)
+            gc.collect()  # the previous mode's model and optimizer go before the next one is built
+    if rank == 0:
+        (Path(folder) / "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 def run(quick: bool, repeats: int) -> Report:
-    """Both modes, alternating which goes first, `repeats` times; medians side by side."""
+    """All modes on 2 ranks in one process group; medians side by side."""
     width, saves, steps = (QUICK_WIDTH, 2, 2) if quick else (WIDTH, SAVES, STEPS_BETWEEN_SAVES)
-    results: Results = {False: {}, True: {}}
-    with tempfile.TemporaryDirectory(prefix="ddp-bench-async-") as temporary:
-        for repeat in range(repeats):
-            for async_save in (False, True) if repeat % 2 == 0 else (True, False):
-                folder = Path(temporary) / f"{'async' if async_save else 'sync'}-{repeat}"
-                for name, values in measure(async_save, width, saves, steps, folder).items():
-                    results[async_save].setdefault(name, []).extend(values)
-        megabytes = (Path(temporary) / "sync-0" / "last.pt").stat().st_size / 1e6
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-async-") as temporary, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        mp.spawn(rank_main, args=(port, width, saves, steps, repeats, temporary), nprocs=RANKS, join=True)
+        results = json.loads((Path(temporary) / "results.json").read_text())
+        megabytes = (Path(temporary) / "ddp-False-0" / "last.pt").stat().st_size / 1e6
         filesystem = filesystem_of(Path(temporary))
     parameters = LAYERS * (width * width + width)
-    title = f"Async checkpoints ({parameters / 1e6:,.1f}M-parameter MLP, AdamW, CPU)"
+    title = f"Checkpoint stalls ({parameters / 1e6:,.1f}M-parameter MLP, AdamW, 2 CPU ranks)"
     return Report(title, _body(results, megabytes, filesystem, saves * repeats, steps))
 
 
 def _body(results: Results, megabytes: float, filesystem: str, saves: int, steps: int) -> str:
-    sync_stall = median(results[False]["stall"])
+    today = median(results[next(iter(MODES))]["stall"])
     rows = []
-    for async_save, name in ((False, "rank-0 `torch.save` (today)"), (True, "`checkpoint.async_save=true`")):
-        values = results[async_save]
+    for mode, values in results.items():
         stall = median(values["stall"])
-        rows.append(
-            [
-                name,
-                f"{1000 * stall:,.0f}",
-                f"{stall / sync_stall:.2f}x",
-                f"{1000 * median(values['step']):,.0f}",
-                f"{1000 * median(values['end']):,.0f}",
-            ]
-        )
+        row = [f"{1000 * stall:,.0f}", f"{stall / today:.2f}x", f"{1000 * median(values['step']):,.0f}"]
+        rows.append([mode, *row, f"{1000 * median(values['end']):,.0f}"])
     headers = ["save", "stall per checkpoint, ms", "vs today", "ms per training step", "end-of-run wait, ms"]
-    ratio = median(results[True]["stall"]) / sync_stall
+    ratio = median(results[list(MODES)[-1]]["stall"]) / today
     verdict = "met" if ratio <= GOAL else "missed"
     return (
         f"{markdown_table(headers, rows)}\n\n"
-        f"A {megabytes:,.0f} MB `last.pt` (model and AdamW moments) written with `keep_last=2` on {filesystem}: "
-        f"median of {saves} saves per mode, {steps} training steps (batch {BATCH}) before each. Goal: async stall at "
-        f"most {GOAL}x today's: {ratio:.2f}x, {verdict}. The async stall is the copy of every tensor to fresh CPU "
-        "memory; a step time above today's is the background write competing with training for the cores.\n"
+        f"{megabytes:,.0f} MB of model and AdamW moments per checkpoint (`keep_last=1`, {filesystem}): median of "
+        f"{saves} saves per mode, {steps} training steps (batch {BATCH} per rank) before each, all modes in one "
+        f"process group. Goal: async sharded stall at most {GOAL}x today's: {ratio:.2f}x, {verdict}. An async stall is "
+        "the copy of the rank's tensors to CPU memory: under DDP rank 0 copies all of them into fresh memory; under "
+        "FSDP each rank copies its half into DCP's staging buffers, allocated at the first save and reused. A step "
+        "time above today's is the background write competing with training for the cores.\n"
     )
 
 

@@ -14,12 +14,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.optim import Optimizer
 
 from ddp_trainer import checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import CliError, first_line
 from ddp_trainer.sharding import sharded_state_dicts
+
+State = dict[str, Any] | None  # a checkpoint's entries but the model and optimizer: rank 0's, None on the others
 
 
 class CheckpointWriteFailed(CliError):
@@ -82,14 +86,7 @@ class Saver:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if async_save else None
         self.pending: Future[None] | None = None
 
-    def save_run(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        state: dict[str, Any] | None,
-        names: Sequence[str],
-        step: int,
-    ) -> None:
+    def save_run(self, model: nn.Module, optimizer: Optimizer, state: State, names: Sequence[str], step: int) -> None:
         """Rank 0, the one given `state`, saves it with the model and optimizer as one file per name."""
         if state is not None:
             self.save({**model_state(model, optimizer), **state}, names)
@@ -138,15 +135,11 @@ class ShardedSaver(Saver):
     def __init__(self, directory: Path, keep_last: int, async_save: bool) -> None:
         super().__init__(directory, keep_last, async_save)
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # One stager for every save: it copies into the CPU buffers it allocated the first time, not fresh memory.
+        pinned = torch.cuda.is_available()
+        self.stager = DefaultStager(StagingOptions(pinned, False, False, pinned)) if async_save else None
 
-    def save_run(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        state: dict[str, Any] | None,
-        names: Sequence[str],
-        step: int,
-    ) -> None:
+    def save_run(self, model: nn.Module, optimizer: Optimizer, state: State, names: Sequence[str], step: int) -> None:
         """Every rank's shard into `step-<step>/`, with rank 0's `state` (None elsewhere) as its state file."""
         self.wait()
         written, final = self.directory / f".step-{step:08d}.tmp", self.directory / f"step-{step:08d}"
@@ -157,13 +150,25 @@ class ShardedSaver(Saver):
                 dcp.save(shards, storage_writer=FileSystemWriter(written), no_dist=no_dist)
             else:
                 shards_written = dcp.async_save(
-                    shards, storage_writer=FileSystemWriter(written), process_group=self.group, no_dist=no_dist
+                    shards,
+                    storage_writer=FileSystemWriter(written),
+                    process_group=self.group,
+                    async_stager=self.stager,
+                    no_dist=no_dist,
                 )
         if shards_written is None:
             self._publish(None, state, written, final, names)
         else:
             staged = stage(state) if state is not None else None
             self.pending = self.writer.submit(self._publish, shards_written, staged, written, final, names)
+
+    def close(self) -> None:
+        """Wait for the pending write, end the writer thread and free the staging buffers."""
+        try:
+            super().close()
+        finally:
+            if self.stager is not None:
+                self.stager.close()
 
     def _publish(
         self,
