@@ -48,7 +48,8 @@ def build(width: int, strategy: str) -> tuple[nn.Module, nn.Module, torch.optim.
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(LAYERS)))
     if strategy == "fsdp":
-        shard_model(model, config.load(None, ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]).trainer, True)
+        cfg = config.load(None, ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]).trainer
+        shard_model(model, cfg, torch.device("cpu"))
         return model, model, torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, DistributedDataParallel(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -46,7 +46,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     fsdp = cfg.trainer.strategy == "fsdp"
     sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
     if fsdp:  # before the optimizer is built: it must hold the sharded (DTensor) parameters
-        blocks = shard_model(model, cfg.trainer, sharded)
+        blocks = shard_model(model, cfg.trainer, env.device if sharded else None)
         found = ", ".join(blocks) or "nothing: no trainer.fsdp_wrap class is in the model"
         logger.info(f"fsdp: one unit per {found}, and the root" if sharded else "fsdp in one process: nothing sharded")
     optimizer = build_optimizer(cfg.optim, model)

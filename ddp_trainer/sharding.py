@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,8 +34,11 @@ from ddp_trainer.precision import AUTOCAST_DTYPES
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming")
 
 
-def shard_model(model: nn.Module, cfg: TrainerConfig, shard: bool) -> list[str]:
-    """Shard `model` in place (if `shard`): each `trainer.fsdp_wrap` block, then the root; returns the block classes."""
+def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
+    """Shard `model` in place per `trainer.fsdp_wrap` block, then the root (device None: one process, no shards)."""
+    shard = device is not None
+    # FSDP's default mesh is CUDA whenever a GPU exists: trainer.device=cpu on a GPU machine needs its own.
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if shard else None
     dtype = AUTOCAST_DTYPES.get(cfg.precision)
     # bf16 compute with fp32 gradient reduction: a sum over ranks in bf16 would lose the small contributions.
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
@@ -48,16 +52,16 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, shard: bool) -> list[str]:
         batchnorm = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                fully_shard(module, mp_policy=batchnorm)
+                fully_shard(module, mesh=mesh, mp_policy=batchnorm)
     for block in blocks:
         if block is model:
             continue
         if cfg.activation_checkpointing:
             checkpoint(block)  # recompute the block's activations in backward instead of keeping them
         if shard:
-            fully_shard(block, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
     if shard:
-        fully_shard(model, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
     return found
 
 
