@@ -72,6 +72,24 @@ def test_a_staged_checkpoint_keeps_its_values_while_training_changes_the_model(t
     assert not torch.equal(written["model"]["weight"], model.weight.detach())
 
 
+def test_the_next_async_save_copies_into_the_previous_copy_once_its_write_is_done(tmp_path):
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saver = saving.Saver(tmp_path, keep_last=0, async_save=True)
+    for step in (1, 2):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        saver.save({**saving.model_state(model, optimizer), "epoch": 0, "step": step, "config": {}}, ["last"])
+        if step == 1:
+            first_weights, first_moments = saver.staged["model"]["weight"], saver.staged["optimizer"]["state"][0]
+    assert saver.staged["model"]["weight"] is first_weights  # no fresh memory (and page faults) at every save
+    assert saver.staged["optimizer"]["state"][0]["exp_avg"] is first_moments["exp_avg"]
+    saver.close()
+    written = checkpoint.load(tmp_path / "last.pt")
+    assert written["step"] == 2 and torch.equal(written["model"]["weight"], model.weight.detach())
+    assert torch.equal(written["optimizer"]["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+
+
 def test_kill_during_a_background_write_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path):
     args = [*RUN, "model.dropout=0.2"]  # dropout: the resumed run needs its RNG streams back
     straight = run_cli([*args, f"output_dir={tmp_path / 'straight'}"])
