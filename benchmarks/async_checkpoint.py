@@ -136,9 +136,9 @@ def _body(results: Results, megabytes: float, filesystem: str, saves: int, steps
         f"{megabytes:,.0f} MB of model and AdamW moments per checkpoint (`keep_last=1`, {filesystem}): median of "
         f"{saves} saves per mode, {steps} training steps (batch {BATCH} per rank) before each, all modes in one "
         f"process group. Goal: async sharded stall at most {GOAL}x today's: {ratio:.2f}x, {verdict}. An async stall is "
-        "the copy of the rank's tensors to CPU memory: under DDP rank 0 copies all of them into fresh memory; under "
-        "FSDP each rank copies its half into DCP's staging buffers, allocated at the first save and reused. A step "
-        "time above today's is the background write competing with training for the cores.\n"
+        "the copy of the rank's tensors into CPU buffers allocated at the first save and reused after: under DDP "
+        "rank 0 copies all of them, under FSDP each rank its half. A step time above today's is the background write "
+        "competing with training for the cores.\n"
     )
 
 

@@ -41,7 +41,7 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     assert sorted(os.listdir(saved / "last")) == [".metadata", "__0_0.distcp", "state.pt"]
     consolidated = tmp_path / "model.pt"
     assert main(["consolidate", "--checkpoint", str(saved / "best"), "--output", str(consolidated)]) == 0
-    assert f"wrote {consolidated}: epoch 2, step 90, 4,810 model parameters" in capsys.readouterr().out
+    assert f"wrote {consolidated}: epoch 2, step 90, 4,810 model values (weights, buffers)" in capsys.readouterr().out
     plain = torch.load(consolidated, weights_only=True)
     assert list(plain["model"]) == ["1.weight", "1.bias", "3.weight", "3.bias"] and plain["step"] == 90
     assert list(plain["optimizer"]["state"]) == list(plain["model"])  # keyed by name: any world size reads it

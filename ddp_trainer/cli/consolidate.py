@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> int:
     tensors = [value for value in state["model"].values() if isinstance(value, torch.Tensor)]
     size = sum(tensor.numel() for tensor in tensors)
     print(
-        f"wrote {args.output}: epoch {state['epoch']}, step {state['step']}, {size:,} model parameters "
+        f"wrote {args.output}: epoch {state['epoch']}, step {state['step']}, {size:,} model values (weights, buffers) "
         f"in {len(tensors)} tensors, with the optimizer state ({args.output.stat().st_size / 2**20:.1f} MiB)"
     )
     return 0
