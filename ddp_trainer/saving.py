@@ -145,7 +145,8 @@ class ShardedSaver(Saver):
         super().__init__(directory, keep_last, async_save)
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         # One stager for every save: it copies into the CPU buffers it allocated the first time, not fresh memory.
-        pinned = torch.cuda.is_available()
+        # Pinned (and copied without blocking) only when the run is on a GPU: pinning would start CUDA in a CPU run.
+        pinned = torch.cuda.is_initialized()
         self.stager = DefaultStager(StagingOptions(pinned, False, False, pinned)) if async_save else None
 
     def save_run(self, model: nn.Module, optimizer: Optimizer, state: State, names: Sequence[str], step: int) -> None:
