@@ -1,4 +1,8 @@
-"""The benchmark scripts stay runnable: the GPU one skips cleanly on a CPU machine, the others run --quick."""
+"""Benchmarks stay runnable: the GPU one skips cleanly on a CPU machine, the checkpoint-stall one runs --quick.
+
+benchmarks/fsdp_memory.py --quick (about 25 s: two torchrun launches) is left out, like the other multi-process
+benchmarks, to keep CI under its 20 minutes.
+"""
 
 from __future__ import annotations
 
@@ -23,14 +27,3 @@ def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
         "FSDP, sharded DCP", "FSDP, sharded DCP, `checkpoint.async_save=true`"
     ]  # fmt: skip
     assert rows[0][2] == "1.00x" and all(float(row[1].replace(",", "")) > 0 for row in rows)
-
-
-def test_fsdp_memory_benchmark_prints_its_tables_in_quick_mode():
-    result = run_script(REPO_DIR / "benchmarks" / "fsdp_memory.py", ["--quick"], timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("| 2 |")]  # the rows at 2 ranks
-    ddp, fsdp, speed = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
-    assert (ddp[1], fsdp[1]) == ("ddp", "fsdp")
-    assert fsdp[3] == "0.50"  # each of 2 ranks holds half the parameters, gradients and AdamW state
-    for number in (ddp[2], fsdp[2], ddp[4], fsdp[4], speed[2], speed[4]):
-        assert float(number.replace(",", "")) > 0
