@@ -95,12 +95,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported GLOBAL {module}.{name} in checkpoint metadata")
 
 
+def _check_metadata(path: Path) -> None:
+    """Unpickle a DCP `.metadata` file with the allowlist: UsageError if it holds code, UnreadableCheckpoint if bad."""
+    _read(path, lambda file: _MetadataUnpickler(file).load())
+
+
 class SafeReader(FileSystemReader):
     """DCP's folder reader, `.metadata` checked against METADATA_GLOBALS first: reading never runs code from it."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         """DCP's metadata, once the allowlist read it without error (a second read of a small file)."""
-        _read(Path(self._get_metadata_path(kwargs.get("rank"))), lambda file: _MetadataUnpickler(file).load())
+        _check_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
         return super().read_metadata(*args, **kwargs)
 
 
@@ -156,7 +161,7 @@ def read_state(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        _read(path / SHARDED_METADATA, lambda file: _MetadataUnpickler(file).load())
+        _check_metadata(path / SHARDED_METADATA)
     file, required = (path / SHARDED_STATE, SHARDED_KEYS) if path.is_dir() else (path, FILE_KEYS)
     state = _read(file, lambda opened: torch.load(opened, map_location="cpu", weights_only=True))
     if not isinstance(state, dict):
