@@ -217,13 +217,17 @@ class PhaseTimeouts:
         self.training = True
         if self.env.distributed:
             for group in {None, *groups}:
-                dist.set_timeout(timedelta(seconds=self.training_s), group)
+                _set_timeout(timedelta(seconds=self.training_s), group)
 
     def in_force(self) -> tuple[str, float]:
         """(config key, seconds) of the timeout that applies now."""
         if self.training:
             return "trainer.dist_timeout_s", self.training_s
         return "trainer.startup_timeout_s", self.startup_s
+
+
+# torch 2.14 renamed the private `_set_pg_timeout` (torch 2.2 to 2.13, e.g. the GPU images' 2.11) to `set_timeout`.
+_set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
 
 
 def teardown() -> None:
