@@ -1,13 +1,18 @@
-"""Real ranks for tests: functions run in processes torch.multiprocessing starts, and the CLI as plain ranks."""
+"""Real ranks for tests: the CLI or a function on ranks forked from a fork server, and the CLI as plain ranks."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
+import runpy
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,15 +58,90 @@ def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     ]
 
 
+# Ranks fork from one server that imported torch and the trainer once: each spawn then skips ~5 s of imports per rank.
+# The server has run no torch op, so no thread pool is copied into a child half-alive (the trouble with plain fork).
+mp.set_forkserver_preload(["torch", "torch._dynamo", "dist_helpers"])
+
+
 def spawn(world_size: int, function: Callable, *args: object) -> None:
     """Run function(rank, world_size, port, *args) in `world_size` fresh processes; re-raise their errors."""
-    mp.spawn(function, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+    mp.start_processes(
+        function, args=(world_size, free_port(), *args), nprocs=world_size, join=True, start_method="forkserver"
+    )
 
 
 def _join_as(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    os.environ["OMP_NUM_THREADS"] = "1"  # as cli_env gives the CLI's ranks: 2 ranks on 2 cores
+    torch.set_num_threads(1)
+    os.chdir(REPO_DIR)  # the config paths tests pass are relative to the repo, as for run_cli
+    # A child of the fork server defaults to it; DataLoader workers must fork, as they do in a process torchrun starts.
+    multiprocessing.set_start_method("fork", force=True)
+
+
+def _cli_rank(rank: int, world_size: int, port: int, args: list[str], folder: str, script: str | None) -> None:
+    """The CLI (or `python SCRIPT`) on this rank, its output and exit code in `folder`."""
+    _join_as(rank, world_size, port)
+    out = Path(folder)
+    for stream, name in ((1, "out"), (2, "err")):
+        with open(out / f"{rank}.{name}", "w") as file:
+            os.dup2(file.fileno(), stream)  # the file descriptor, so C++ warnings land there too
+    code = 1
+    try:
+        if script is None:
+            code = train.main(args)
+        else:
+            sys.argv = [script, *args]
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        (out / f"{rank}.code").write_text(str(code))
+    if code != 0:
+        os._exit(code)  # as a worker that torchrun would see fail
+
+
+def _wait(processes: list[mp.Process], timeout_s: float, grace_s: float = 10.0) -> None:
+    """Until every rank ended; once one failed, the others get `grace_s` to say why on their own, then are killed."""
+    deadline, failed_at = time.monotonic() + timeout_s, None
+    while any(process.is_alive() for process in processes):
+        now = time.monotonic()
+        if failed_at is None and any(process.exitcode not in (None, 0) for process in processes):
+            failed_at = now
+        if now >= deadline or (failed_at is not None and now >= failed_at + grace_s):
+            for process in processes:
+                process.kill()
+            if now >= deadline:
+                raise TimeoutError(f"ranks still running after {timeout_s:g} s")
+            return
+        time.sleep(0.05)
+
+
+def run_ranks(
+    args: list[str], world_size: int = 2, script: Path | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess:
+    """The CLI (or `python SCRIPT`) on ranks forked from the server, as torchrun runs it, ~8 s sooner.
+
+    Output is each rank's in turn; the exit code is the first failed rank's (-9: killed once another failed).
+    """
+    with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
+        rank_args = (world_size, free_port(), args, folder, script and str(script))
+        context = mp.start_processes(_cli_rank, rank_args, world_size, join=False, start_method="forkserver")
+        _wait(context.processes, timeout_s)
+        ranks = range(world_size)
+        files = [{name: Path(folder, f"{rank}.{name}") for name in ("code", "out", "err")} for rank in ranks]
+        codes = [int(file["code"].read_text()) if file["code"].exists() else -9 for file in files]
+        stdout, stderr = (
+            "".join(file[name].read_text() for file in files if file[name].exists()) for name in ("out", "err")
+        )
+    return subprocess.CompletedProcess(args, next((code for code in codes if code), 0), stdout, stderr)
 
 
 def train_counting_all_reduce(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:

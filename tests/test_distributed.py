@@ -14,6 +14,7 @@ from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli
 from dist_helpers import (
     evaluate_checkpoint,
     plain_ranks,
+    run_ranks,
     spawn,
     train_counting_all_reduce,
     train_counting_gradient_allreduces,
@@ -63,7 +64,7 @@ def test_validation_is_identical_on_one_and_two_ranks(tmp_path):
 
 def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
     model = ["model._target_=factories.batchnorm_net", "trainer.epochs=1", "data.batch_size=8"]
-    result = run_cli([*BLOBS_OWN_MODEL, *model, f"output_dir={tmp_path / 'run'}"], nproc=2)
+    result = run_ranks([*BLOBS_OWN_MODEL, *model, f"output_dir={tmp_path / 'run'}"])
     assert result.returncode == 0, result.stderr
     reported = read_metrics(tmp_path / "run")[-1]
     spawn(1, evaluate_checkpoint, str(tmp_path / "run" / "checkpoints" / "last.pt"), [], str(tmp_path / "one.json"))
@@ -74,7 +75,7 @@ def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
 def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
     common = ["--config", DIGITS, "trainer.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "trainer.device=cpu"]
     assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'one'}"]) == 0
-    result = run_cli([*common, "data.batch_size=32", f"output_dir={tmp_path / 'two'}"], nproc=2)
+    result = run_ranks([*common, "data.batch_size=32", f"output_dir={tmp_path / 'two'}"])
     assert result.returncode == 0, result.stderr
     one, two = (checkpoint.load(tmp_path / run / "checkpoints" / "last.pt") for run in ("one", "two"))
     initial = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -93,7 +94,7 @@ def test_training_order_changes_every_epoch_and_repeats_with_the_seed(tmp_path):
     for run in ("first", "again"):
         record_dir = tmp_path / run / "record"
         args = ["data._target_=factories.recording_blobs", f"data.record_dir={record_dir}", *BLOBS[1:]]
-        result = run_cli([*args, f"output_dir={tmp_path / run}", "trainer.epochs=2", "data.batch_size=8"], nproc=2)
+        result = run_ranks([*args, f"output_dir={tmp_path / run}", "trainer.epochs=2", "data.batch_size=8"])
         assert result.returncode == 0, result.stderr
         orders.append([read_order(record_dir, rank) for rank in (0, 1)])
     per_rank = 96 // 2
@@ -172,7 +173,7 @@ def test_accumulation_all_reduces_gradients_once_per_window(tmp_path):
 
 def test_sync_batchnorm_on_cpu_ranks_is_refused_on_every_rank(tmp_path):
     args = [*BLOBS_OWN_MODEL, "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true"]
-    result = run_cli([*args, f"output_dir={tmp_path}"], nproc=2)
+    result = run_ranks([*args, f"output_dir={tmp_path}"])
     assert result.returncode != 0
     assert result.stderr.count("model.sync_batchnorm=true needs GPUs") == 2  # each rank says it, none hangs
     assert not (tmp_path / "checkpoints").exists()
@@ -182,7 +183,7 @@ def test_compiled_ddp_model_with_accumulation_matches_eager_on_two_ranks(tmp_pat
     args = [*BLOBS, "trainer.epochs=2", "data.batch_size=8", "trainer.accumulate_grad_batches=2"]
     runs = {"eager": [], "compiled": ["trainer.compile=true"]}
     for name, extra in runs.items():
-        result = run_cli([*args, *extra, f"output_dir={tmp_path / name}"], nproc=2)
+        result = run_ranks([*args, *extra, f"output_dir={tmp_path / name}"])
         assert result.returncode == 0, result.stderr
     eager, compiled = (checkpoint.load(tmp_path / name / "checkpoints" / "last.pt") for name in runs)
     assert eager["step"] == compiled["step"] == 6  # 96 samples / (2 ranks x 8) / 2 micro-batches = 3 per epoch
@@ -238,7 +239,7 @@ def test_fsdp_run_killed_mid_save_resumes_bitwise_and_continues_at_another_world
     assert sorted(path.name for path in folder.iterdir()) == [".step-00000004.tmp", "last", "step-00000002"]
     shutil.copytree(tmp_path / "killed", tmp_path / "one_rank", symlinks=True)  # `last` stays a link
 
-    resumed = run_cli(killed_args, nproc=2)
+    resumed = run_ranks(killed_args)
     assert resumed.returncode == 0, resumed.stderr
     assert "a checkpoint write that a crash interrupted" in resumed.stdout
     assert f"resumed from {folder / 'last'}: epoch 0, step 2" in resumed.stdout

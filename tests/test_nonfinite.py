@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
+from conftest import read_metrics
+from dist_helpers import run_ranks
 
 from ddp_trainer import checkpoint
 from ddp_trainer.cli.train import main
@@ -34,7 +35,7 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
     args = [*BLOBS, "model.nan_step=5", "model.nan_rank=1", "trainer.nonfinite_loss=skip", "trainer.epochs=2"]
-    result = run_cli([*args, f"trainer.strategy={strategy}", f"output_dir={tmp_path}"], nproc=2)
+    result = run_ranks([*args, f"trainer.strategy={strategy}", f"output_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
     assert "skipped 1 optimizer step(s) by step 6, the epoch's first at step 5 (epoch 1)" in result.stdout
     lines = read_metrics(tmp_path)

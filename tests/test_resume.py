@@ -13,7 +13,7 @@ import factories
 import pytest
 import torch
 from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
-from dist_helpers import plain_ranks
+from dist_helpers import run_ranks
 
 import ddp_trainer
 from ddp_trainer import checkpoint, config, optim
@@ -211,7 +211,7 @@ TORCHRUN_RUN = [*DIGITS, "trainer.epochs=12", "checkpoint.every_n_steps=5"]
 def uninterrupted_two_ranks(tmp_path_factory) -> Path:
     """The output folder of TORCHRUN_RUN on 2 ranks, never interrupted: what every faulted run must end as."""
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli([*TORCHRUN_RUN, f"output_dir={output_dir}"], nproc=2)
+    result = run_ranks([*TORCHRUN_RUN, f"output_dir={output_dir}"])
     assert result.returncode == 0, result.stderr
     return output_dir
 
@@ -262,16 +262,16 @@ def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted_tw
 def test_two_ranks_refuse_a_changed_run_alike_and_go_on_with_an_accepted_one(tmp_path, uninterrupted_two_ranks, capsys):
     shutil.copytree(uninterrupted_two_ranks, tmp_path, dirs_exist_ok=True)
     saved, args = checkpoint_files(tmp_path), [*TORCHRUN_RUN, f"output_dir={tmp_path}"]
-    for rank, process in enumerate(plain_ranks([*args, "optim.lr=0.01"])):  # every rank alone, no hang
-        _, stderr = process.communicate(timeout=90)
-        assert process.returncode == 2
-        assert stderr.startswith(f"ddp-train: error (rank {rank}): checkpoint ") and "optim.lr 0.001 -> 0.01;" in stderr
+    refused = run_ranks([*args, "optim.lr=0.01"])  # every rank alone, no hang
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 2, refused.stderr
+    for rank, line in enumerate(refused.stderr.splitlines()):
+        assert line.startswith(f"ddp-train: error (rank {rank}): checkpoint ") and "optim.lr 0.001 -> 0.01;" in line
     assert main(args) == 2  # one rank where two trained: another global batch
     assert "world_size 2 -> 1;" in capsys.readouterr().err
     assert checkpoint_files(tmp_path) == saved
 
     more = ["trainer.epochs=13", "trainer.allow_changes=[trainer.epochs]", "trainer.log_every_n_steps=7"]
-    went_on = run_cli([*args, *more], nproc=2)
+    went_on = run_ranks([*args, *more])
     assert went_on.returncode == 0, went_on.stderr
     assert (
         "trainer.log_every_n_steps 10 -> 7" in went_on.stdout.split("leave the result as it was: ")[1].splitlines()[0]

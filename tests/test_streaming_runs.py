@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_cli, read_metrics, run_cli
+from conftest import launch_cli, read_metrics
+from dist_helpers import run_ranks
 
 from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.cli.train import main as train_main
@@ -61,7 +62,7 @@ def recorded_ids(record_dir: Path) -> list[int]:
 @pytest.mark.parametrize("workers", [0, 3])  # in the main process, and workers that get uneven shares of batches
 def test_every_record_is_trained_on_once_per_epoch(shard_root, tmp_path, world_size, workers):
     args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), f"data.num_workers={workers}"]
-    result = run_cli([*args, "trainer.epochs=1"], nproc=world_size, timeout=120)
+    result = run_ranks([*args, "trainer.epochs=1"], world_size)
     assert result.returncode == 0, result.stderr
     assert recorded_ids(tmp_path / "ids") == list(range(sum(SHARD_SIZES)))
     [line] = read_metrics(tmp_path / "run")
@@ -71,10 +72,10 @@ def test_every_record_is_trained_on_once_per_epoch(shard_root, tmp_path, world_s
 def test_a_run_stopped_half_way_on_two_ranks_resumes_on_one_with_the_records_it_had_not_seen(shard_root, tmp_path):
     # On two ranks again: test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trained_on.
     args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), "trainer.epochs=1", "data.num_workers=1"]
-    first = run_cli([*args, "trainer.max_steps=7"], nproc=2)  # 102 records / (2 ranks x 4) = 13 steps per epoch
+    first = run_ranks([*args, "trainer.max_steps=7"])  # 102 records / (2 ranks x 4) = 13 steps per epoch
     assert first.returncode == 0, first.stderr
     assert len(recorded_ids(tmp_path / "ids")) < sum(SHARD_SIZES)
-    second = run_cli([*args, "trainer.allow_changes=[world_size]"], nproc=1)  # a global batch of 4, no longer 8
+    second = run_ranks([*args, "trainer.allow_changes=[world_size]"], world_size=1)  # a global batch of 4, no longer 8
     assert second.returncode == 0, second.stderr
     assert recorded_ids(tmp_path / "ids") == list(range(sum(SHARD_SIZES)))  # the union, no record twice
     [line] = read_metrics(tmp_path / "run")
@@ -104,7 +105,7 @@ def test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trai
     ]
     for rank in (0, 1):
         (tmp_path / "ids" / f"rank{rank}.txt").unlink()  # forwards after the checkpoint were lost with the kill
-    resumed = run_cli(args, nproc=2)
+    resumed = run_ranks(args)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(trained_before + recorded_ids(tmp_path / "ids")) == list(range(sum(SHARD_SIZES)))
     [line] = read_metrics(tmp_path / "run")

@@ -8,6 +8,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 from conftest import REPO_DIR, read_metrics, run_script
+from dist_helpers import run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -84,10 +85,10 @@ def test_two_uneven_ranks_train_every_record_once_and_resume_mid_epoch_exactly(t
     script = REPO_DIR / "examples" / "digits_stream.py"
     common = [*CPU, "trainer.epochs=1", "data.batch_size=7", "data.num_workers=2", "optim.name=sgd"]
     common += ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]
-    straight = run_script(script, [*common, f"output_dir={tmp_path / 'straight'}"], nproc=2)
+    straight = run_script(script, [*common, f"output_dir={tmp_path / 'straight'}"], nproc=2)  # as users run it
     assert straight.returncode == 0, straight.stderr
     for stop in ("trainer.max_steps=103", "trainer.max_steps=-1"):
-        split = run_script(script, [*common, stop, f"output_dir={tmp_path / 'split'}"], nproc=2)
+        split = run_ranks([*common, stop, f"output_dir={tmp_path / 'split'}"], script=script)
         assert split.returncode == 0, split.stderr
     record = read_metrics(tmp_path / "straight")[-1]
     assert (record["step"], record["train/samples"], record["val/samples"]) == (104, 1437, 360)
