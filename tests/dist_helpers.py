@@ -118,6 +118,7 @@ def _wait(processes: list[mp.Process], timeout_s: float, grace_s: float = 10.0) 
         if now >= deadline or (failed_at is not None and now >= failed_at + grace_s):
             for process in processes:
                 process.kill()
+                process.join()
             if now >= deadline:
                 raise TimeoutError(f"ranks still running after {timeout_s:g} s")
             return
