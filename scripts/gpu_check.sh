@@ -40,7 +40,10 @@ EOF
 echo "gpu_check: $versions"
 
 # The suite first (at most 4 minutes on one GPU), then the benchmark: both loops, resnet18 and resnet50, 3 modes.
-timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
+# GPU_TESTS narrows the suite (pytest node ids, space-separated), e.g. to rerun one test beside a longer benchmark.
+# shellcheck disable=SC2086
+timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 \
+    | tee "$out/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
 timeout "${BENCHMARK_TIMEOUT:-330}" "$python" benchmarks/gpu_throughput.py --repeats "${BENCHMARK_REPEATS:-1}" \
     --steps "${BENCHMARK_STEPS:-40}" 2>&1 | tee "$out/gpu-benchmark.md"
