@@ -226,7 +226,7 @@ class PhaseTimeouts:
         return "trainer.startup_timeout_s", self.startup_s
 
 
-# torch 2.14 renamed the private `_set_pg_timeout` (torch 2.2 to 2.13, e.g. the GPU images' 2.11) to `set_timeout`.
+# torch 2.14 renamed the private `_set_pg_timeout` (torch 2.11 to 2.13, e.g. the GPU image's 2.11) to `set_timeout`.
 _set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
 
 
