@@ -58,6 +58,16 @@ def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     ]
 
 
+def refusals(args: list[str], world_size: int = 2) -> list[str]:
+    """Each plain rank's error output, once every rank has exited 2 (a refusal) on its own, without the others."""
+    errors = []
+    for process in plain_ranks(args, world_size):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, stderr
+        errors.append(stderr.strip())
+    return errors
+
+
 # Ranks fork from one server that imported torch and the trainer once: each spawn then skips ~5 s of imports per rank.
 # The server has run no torch op, so no thread pool is copied into a child half-alive (the trouble with plain fork).
 mp.set_forkserver_preload(["torch", "torch._dynamo", "dist_helpers"])
