@@ -41,7 +41,7 @@ MODELS = ("resnet18", "resnet50")
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 LOADER_WORKERS = 4  # the recipe's data.num_workers
-EPOCHS = 4  # 1 warm-up (and compilation) + 3 timed
+EPOCHS = 5  # 1 warm-up (and compilation) + 4 timed
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,22 @@ class Mode:
             f"model.channels_last={str(self.channels_last).lower()}",
             f"trainer.compile={str(self.compile).lower()}",
         ]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Images/s of both loops on one model and mode, measured back to back."""
+
+    hand: float
+    ours: float
+
+    @property
+    def ratio(self) -> float:
+        """ddp-trainer's rate over the hand-written loop's."""
+        return self.ours / self.hand
+
+    def __str__(self) -> str:
+        return f"hand-written {self.hand:,.0f} img/s, ddp-trainer {self.ours:,.0f} img/s ({self.ratio:.3f}x)"
 
 
 MODES = {
@@ -135,41 +151,50 @@ def hand_written_images_per_s(model_name: str, mode_name: str, settings: Setting
     return settings.batch_size * timed_rate(*worker_epochs(result))
 
 
+def measure_pair(model_name: str, mode_name: str, settings: Settings, folder: Path, hand_first: bool) -> Pair:
+    """Both loops on one model and mode, one after the other in the order asked."""
+    loops = {
+        "hand": lambda: hand_written_images_per_s(model_name, mode_name, settings, folder),
+        "ours": lambda: ddp_trainer_images_per_s(model_name, MODES[mode_name], settings, folder),
+    }
+    order = ("hand", "ours") if hand_first else ("ours", "hand")
+    rates = {name: loops[name]() for name in order}
+    return Pair(rates["hand"], rates["ours"])
+
+
 def run(settings: Settings, repeats: int) -> Report:
     """Both loops for every model and mode, interleaved over the repeats; or the reason this was skipped."""
     title = "GPU throughput (images/s, 1 GPU)" if settings.device == "cuda" else "Throughput on the CPU (script check)"
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
-    rates: dict[tuple[str, str, str], list[float]] = {}
+    cells = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
+    pairs: dict[tuple[str, str], list[Pair]] = {cell: [] for cell in cells}
     with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
         for repeat in range(repeats):
-            for model_name in MODELS:
-                for mode_name, mode in MODES.items():
-                    folder = Path(temporary) / f"{model_name}-{len(rates)}-{repeat}"
-                    folder.mkdir()
-                    hand = hand_written_images_per_s(model_name, mode_name, settings, folder)
-                    ours = ddp_trainer_images_per_s(model_name, mode, settings, folder)
-                    rates.setdefault((model_name, mode_name, "hand"), []).append(hand)
-                    rates.setdefault((model_name, mode_name, "ours"), []).append(ours)
-                    # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
-                    print(
-                        f"{model_name}, {mode_name}: hand-written {hand:,.0f} img/s, ddp-trainer {ours:,.0f} img/s "
-                        f"({ours / hand:.3f}x)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            for index, (model_name, mode_name) in enumerate(cells):
+                folder = Path(temporary) / f"{model_name}-{index}-{repeat}"
+                folder.mkdir()
+                # Which loop goes first alternates from pair to pair and repeat to repeat: a machine that speeds up
+                # or slows down during the run favours neither.
+                pair = measure_pair(model_name, mode_name, settings, folder, hand_first=(index + repeat) % 2 == 0)
+                pairs[model_name, mode_name].append(pair)
+                # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
+                print(f"{model_name}, {mode_name}: {pair}", file=sys.stderr, flush=True)
     rows = []
-    for model_name in MODELS:
-        for mode_name in MODES:
-            hand, ours = rates[model_name, mode_name, "hand"], rates[model_name, mode_name, "ours"]
-            ratio = f"{median(ours) / median(hand):.3f}"
-            rows.append([model_name, mode_name, f"{median(hand):,.0f}", spread(hand), f"{median(ours):,.0f}", ratio])
-    headers = ["model", "options", "hand-written img/s", "spread", "ddp-trainer img/s", "vs hand-written"]
+    for (model_name, mode_name), measured in pairs.items():
+        hand, ours = [pair.hand for pair in measured], [pair.ours for pair in measured]
+        ratios = [pair.ratio for pair in measured]
+        rows.append(
+            [model_name, mode_name, f"{median(hand):,.0f}", spread(hand), f"{median(ours):,.0f}"]
+            + [f"{median(ratios):.3f}", f"{min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else "-"]
+        )
+    headers = ["model", "options", "hand-written img/s", "spread", "ddp-trainer img/s", "vs hand-written", "range"]
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
     body = (
         f"{markdown_table(headers, rows)}\n\n{device_name}, batch {settings.batch_size}, {settings.steps} steps per "
-        f"epoch, 32x32 synthetic images, CIFAR stem, SGD; median over {repeats} run(s) of the median of {EPOCHS - 1} "
-        "timed epochs.\n"
+        f"epoch, 32x32 synthetic images, CIFAR stem, SGD. Each loop's rate is the median of {EPOCHS - 1} timed epochs; "
+        f"'vs hand-written' is the median over {repeats} run(s) of the ratio of a pair run back to back, 'range' its "
+        "lowest and highest value.\n"
     )
     return Report(title, body)
 
