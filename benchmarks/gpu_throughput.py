@@ -11,8 +11,10 @@ is warm-up (and compilation).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +87,8 @@ class Pair:
     def __str__(self) -> str:
         return f"hand-written {self.hand:,.0f} img/s, ddp-trainer {self.ours:,.0f} img/s ({self.ratio:.3f}x)"
 
+
+Cell = tuple[str, str]  # (model, options)
 
 MODES = {
     "fp32": Mode("32", channels_last=False, compile=False),
@@ -162,26 +166,39 @@ def measure_pair(model_name: str, mode_name: str, settings: Settings, folder: Pa
     return Pair(rates["hand"], rates["ours"])
 
 
-def run(settings: Settings, repeats: int) -> Report:
+def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tuple[dict[Cell, list[Pair]], int]:
+    """Pairs for every model and mode, interleaved over the repeats, until done or `budget_s` would be overrun."""
+    cells = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
+    pairs: dict[Cell, list[Pair]] = {cell: [] for cell in cells}
+    started, longest, planned = time.monotonic(), 0.0, repeats * len(cells)
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
+        for number, (repeat, index) in enumerate(itertools.product(range(repeats), range(len(cells)))):
+            if budget_s is not None and time.monotonic() - started + longest > budget_s:
+                return pairs, planned - number  # a table of what was measured beats none from a killed run
+            model_name, mode_name = cells[index]
+            folder = Path(temporary) / f"{model_name}-{index}-{repeat}"
+            folder.mkdir()
+            pair_started = time.monotonic()
+            # Which loop goes first alternates from pair to pair and repeat to repeat: a machine that speeds up or
+            # slows down during the run favours neither.
+            pair = measure_pair(model_name, mode_name, settings, folder, hand_first=(index + repeat) % 2 == 0)
+            longest = max(longest, time.monotonic() - pair_started)
+            pairs[model_name, mode_name].append(pair)
+            # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
+            print(f"{model_name}, {mode_name}: {pair}", file=sys.stderr, flush=True)
+    return pairs, 0
+
+
+def run(settings: Settings, repeats: int, budget_s: float | None = None) -> Report:
     """Both loops for every model and mode, interleaved over the repeats; or the reason this was skipped."""
     title = "GPU throughput (images/s, 1 GPU)" if settings.device == "cuda" else "Throughput on the CPU (script check)"
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
-    cells = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
-    pairs: dict[tuple[str, str], list[Pair]] = {cell: [] for cell in cells}
-    with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
-        for repeat in range(repeats):
-            for index, (model_name, mode_name) in enumerate(cells):
-                folder = Path(temporary) / f"{model_name}-{index}-{repeat}"
-                folder.mkdir()
-                # Which loop goes first alternates from pair to pair and repeat to repeat: a machine that speeds up
-                # or slows down during the run favours neither.
-                pair = measure_pair(model_name, mode_name, settings, folder, hand_first=(index + repeat) % 2 == 0)
-                pairs[model_name, mode_name].append(pair)
-                # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
-                print(f"{model_name}, {mode_name}: {pair}", file=sys.stderr, flush=True)
+    pairs, left_out = measure_all(settings, repeats, budget_s)
     rows = []
     for (model_name, mode_name), measured in pairs.items():
+        if not measured:
+            continue
         hand, ours = [pair.hand for pair in measured], [pair.ours for pair in measured]
         ratios = [pair.ratio for pair in measured]
         rows.append(
@@ -193,9 +210,11 @@ def run(settings: Settings, repeats: int) -> Report:
     body = (
         f"{markdown_table(headers, rows)}\n\n{device_name}, batch {settings.batch_size}, {settings.steps} steps per "
         f"epoch, 32x32 synthetic images, CIFAR stem, SGD. Each loop's rate is the median of {EPOCHS - 1} timed epochs; "
-        f"'vs hand-written' is the median over {repeats} run(s) of the ratio of a pair run back to back, 'range' its "
-        "lowest and highest value.\n"
+        f"'vs hand-written' is the median over up to {repeats} run(s) of the ratio of a pair run back to back, 'range' "
+        "its lowest and highest value.\n"
     )
+    if left_out:
+        body += f"\n{left_out} planned pair(s) left out: the next would have run past --budget-s {budget_s:g}.\n"
     return Report(title, body)
 
 
@@ -206,6 +225,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no pair that the longest so far says would end later"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
@@ -217,7 +239,7 @@ def main() -> None:
         write_json(args.result, {"epoch_seconds": seconds, "steps_per_epoch": steps})
         return
     settings = Settings(args.device, args.batch_size, args.steps)
-    print(run(settings, repeats_for(args.quick, args.repeats)).markdown())
+    print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s).markdown())
 
 
 if __name__ == "__main__":
