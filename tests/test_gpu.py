@@ -3,7 +3,7 @@
 CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
 SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
-and 2 ranks sharing one GPU over gloo.
+and 2 ranks sharing one GPU over gloo, under DDP and under FSDP with sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -257,3 +257,22 @@ def test_async_save_on_cuda_writes_checkpoints_a_cpu_can_load(tmp_path):
     assert sorted(written) == ["best.pt", "last.pt", "step-00000085.pt", "step-00000090.pt"]
     assert written["last.pt"]["step"] == 90
     assert all(tensor.device.type == "cpu" for tensor in written["last.pt"]["model"].values())
+
+
+def test_fsdp_on_two_ranks_sharing_a_gpu_writes_shards_one_process_resumes(tmp_path):
+    # FSDP2's all-gathers and reduce-scatters, DCP's shard writes and the async staging, all of CUDA tensors.
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cuda", "trainer.strategy=fsdp"]
+    args += ["trainer.fsdp_wrap=[Linear]", "trainer.precision=bf16", "checkpoint.async_save=true", "trainer.epochs=2"]
+    args += ["trainer.progress_bar=false", f"output_dir={tmp_path}"]
+    result = run_cli(args, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "world size 2 (gloo, cuda:0)" in result.stdout
+    last = tmp_path / "checkpoints" / "last"
+    assert sorted(path.name for path in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
+    line = last_line(tmp_path)
+    assert line["val/samples"] == 359 and line["val/accuracy"] > 0.85  # 46 steps from 0.1
+    two_rank_steps = checkpoint.load(last)["step"]
+    # One process on the GPU reads the 2 ranks' shards and trains a third epoch: 1,438 samples in 45 batches of 32.
+    assert main([*args, "trainer.epochs=3", "trainer.allow_changes=[world_size,trainer.epochs]"]) == 0
+    assert checkpoint.load(tmp_path / "checkpoints" / "last")["step"] == two_rank_steps + 45
+    assert last_line(tmp_path)["val/accuracy"] > 0.9
