@@ -1,11 +1,12 @@
 """GPU throughput: resnet18/50 images/s with bf16 + channels_last (+ torch.compile), against a hand-written loop.
 
-Run: python benchmarks/gpu_throughput.py [--quick] [--repeats 3]     (on a machine with a CUDA GPU)
+Run: python benchmarks/gpu_throughput.py [--quick] [--repeats 3] [--budget-s S]     (on a machine with a CUDA GPU)
 Without CUDA it prints why it skipped and exits 0; `--device cpu --batch-size 8 --steps 3` runs the same
 comparison on the CPU, slowly, to check the script. ddp-trainer runs the CIFAR-10 resnet18 recipe through its CLI
 (synthetic 32x32 images, `trainer.precision`, `model.channels_last`, `trainer.compile`); the hand-written loop
-is the AMP recipe's loop on the same model, data, batch, DataLoader settings and fused SGD. 1 process, epoch 1
-is warm-up (and compilation).
+is the AMP recipe's loop on the same model, data, batch, DataLoader settings and fused SGD. Both run in one process
+per model and mode, an epoch of each in turn, so the machine's drift between processes and over minutes cancels out
+of each epoch's ratio; epoch 1 is warm-up (and compilation).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import itertools
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +30,26 @@ from common import (
     launch,
     markdown_table,
     median,
+    read_json,
     repeats_for,
     spread,
-    time_epochs,
     write_json,
 )
 from torch.utils.data import DataLoader
-from variants import ddp_trainer_epochs, timed_rate, worker_epochs
+from variants import ddp_trainer_epochs
 
 from ddp_trainer import models
+from ddp_trainer.cli import train as cli_train
 from ddp_trainer.config import ModelConfig, SyntheticConfig
 from ddp_trainer.data.datasets import synthetic
+from ddp_trainer.trainer import Trainer
 
 MODELS = ("resnet18", "resnet50")
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 LOADER_WORKERS = 4  # the recipe's data.num_workers
 EPOCHS = 5  # 1 warm-up (and compilation) + 4 timed
+Epoch = Callable[[], None]  # trains one epoch and waits for the GPU
 
 
 @dataclass(frozen=True)
@@ -74,18 +80,32 @@ class Mode:
 
 @dataclass(frozen=True)
 class Pair:
-    """Images/s of both loops on one model and mode, measured back to back."""
+    """Images/s of each timed epoch of both loops on one model and mode, measured side by side in one process."""
 
-    hand: float
-    ours: float
+    hand_epochs: list[float]
+    ours_epochs: list[float]
+
+    @property
+    def hand(self) -> float:
+        """The hand-written loop's images/s: the median over its timed epochs."""
+        return median(self.hand_epochs)
+
+    @property
+    def ours(self) -> float:
+        """ddp-trainer's images/s: the median over its timed epochs."""
+        return median(self.ours_epochs)
 
     @property
     def ratio(self) -> float:
-        """ddp-trainer's rate over the hand-written loop's."""
-        return self.ours / self.hand
+        """The median over epochs of ddp-trainer's rate over the hand-written loop's, epoch by epoch."""
+        return median([ours / hand for hand, ours in zip(self.hand_epochs, self.ours_epochs, strict=True)])
 
     def __str__(self) -> str:
-        return f"hand-written {self.hand:,.0f} img/s, ddp-trainer {self.ours:,.0f} img/s ({self.ratio:.3f}x)"
+        # The epochs' spread says whether the noise is within a process or between processes.
+        return (
+            f"hand-written {self.hand:,.0f} img/s (epochs {spread(self.hand_epochs)}), ddp-trainer {self.ours:,.0f} "
+            f"img/s (epochs {spread(self.ours_epochs)}), epoch by epoch {self.ratio:.3f}x"
+        )
 
 
 Cell = tuple[str, str]  # (model, options)
@@ -103,10 +123,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_hand_written(
-    model_name: str, mode: Mode, batch_size: int, steps: int, device: torch.device
-) -> tuple[list[float], int]:
-    """The PyTorch AMP recipe's loop (autocast forward, backward, step) with channels_last and compile as asked."""
+def hand_written_epoch(model_name: str, mode: Mode, batch_size: int, steps: int, device: torch.device) -> Epoch:
+    """The PyTorch AMP recipe's epoch (autocast forward, backward, step), with channels_last and compile as asked."""
     torch.manual_seed(0)
     model = models.build(ModelConfig(name=model_name, cifar_stem=True), IMAGE_SHAPE, NUM_CLASSES)
     memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
@@ -120,7 +138,7 @@ def train_hand_written(
         train_set, batch_size, shuffle=True, num_workers=LOADER_WORKERS, pin_memory=pin, persistent_workers=True
     )
 
-    def run_epoch(epoch: int) -> None:
+    def run_epoch() -> None:
         for inputs, targets in loader:
             inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
@@ -131,43 +149,71 @@ def train_hand_written(
             optimizer.zero_grad(set_to_none=True)
         synchronize(device)
 
-    return time_epochs(EPOCHS, run_epoch, lambda: None), len(loader)
+    return run_epoch
 
 
-def ddp_trainer_images_per_s(model_name: str, mode: Mode, settings: Settings, folder: Path) -> float:
-    """Images/s of the recipe through ddp-trainer's CLI with this mode's config keys."""
-    output_dir = folder / "ddp-trainer"
+def ddp_trainer_recipe(model_name: str, mode: Mode, settings: Settings, output_dir: Path) -> list[str]:
+    """`ddp-train` arguments: the CIFAR-10 resnet recipe on synthetic images with this mode's config keys."""
     recipe = ["--config", "configs/cifar10_resnet18.yaml", "data.name=synthetic", f"model.name={model_name}"]
     recipe += [f"data.synthetic.train_size={settings.batch_size * settings.steps}", "data.synthetic.val_size=64"]
     recipe += [f"data.batch_size={settings.batch_size}", "optim.scheduler=none", "optim.warmup_steps=0"]
     recipe += [f"trainer.epochs={EPOCHS}", f"trainer.device={settings.device}", "trainer.resume=none"]
     recipe += ["trainer.progress_bar=false", "trainer.log_every_n_steps=100", f"output_dir={output_dir}"]
-    launch(["-m", "ddp_trainer.train", *recipe, *mode.overrides()], processes=1, timeout_s=1200)
-    return settings.batch_size * timed_rate(*ddp_trainer_epochs(output_dir))
+    return [*recipe, *mode.overrides()]
 
 
-def hand_written_images_per_s(model_name: str, mode_name: str, settings: Settings, folder: Path) -> float:
-    """Images/s of the hand-written loop, run in its own process like ddp-trainer."""
-    result = folder / "hand-written.json"
+def alternate_epochs(model_name: str, mode: Mode, settings: Settings, output_dir: Path) -> dict[str, list[float]]:
+    """ddp-trainer's CLI trains in this process, and next to each of its epochs the hand-written loop runs one: the
+    seconds of every epoch of both."""
+    hand_epoch = hand_written_epoch(
+        model_name, mode, settings.batch_size, settings.steps, torch.device(settings.device)
+    )
+    seconds: dict[str, list[float]] = {"hand": [], "ours": []}
+    train_epoch = Trainer._train_epoch
+
+    def timed(name: str, run: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = run()  # both end waiting for the GPU: ddp-trainer's epoch with its sums' host sync
+        seconds[name].append(time.perf_counter() - started)
+        return result
+
+    def alternating(trainer: Trainer, epoch: int) -> Any:
+        # The hand-written epoch runs first in even epochs and second in odd ones, so drift favours neither loop.
+        if epoch % 2 == 0:
+            timed("hand", hand_epoch)
+        result = timed("ours", lambda: train_epoch(trainer, epoch))
+        if epoch % 2 == 1:
+            timed("hand", hand_epoch)
+        return result
+
+    # fit() trains every epoch through this one method, and its time/train_s times the same call.
+    Trainer._train_epoch = alternating
+    try:
+        exit_code = cli_train.main(ddp_trainer_recipe(model_name, mode, settings, output_dir))
+    finally:
+        Trainer._train_epoch = train_epoch
+    if exit_code != 0:
+        raise RuntimeError(f"ddp-trainer's run of {model_name} ({mode}) ended with exit code {exit_code}")
+    return seconds
+
+
+def measure(model_name: str, mode_name: str, settings: Settings, folder: Path) -> Pair:
+    """Both loops on one model and mode, epoch by epoch in one process of their own."""
+    result = folder / "epochs.json"
     options = ["--worker", "--model", model_name, "--mode", mode_name, "--result", str(result)]
     options += ["--device", settings.device, "--batch-size", str(settings.batch_size), "--steps", str(settings.steps)]
     launch([str(BENCHMARKS_DIR / "gpu_throughput.py"), *options], processes=1, timeout_s=1200)
-    return settings.batch_size * timed_rate(*worker_epochs(result))
-
-
-def measure_pair(model_name: str, mode_name: str, settings: Settings, folder: Path, hand_first: bool) -> Pair:
-    """Both loops on one model and mode, one after the other in the order asked."""
-    loops = {
-        "hand": lambda: hand_written_images_per_s(model_name, mode_name, settings, folder),
-        "ours": lambda: ddp_trainer_images_per_s(model_name, MODES[mode_name], settings, folder),
-    }
-    order = ("hand", "ours") if hand_first else ("ours", "hand")
-    rates = {name: loops[name]() for name in order}
-    return Pair(rates["hand"], rates["ours"])
+    seconds = read_json(result)
+    _, ours_steps = ddp_trainer_epochs(folder / "ddp-trainer")
+    if set(ours_steps) != {settings.steps}:
+        raise RuntimeError(f"ddp-trainer took {ours_steps} steps per epoch, not {settings.steps}")
+    images = settings.batch_size * settings.steps
+    # Epoch 0 is warm-up (and compilation) for both.
+    return Pair(*([images / second for second in seconds[name][1:]] for name in ("hand", "ours")))
 
 
 def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tuple[dict[Cell, list[Pair]], int]:
-    """Pairs for every model and mode, interleaved over the repeats, until done or `budget_s` would be overrun."""
+    """A pair for every model and mode and repeat, until done or `budget_s` would be overrun."""
     cells = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
     pairs: dict[Cell, list[Pair]] = {cell: [] for cell in cells}
     started, longest, planned = time.monotonic(), 0.0, repeats * len(cells)
@@ -179,9 +225,7 @@ def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tup
             folder = Path(temporary) / f"{model_name}-{index}-{repeat}"
             folder.mkdir()
             pair_started = time.monotonic()
-            # Which loop goes first alternates from pair to pair and repeat to repeat: a machine that speeds up or
-            # slows down during the run favours neither.
-            pair = measure_pair(model_name, mode_name, settings, folder, hand_first=(index + repeat) % 2 == 0)
+            pair = measure(model_name, mode_name, settings, folder)
             longest = max(longest, time.monotonic() - pair_started)
             pairs[model_name, mode_name].append(pair)
             # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
@@ -190,7 +234,7 @@ def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tup
 
 
 def run(settings: Settings, repeats: int, budget_s: float | None = None) -> Report:
-    """Both loops for every model and mode, interleaved over the repeats; or the reason this was skipped."""
+    """Both loops for every model and mode, repeated; or the reason this was skipped."""
     title = "GPU throughput (images/s, 1 GPU)" if settings.device == "cuda" else "Throughput on the CPU (script check)"
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
@@ -209,24 +253,25 @@ def run(settings: Settings, repeats: int, budget_s: float | None = None) -> Repo
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else "CPU"
     body = (
         f"{markdown_table(headers, rows)}\n\n{device_name}, batch {settings.batch_size}, {settings.steps} steps per "
-        f"epoch, 32x32 synthetic images, CIFAR stem, SGD. Each loop's rate is the median of {EPOCHS - 1} timed epochs; "
-        f"'vs hand-written' is the median over up to {repeats} run(s) of the ratio of a pair run back to back, 'range' "
-        "its lowest and highest value.\n"
+        f"epoch, 32x32 synthetic images, CIFAR stem, SGD. Both loops ran in one process per model, options and "
+        f"repeat, an epoch of each in turn: img/s are medians over {EPOCHS - 1} timed epochs, 'vs hand-written' is the "
+        f"median over up to {repeats} process(es) of the median ratio of an epoch of ddp-trainer to the hand-written "
+        "epoch beside it, 'range' its lowest and highest.\n"
     )
     if left_out:
-        body += f"\n{left_out} planned pair(s) left out: the next would have run past --budget-s {budget_s:g}.\n"
+        body += f"\n{left_out} planned process(es) left out: the next would have run past --budget-s {budget_s:g}.\n"
     return Report(title, body)
 
 
 def main() -> None:
-    """Parse the flags; measure (or, with --worker, be the hand-written loop's process)."""
+    """Parse the flags; measure (or, with --worker, be the process that runs both loops)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="start no pair that the longest so far says would end later"
+        "--budget-s", type=float, default=None, help="start no process that the longest so far says would end later"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
@@ -234,9 +279,9 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        device = torch.device(args.device)
-        seconds, steps = train_hand_written(args.model, MODES[args.mode], args.batch_size, args.steps, device)
-        write_json(args.result, {"epoch_seconds": seconds, "steps_per_epoch": steps})
+        settings = Settings(args.device, args.batch_size, args.steps)
+        output_dir = args.result.parent / "ddp-trainer"
+        write_json(args.result, alternate_epochs(args.model, MODES[args.mode], settings, output_dir))
         return
     settings = Settings(args.device, args.batch_size, args.steps)
     print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s).markdown())
