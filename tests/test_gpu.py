@@ -3,18 +3,20 @@
 CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
 SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
-and 2 ranks sharing one GPU over gloo, under DDP and under FSDP with sharded checkpoints.
+the regression and language-model tasks, and 2 ranks sharing one GPU over gloo: under DDP, under FSDP with sharded
+checkpoints, and with a user IterableDataset.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import time
 
 import pytest
 import torch
-from conftest import launch_cli, read_metrics, run_cli
+from conftest import REPO_DIR, launch_cli, read_metrics, run_cli, run_script
 from dist_helpers import refusals
 
 from ddp_trainer import checkpoint, rng, saving
@@ -39,6 +41,14 @@ IMAGES = [
     "trainer.device=cuda",
     "trainer.epochs=2",
 ]
+
+
+def run_example(name: str, overrides: list[str]) -> dict:
+    """Call `main(overrides)` of examples/NAME.py in this process: the record its `ddp_trainer.fit` returned."""
+    spec = importlib.util.spec_from_file_location(name, REPO_DIR / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(overrides)
 
 
 def last_line(output_dir) -> dict:
@@ -276,3 +286,32 @@ def test_fsdp_on_two_ranks_sharing_a_gpu_writes_shards_one_process_resumes(tmp_p
     assert main([*args, "trainer.epochs=3", "trainer.allow_changes=[world_size,trainer.epochs]"]) == 0
     assert checkpoint.load(tmp_path / "checkpoints" / "last")["step"] == two_rank_steps + 45
     assert last_line(tmp_path)["val/accuracy"] > 0.9
+
+
+@pytest.mark.parametrize(
+    ("example", "metric"), [("regression_diabetes", "val/mae"), ("char_language_model", "val/perplexity")]
+)
+def test_regression_and_language_model_measure_on_the_gpu_what_they_measure_on_the_cpu(tmp_path, example, metric):
+    records = {}
+    for device in ("cuda", "cpu"):
+        args = [f"trainer.device={device}", "trainer.epochs=2", "trainer.progress_bar=false"]
+        records[device] = run_example(example, [*args, f"output_dir={tmp_path / device}"])
+    gpu, cpu = records["cuda"], records["cpu"]
+    assert (gpu["step"], gpu["train/samples"], gpu["val/samples"]) == (
+        cpu["step"],
+        cpu["train/samples"],
+        cpu["val/samples"],
+    )
+    for key in ("train/loss", "val/loss", metric):  # the same data order and weights; only the kernels differ
+        assert gpu[key] == pytest.approx(cpu[key], rel=0.02), key
+
+
+def test_a_user_stream_on_two_uneven_ranks_sharing_a_gpu_trains_every_image_once(tmp_path):
+    # 4 readers of 360, 360, 360, 357 images in batches of 7: one rank holds 104 batches, the other 103, and joins
+    # the last step with a stand-in batch on the GPU.
+    args = ["trainer.device=cuda", "trainer.epochs=1", "data.batch_size=7", "data.num_workers=2"]
+    result = run_script(REPO_DIR / "examples" / "digits_stream.py", [*args, f"output_dir={tmp_path}"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "world size 2 (gloo, cuda:0)" in result.stdout
+    record = last_line(tmp_path)
+    assert (record["step"], record["train/samples"], record["val/samples"]) == (104, 1437, 360)
