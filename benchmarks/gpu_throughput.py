@@ -278,12 +278,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    settings = Settings(args.device, args.batch_size, args.steps)
     if args.worker:
-        settings = Settings(args.device, args.batch_size, args.steps)
         output_dir = args.result.parent / "ddp-trainer"
         write_json(args.result, alternate_epochs(args.model, MODES[args.mode], settings, output_dir))
         return
-    settings = Settings(args.device, args.batch_size, args.steps)
     print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s).markdown())
 
 
