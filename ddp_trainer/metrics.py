@@ -18,10 +18,6 @@ class MetricSums:
         """Add float64 device values in the order of `names`."""
         self.sums += values
 
-    def value(self, name: str) -> torch.Tensor:
-        """This rank's running sum `name`, still on the device."""
-        return self.sums[self.names.index(name)]
-
     def add_global(self, totals: dict[str, float], env: DistEnv) -> None:
         """Seed the sums with already-global totals (from a checkpoint): rank 0 holds them so the sum stays exact."""
         if env.is_main:
@@ -33,3 +29,28 @@ class MetricSums:
         """Global totals over all ranks: one all_reduce and one host sync."""
         totals = all_reduce_sum(self.sums.clone(), env)
         return dict(zip(self.names, totals.tolist(), strict=True))  # host sync: only at log intervals and saves
+
+
+def all_finite(value: torch.Tensor) -> torch.Tensor:
+    """Whether a device scalar is finite, without a host sync: x - x is 0, except NaN for NaN and ±inf."""
+    return (value - value) == 0  # two kernels; torch.isfinite takes four
+
+
+class StepVerdicts:
+    """Each step's finite-or-not verdict since the last host sync, on the device; read only once a skip is known."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.finite = torch.ones(capacity, dtype=torch.bool, device=device)
+        self.steps: list[int] = []
+
+    def record(self, step: int, finite: torch.Tensor) -> None:
+        """Keep step `step`'s verdict (one device copy, no wait)."""
+        self.finite[len(self.steps)] = finite
+        self.steps.append(step)
+
+    def settle(self, find: bool) -> int:
+        """Forget the recorded steps; with `find`, first the first of them that was not finite (a host sync), else 0."""
+        verdicts = self.finite[: len(self.steps)].tolist() if find else [True] * len(self.steps)
+        first = next((step for step, finite in zip(self.steps, verdicts, strict=True) if not finite), 0)
+        self.steps = []
+        return first

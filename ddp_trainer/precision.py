@@ -57,7 +57,7 @@ class MixedPrecision:
             self.scaler.step(optimizer)
             self.scaler.update()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = (~finite).float()
+            optimizer.found_inf = torch.where(finite, 0.0, 1.0)  # one kernel, the float the fused step reads
             try:
                 optimizer.step()
             finally:

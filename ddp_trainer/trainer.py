@@ -29,16 +29,16 @@ from ddp_trainer.errors import TrainingDiverged
 from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.metrics import MetricSums
+from ddp_trainer.metrics import MetricSums, StepVerdicts, all_finite
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.saving import Saver, ShardedSaver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import Task
 
-# Beside the task's sums: the epoch's skipped (non-finite) steps and the first of them, and with clipping the
-# (already all-reduced) gradient norms and how many steps they cover. Every rank holds the same values of these;
-# rank 0 alone adds them, so the global sums count each step once.
-STEP_SUMS = ("skipped_steps", "first_skipped_step")
+# Beside the task's sums: the epoch's skipped (non-finite) steps, and with clipping the (already all-reduced)
+# gradient norms and how many steps they cover. Every rank holds the same values of these; rank 0 alone adds them,
+# so the global sums count each step once.
+STEP_SUMS = ("skipped_steps",)
 CLIP_SUMS = ("grad_norm_sum", "grad_norm_steps")
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
@@ -79,7 +79,8 @@ class Trainer:
             self.saver = Saver(self.checkpoint_dir, keep_last, async_save)
         self.parameters = list(self.model.parameters())
         self.accumulate = cfg.trainer.accumulate_grad_batches
-        self.reported_skips = 0
+        self.reported_skips = self.first_skipped = 0
+        self.verdicts = StepVerdicts(cfg.trainer.log_every_n_steps, env.device)  # a host sync comes at least this often
         self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
@@ -153,7 +154,7 @@ class Trainer:
         clip_sums = CLIP_SUMS if self.cfg.trainer.grad_clip_norm > 0 else ()
         sums = MetricSums((*self.task.sum_names, *STEP_SUMS, *clip_sums), self.env.device)
         positions, progress.data_position = progress.data_position, None
-        progress.segment_batches = self.reported_skips = 0
+        progress.segment_batches = self.reported_skips = self.first_skipped = 0
         # One position per rank; a run on other ranks starts from rank 0's, which tells whether it fits.
         if positions and not order.resume(positions[self.env.rank if len(positions) == self.env.world_size else 0]):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this run: it restarts")
@@ -161,6 +162,7 @@ class Trainer:
         if progress.partial_epoch_totals is not None:
             sums.add_global(progress.partial_epoch_totals, self.env)
             self.reported_skips = int(progress.partial_epoch_totals.get("skipped_steps", 0))  # reported before the stop
+            self.first_skipped = int(progress.partial_epoch_totals.get("first_skipped_step", 0))
             progress.partial_epoch_totals = None
         return sums
 
@@ -177,7 +179,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         description = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
         global_batch = self.cfg.data.batch_size * self.env.world_size
-        window_sums = torch.zeros(len(self.task.sum_names), dtype=torch.float64, device=self.env.device)
+        # A window starts at no sums, and a window of one micro-batch adds nothing up: its sums are the window's.
+        window_sums = no_sums = torch.zeros(len(self.task.sum_names), dtype=torch.float64, device=self.env.device)
         with contextlib.closing(self._feed()) as feed:  # closing a stream's feed ends its pending agreement
             for micro in self.logger.progress(feed, self.data.batches_per_epoch, description, global_batch):
                 if self._reached_max_steps():
@@ -186,13 +189,13 @@ class Trainer:
                 batch = to_device(micro.batch, self.env.device, self.cfg.model.channels_last)
                 micro_sums = self._forward_backward(batch, micro.weight, sync=micro.closes_window)
                 if micro.trained:
-                    window_sums += micro_sums
+                    window_sums = micro_sums if window_sums is no_sums else window_sums + micro_sums
                     self.progress.batch_in_epoch += 1
                     self.progress.segment_batches += 1
                 if micro.closes_window:
                     self._optimizer_step(sums, window_sums, micro.grad_scale)
                     self.optimizer.zero_grad(set_to_none=True)
-                    window_sums = torch.zeros_like(window_sums)
+                    window_sums = no_sums
         return self._reduce(sums), True
 
     def _forward_backward(self, batch: Any, weight: float, sync: bool) -> torch.Tensor:
@@ -212,12 +215,13 @@ class Trainer:
         # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
         norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
         # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync.
-        finite = torch.isfinite(window_sums[0] if norm is None else norm)
+        finite = all_finite(window_sums[0] if norm is None else norm)
         self.precision.step(self.optimizer, finite)
         self.scheduler.step()
         step = self.progress.step = self.progress.step + 1
+        self.verdicts.record(step, finite)
         self.timeouts.training_started([self.agreement.group, self.stream_feed and self.stream_feed.agreement.group])
-        sums.add(self._step_sums(sums, window_sums, norm, finite))
+        sums.add(self._step_sums(window_sums, norm, finite))
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
@@ -233,25 +237,23 @@ class Trainer:
         if check:
             self.agreement.send(self._local_flags())
 
-    def _step_sums(
-        self, sums: MetricSums, window_sums: torch.Tensor, norm: torch.Tensor | None, finite: torch.Tensor
-    ) -> torch.Tensor:
+    def _step_sums(self, window_sums: torch.Tensor, norm: torch.Tensor | None, finite: torch.Tensor) -> torch.Tensor:
         """This step's values in the order of `sums.names`: a skipped step's samples count nowhere."""
         verdict = finite if self.precision.scaler is None else torch.ones_like(finite)  # fp16: the scaler judged
-        skipped = (~verdict).double() * self.shared_weight
-        first = torch.where(sums.value("skipped_steps") == 0, skipped * self.progress.step, 0.0)
-        shared = [skipped, first]
-        if self.cfg.trainer.grad_clip_norm > 0:
-            counted = finite.double() * self.shared_weight  # fp16's overflowed norms stay out of the mean
-            shared += [torch.where(finite, norm.double(), 0.0) * self.shared_weight, counted]
-        return torch.cat([torch.where(verdict, window_sums, 0.0), torch.stack(shared)])
+        weight = self.shared_weight
+        values = [torch.where(verdict, window_sums, 0.0), torch.where(verdict, 0.0, weight).view(1)]  # skipped
+        if self.cfg.trainer.grad_clip_norm > 0:  # fp16's overflowed norms stay out of the mean
+            values += [torch.where(finite, value, 0.0).view(1) for value in (norm.double() * weight, weight)]
+        return torch.cat(values)
 
     def _reduce(self, sums: MetricSums) -> dict[str, float]:
         """Global totals, and where a skipped step pending on the device comes to light: before any save."""
         totals = sums.reduce(self.env)
         skipped = int(totals["skipped_steps"])
+        self.first_skipped = self.first_skipped or self.verdicts.settle(find=skipped > self.reported_skips)
+        totals["first_skipped_step"] = self.first_skipped  # kept in a mid-epoch checkpoint's totals
         if skipped > self.reported_skips:
-            where = f"at step {int(totals['first_skipped_step'])} (epoch {self.progress.epoch + 1})"
+            where = f"at step {self.first_skipped} (epoch {self.progress.epoch + 1})"
             if self.cfg.trainer.nonfinite_loss == "stop":
                 # Nothing is saved: the skipped update never reached the weights, and the last checkpoint on disk
                 # stays the last good one.

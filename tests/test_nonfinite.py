@@ -7,7 +7,7 @@ import torch
 from conftest import read_metrics
 from dist_helpers import run_ranks
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, metrics
 from ddp_trainer.cli.train import main
 
 BLOBS = [
@@ -20,6 +20,14 @@ BLOBS = [
 
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(tensor).all() for tensor in state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_step_verdict_tells_nan_and_both_infinities_from_every_finite_value(dtype):
+    info = torch.finfo(dtype)
+    values = [0.0, -2.5, info.max, info.min, info.tiny, float("nan"), float("inf"), float("-inf")]
+    values = torch.tensor(values, dtype=dtype)
+    assert metrics.all_finite(values).tolist() == [True] * 5 + [False] * 3
 
 
 def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
