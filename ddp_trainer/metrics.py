@@ -50,7 +50,8 @@ class StepVerdicts:
 
     def settle(self, find: bool) -> int:
         """Forget the recorded steps; with `find`, first the first of them that was not finite (a host sync), else 0."""
-        verdicts = self.finite[: len(self.steps)].tolist() if find else [True] * len(self.steps)
-        first = next((step for step, finite in zip(self.steps, verdicts, strict=True) if not finite), 0)
-        self.steps = []
-        return first
+        steps, self.steps = self.steps, []
+        if not find:
+            return 0
+        verdicts = self.finite[: len(steps)].tolist()
+        return next((step for step, finite in zip(steps, verdicts, strict=True) if not finite), 0)
