@@ -16,6 +16,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.optim import Optimizer
+from torch.torch_version import TorchVersion
 
 from ddp_trainer import checkpoint
 from ddp_trainer.assembly import Parts
@@ -23,6 +24,7 @@ from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import CliError, first_line
 from ddp_trainer.sharding import sharded_state_dicts
 
+STAGER_KEEPS_BUFFERS = TorchVersion(torch.__version__) >= "2.13"
 State = dict[str, Any] | None  # a checkpoint's entries but the model and optimizer: rank 0's, None on the others
 
 
@@ -144,10 +146,20 @@ class ShardedSaver(Saver):
     def __init__(self, directory: Path, keep_last: int, async_save: bool) -> None:
         super().__init__(directory, keep_last, async_save)
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        # One stager for every save: it copies into the CPU buffers it allocated the first time, not fresh memory.
         # Pinned (and copied without blocking) only when the run is on a GPU: pinning would start CUDA in a CPU run.
-        pinned = torch.cuda.is_initialized()
-        self.stager = DefaultStager(StagingOptions(pinned, False, False, pinned)) if async_save else None
+        self.pinned = torch.cuda.is_initialized()
+        self.stager: DefaultStager | None = None
+
+    def _stager(self) -> DefaultStager:
+        # One stager for every save copies into the CPU buffers it allocated the first time, not fresh (pinned)
+        # memory. torch 2.11's stager frees its buffers and empties its copy tables after each stage, and a second
+        # save through it fails (KeyError: <class 'type'>); 2.13 keeps them. Before 2.13 each save gets its own.
+        if self.stager is not None and not STAGER_KEEPS_BUFFERS:
+            self.stager.close()
+            self.stager = None
+        if self.stager is None:
+            self.stager = DefaultStager(StagingOptions(self.pinned, False, False, self.pinned))
+        return self.stager
 
     def save_run(self, model: nn.Module, optimizer: Optimizer, state: State, names: Sequence[str], step: int) -> None:
         """Every rank's shard into `step-<step>/`, with rank 0's `state` (None elsewhere) as its state file."""
@@ -163,7 +175,7 @@ class ShardedSaver(Saver):
                     shards,
                     storage_writer=FileSystemWriter(written),
                     process_group=self.group,
-                    async_stager=self.stager,
+                    async_stager=self._stager(),
                     no_dist=no_dist,
                 )
         if shards_written is None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import read_metrics
+from torch.distributed.checkpoint.staging import DefaultStager
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, saving
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
 
@@ -111,3 +112,31 @@ def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
     ]  # fmt: skip
     publish(4, ("last", "best"))
     assert folders(tmp_path) == ["best->step-00000004", "last->step-00000004", "step-00000003", "step-00000004"]
+
+
+@pytest.mark.parametrize("keeps_buffers", [False, True])
+def test_async_sharded_saves_go_on_whether_or_not_torch_spends_the_stager(tmp_path, monkeypatch, keeps_buffers):
+    # torch 2.11's DefaultStager frees its buffers and tables after each stage (the GPU machine's torch); 2.13 on
+    # keeps them for the next save. Here a stager of either kind, and the saver told which torch it runs on.
+    if not keeps_buffers:
+        stage = DefaultStager.stage
+
+        def stage_then_spend(self, state_dict, **kwargs):
+            staged = stage(self, state_dict, **kwargs)
+            self.close()
+            return staged
+
+        monkeypatch.setattr(DefaultStager, "stage", stage_then_spend)
+    monkeypatch.setattr(saving, "STAGER_KEEPS_BUFFERS", keeps_buffers)
+    stagers, async_save = [], dcp.async_save
+
+    def recording_async_save(*args, async_stager, **kwargs):
+        stagers.append(async_stager)
+        return async_save(*args, async_stager=async_stager, **kwargs)
+
+    monkeypatch.setattr(dcp, "async_save", recording_async_save)
+    assert main([*RUN, "trainer.epochs=1", "checkpoint.async_save=true", f"output_dir={tmp_path}"]) == 0
+    saved = tmp_path / "checkpoints"
+    assert folders(saved) == ["best->step-00000045", "last->step-00000045", "step-00000040", "step-00000045"]
+    assert checkpoint.load(saved / "last")["step"] == 45
+    assert len(stagers) > 1 and len(set(map(id, stagers))) == (1 if keeps_buffers else len(stagers))
