@@ -118,6 +118,8 @@ def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
 def test_async_sharded_saves_go_on_whether_or_not_torch_spends_the_stager(tmp_path, monkeypatch, keeps_buffers):
     # torch 2.11's DefaultStager frees its buffers and tables after each stage (the GPU machine's torch); 2.13 on
     # keeps them for the next save. Here a stager of either kind, and the saver told which torch it runs on.
+    if keeps_buffers and not saving.STAGER_KEEPS_BUFFERS:
+        pytest.skip(f"torch {torch.__version__}'s stager spends itself after each stage")
     if not keeps_buffers:
         stage = DefaultStager.stage
 
