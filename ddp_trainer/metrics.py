@@ -49,7 +49,7 @@ class StepVerdicts:
         self.steps.append(step)
 
     def settle(self, find: bool) -> int:
-        """Forget the recorded steps; with `find`, first the first of them that was not finite (a host sync), else 0."""
+        """Forget the recorded steps, as every host sync must; with `find`, first the first not finite (a host sync)."""
         steps, self.steps = self.steps, []
         if not find:
             return 0

@@ -250,13 +250,13 @@ class Trainer:
         """Global totals, and where a skipped step pending on the device comes to light: before any save."""
         totals = sums.reduce(self.env)
         skipped = int(totals["skipped_steps"])
-        self.first_skipped = self.first_skipped or self.verdicts.settle(find=skipped > self.reported_skips)
+        find = skipped > self.reported_skips and not self.first_skipped  # only an epoch's first skip is looked for
+        self.first_skipped = self.verdicts.settle(find) or self.first_skipped
         totals["first_skipped_step"] = self.first_skipped  # kept in a mid-epoch checkpoint's totals
         if skipped > self.reported_skips:
             where = f"at step {self.first_skipped} (epoch {self.progress.epoch + 1})"
             if self.cfg.trainer.nonfinite_loss == "stop":
-                # Nothing is saved: the skipped update never reached the weights, and the last checkpoint on disk
-                # stays the last good one.
+                # Nothing is saved: the skipped update never reached the weights; the last checkpoint stays good.
                 raise TrainingDiverged(
                     f"the loss or its gradients were not finite on at least one rank {where}; stopped at step "
                     f"{self.progress.step} without saving: {self.checkpoint_dir} keeps the last good checkpoint "

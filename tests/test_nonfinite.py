@@ -40,6 +40,14 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
 
 
+def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys):
+    # The step verdicts hold one log interval (2 steps here): every interval after the skip must empty them.
+    args = [*BLOBS, "model.nan_step=2", "trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=2"]
+    assert main([*args, "trainer.epochs=1", f"output_dir={tmp_path}"]) == 0
+    assert "skipped 1 optimizer step(s) by step 2, the epoch's first at step 2 (epoch 1)" in capsys.readouterr().out
+    assert [(line["step"], line["train/skipped_steps"]) for line in read_metrics(tmp_path)] == [(12, 1)]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
     args = [*BLOBS, "model.nan_step=5", "model.nan_rank=1", "trainer.nonfinite_loss=skip", "trainer.epochs=2"]
