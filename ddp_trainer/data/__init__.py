@@ -49,10 +49,10 @@ class DataBundle:
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     """The batch (tensors in tuples, lists and dicts at any depth) on `device`; images NHWC if `channels_last`."""
     if torch.is_tensor(batch):
-        moved = batch.to(device, non_blocking=True)  # from pinned memory, the copy overlaps compute
-        if channels_last and moved.dim() == 4 and moved.is_floating_point():
-            moved = moved.contiguous(memory_format=torch.channels_last)
-        return moved
+        # From pinned memory, the copy overlaps compute; NHWC images are laid out by that same copy, not a second one.
+        nhwc = channels_last and batch.dim() == 4 and batch.is_floating_point()
+        memory_format = torch.channels_last if nhwc else torch.preserve_format
+        return batch.to(device, non_blocking=True, memory_format=memory_format)
     if isinstance(batch, Mapping):
         return {key: to_device(value, device, channels_last) for key, value in batch.items()}
     if isinstance(batch, list | tuple):
