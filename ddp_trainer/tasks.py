@@ -7,6 +7,7 @@ totals back to the task to name the metrics. Sums, not means, so every metric is
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -63,8 +64,14 @@ def _describe(batch: Any) -> str:
 
 
 def _count(reference: torch.Tensor, value: int) -> torch.Tensor:
-    """A float64 device scalar holding a host count, made without a copy from the host (no sync)."""
-    return torch.full((), value, dtype=torch.float64, device=reference.device)
+    """A float64 device scalar holding a host count, made without a copy from the host (no sync), and only once."""
+    return _device_count(reference.device, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_count(device: torch.device, value: int) -> torch.Tensor:
+    # Batches mostly share one size: a cached scalar saves every step a fill kernel. It is only read, never changed.
+    return torch.full((), value, dtype=torch.float64, device=device)
 
 
 def _per_sample_mean(totals: dict[str, float], name: str, count: str) -> float:
@@ -83,9 +90,9 @@ class Classification:
         inputs, targets = inputs_and_targets(batch)
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
-        samples = targets.shape[0]
         correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
-        return loss, torch.stack([loss.detach().double() * samples, correct, _count(correct, samples)])
+        samples = _count(correct, targets.shape[0])
+        return loss, torch.stack([loss.detach() * samples, correct, samples])  # the float64 count makes it float64
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss`, `prefix/accuracy`, `prefix/samples`."""
@@ -113,9 +120,9 @@ class Regression:
             )
         errors = predictions.reshape(targets.shape) - targets.float()  # (B, 1) against (B,) is not a broadcast
         loss = errors.square().mean()
-        values = targets.numel()
-        sums = [loss.detach().double() * values, errors.detach().abs().sum(dtype=torch.float64)]
-        return loss, torch.stack([*sums, _count(loss, values), _count(loss, targets.shape[0])])
+        values = _count(loss, targets.numel())
+        sums = [loss.detach() * values, errors.detach().abs().sum(dtype=torch.float64)]
+        return loss, torch.stack([*sums, values, _count(loss, targets.shape[0])])
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss` (the MSE), `prefix/mse`, `prefix/mae`, `prefix/samples`."""
@@ -146,7 +153,7 @@ class LanguageModel:
         logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index)
         tokens = (targets != self.ignore_index).sum(dtype=torch.float64)
-        return loss, torch.stack([loss.detach().double() * tokens, tokens, _count(tokens, targets.shape[0])])
+        return loss, torch.stack([loss.detach() * tokens, tokens, _count(tokens, targets.shape[0])])
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss` (per token), `prefix/perplexity`, `prefix/samples` (sequences)."""
