@@ -18,6 +18,12 @@ class MetricSums:
         """Add float64 device values in the order of `names`."""
         self.sums += values
 
+    def add_steps(self, steps: torch.Tensor) -> None:
+        """Add a (steps, names) float64 matrix row by row, in order, as one add per step would: bit for bit alike."""
+        # cumsum adds along the rows one after another (on the GPU too: one sequential scan per column), so a fold at
+        # other steps (a resumed run's save, say) sums in the same order and the totals stay identical.
+        self.sums = torch.cat([self.sums.view(1, -1), steps]).cumsum(0)[-1]
+
     def add_global(self, totals: dict[str, float], env: DistEnv) -> None:
         """Seed the sums with already-global totals (from a checkpoint): rank 0 holds them so the sum stays exact."""
         if env.is_main:
@@ -31,27 +37,58 @@ class MetricSums:
         return dict(zip(self.names, totals.tolist(), strict=True))  # host sync: only at log intervals and saves
 
 
-def all_finite(value: torch.Tensor) -> torch.Tensor:
-    """Whether a device scalar is finite, without a host sync: x - x is 0, except NaN for NaN and ±inf."""
-    return (value - value) == 0  # two kernels; torch.isfinite takes four
+def skip_flag(value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write 1.0 into `out` where the device scalar `value` is NaN or ±inf, else 0.0, without a host sync."""
+    torch.sub(value, value, out=out)  # 0 for every finite value, NaN for NaN and ±inf
+    return out.nan_to_num_(nan=1.0)  # two kernels, and a float: what a fused optimizer reads as found_inf
 
 
-class StepVerdicts:
-    """Each step's finite-or-not verdict since the last host sync, on the device; read only once a skip is known."""
+class StepLedger:
+    """Each optimizer step's sums, skip flag and gradient norm since the last host sync: a row per step on the device.
 
-    def __init__(self, capacity: int, device: torch.device) -> None:
-        self.finite = torch.ones(capacity, dtype=torch.bool, device=device)
+    A step writes its row in a few ops and never waits. The host sync folds the rows into the running sums, leaving
+    out skipped steps for all the rows at once, and reads the flags only to find an epoch's first skipped step.
+    """
+
+    def __init__(self, width: int, capacity: int, norms: bool, device: torch.device) -> None:
+        self.rows = torch.zeros(capacity, width, dtype=torch.float64, device=device)
+        self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
+        self.norms = torch.zeros(capacity, dtype=torch.float64, device=device) if norms else None
         self.steps: list[int] = []
+        # Each step's places, as views made once: indexing a tensor every step would cost an op each time.
+        norm_places = self.norms if norms else [None] * capacity
+        places = zip(self.rows, self.flags, norm_places, strict=True)
+        self.places = [(row, row[0], flag, norm) for row, flag, norm in places]
 
-    def record(self, step: int, finite: torch.Tensor) -> None:
-        """Keep step `step`'s verdict (one device copy, no wait)."""
-        self.finite[len(self.steps)] = finite
+    def record(self, step: int, sums: torch.Tensor, norm: torch.Tensor | None, judge: bool) -> torch.Tensor | None:
+        """Keep step `step`'s sums (and norm, when measured); with `judge`, flag the step skipped if its norm (or,
+        unmeasured, its loss_sum) is not finite: the flag, a float32 device scalar (1.0: skip), is returned."""
+        row, loss_sum, flag, norm_place = self.places[len(self.steps)]
         self.steps.append(step)
+        row.copy_(sums)
+        if norm_place is not None:
+            norm_place.copy_(norm)
+        return skip_flag(loss_sum if norm is None else norm, flag) if judge else None
+
+    def fold(self, weight: float) -> torch.Tensor | None:
+        """The recorded steps as rows of (sums, skipped, [norm sum, norm steps]); sums of skipped steps zeroed.
+
+        Skips and norms are the same on every rank: `weight` (1 on rank 0, else 0) counts them once globally.
+        """
+        count = len(self.steps)
+        if not count:
+            return None
+        kept = (self.flags[:count] == 0).view(-1, 1)
+        columns = [torch.where(kept, self.rows[:count], 0.0), torch.where(kept, 0.0, weight)]
+        if self.norms is not None:  # fp16's overflowed norms stay out of the mean
+            measured = torch.isfinite(self.norms[:count]).view(-1, 1)
+            columns += [torch.where(measured, self.norms[:count].view(-1, 1) * weight, 0.0), measured * weight]
+        return torch.cat(columns, dim=1)
 
     def settle(self, find: bool) -> int:
-        """Forget the recorded steps, as every host sync must; with `find`, first the first not finite (a host sync)."""
+        """Forget the recorded steps, as every host sync must; with `find`, first the first skipped (a host sync)."""
         steps, self.steps = self.steps, []
         if not find:
             return 0
-        verdicts = self.finite[: len(steps)].tolist()
-        return next((step for step, finite in zip(steps, verdicts, strict=True) if not finite), 0)
+        flags = self.flags[: len(steps)].tolist()
+        return next((step for step, flag in zip(steps, flags, strict=True) if flag), 0)

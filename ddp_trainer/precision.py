@@ -47,22 +47,22 @@ class MixedPrecision:
             torch.nn.utils.clip_grads_with_norm_(parameters, clip_norm, norm)
         return norm
 
-    def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-        """The optimizer step, skipped where `finite` (a device bool) is False; under fp16 the scaler judges instead.
+    def step(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor | None) -> None:
+        """The optimizer step, skipped where `skip` (a float32 device scalar) is 1.0; under fp16 the scaler judges.
 
-        A fused optimizer skips on the device, as it does for the GradScaler (`found_inf`): no host sync. Other
-        optimizers must read the verdict on the host, which waits for the device once per step.
+        A fused optimizer skips on the device, reading `skip` as the GradScaler's `found_inf`: no host sync. Other
+        optimizers must read it on the host, which waits for the device once per step.
         """
         if self.scaler is not None:  # it skips a step whose gradients overflowed and lowers the scale
             self.scaler.step(optimizer)
             self.scaler.update()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = torch.where(finite, 0.0, 1.0)  # one kernel, the float the fused step reads
+            optimizer.found_inf = skip
             try:
                 optimizer.step()
             finally:
                 del optimizer.found_inf
-        elif bool(finite):  # host sync: an optimizer without fused kernels
+        elif not bool(skip):  # host sync: an optimizer without fused kernels
             optimizer.step()
 
     def state_dict(self) -> dict[str, Any] | None:

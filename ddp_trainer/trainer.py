@@ -29,7 +29,7 @@ from ddp_trainer.errors import TrainingDiverged
 from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.metrics import MetricSums, StepVerdicts, all_finite
+from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.saving import Saver, ShardedSaver, build_state
 from ddp_trainer.sharding import gradient_sync
@@ -80,7 +80,9 @@ class Trainer:
         self.parameters = list(self.model.parameters())
         self.accumulate = cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
-        self.verdicts = StepVerdicts(cfg.trainer.log_every_n_steps, env.device)  # a host sync comes at least this often
+        clip = cfg.trainer.grad_clip_norm > 0
+        # A host sync comes at least every log interval: the ledger holds that many steps.
+        self.ledger = StepLedger(len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device)
         self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
@@ -214,14 +216,15 @@ class Trainer:
         # DDP's all-reduce gave every rank the same gradients, so one rank's NaN is every rank's: their norm lets
         # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
         norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
-        # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync.
-        finite = all_finite(window_sums[0] if norm is None else norm)
-        self.precision.step(self.optimizer, finite)
-        self.scheduler.step()
+        # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync. Under
+        # fp16 the GradScaler judges instead.
         step = self.progress.step = self.progress.step + 1
-        self.verdicts.record(step, finite)
-        self.timeouts.training_started([self.agreement.group, self.stream_feed and self.stream_feed.agreement.group])
-        sums.add(self._step_sums(window_sums, norm, finite))
+        skip = self.ledger.record(step, window_sums, norm, judge=self.precision.scaler is None)
+        self.precision.step(self.optimizer, skip)
+        self.scheduler.step()
+        if not self.timeouts.training:  # once, after the first step
+            groups = [self.agreement.group, self.stream_feed and self.stream_feed.agreement.group]
+            self.timeouts.training_started(groups)
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
@@ -237,21 +240,15 @@ class Trainer:
         if check:
             self.agreement.send(self._local_flags())
 
-    def _step_sums(self, window_sums: torch.Tensor, norm: torch.Tensor | None, finite: torch.Tensor) -> torch.Tensor:
-        """This step's values in the order of `sums.names`: a skipped step's samples count nowhere."""
-        verdict = finite if self.precision.scaler is None else torch.ones_like(finite)  # fp16: the scaler judged
-        weight = self.shared_weight
-        values = [torch.where(verdict, window_sums, 0.0), torch.where(verdict, 0.0, weight).view(1)]  # skipped
-        if self.cfg.trainer.grad_clip_norm > 0:  # fp16's overflowed norms stay out of the mean
-            values += [torch.where(finite, value, 0.0).view(1) for value in (norm.double() * weight, weight)]
-        return torch.cat(values)
-
     def _reduce(self, sums: MetricSums) -> dict[str, float]:
         """Global totals, and where a skipped step pending on the device comes to light: before any save."""
+        steps = self.ledger.fold(self.shared_weight)
+        if steps is not None:
+            sums.add_steps(steps)
         totals = sums.reduce(self.env)
         skipped = int(totals["skipped_steps"])
         find = skipped > self.reported_skips and not self.first_skipped  # only an epoch's first skip is looked for
-        self.first_skipped = self.verdicts.settle(find) or self.first_skipped
+        self.first_skipped = self.ledger.settle(find) or self.first_skipped
         totals["first_skipped_step"] = self.first_skipped  # kept in a mid-epoch checkpoint's totals
         if skipped > self.reported_skips:
             where = f"at step {self.first_skipped} (epoch {self.progress.epoch + 1})"

@@ -22,7 +22,7 @@ from dist_helpers import refusals
 from ddp_trainer import checkpoint, rng, saving
 from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.cli.train import main
-from ddp_trainer.metrics import MetricSums
+from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.trainer import Trainer
 
 pytestmark = [
@@ -144,6 +144,24 @@ def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert last_line(tmp_path)["step"] == 3 * 23
+
+
+def test_the_step_ledger_folds_steps_in_order_on_the_gpu():
+    # CUDA's cumsum must scan the rows one after another, as on the CPU: else a fold's sums would depend on where
+    # the host syncs fell, and a resumed run's metrics would differ from an uninterrupted run's in the last bits.
+    device = torch.device("cuda")
+    rows = torch.randn(20, 2, dtype=torch.float64, device=device, generator=torch.Generator(device).manual_seed(0))
+    rows = rows * 1e6
+    one_by_one = MetricSums(("loss_sum", "samples", "skipped_steps"), device)
+    for row in rows:
+        one_by_one.add(torch.cat([row, row.new_zeros(1)]))
+    folded, ledger = MetricSums(one_by_one.names, device), StepLedger(2, capacity=20, norms=False, device=device)
+    for start, end in ((0, 7), (7, 20)):
+        flags = [ledger.record(step, rows[step], None, judge=True) for step in range(start, end)]
+        folded.add_steps(ledger.fold(weight=1.0))
+        ledger.settle(find=False)
+    assert torch.equal(folded.sums, one_by_one.sums)
+    assert flags[-1].device == device and flags[-1].dtype == torch.float32 and flags[-1].item() == 0.0
 
 
 def test_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):

@@ -23,11 +23,12 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_the_step_verdict_tells_nan_and_both_infinities_from_every_finite_value(dtype):
+def test_the_skip_flag_tells_nan_and_both_infinities_from_every_finite_value(dtype):
     info = torch.finfo(dtype)
     values = [0.0, -2.5, info.max, info.min, info.tiny, float("nan"), float("inf"), float("-inf")]
-    values = torch.tensor(values, dtype=dtype)
-    assert metrics.all_finite(values).tolist() == [True] * 5 + [False] * 3
+    flags = [metrics.skip_flag(value, torch.empty(())) for value in torch.tensor(values, dtype=dtype)]
+    assert [flag.dtype for flag in flags] == [torch.float32] * 8  # what a fused optimizer reads as found_inf
+    assert [flag.item() for flag in flags] == [0.0] * 5 + [1.0] * 3  # exactly 1.0: the fused kernels test for it
 
 
 def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -40,10 +40,10 @@ def test_a_fused_step_told_it_found_inf_changes_nothing(name):
     assert optimizer.defaults["fused"]  # skips on the device: no host sync per step
     precision = MixedPrecision("32", torch.device("cpu"))
     model(torch.randn(8, 4)).square().mean().backward()
-    precision.step(optimizer, torch.tensor(True))  # one real step, so every state tensor exists
+    precision.step(optimizer, torch.tensor(0.0))  # one real step, so every state tensor exists
     before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     model(torch.randn(8, 4)).mean().mul(float("nan")).backward()
-    precision.step(optimizer, torch.tensor(False))
+    precision.step(optimizer, torch.tensor(1.0))
     after = (model.state_dict(), optimizer.state_dict())
     assert all(torch.equal(tensor, before[0][key]) for key, tensor in after[0].items())
     for index, state in after[1]["state"].items():  # momentum, moments and Adam's step count alike
@@ -55,7 +55,7 @@ def test_a_skipped_first_sgd_step_leaves_a_clean_momentum_buffer():
     optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0), model)
     initial = copy.deepcopy(model.state_dict())
     model(torch.randn(8, 4)).mean().mul(float("nan")).backward()
-    MixedPrecision("32", torch.device("cpu")).step(optimizer, torch.tensor(False))
+    MixedPrecision("32", torch.device("cpu")).step(optimizer, torch.tensor(1.0))
     assert all(torch.equal(tensor, initial[key]) for key, tensor in model.state_dict().items())
     buffers = [state["momentum_buffer"] for state in optimizer.state.values()]
     assert len(buffers) == 2 and all(torch.equal(buffer, torch.zeros_like(buffer)) for buffer in buffers)
