@@ -123,10 +123,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hand_written_epoch(model_name: str, mode: Mode, batch_size: int, steps: int, device: torch.device) -> Epoch:
+def hand_written_epoch(
+    model_cfg: ModelConfig, mode: Mode, batch_size: int, steps: int, device: torch.device, workers: int = LOADER_WORKERS
+) -> Epoch:
     """The PyTorch AMP recipe's epoch (autocast forward, backward, step), with channels_last and compile as asked."""
     torch.manual_seed(0)
-    model = models.build(ModelConfig(name=model_name, cifar_stem=True), IMAGE_SHAPE, NUM_CLASSES)
+    model = models.build(model_cfg, IMAGE_SHAPE, NUM_CLASSES)
     memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     # Fused, like ddp-trainer's: the comparison measures the loop around the optimizer, not the optimizer.
@@ -135,7 +137,7 @@ def hand_written_epoch(model_name: str, mode: Mode, batch_size: int, steps: int,
     train_set, _ = synthetic(SyntheticConfig(batch_size * steps, 64, list(IMAGE_SHAPE), NUM_CLASSES))
     pin = device.type == "cuda"
     loader = DataLoader(
-        train_set, batch_size, shuffle=True, num_workers=LOADER_WORKERS, pin_memory=pin, persistent_workers=True
+        train_set, batch_size, shuffle=True, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
     )
 
     def run_epoch() -> None:
@@ -162,39 +164,48 @@ def ddp_trainer_recipe(model_name: str, mode: Mode, settings: Settings, output_d
     return [*recipe, *mode.overrides()]
 
 
-def alternate_epochs(model_name: str, mode: Mode, settings: Settings, output_dir: Path) -> dict[str, list[float]]:
-    """ddp-trainer's CLI trains in this process, and next to each of its epochs the hand-written loop runs one: the
-    seconds of every epoch of both."""
-    hand_epoch = hand_written_epoch(
-        model_name, mode, settings.batch_size, settings.steps, torch.device(settings.device)
-    )
-    seconds: dict[str, list[float]] = {"hand": [], "ours": []}
-    train_epoch = Trainer._train_epoch
+class SideBySide:
+    """ddp-trainer's CLI trains in this process, and beside each of its epochs the hand-written loop trains one."""
 
-    def timed(name: str, run: Callable[[], Any]) -> Any:
+    def __init__(self, hand_epoch: Epoch) -> None:
+        self.hand_epoch = hand_epoch
+        self.seconds: dict[str, list[float]] = {"hand": [], "ours": []}
+
+    def timed(self, name: str, run: Callable[[], Any]) -> Any:
+        """Run one epoch and keep its seconds under `name` ("hand" or "ours")."""
         started = time.perf_counter()
         result = run()  # both end waiting for the GPU: ddp-trainer's epoch with its sums' host sync
-        seconds[name].append(time.perf_counter() - started)
+        self.seconds[name].append(time.perf_counter() - started)
         return result
 
-    def alternating(trainer: Trainer, epoch: int) -> Any:
-        # The hand-written epoch runs first in even epochs and second in odd ones, so drift favours neither loop.
+    def alternate(self, ours: Callable[[], Any], epoch: int) -> Any:
+        """Time an epoch of each loop; the hand-written one first in even epochs, so drift favours neither loop."""
         if epoch % 2 == 0:
-            timed("hand", hand_epoch)
-        result = timed("ours", lambda: train_epoch(trainer, epoch))
+            self.timed("hand", self.hand_epoch)
+        result = self.timed("ours", ours)
         if epoch % 2 == 1:
-            timed("hand", hand_epoch)
+            self.timed("hand", self.hand_epoch)
         return result
 
-    # fit() trains every epoch through this one method, and its time/train_s times the same call.
-    Trainer._train_epoch = alternating
-    try:
-        exit_code = cli_train.main(ddp_trainer_recipe(model_name, mode, settings, output_dir))
-    finally:
-        Trainer._train_epoch = train_epoch
-    if exit_code != 0:
-        raise RuntimeError(f"ddp-trainer's run of {model_name} ({mode}) ended with exit code {exit_code}")
-    return seconds
+    def train(self, args: list[str], each_epoch: Callable[[Callable[[], Any], int], Any]) -> None:
+        """ddp-trainer's CLI with `args`; `each_epoch(ours, epoch)` runs its epochs (`ours()` trains one)."""
+        # fit() trains every epoch through this one method, and its time/train_s times the same call.
+        train_epoch = Trainer._train_epoch
+        Trainer._train_epoch = lambda trainer, epoch: each_epoch(lambda: train_epoch(trainer, epoch), epoch)
+        try:
+            exit_code = cli_train.main(args)
+        finally:
+            Trainer._train_epoch = train_epoch
+        if exit_code != 0:
+            raise RuntimeError(f"ddp-trainer's run ({' '.join(args)}) ended with exit code {exit_code}")
+
+
+def alternate_epochs(model_name: str, mode: Mode, settings: Settings, output_dir: Path) -> dict[str, list[float]]:
+    """Both loops in this process, an epoch of each in turn: the seconds of every epoch of both."""
+    model_cfg, device = ModelConfig(name=model_name, cifar_stem=True), torch.device(settings.device)
+    pairs = SideBySide(hand_written_epoch(model_cfg, mode, settings.batch_size, settings.steps, device))
+    pairs.train(ddp_trainer_recipe(model_name, mode, settings, output_dir), pairs.alternate)
+    return pairs.seconds
 
 
 def measure(model_name: str, mode_name: str, settings: Settings, folder: Path) -> Pair:

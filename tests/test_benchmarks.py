@@ -27,3 +27,15 @@ def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
         "FSDP, sharded DCP", "FSDP, sharded DCP, `checkpoint.async_save=true`"
     ]  # fmt: skip
     assert rows[0][2] == "1.00x" and all(float(row[1].replace(",", "")) > 0 for row in rows)
+
+
+def test_the_step_dispatches_few_ops_beyond_the_hand_written_loop():
+    # Where the host sets the pace (bf16 eager on a GPU), every op a step adds costs throughput: 21 in the second
+    # GPU run's step, 10 since (the task's metrics 6, the step ledger 3, the fused step's found_inf.to 1).
+    args = ["--steps", "20", "--timed-epochs", "0"]
+    result = run_script(REPO_DIR / "benchmarks" / "step_ops.py", args, timeout=180)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if "|" in line}
+    hand, ours, extra = (float(rows[loop][0]) for loop in ("hand-written", "ddp-trainer", "extra"))
+    assert hand > 20 and extra == pytest.approx(ours - hand, abs=0.11)
+    assert extra <= 11, result.stdout

@@ -1,0 +1,124 @@
+"""Host work per training step: the torch ops ddp-trainer dispatches beside the GPU benchmark's hand-written loop.
+
+Run: python benchmarks/step_ops.py [--device cpu|cuda] [--model mlp] [--mode "bf16 + channels_last"] [--steps 50]
+     [--timed-epochs 20] [--workers 0]
+Where the host sets the pace (bf16 eager on a GPU: the kernels take less time than launching them), every op the
+step adds costs throughput. Timing that on a noisy CPU says little; counting does not: both loops of
+`gpu_throughput.py` (the same model, data, loader and fused SGD) train an epoch each under torch.profiler, and the
+table gives the ops per step each dispatches, those called from Python (each a trip through the dispatcher) and all
+of them (with the ones they call), plus CUDA kernels on a GPU. Then both loops train timed epochs in turn, and the
+fastest epoch of each gives µs per step. The counts hardly depend on the model, so the default is a small MLP that
+runs in seconds on a CPU; with `--workers 0` the main process loads the batches in both loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Report, markdown_table
+from gpu_throughput import MODES, Mode, Settings, SideBySide, hand_written_epoch
+from gpu_throughput import ddp_trainer_recipe as recipe
+from torch.profiler import ProfilerActivity, profile
+
+from ddp_trainer.config import ModelConfig
+
+PROFILED_EPOCH = 1  # the second: epoch 0 warms up both loops (allocator, autocast, the loader's workers)
+TOP_ROWS = 12
+MLP_HIDDEN = [64]  # a small MLP, whose step is mostly the host's work
+LOOPS = {"hand": "hand-written", "ours": "ddp-trainer"}
+
+
+def counted(run: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, Counter]]:
+    """Run an epoch under torch.profiler: its result, and counts of top-level ops, all ops and CUDA kernels."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        result = run()
+    counts: dict[str, Counter] = {"top": Counter(), "all": Counter(), "kernels": Counter()}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            counts["kernels"][event.name] += 1
+        elif event.name.startswith("aten::"):  # the profiler's own and the Python annotations are not ops
+            counts["all"][event.name] += 1
+            if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"):
+                counts["top"][event.name] += 1
+    return result, counts
+
+
+def measure_both(
+    model: str, mode: Mode, settings: Settings, timed_epochs: int, workers: int
+) -> tuple[dict[str, dict[str, Counter]], dict[str, list[float]]]:
+    """Both loops side by side in this process: op counts over one epoch each, after a warm-up epoch; then the
+    seconds of `timed_epochs` epochs of each, alternating which goes first."""
+    device = torch.device(settings.device)
+    model_cfg = ModelConfig(name=model, hidden_sizes=MLP_HIDDEN, cifar_stem=True)
+    pairs = SideBySide(hand_written_epoch(model_cfg, mode, settings.batch_size, settings.steps, device, workers))
+    counts: dict[str, dict[str, Counter]] = {}
+
+    def each_epoch(ours: Callable[[], Any], epoch: int) -> Any:
+        if epoch < PROFILED_EPOCH:
+            pairs.hand_epoch()
+            return ours()
+        if epoch != PROFILED_EPOCH:
+            return pairs.alternate(ours, epoch)
+        counts["hand"] = counted(pairs.hand_epoch, device)[1]
+        result, counts["ours"] = counted(ours, device)
+        return result
+
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-ops-") as output_dir:
+        args = [*recipe(model, mode, settings, Path(output_dir)), f"data.num_workers={workers}"]
+        args.append(f"model.hidden_sizes=[{','.join(map(str, MLP_HIDDEN))}]")
+        args.append("trainer.nonfinite_loss=skip")  # the recipe's lr of 0.1 may blow a small MLP up: go on
+        pairs.train([*args, f"trainer.epochs={PROFILED_EPOCH + 1 + timed_epochs}"], each_epoch)
+    return counts, pairs.seconds
+
+
+def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, workers: int) -> Report:
+    """The table of ops (and µs) per step, and the ops ddp-trainer adds."""
+    counts, seconds = measure_both(model, MODES[mode_name], settings, timed_epochs, workers)
+    kinds = ["top", "all"] + (["kernels"] if settings.device == "cuda" else [])
+    per_step = {loop: [sum(counts[loop][kind].values()) / settings.steps for kind in kinds] for loop in LOOPS}
+    if timed_epochs:
+        for loop in LOOPS:  # the fastest epoch: the least disturbed by whatever else the machine runs
+            per_step[loop].append(1e6 * min(seconds[loop]) / settings.steps)
+    rows = [[LOOPS[loop], *(f"{value:,.1f}" for value in values)] for loop, values in per_step.items()]
+    differences = [ours - theirs for theirs, ours in zip(*per_step.values(), strict=True)]
+    rows.append(["extra", *(f"{difference:+,.1f}" for difference in differences)])
+    headers = ["loop", "ops called per step", "ops dispatched per step"]
+    headers += ["CUDA kernels per step"] if settings.device == "cuda" else []
+    headers += [f"µs per step (fastest of {timed_epochs} epochs)"] if timed_epochs else []
+    ours, theirs = counts["ours"]["top"], counts["hand"]["top"]
+    extra = Counter({op: ours[op] - theirs[op] for op in ours | theirs if ours[op] != theirs[op]})
+    extra_rows = [[f"`{op}`", f"{calls / settings.steps:+.2f}"] for op, calls in extra.most_common(TOP_ROWS)]
+    body = (
+        f"{markdown_table(headers, rows)}\n\n{markdown_table(['op called', 'extra per step'], extra_rows)}\n\n"
+        f"{model}, {mode_name}, batch {settings.batch_size}, {settings.steps} steps per epoch, on {settings.device}, "
+        f"{workers} loader workers: both loops in one process, an epoch of each under torch.profiler after a warm-up "
+        "epoch, then timed epochs of each in turn. 'Called' counts the ops a Python line dispatches, 'dispatched' "
+        "also the ops they call in turn.\n"
+    )
+    return Report(f"Torch ops per training step ({model}, {mode_name})", body)
+
+
+def main() -> None:
+    """Parse the flags, count, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default="mlp", help="a model.name: mlp (64 hidden units), resnet18, ...")
+    parser.add_argument("--mode", choices=sorted(MODES), default="bf16 + channels_last")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
+    parser.add_argument("--timed-epochs", type=int, default=20, help="epochs of each loop timed after the counts")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both loops")
+    args = parser.parse_args()
+    settings = Settings(args.device, args.batch_size, args.steps)
+    print(run(args.model, args.mode, settings, args.timed_epochs, args.workers).markdown())
+
+
+if __name__ == "__main__":
+    main()
