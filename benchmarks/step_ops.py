@@ -79,7 +79,10 @@ def measure_both(
 
 
 def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, workers: int) -> Report:
-    """The table of ops (and µs) per step, and the ops ddp-trainer adds."""
+    """The table of ops (and µs) per step, and the ops ddp-trainer adds; or the reason this was skipped."""
+    title = f"Torch ops per training step ({model}, {mode_name})"
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False).\n")
     counts, seconds = measure_both(model, MODES[mode_name], settings, timed_epochs, workers)
     kinds = ["top", "all"] + (["kernels"] if settings.device == "cuda" else [])
     per_step = {loop: [sum(counts[loop][kind].values()) / settings.steps for kind in kinds] for loop in LOOPS}
@@ -102,7 +105,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
         "epoch, then timed epochs of each in turn. 'Called' counts the ops a Python line dispatches, 'dispatched' "
         "also the ops they call in turn.\n"
     )
-    return Report(f"Torch ops per training step ({model}, {mode_name})", body)
+    return Report(title, body)
 
 
 def main() -> None:

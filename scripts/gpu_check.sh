@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite and the GPU benchmark on a bare GPU machine, in one run of about 8 minutes, then a summary.
+# The GPU suite, the step's op count and the GPU benchmark on a bare GPU machine, in one run of under 10 minutes,
+# then a summary.
 #
 # The machine needs torch with CUDA, pytest, numpy, scikit-learn and tqdm (a CUDA image usually has them) and
 # no network: what else is missing comes as wheels in .whl/ at the repo root. omegaconf is pure Python and needs
@@ -7,8 +8,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0
 # Then, on the GPU machine, from the repo root:   bash scripts/gpu_check.sh
-# Logs go to $OUT (or /tmp/gpu-check): gpu-tests.log, gpu-benchmark.md, summary.txt. TESTS_TIMEOUT and
-# BENCHMARK_TIMEOUT (seconds, 300 and 330) fit both parts into a shorter lease; BENCHMARK_STEPS (40) and
+# Logs go to $OUT (or /tmp/gpu-check): gpu-tests.log, step-ops.md, gpu-benchmark.md, summary.txt. TESTS_TIMEOUT,
+# STEP_OPS_TIMEOUT and BENCHMARK_TIMEOUT (seconds, 300, 90 and 330) fit the parts into a lease; BENCHMARK_STEPS (40) and
 # BENCHMARK_REPEATS (1) set the benchmark's steps per epoch and its interleaved repeats (one repeat at 80 steps took
 # 270 s on an H200); it runs as many of those repeats as BENCHMARK_TIMEOUT leaves time for.
 set -uo pipefail
@@ -45,6 +46,11 @@ echo "gpu_check: $versions"
 timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 \
     | tee "$out/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
+# The ops and kernels each step of resnet18 (bf16 + channels_last, eager) adds to the hand-written loop's, and the
+# fastest epoch of each: where the host sets the pace, this is the gap.
+timeout "${STEP_OPS_TIMEOUT:-90}" "$python" benchmarks/step_ops.py --device cuda --model resnet18 --batch-size 256 \
+    --steps 40 --timed-epochs 10 --workers 4 2>&1 | tee "$out/step-ops.md"
+ops_status=${PIPESTATUS[0]}
 # The benchmark starts no pair that would end past its budget, 30 s inside the timeout, and prints the table of what
 # it measured: with more repeats asked than fit, it runs as many as the time allows.
 bench_timeout=${BENCHMARK_TIMEOUT:-330}
@@ -56,7 +62,9 @@ bench_status=${PIPESTATUS[0]}
     echo "## GPU check, $(date -u +%Y-%m-%d) ($(( $(date +%s) - started )) s)"
     echo "$versions"
     echo "pytest -m gpu (exit $tests_status): $(grep -E '(passed|failed|error|skipped)' "$out/gpu-tests.log" | tail -n 1)"
+    echo "benchmarks/step_ops.py (exit $ops_status):"
+    grep -E '^\| (loop|hand-written|ddp-trainer|extra) ' "$out/step-ops.md"
     echo "benchmarks/gpu_throughput.py (exit $bench_status):"
     grep -E '^\||img/s' "$out/gpu-benchmark.md"
 } | tee "$out/summary.txt"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+[ "$tests_status" -eq 0 ] && [ "$ops_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
