@@ -6,9 +6,10 @@ Where the host sets the pace (bf16 eager on a GPU: the kernels take less time th
 step adds costs throughput. Timing that on a noisy CPU says little; counting does not: both loops of
 `gpu_throughput.py` (the same model, data, loader and fused SGD) train an epoch each under torch.profiler, and the
 table gives the ops per step each dispatches, those called from Python (each a trip through the dispatcher) and all
-of them (with the ones they call), plus CUDA kernels on a GPU. Then both loops train timed epochs in turn, and the
-fastest epoch of each gives µs per step. The counts hardly depend on the model, so the default is a small MLP that
-runs in seconds on a CPU; with `--workers 0` the main process loads the batches in both loops.
+of them (with the ones they call), plus CUDA kernels and their time on a GPU. Then both loops train timed epochs in
+turn, and the fastest epoch of each gives µs per step: where it exceeds the kernels' µs, the host sets the pace. The
+counts hardly depend on the model, so the default is a small MLP that runs in seconds on a CPU; with `--workers 0`
+the main process loads the batches in both loops.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ LOOPS = {"hand": "hand-written", "ours": "ddp-trainer"}
 
 
 def counted(run: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, Counter]]:
-    """Run an epoch under torch.profiler: its result, and counts of top-level ops, all ops and CUDA kernels."""
+    """Run an epoch under torch.profiler: its result, counts of top-level ops, all ops and CUDA kernels, and the
+    kernels' µs (how long the GPU was busy)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         result = run()
-    counts: dict[str, Counter] = {"top": Counter(), "all": Counter(), "kernels": Counter()}
+    counts: dict[str, Counter] = {"top": Counter(), "all": Counter(), "kernels": Counter(), "kernel_us": Counter()}
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             counts["kernels"][event.name] += 1
+            counts["kernel_us"][event.name] += event.device_time_total
         elif event.name.startswith("aten::"):  # the profiler's own and the Python annotations are not ops
             counts["all"][event.name] += 1
             if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"):
@@ -84,7 +87,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False).\n")
     counts, seconds = measure_both(model, MODES[mode_name], settings, timed_epochs, workers)
-    kinds = ["top", "all"] + (["kernels"] if settings.device == "cuda" else [])
+    kinds = ["top", "all"] + (["kernels", "kernel_us"] if settings.device == "cuda" else [])
     per_step = {loop: [sum(counts[loop][kind].values()) / settings.steps for kind in kinds] for loop in LOOPS}
     if timed_epochs:
         for loop in LOOPS:  # the fastest epoch: the least disturbed by whatever else the machine runs
@@ -93,7 +96,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     differences = [ours - theirs for theirs, ours in zip(*per_step.values(), strict=True)]
     rows.append(["extra", *(f"{difference:+,.1f}" for difference in differences)])
     headers = ["loop", "ops called per step", "ops dispatched per step"]
-    headers += ["CUDA kernels per step"] if settings.device == "cuda" else []
+    headers += ["CUDA kernels per step", "CUDA kernel µs per step"] if settings.device == "cuda" else []
     headers += [f"µs per step (fastest of {timed_epochs} epochs)"] if timed_epochs else []
     ours, theirs = counts["ours"]["top"], counts["hand"]["top"]
     extra = Counter({op: ours[op] - theirs[op] for op in ours | theirs if ours[op] != theirs[op]})
