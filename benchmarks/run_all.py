@@ -1,7 +1,7 @@
 """Run every benchmark in sequence, print all tables and write them to benchmarks/RESULTS.md.
 
 Run: python benchmarks/run_all.py [--quick] [--repeats 3]
-6.5-7.5 minutes on 2 CPU cores shared with other jobs (about 2 with --quick). The scaling and start-up tables
+7-8 minutes on 2 CPU cores shared with other jobs (about 2.5 with --quick). The scaling and start-up tables
 reuse the overhead runs: the same launches, read for per-rank throughput and for the time to the first step.
 """
 
@@ -18,6 +18,7 @@ import gpu_throughput
 import overhead
 import scaling
 import startup
+import step_ops
 from common import BENCHMARKS_DIR, Report, add_common_arguments, machine_description, repeats_for
 from workloads import SMALL_CNN, TINY_MLP
 
@@ -60,6 +61,8 @@ def main() -> None:
     publish(startup.startup_report(results))
     publish(startup.import_report())
     publish(checkpoint_cost.run(repeats))
+    step_settings = gpu_throughput.Settings("cpu", batch_size=16, steps=50)
+    publish(step_ops.run("mlp", "bf16 + channels_last", step_settings, timed_epochs=5 if args.quick else 20, workers=0))
     publish(gpu_throughput.run(gpu_throughput.Settings(), repeats))
     command = " ".join(["python benchmarks/run_all.py", *sys.argv[1:]])
     elapsed = time.perf_counter() - started
