@@ -81,8 +81,9 @@ class StepLedger:
         kept = (self.flags[:count] == 0).view(-1, 1)
         columns = [torch.where(kept, self.rows[:count], 0.0), torch.where(kept, 0.0, weight)]
         if self.norms is not None:  # fp16's overflowed norms stay out of the mean
-            measured = torch.isfinite(self.norms[:count]).view(-1, 1)
-            columns += [torch.where(measured, self.norms[:count].view(-1, 1) * weight, 0.0), measured * weight]
+            norms = self.norms[:count].view(-1, 1)
+            measured = torch.isfinite(norms)
+            columns += [torch.where(measured, norms * weight, 0.0), measured * weight]
         return torch.cat(columns, dim=1)
 
     def settle(self, find: bool) -> int:

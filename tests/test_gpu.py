@@ -3,8 +3,8 @@
 CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
 SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
-the regression and language-model tasks, and 2 ranks sharing one GPU over gloo: under DDP, under FSDP with sharded
-checkpoints, and with a user IterableDataset.
+the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
+under DDP, under FSDP with sharded checkpoints, and with a user IterableDataset.
 """
 
 from __future__ import annotations
