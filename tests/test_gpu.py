@@ -149,7 +149,7 @@ def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision):
 def test_the_step_ledger_folds_steps_in_order_on_the_gpu():
     # CUDA's cumsum must scan the rows one after another, as on the CPU: else a fold's sums would depend on where
     # the host syncs fell, and a resumed run's metrics would differ from an uninterrupted run's in the last bits.
-    device = torch.device("cuda")
+    device = torch.device("cuda", 0)
     rows = torch.randn(20, 2, dtype=torch.float64, device=device, generator=torch.Generator(device).manual_seed(0))
     rows = rows * 1e6
     one_by_one = MetricSums(("loss_sum", "samples", "skipped_steps"), device)
