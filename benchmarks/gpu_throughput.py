@@ -223,9 +223,10 @@ def measure(model_name: str, mode_name: str, settings: Settings, folder: Path) -
     return Pair(*([images / second for second in seconds[name][1:]] for name in ("hand", "ours")))
 
 
-def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tuple[dict[Cell, list[Pair]], int]:
-    """A pair for every model and mode and repeat, until done or `budget_s` would be overrun."""
-    cells = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
+def measure_all(
+    settings: Settings, repeats: int, budget_s: float | None, cells: list[Cell]
+) -> tuple[dict[Cell, list[Pair]], int]:
+    """A pair for every cell (model and mode) and repeat, until done or `budget_s` would be overrun."""
     pairs: dict[Cell, list[Pair]] = {cell: [] for cell in cells}
     started, longest, planned = time.monotonic(), 0.0, repeats * len(cells)
     with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
@@ -244,12 +245,13 @@ def measure_all(settings: Settings, repeats: int, budget_s: float | None) -> tup
     return pairs, 0
 
 
-def run(settings: Settings, repeats: int, budget_s: float | None = None) -> Report:
-    """Both loops for every model and mode, repeated; or the reason this was skipped."""
+def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: list[Cell] | None = None) -> Report:
+    """Both loops for every model and mode (or `cells`), repeated; or the reason this was skipped."""
     title = "GPU throughput (images/s, 1 GPU)" if settings.device == "cuda" else "Throughput on the CPU (script check)"
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
-    pairs, left_out = measure_all(settings, repeats, budget_s)
+    everything = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
+    pairs, left_out = measure_all(settings, repeats, budget_s, cells or everything)
     rows = []
     for (model_name, mode_name), measured in pairs.items():
         if not measured:
@@ -284,6 +286,9 @@ def main() -> None:
     parser.add_argument(
         "--budget-s", type=float, default=None, help="start no process that the longest so far says would end later"
     )
+    # A GPU lease is short: a run can spend it on the cells still in question.
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS, help="the models to measure")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="the options to measure")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
@@ -294,7 +299,8 @@ def main() -> None:
         output_dir = args.result.parent / "ddp-trainer"
         write_json(args.result, alternate_epochs(args.model, MODES[args.mode], settings, output_dir))
         return
-    print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s).markdown())
+    cells = [(model_name, mode_name) for model_name in args.models for mode_name in args.modes]
+    print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s, cells).markdown())
 
 
 if __name__ == "__main__":

@@ -15,17 +15,21 @@ the main process loads the batches in both loops.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import Report, markdown_table
+from common import Report, markdown_table, median
 from gpu_throughput import MODES, Mode, Settings, SideBySide, hand_written_epoch
 from gpu_throughput import ddp_trainer_recipe as recipe
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ddp_trainer.config import ModelConfig
 
@@ -33,6 +37,79 @@ PROFILED_EPOCH = 1  # the second: epoch 0 warms up both loops (allocator, autoca
 TOP_ROWS = 12
 MLP_HIDDEN = [64]  # a small MLP, whose step is mostly the host's work
 LOOPS = {"hand": "hand-written", "ours": "ddp-trainer"}
+# Functions both loops call once a step, in this order: (owner, name, the phase up to the call, the call's phase).
+BOUNDARIES = (
+    (_BaseDataLoaderIter, "__next__", "back to the loader", "loader"),
+    (torch.nn.functional, "cross_entropy", "to device, forward", "loss"),
+    (torch.Tensor, "backward", "after the loss", "backward"),
+    (torch, "_fused_sgd_", "before the optimizer kernels", "optimizer kernels"),
+    (torch.optim.Optimizer, "zero_grad", "after the optimizer kernels", "zero_grad"),
+)
+EPOCH_END = "the epoch's end (waits for the GPU)"
+PHASES = [phase for *_, before, call in BOUNDARIES for phase in (before, call)] + [EPOCH_END]
+
+
+class Stopwatch:
+    """Host seconds of each phase of the step, split at the functions both loops call (`BOUNDARIES`).
+
+    Where the host sets the pace, a step's wall time is the host's: the phase where ddp-trainer's step is longer is
+    where its extra host work is. Each boundary costs both loops the same two clock reads.
+    """
+
+    def __init__(self) -> None:
+        self.loop: str | None = None
+        self.last = 0.0
+        self.epochs: dict[str, list[Counter]] = {loop: [] for loop in LOOPS}
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap belongs to `phase` (while a timed epoch runs)."""
+        now = time.perf_counter()
+        if self.loop is not None:
+            self.epochs[self.loop][-1][phase] += now - self.last
+        self.last = now
+
+    def timing(self, loop: str, run: Callable[[], Any]) -> Callable[[], Any]:
+        """`run` (an epoch of `loop`), with its phases kept as a new epoch of that loop."""
+
+        def timed() -> Any:
+            self.loop, self.last = loop, time.perf_counter()
+            self.epochs[loop].append(Counter())
+            try:
+                return run()
+            finally:
+                self.lap(EPOCH_END)
+                self.loop = None
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Every boundary function laps on entry and on exit while this lasts."""
+        originals = [(owner, name, getattr(owner, name)) for owner, name, *_ in BOUNDARIES]
+        for (owner, name, original), (*_, before, call) in zip(originals, BOUNDARIES, strict=True):
+            setattr(owner, name, self._lapping(original, before, call))
+        try:
+            yield
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+    def _lapping(self, function: Callable[..., Any], before: str, call: str) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def lapping(*args: Any, **kwargs: Any) -> Any:
+            self.lap(before)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.lap(call)
+
+        return lapping
+
+    def per_step(self, loop: str, steps: int) -> dict[str, float]:
+        """µs per step of each phase, and of the whole step: medians over the loop's timed epochs."""
+        epochs = self.epochs[loop]
+        phases = {phase: median([1e6 * epoch[phase] / steps for epoch in epochs]) for phase in PHASES}
+        return {**phases, "whole step": median([1e6 * sum(epoch.values()) / steps for epoch in epochs])}
 
 
 def counted(run: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, Counter]]:
@@ -55,21 +132,23 @@ def counted(run: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str
 
 def measure_both(
     model: str, mode: Mode, settings: Settings, timed_epochs: int, workers: int
-) -> tuple[dict[str, dict[str, Counter]], dict[str, list[float]]]:
+) -> tuple[dict[str, dict[str, Counter]], dict[str, list[float]], Stopwatch]:
     """Both loops side by side in this process: op counts over one epoch each, after a warm-up epoch; then the
-    seconds of `timed_epochs` epochs of each, alternating which goes first."""
+    seconds of `timed_epochs` epochs of each, alternating which goes first, and their phases."""
     device = torch.device(settings.device)
     model_cfg = ModelConfig(name=model, hidden_sizes=MLP_HIDDEN, cifar_stem=True)
-    pairs = SideBySide(hand_written_epoch(model_cfg, mode, settings.batch_size, settings.steps, device, workers))
+    hand_epoch = hand_written_epoch(model_cfg, mode, settings.batch_size, settings.steps, device, workers)
+    stopwatch = Stopwatch()
+    pairs = SideBySide(stopwatch.timing("hand", hand_epoch))
     counts: dict[str, dict[str, Counter]] = {}
 
     def each_epoch(ours: Callable[[], Any], epoch: int) -> Any:
         if epoch < PROFILED_EPOCH:
-            pairs.hand_epoch()
+            hand_epoch()
             return ours()
         if epoch != PROFILED_EPOCH:
-            return pairs.alternate(ours, epoch)
-        counts["hand"] = counted(pairs.hand_epoch, device)[1]
+            return pairs.alternate(stopwatch.timing("ours", ours), epoch)
+        counts["hand"] = counted(hand_epoch, device)[1]
         result, counts["ours"] = counted(ours, device)
         return result
 
@@ -77,8 +156,18 @@ def measure_both(
         args = [*recipe(model, mode, settings, Path(output_dir)), f"data.num_workers={workers}"]
         args.append(f"model.hidden_sizes=[{','.join(map(str, MLP_HIDDEN))}]")
         args.append("trainer.nonfinite_loss=skip")  # the recipe's lr of 0.1 may blow a small MLP up: go on
-        pairs.train([*args, f"trainer.epochs={PROFILED_EPOCH + 1 + timed_epochs}"], each_epoch)
-    return counts, pairs.seconds
+        with stopwatch.installed():  # plain Python around the boundaries: the op counts stay the same
+            pairs.train([*args, f"trainer.epochs={PROFILED_EPOCH + 1 + timed_epochs}"], each_epoch)
+    return counts, pairs.seconds, stopwatch
+
+
+def phase_table(stopwatch: Stopwatch, steps: int) -> str:
+    """Host µs per step in each phase, both loops and ddp-trainer's extra."""
+    hand, ours = (stopwatch.per_step(loop, steps) for loop in LOOPS)
+    rows = [
+        [phase, f"{hand[phase]:,.1f}", f"{ours[phase]:,.1f}", f"{ours[phase] - hand[phase]:+,.1f}"] for phase in hand
+    ]
+    return markdown_table(["phase of the step", *LOOPS.values(), "extra"], rows)
 
 
 def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, workers: int) -> Report:
@@ -86,7 +175,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     title = f"Torch ops per training step ({model}, {mode_name})"
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False).\n")
-    counts, seconds = measure_both(model, MODES[mode_name], settings, timed_epochs, workers)
+    counts, seconds, stopwatch = measure_both(model, MODES[mode_name], settings, timed_epochs, workers)
     kinds = ["top", "all"] + (["kernels", "kernel_us"] if settings.device == "cuda" else [])
     per_step = {loop: [sum(counts[loop][kind].values()) / settings.steps for kind in kinds] for loop in LOOPS}
     if timed_epochs:
@@ -101,12 +190,16 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     ours, theirs = counts["ours"]["top"], counts["hand"]["top"]
     extra = Counter({op: ours[op] - theirs[op] for op in ours | theirs if ours[op] != theirs[op]})
     extra_rows = [[f"`{op}`", f"{calls / settings.steps:+.2f}"] for op, calls in extra.most_common(TOP_ROWS)]
-    body = (
-        f"{markdown_table(headers, rows)}\n\n{markdown_table(['op called', 'extra per step'], extra_rows)}\n\n"
+    body = f"{markdown_table(headers, rows)}\n\n{markdown_table(['op called', 'extra per step'], extra_rows)}\n\n"
+    if timed_epochs:
+        body += f"{phase_table(stopwatch, settings.steps)}\n\n"
+    body += (
         f"{model}, {mode_name}, batch {settings.batch_size}, {settings.steps} steps per epoch, on {settings.device}, "
         f"{workers} loader workers: both loops in one process, an epoch of each under torch.profiler after a warm-up "
         "epoch, then timed epochs of each in turn. 'Called' counts the ops a Python line dispatches, 'dispatched' "
-        "also the ops they call in turn.\n"
+        "also the ops they call in turn. The phases split each timed epoch's host time where both loops call the same "
+        "functions (the loader, the loss, backward, the fused optimizer kernels, zero_grad): µs per step, medians over "
+        "the timed epochs; the epoch's start counts in its first phase.\n"
     )
     return Report(title, body)
 

@@ -11,7 +11,8 @@
 # Logs go to $OUT (or /tmp/gpu-check): gpu-tests.log, step-ops.md, gpu-benchmark.md, summary.txt. TESTS_TIMEOUT,
 # STEP_OPS_TIMEOUT and BENCHMARK_TIMEOUT (seconds, 300, 90 and 330) fit the parts into a lease; BENCHMARK_STEPS (40) and
 # BENCHMARK_REPEATS (1) set the benchmark's steps per epoch and its interleaved repeats (one repeat at 80 steps took
-# 270 s on an H200); it runs as many of those repeats as BENCHMARK_TIMEOUT leaves time for.
+# 270 s on an H200); it runs as many of those repeats as BENCHMARK_TIMEOUT leaves time for. BENCHMARK_CELLS narrows it
+# to the cells in question, e.g. BENCHMARK_CELLS='--models resnet18 --modes "bf16 + channels_last"'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
@@ -46,16 +47,17 @@ echo "gpu_check: $versions"
 timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -m gpu -q -rs -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 \
     | tee "$out/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
-# The ops and kernels each step of resnet18 (bf16 + channels_last, eager) adds to the hand-written loop's, and the
-# fastest epoch of each: where the host sets the pace, this is the gap.
+# The ops and kernels each step of resnet18 (bf16 + channels_last, eager) adds to the hand-written loop's, the
+# fastest epoch of each, and the host's µs per step in each phase: where the host sets the pace, this is the gap.
 timeout "${STEP_OPS_TIMEOUT:-90}" "$python" benchmarks/step_ops.py --device cuda --model resnet18 --batch-size 256 \
     --steps 40 --timed-epochs 10 --workers 4 2>&1 | tee "$out/step-ops.md"
 ops_status=${PIPESTATUS[0]}
 # The benchmark starts no pair that would end past its budget, 30 s inside the timeout, and prints the table of what
 # it measured: with more repeats asked than fit, it runs as many as the time allows.
 bench_timeout=${BENCHMARK_TIMEOUT:-330}
+eval "cells=(${BENCHMARK_CELLS:-})"  # the quoted mode names keep their spaces
 timeout "$bench_timeout" "$python" benchmarks/gpu_throughput.py --repeats "${BENCHMARK_REPEATS:-1}" \
-    --steps "${BENCHMARK_STEPS:-40}" --budget-s $((bench_timeout - 30)) 2>&1 | tee "$out/gpu-benchmark.md"
+    --steps "${BENCHMARK_STEPS:-40}" --budget-s $((bench_timeout - 30)) "${cells[@]}" 2>&1 | tee "$out/gpu-benchmark.md"
 bench_status=${PIPESTATUS[0]}
 
 {
@@ -63,7 +65,7 @@ bench_status=${PIPESTATUS[0]}
     echo "$versions"
     echo "pytest -m gpu (exit $tests_status): $(grep -E '(passed|failed|error|skipped)' "$out/gpu-tests.log" | tail -n 1)"
     echo "benchmarks/step_ops.py (exit $ops_status):"
-    grep -E '^\| (loop|hand-written|ddp-trainer|extra) ' "$out/step-ops.md"
+    grep -E '^\|' "$out/step-ops.md"
     echo "benchmarks/gpu_throughput.py (exit $bench_status):"
     grep -E '^\||img/s' "$out/gpu-benchmark.md"
 } | tee "$out/summary.txt"

@@ -32,10 +32,19 @@ def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
 def test_the_step_dispatches_few_ops_beyond_the_hand_written_loop():
     # Where the host sets the pace (bf16 eager on a GPU), every op a step adds costs throughput: 21 in the second
     # GPU run's step, 10 since (the task's metrics 6, the step ledger 3, the fused step's found_inf.to 1).
-    args = ["--steps", "20", "--timed-epochs", "0"]
+    args = ["--steps", "20", "--timed-epochs", "1"]
     result = run_script(REPO_DIR / "benchmarks" / "step_ops.py", args, timeout=180)
     assert result.returncode == 0, result.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if "|" in line}
     hand, ours, extra = (float(rows[loop][0]) for loop in ("hand-written", "ddp-trainer", "extra"))
     assert hand > 20 and extra == pytest.approx(ours - hand, abs=0.11)
     assert extra <= 11, result.stdout
+    # The phases split each loop's host time where both call the same functions: every one fired in both loops,
+    # and (one timed epoch: no medians) they add up to the whole step.
+    phases = ["loader", "loss", "backward", "optimizer kernels", "zero_grad", "whole step"]
+    timed = {phase: [float(cell.replace(",", "")) for cell in rows[phase][:2]] for phase in phases}
+    assert all(hand > 0 and ours > 0 for hand, ours in timed.values()), result.stdout
+    table = result.stdout[result.stdout.index("| phase of the step") :].split("\n\n")[0].splitlines()[2:]
+    for column in (2, 3):
+        *parts, whole = [float(line.split("|")[column].replace(",", "")) for line in table]
+        assert sum(parts) == pytest.approx(whole, abs=0.1 * len(parts)), table
