@@ -11,8 +11,8 @@
 # Logs go to $OUT (or /tmp/gpu-check): gpu-tests.log, step-ops.md, gpu-benchmark.md, summary.txt. TESTS_TIMEOUT,
 # STEP_OPS_TIMEOUT and BENCHMARK_TIMEOUT (seconds, 300, 90 and 330) fit the parts into a lease; BENCHMARK_STEPS (40) and
 # BENCHMARK_REPEATS (1) set the benchmark's steps per epoch and its interleaved repeats (one repeat at 80 steps took
-# 270 s on an H200); it runs as many of those repeats as BENCHMARK_TIMEOUT leaves time for. BENCHMARK_CELLS narrows it
-# to the cells in question, e.g. BENCHMARK_CELLS='--models resnet18 --modes "bf16 + channels_last"'.
+# 270 s on an H200); it runs as many of those repeats as BENCHMARK_TIMEOUT leaves time for. BENCHMARK_ARGS adds options,
+# e.g. BENCHMARK_ARGS='--models resnet18 --modes "bf16 + channels_last" --timed-epochs 8' for the cells in question.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
@@ -55,9 +55,9 @@ ops_status=${PIPESTATUS[0]}
 # The benchmark starts no pair that would end past its budget, 30 s inside the timeout, and prints the table of what
 # it measured: with more repeats asked than fit, it runs as many as the time allows.
 bench_timeout=${BENCHMARK_TIMEOUT:-330}
-eval "cells=(${BENCHMARK_CELLS:-})"  # the quoted mode names keep their spaces
+eval "options=(${BENCHMARK_ARGS:-})"  # the quoted mode names keep their spaces
 timeout "$bench_timeout" "$python" benchmarks/gpu_throughput.py --repeats "${BENCHMARK_REPEATS:-1}" \
-    --steps "${BENCHMARK_STEPS:-40}" --budget-s $((bench_timeout - 30)) "${cells[@]}" 2>&1 | tee "$out/gpu-benchmark.md"
+    --steps "${BENCHMARK_STEPS:-40}" --budget-s $((bench_timeout - 30)) "${options[@]}" 2>&1 | tee "$out/gpu-benchmark.md"
 bench_status=${PIPESTATUS[0]}
 
 {
