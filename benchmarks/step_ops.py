@@ -8,8 +8,9 @@ step adds costs throughput. Timing that on a noisy CPU says little; counting doe
 table gives the ops per step each dispatches, those called from Python (each a trip through the dispatcher) and all
 of them (with the ones they call), plus CUDA kernels and their time on a GPU. Then both loops train timed epochs in
 turn, and the fastest epoch of each gives µs per step: where it exceeds the kernels' µs, the host sets the pace. The
-counts hardly depend on the model, so the default is a small MLP that runs in seconds on a CPU; with `--workers 0`
-the main process loads the batches in both loops.
+timed epochs also give the host's µs per step in each phase of both loops (`Stopwatch`), which says where the extra
+time goes. The counts hardly depend on the model, so the default is a small MLP that runs in seconds on a CPU; with
+`--workers 0` the main process loads the batches in both loops.
 """
 
 from __future__ import annotations
