@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from ddp_trainer.distributed import DistEnv, all_reduce_sum
@@ -44,31 +47,46 @@ def skip_flag(value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 class StepLedger:
-    """Each optimizer step's sums, skip flag and gradient norm since the last host sync: a row per step on the device.
+    """Each optimizer step's loss, outputs, skip flag and gradient norm since the last host sync, kept on the device.
 
-    A step writes its row in a few ops and never waits. The host sync folds the rows into the running sums, leaving
-    out skipped steps for all the rows at once, and reads the flags only to find an epoch's first skipped step.
+    A step keeps references and writes its flag in two ops, never waiting. The host sync turns the kept steps into rows
+    of sums (`rows_of(stacked losses, outputs)`), leaving out skipped steps for all the rows at once, and reads the
+    flags only to find an epoch's first skipped step.
     """
 
-    def __init__(self, width: int, capacity: int, norms: bool, device: torch.device) -> None:
-        self.rows = torch.zeros(capacity, width, dtype=torch.float64, device=device)
+    def __init__(
+        self,
+        rows_of: Callable[[torch.Tensor, list[Any]], torch.Tensor],
+        width: int,
+        capacity: int,
+        norms: bool,
+        device: torch.device,
+    ) -> None:
+        self.rows_of, self.width, self.device = rows_of, width, device
         self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
-        self.norms = torch.zeros(capacity, dtype=torch.float64, device=device) if norms else None
+        self.places = list(self.flags)  # views made once: indexing the flags every step would cost an op each time
+        self.measures_norms = norms
         self.steps: list[int] = []
-        # Each step's places, as views made once: indexing a tensor every step would cost an op each time.
-        norm_places = self.norms if norms else [None] * capacity
-        places = zip(self.rows, self.flags, norm_places, strict=True)
-        self.places = [(row, row[0], flag, norm) for row, flag, norm in places]
+        self.losses: list[torch.Tensor | None] = []
+        self.outputs: list[Any] = []
+        self.norms: list[torch.Tensor] = []
 
-    def record(self, step: int, sums: torch.Tensor, norm: torch.Tensor | None, judge: bool) -> torch.Tensor | None:
-        """Keep step `step`'s sums (and norm, when measured); with `judge`, flag the step skipped if its norm (or,
-        unmeasured, its loss_sum) is not finite: the flag, a float32 device scalar (1.0: skip), is returned."""
-        row, loss_sum, flag, norm_place = self.places[len(self.steps)]
+    def record(
+        self, step: int, loss: torch.Tensor | None, outputs: Any, norm: torch.Tensor | None, judge: bool
+    ) -> torch.Tensor | None:
+        """Keep step `step`'s detached mean loss and outputs (None: no micro-batch of it trained here), and its norm
+        when measured; with `judge`, flag the step skipped if its norm (or, unmeasured, its loss) is not finite: the
+        flag, a float32 device scalar (1.0: skip), is returned."""
+        flag = self.places[len(self.steps)]
         self.steps.append(step)
-        row.copy_(sums)
-        if norm_place is not None:
-            norm_place.copy_(norm)
-        return skip_flag(loss_sum if norm is None else norm, flag) if judge else None
+        self.losses.append(loss)
+        self.outputs.append(outputs)
+        if self.measures_norms:
+            self.norms.append(norm)
+        if not judge:
+            return None
+        judged = loss if norm is None else norm
+        return flag.zero_() if judged is None else skip_flag(judged, flag)  # nothing trained: nothing to judge
 
     def fold(self, weight: float) -> torch.Tensor | None:
         """The recorded steps as rows of (sums, skipped, [norm sum, norm steps]); sums of skipped steps zeroed.
@@ -79,16 +97,28 @@ class StepLedger:
         if not count:
             return None
         kept = (self.flags[:count] == 0).view(-1, 1)
-        columns = [torch.where(kept, self.rows[:count], 0.0), torch.where(kept, 0.0, weight)]
-        if self.norms is not None:  # fp16's overflowed norms stay out of the mean
-            norms = self.norms[:count].view(-1, 1)
+        columns = [torch.where(kept, self._rows(), 0.0), torch.where(kept, 0.0, weight)]
+        if self.measures_norms:  # fp16's overflowed norms stay out of the mean
+            norms = torch.stack(self.norms).view(-1, 1)
             measured = torch.isfinite(norms)
             columns += [torch.where(measured, norms * weight, 0.0), measured * weight]
         return torch.cat(columns, dim=1)
 
+    def _rows(self) -> torch.Tensor:
+        if all(loss is not None for loss in self.losses):  # not `None in`: that compares tensors with None
+            return self.rows_of(torch.stack(self.losses), self.outputs)
+        # A rank without data for some steps (a user stream ran dry): those steps' rows are zeros.
+        none = torch.zeros(self.width, dtype=torch.float64, device=self.device)
+        rows = [
+            none if loss is None else self.rows_of(loss.view(1), [out])[0]
+            for loss, out in zip(self.losses, self.outputs, strict=True)
+        ]
+        return torch.stack(rows)
+
     def settle(self, find: bool) -> int:
         """Forget the recorded steps, as every host sync must; with `find`, first the first skipped (a host sync)."""
         steps, self.steps = self.steps, []
+        self.losses, self.outputs, self.norms = [], [], []
         if not find:
             return 0
         flags = self.flags[: len(steps)].tolist()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -23,13 +23,18 @@ class Task(Protocol):
     """The protocol a task follows; `sum_names` starts with "loss_sum" and holds "samples".
 
     - `sum_names`: names of the sums `forward` returns, in order. "loss_sum" (the mean loss times what it averages
-      over) comes first: the trainer judges a step non-finite by it. "samples" counts the batch's samples.
+      over) comes first; "samples" counts the batch's samples. The trainer skips a step whose mean loss (or, under
+      DDP or clipping, gradient norm) is not finite, and leaves its sums out.
     - `forward(model, batch)`: (mean loss, float64 sums) on the batch's device, without a host sync.
     - `summarize(totals, prefix)`: metrics named `prefix/...` from global sums; `prefix/loss` and `prefix/samples`
       among them.
     - `default_monitor`: the validation metric best.pt follows unless `checkpoint.monitor` says otherwise.
     - `higher_is_better` (optional): metric names, without prefix, that improve upwards (best.pt and early
       stopping maximise them unless `checkpoint.mode` says otherwise); all others are minimised.
+    - `step_outputs(model, batch)` and `sums_of(losses, outputs)` (optional, both or neither): a training step then
+      keeps the mean loss and fresh device tensors of its own (`outputs`), and each host sync turns the kept steps
+      into rows of sums at once: `sums_of(stacked losses, [outputs, ...])`, one row per step, each equal bit for bit
+      to `forward`'s sums. Where the host sets a GPU's pace, every op a step saves counts.
     """
 
     sum_names: tuple[str, ...]
@@ -74,6 +79,26 @@ def _device_count(device: torch.device, value: int) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
+def _counts(reference: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Float64 device counts, one per step, from cached scalars: no copy from the host, so no sync."""
+    if len(set(sizes)) == 1:
+        return _count(reference, sizes[0]).expand(len(sizes))
+    return torch.stack([_count(reference, size) for size in sizes])
+
+
+def _sum_each(flags: list[torch.Tensor]) -> torch.Tensor:
+    """How many are set in each step's bool tensor, as float64: exact counts, so any summation order gives them."""
+    if len({step.shape for step in flags}) == 1:  # a log interval of equal batches: one batched reduction
+        return torch.stack(flags).flatten(1).sum(dim=1, dtype=torch.float64)
+    return torch.stack([step.sum(dtype=torch.float64) for step in flags])
+
+
+def _measured_now(task: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    # One batch's sums through the same code as a log interval's: `forward` and the training step agree by design.
+    loss, outputs = task.step_outputs(model, batch)
+    return loss, task.sums_of(loss.detach().view(1), [outputs])[0]
+
+
 def _per_sample_mean(totals: dict[str, float], name: str, count: str) -> float:
     return totals[name] / max(totals[count], 1.0)
 
@@ -87,12 +112,19 @@ class Classification:
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy, and (loss x samples, correct predictions, samples)."""
+        return _measured_now(self, model, batch)
+
+    def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy, and which predictions were right (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = inputs_and_targets(batch)
         logits = model(inputs)
-        loss = F.cross_entropy(logits, targets)
-        correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
-        samples = _count(correct, targets.shape[0])
-        return loss, torch.stack([loss.detach() * samples, correct, samples])  # the float64 count makes it float64
+        return F.cross_entropy(logits, targets), logits.argmax(dim=1) == targets
+
+    def sums_of(self, losses: torch.Tensor, hits: list[torch.Tensor]) -> torch.Tensor:
+        """(loss x samples, correct predictions, samples) of each step, from its loss and `step_outputs`."""
+        correct = _sum_each(hits)
+        samples = _counts(losses, [step.shape[0] for step in hits])
+        return torch.stack([losses * samples, correct, samples], dim=1)  # the float64 counts make it float64
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss`, `prefix/accuracy`, `prefix/samples`."""
@@ -149,11 +181,20 @@ class LanguageModel:
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy per token, and (loss x tokens, tokens, sequences)."""
+        return _measured_now(self, model, batch)
+
+    def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy per token, and which targets count (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
         logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index)
-        tokens = (targets != self.ignore_index).sum(dtype=torch.float64)
-        return loss, torch.stack([loss.detach() * tokens, tokens, _count(tokens, targets.shape[0])])
+        return loss, targets != self.ignore_index
+
+    def sums_of(self, losses: torch.Tensor, counted: list[torch.Tensor]) -> torch.Tensor:
+        """(loss x tokens, tokens, sequences) of each step, from its loss and `step_outputs`."""
+        tokens = _sum_each(counted)
+        sequences = _counts(losses, [step.shape[0] for step in counted])
+        return torch.stack([losses * tokens, tokens, sequences], dim=1)
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss` (per token), `prefix/perplexity`, `prefix/samples` (sequences)."""
@@ -168,6 +209,21 @@ class LanguageModel:
 BUILT_IN = {"classification": Classification, "regression": Regression, "language_model": LanguageModel}
 
 
+def training_measure(task: Task, accumulate: int) -> tuple[Callable[..., Any], Callable[..., torch.Tensor]]:
+    """How a training step measures a micro-batch, and how a host sync turns the kept steps into rows of sums.
+
+    A task with `step_outputs` leaves its sums to the host sync. Without it, or when a step accumulates several
+    micro-batches (whose sums it adds up), each micro-batch gives its sums at once and the sync stacks them.
+    """
+    if accumulate == 1 and hasattr(task, "step_outputs"):
+        return task.step_outputs, task.sums_of
+    return task.forward, _stacked
+
+
+def _stacked(losses: torch.Tensor, sums: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(sums)
+
+
 def resolve(task: str | Task) -> Task:
     """A built-in task by name, or a task object checked against the protocol; UsageError names what is wrong."""
     if isinstance(task, str):
@@ -177,6 +233,8 @@ def resolve(task: str | Task) -> Task:
     missing = [name for name in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, name)]
     if missing:
         raise UsageError(f"task {type(task).__name__} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
+    if hasattr(task, "step_outputs") != hasattr(task, "sums_of"):
+        raise UsageError(f"task {type(task).__name__} must define both step_outputs and sums_of, or neither")
     names = tuple(task.sum_names)
     if not names or names[0] != "loss_sum" or "samples" not in names:
         raise UsageError(f"task {type(task).__name__}: sum_names must start with 'loss_sum' and hold 'samples'")

@@ -33,7 +33,7 @@ from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.saving import Saver, ShardedSaver, build_state
 from ddp_trainer.sharding import gradient_sync
-from ddp_trainer.tasks import Task
+from ddp_trainer.tasks import Task, training_measure
 
 # Beside the task's sums: the epoch's skipped (non-finite) steps, and with clipping the (already all-reduced)
 # gradient norms and how many steps they cover. Every rank holds the same values of these; rank 0 alone adds them,
@@ -81,8 +81,9 @@ class Trainer:
         self.accumulate = cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
         clip = cfg.trainer.grad_clip_norm > 0
+        self.measure, rows_of = training_measure(task, self.accumulate)
         # A host sync comes at least every log interval: the ledger holds that many steps.
-        self.ledger = StepLedger(len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device)
+        self.ledger = StepLedger(rows_of, len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device)
         self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
@@ -181,35 +182,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         description = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}"
         global_batch = self.cfg.data.batch_size * self.env.world_size
-        # A window starts at no sums, and a window of one micro-batch adds nothing up: its sums are the window's.
-        window_sums = no_sums = torch.zeros(len(self.task.sum_names), dtype=torch.float64, device=self.env.device)
+        # The (loss, outputs) of a window's trained micro-batches; accumulated ones give sums, which add up.
+        window = None
         with contextlib.closing(self._feed()) as feed:  # closing a stream's feed ends its pending agreement
             for micro in self.logger.progress(feed, self.data.batches_per_epoch, description, global_batch):
                 if self._reached_max_steps():
                     return self._reduce(sums), False
                 # From here on only the device copies: the loader's CPU tensors must not reach a device computation.
                 batch = to_device(micro.batch, self.env.device, self.cfg.model.channels_last)
-                micro_sums = self._forward_backward(batch, micro.weight, sync=micro.closes_window)
+                measured = self._forward_backward(batch, micro.weight, sync=micro.closes_window)
                 if micro.trained:
-                    window_sums = micro_sums if window_sums is no_sums else window_sums + micro_sums
+                    window = measured if window is None else (window[0] + measured[0], window[1] + measured[1])
                     self.progress.batch_in_epoch += 1
                     self.progress.segment_batches += 1
                 if micro.closes_window:
-                    self._optimizer_step(sums, window_sums, micro.grad_scale)
+                    self._optimizer_step(sums, window, micro.grad_scale)
                     self.optimizer.zero_grad(set_to_none=True)
-                    window_sums = no_sums
+                    window = None
         return self._reduce(sums), True
 
-    def _forward_backward(self, batch: Any, weight: float, sync: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the task's sums for it."""
+    def _forward_backward(self, batch: Any, weight: float, sync: bool) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of one micro-batch; returns its detached mean loss and what the task measured."""
         # Inside a window, gradients stay local: DDP all-reduces (FSDP reduce-scatters) once, on its last micro-batch.
         with gradient_sync(self.ddp_model or self.model, sync):
             with self.precision.autocast():
-                loss, sums = self.task.forward(self.train_model, batch)
+                loss, measured = self.measure(self.train_model, batch)
             self.precision.backward(loss * weight if weight != 1 else loss)
-        return sums
+        return loss.detach(), measured
 
-    def _optimizer_step(self, sums: MetricSums, window_sums: torch.Tensor, grad_scale: float) -> None:
+    def _optimizer_step(self, sums: MetricSums, window: tuple[torch.Tensor, Any] | None, grad_scale: float) -> None:
         clip = self.cfg.trainer.grad_clip_norm
         if grad_scale != 1:
             torch._foreach_mul_([p.grad for p in self.parameters if p.grad is not None], grad_scale)
@@ -219,7 +220,8 @@ class Trainer:
         # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync. Under
         # fp16 the GradScaler judges instead.
         step = self.progress.step = self.progress.step + 1
-        skip = self.ledger.record(step, window_sums, norm, judge=self.precision.scaler is None)
+        loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
+        skip = self.ledger.record(step, loss, measured, norm, judge=self.precision.scaler is None)
         self.precision.step(self.optimizer, skip)
         self.scheduler.step()
         if not self.timeouts.training:  # once, after the first step

@@ -6,15 +6,31 @@ import pytest
 import torch
 
 from ddp_trainer.metrics import MetricSums, StepLedger
+from ddp_trainer.tasks import training_measure
 
 NAN = float("nan")
+CPU = torch.device("cpu")
+
+
+class Plain:
+    """A task without `step_outputs`: each step's sums are its outputs, and the fold stacks them."""
+
+    def forward(self, model, batch):
+        return batch[0], batch
+
+
+STACKED = training_measure(Plain(), accumulate=1)[1]
+
+
+def ledger_of(capacity: int, norms: bool) -> StepLedger:
+    return StepLedger(STACKED, 2, capacity=capacity, norms=norms, device=CPU)
 
 
 def record_all(ledger: StepLedger, rows: torch.Tensor, norms: torch.Tensor | None, first_step: int = 1) -> list:
     flags = []
     for offset, row in enumerate(rows):
         norm = None if norms is None else norms[offset]
-        flags.append(ledger.record(first_step + offset, row, norm, judge=True))
+        flags.append(ledger.record(first_step + offset, row[0], row, norm, judge=True))  # the loss: the row's first
     return flags
 
 
@@ -27,7 +43,7 @@ def test_folds_at_any_steps_give_the_sums_of_one_add_per_step_bit_for_bit():
     assert not torch.equal(rows.sum(0), rows.cumsum(0)[-1])  # a tree sum would differ: the test can fail
     for splits in ([12], [5, 7], [1, 4, 4, 3]):
         folded = MetricSums(("loss_sum", "samples", "skipped_steps"), torch.device("cpu"))
-        ledger, start = StepLedger(2, capacity=12, norms=False, device=torch.device("cpu")), 0
+        ledger, start = ledger_of(12, norms=False), 0
         for size in splits:
             record_all(ledger, rows[start : start + size, :2], None, first_step=start + 1)
             folded.add_steps(ledger.fold(weight=1.0))
@@ -39,10 +55,10 @@ def test_folds_at_any_steps_give_the_sums_of_one_add_per_step_bit_for_bit():
 @pytest.mark.parametrize("weight", [1.0, 0.0])
 def test_a_skipped_steps_sums_count_nowhere_and_the_first_is_found(weight):
     rows = torch.tensor([[2.0, 8.0], [NAN, 8.0], [float("inf"), 8.0], [3.0, 8.0]], dtype=torch.float64)
-    unclipped = StepLedger(2, capacity=4, norms=False, device=torch.device("cpu"))
-    flags = record_all(unclipped, rows, None, first_step=10)  # judged by loss_sum, the row's first value
+    unclipped = ledger_of(4, norms=False)
+    flags = record_all(unclipped, rows, None, first_step=10)  # judged by the loss
     assert [flag.item() for flag in flags] == [0.0, 1.0, 1.0, 0.0]
-    clipped = StepLedger(2, capacity=4, norms=True, device=torch.device("cpu"))
+    clipped = ledger_of(4, norms=True)
     record_all(clipped, rows, torch.tensor([1.0, NAN, float("inf"), 4.0]), first_step=10)  # judged by the norm
     # (loss_sum, samples, skipped, norm sum, norm steps): skips and norms are every rank's, counted by one (weight)
     expected = [[2, 8, 0, weight, weight], [0, 0, weight, 0, 0], [0, 0, weight, 0, 0], [3, 8, 0, 4 * weight, weight]]
@@ -52,9 +68,21 @@ def test_a_skipped_steps_sums_count_nowhere_and_the_first_is_found(weight):
 
 def test_unjudged_steps_fp16s_all_count_and_only_finite_norms_are_averaged():
     # Under fp16 the GradScaler skips overflowed steps and the trainer does not judge: no flag, every sum counts.
-    ledger = StepLedger(2, capacity=3, norms=True, device=torch.device("cpu"))
+    ledger = ledger_of(3, norms=True)
     rows = torch.tensor([[1.0, 4.0], [2.0, 4.0], [3.0, 4.0]], dtype=torch.float64)
     norms = torch.tensor([2.0, NAN, 5.0])
-    flags = [ledger.record(step, rows[step], norms[step], judge=False) for step in range(3)]
+    flags = [ledger.record(step, rows[step, 0], rows[step], norms[step], judge=False) for step in range(3)]
     assert flags == [None] * 3
     assert ledger.fold(1.0).tolist() == [[1, 4, 0, 2, 1], [2, 4, 0, 0, 0], [3, 4, 0, 5, 1]]
+
+
+def test_a_step_that_trained_nothing_here_adds_a_zero_row_and_is_not_skipped():
+    # A rank whose user stream ran dry joins steps without data: nothing to measure or judge, even in a slot whose
+    # flag an earlier interval's skipped step left at 1.0.
+    ledger = ledger_of(2, norms=False)
+    record_all(ledger, torch.tensor([[1.0, 2.0], [NAN, 2.0]], dtype=torch.float64), None)
+    assert ledger.fold(1.0).tolist()[0] == [1, 2, 0] and ledger.settle(find=True) == 2
+    flags = [ledger.record(3, torch.tensor(5.0), torch.tensor([5.0, 1.0], dtype=torch.float64), None, judge=True)]
+    flags.append(ledger.record(4, None, None, None, judge=True))
+    assert [flag.item() for flag in flags] == [0.0, 0.0]
+    assert ledger.fold(0.0).tolist() == [[5, 1, 0], [0, 0, 0]]

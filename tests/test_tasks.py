@@ -51,6 +51,42 @@ def test_language_model_counts_tokens_not_padding_and_reports_perplexity():
     assert dict(zip(task.sum_names, task.forward(model, padded)[1].tolist(), strict=True))["tokens"] == 3
 
 
+def sums_by_hand(task: Classification | LanguageModel, batch: tuple, loss: torch.Tensor) -> torch.Tensor:
+    """The sums one step made on its own before they were deferred: (loss x count, counted, samples)."""
+    outputs, targets = batch
+    samples = torch.tensor(float(len(targets)), dtype=torch.float64)
+    if isinstance(task, Classification):
+        correct = (outputs.argmax(dim=1) == targets).sum(dtype=torch.float64)
+        return torch.stack([loss * samples, correct, samples])
+    tokens = (targets != task.ignore_index).sum(dtype=torch.float64)
+    return torch.stack([loss * tokens, tokens, samples])
+
+
+@pytest.mark.parametrize("sizes", [(7, 7, 7), (7, 3, 7)])  # a log interval of equal batches, and the epoch's last
+@pytest.mark.parametrize("task", [Classification(), LanguageModel()], ids=["classification", "language_model"])
+def test_a_log_intervals_deferred_sums_equal_each_steps_own_bit_for_bit(task, sizes):
+    # A training step keeps its loss and a bool tensor; the host sync makes the rows. Each row must have the bits
+    # of the sums that step would have made on its own, and of forward's (validation): else the metrics would drift.
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(task, Classification):
+        model = nn.Identity()  # the inputs are the logits
+        batches = [(torch.randn(n, 4, generator=generator), torch.randint(4, (n,), generator=generator)) for n in sizes]
+    else:
+        model = nn.Embedding(5, 5)
+        batches = []
+        for n in sizes:
+            targets = torch.randint(-1, 5, (n, 6), generator=generator)  # -1 becomes padding
+            batches.append((torch.randint(5, (n, 6), generator=generator), targets.masked_fill(targets < 0, -100)))
+    steps = [task.step_outputs(model, batch) for batch in batches]
+    rows = task.sums_of(torch.stack([loss.detach() for loss, _ in steps]), [outputs for _, outputs in steps])
+    for row, batch, (loss, _) in zip(rows, batches, steps, strict=True):
+        logits_batch = (model(batch[0]), batch[1])
+        assert torch.equal(row, sums_by_hand(task, logits_batch, loss.detach()))
+        assert torch.equal(row, task.forward(model, batch)[1])
+    assert rows.dtype == torch.float64 and rows[:, -1].tolist() == list(map(float, sizes))
+    assert isinstance(task, Classification) or 0 < rows[:, 1].sum() < 6 * sum(sizes)  # some padding was left out
+
+
 def test_batches_of_tuples_and_dicts_move_to_the_device_at_any_depth():
     batch = {"inputs": (torch.zeros(2, 3, 4, 4), [torch.ones(2)]), "targets": torch.tensor([0, 1]), "name": "x"}
     moved = to_device(batch, torch.device("meta"), channels_last=True)
@@ -152,6 +188,13 @@ def test_built_in_tasks_name_their_metrics_and_unknown_ones_are_refused():
 
     with pytest.raises(UsageError, match="task NoSums lacks sum_names, forward, summarize"):
         resolve(NoSums())
+
+    class HalfDeferred(Regression):
+        def step_outputs(self, model, batch):
+            return self.forward(model, batch)
+
+    with pytest.raises(UsageError, match="task HalfDeferred must define both step_outputs and sums_of, or neither"):
+        resolve(HalfDeferred())
 
 
 def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
