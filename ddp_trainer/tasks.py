@@ -86,11 +86,13 @@ def _counts(reference: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.stack([_count(reference, size) for size in sizes])
 
 
-def _sum_each(flags: list[torch.Tensor]) -> torch.Tensor:
+def _sum_each(steps: list[torch.Tensor]) -> torch.Tensor:
     """How many are set in each step's bool tensor, as float64: exact counts, so any summation order gives them."""
-    if len({step.shape for step in flags}) == 1:  # a log interval of equal batches: one batched reduction
-        return torch.stack(flags).flatten(1).sum(dim=1, dtype=torch.float64)
-    return torch.stack([step.sum(dtype=torch.float64) for step in flags])
+    if len(steps) == 1:  # one batch (evaluation): no stacking copy
+        return steps[0].sum(dtype=torch.float64).view(1)
+    if len({step.shape for step in steps}) == 1:  # a log interval of equal batches: one batched reduction
+        return torch.stack(steps).flatten(1).sum(dim=1, dtype=torch.float64)
+    return torch.stack([step.sum(dtype=torch.float64) for step in steps])
 
 
 def _measured_now(task: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
