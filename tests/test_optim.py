@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddp_trainer.config import OptimConfig
-from ddp_trainer.optim import build_optimizer, lr_multiplier
+from ddp_trainer.optim import build_optimizer, build_scheduler, lr_multiplier
 from ddp_trainer.precision import MixedPrecision
 
 
@@ -31,6 +31,24 @@ def test_step_decay_counts_epochs_in_optimizer_steps():
 def test_no_scheduler_keeps_the_lr():
     factor = lr_multiplier(OptimConfig(), steps_per_epoch=5, total_steps=50)
     assert all(math.isclose(factor(step), 1.0) for step in range(50))
+
+
+def test_the_stepwise_scheduler_gives_lambdalrs_lrs_and_state_without_wrapping_the_optimizer():
+    cfg = OptimConfig(lr=0.1, scheduler="cosine", warmup_steps=3, min_lr=0.001)
+    optimizers = [build_optimizer(cfg, torch.nn.Linear(2, 2)) for _ in range(2)]
+    ours = build_scheduler(cfg, optimizers[0], steps_per_epoch=4, total_steps=12)
+    torch_own = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lr_multiplier(cfg, 4, 12))
+    assert not hasattr(optimizers[0].step, "_wrapped_by_lr_sched") and hasattr(
+        optimizers[1].step, "_wrapped_by_lr_sched"
+    )
+    for _ in range(14):
+        assert [group["lr"] for group in optimizers[0].param_groups] == [g["lr"] for g in optimizers[1].param_groups]
+        for optimizer, scheduler in zip(optimizers, (ours, torch_own), strict=True):
+            optimizer.step()
+            scheduler.step()
+    keys = ("base_lrs", "last_epoch", "_step_count", "_last_lr")
+    assert [ours.state_dict()[key] for key in keys] == [torch_own.state_dict()[key] for key in keys]
+    assert ours.get_last_lr() == torch_own.get_last_lr() and ours.last_epoch == 14
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
