@@ -18,6 +18,20 @@ def test_gpu_benchmark_skips_cleanly_without_cuda():
     assert "no CUDA device" in result.stdout + result.stderr
 
 
+def test_the_gpu_benchmarks_ratio_cancels_an_advantage_of_going_first(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_DIR / "benchmarks"))
+    from gpu_throughput import Pair
+
+    # Timed epoch k runs ddp-trainer first when k is even; whichever loop goes first runs 8% faster, over a drift.
+    true_ratio, boost, base = 0.97, 1.08, [1000.0, 1030.0, 980.0, 1010.0, 995.0]
+    hand = [rate * (boost if k % 2 else 1) for k, rate in enumerate(base)]
+    ours = [rate * true_ratio * (1 if k % 2 else boost) for k, rate in enumerate(base)]
+    pair = Pair(hand, ours)
+    assert pair.ratio == pytest.approx(true_ratio, rel=1e-12)  # the unpaired fifth epoch is left out
+    assert pair.by_order() == pytest.approx((true_ratio * boost, true_ratio / boost), rel=1e-12)
+    assert Pair(hand[:1], ours[:1]).ratio == pytest.approx(true_ratio * boost, rel=1e-12)
+
+
 def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
     result = run_script(REPO_DIR / "benchmarks" / "async_checkpoint.py", ["--quick"], timeout=120)
     assert result.returncode == 0, result.stderr
