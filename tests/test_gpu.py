@@ -122,9 +122,14 @@ def test_nonfinite_loss_stops_without_saving_or_is_skipped(tmp_path, capsys):
     assert all(torch.isfinite(tensor).all() for tensor in weights(tmp_path / "skip").values())
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision):
-    # Syncs are allowed only where the trainer reads metrics, evaluates and saves; anything else raises.
+@pytest.mark.parametrize(
+    ("precision", "accumulate", "steps_per_epoch"),
+    [("bf16", 1, 45), ("bf16", 2, 23), ("fp16", 2, 23)],
+    ids=["bf16-deferred-sums", "bf16-accumulated", "fp16-accumulated"],
+)
+def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision, accumulate, steps_per_epoch):
+    # Syncs are allowed only where the trainer reads metrics, evaluates and saves; anything else raises. Without
+    # accumulation a step keeps its loss and outputs, and the fold makes their sums (`sums_of`) outside those places.
     def allowed(method):  # noqa: ANN001, ANN202
         def quiet(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             torch.cuda.set_sync_debug_mode(0)
@@ -137,13 +142,14 @@ def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision):
 
     for owner, name in ((MetricSums, "reduce"), (Trainer, "evaluate"), (Trainer, "_save")):
         monkeypatch.setattr(owner, name, allowed(getattr(owner, name)))
-    options = [f"trainer.precision={precision}", "trainer.grad_clip_norm=1.0", "trainer.accumulate_grad_batches=2"]
+    options = [f"trainer.precision={precision}", "trainer.grad_clip_norm=1.0"]
+    options += [f"trainer.accumulate_grad_batches={accumulate}"]
     options += ["trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=5", "trainer.epochs=3"]
     try:
         assert main([*DIGITS, *options, f"output_dir={tmp_path}"]) == 0
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert last_line(tmp_path)["step"] == 3 * 23
+    assert last_line(tmp_path)["step"] == 3 * steps_per_epoch  # 45 batches an epoch
 
 
 def test_the_step_ledger_folds_steps_in_order_on_the_gpu():
