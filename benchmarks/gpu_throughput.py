@@ -119,7 +119,8 @@ class Pair:
 
     def by_order(self) -> tuple[float, float]:
         """The median epoch ratio when ddp-trainer went first, and when the hand-written loop did (NaN: never)."""
-        ours_first, hand_first = self.epoch_ratios[0::2], self.epoch_ratios[1::2]
+        ratios = self.epoch_ratios
+        ours_first, hand_first = ratios[0::2], ratios[1::2]
         return median(ours_first), median(hand_first) if hand_first else float("nan")
 
     def __str__(self) -> str:
