@@ -41,7 +41,7 @@ class MetricSums:
 
 
 def skip_flag(value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write 1.0 into `out` where the device scalar `value` is NaN or ±inf, else 0.0, without a host sync."""
+    """Write 1.0 into `out` where the device tensor `value` is NaN or ±inf, else 0.0, without a host sync."""
     torch.sub(value, value, out=out)  # 0 for every finite value, NaN for NaN and ±inf
     return out.nan_to_num_(nan=1.0)  # two kernels, and a float: what a fused optimizer reads as found_inf
 
@@ -49,9 +49,10 @@ def skip_flag(value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 class StepLedger:
     """Each optimizer step's loss, outputs, skip flag and gradient norm since the last host sync, kept on the device.
 
-    A step keeps references and writes its flag in two ops, never waiting. The host sync turns the kept steps into rows
-    of sums (`rows_of(stacked losses, outputs)`), leaving out skipped steps for all the rows at once, and reads the
-    flags only to find an epoch's first skipped step.
+    A step keeps references and, judged `now`, writes its flag in two ops, never waiting. The host sync turns the kept
+    steps into rows of sums (`rows_of(stacked losses, outputs)`), leaving out skipped steps for all the rows at once,
+    and reads the flags only to find an epoch's first skipped step. A ledger that does not judge `now` flags the judged
+    steps at the sync, all at once: only an optimizer that must skip a poisoned step needs its flag before it steps.
     """
 
     def __init__(
@@ -61,8 +62,9 @@ class StepLedger:
         capacity: int,
         norms: bool,
         device: torch.device,
+        now: bool = True,
     ) -> None:
-        self.rows_of, self.width, self.device = rows_of, width, device
+        self.rows_of, self.width, self.device, self.now = rows_of, width, device, now
         self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
         self.places = list(self.flags)  # views made once: indexing the flags every step would cost an op each time
         self.measures_norms = norms
@@ -70,13 +72,14 @@ class StepLedger:
         self.losses: list[torch.Tensor | None] = []
         self.outputs: list[Any] = []
         self.norms: list[torch.Tensor] = []
+        self.judged: list[torch.Tensor | None] = []  # what the sync judges, when the steps are not judged `now`
 
     def record(
         self, step: int, loss: torch.Tensor | None, outputs: Any, norm: torch.Tensor | None, judge: bool
     ) -> torch.Tensor | None:
         """Keep step `step`'s detached mean loss and outputs (None: no micro-batch of it trained here), and its norm
-        when measured; with `judge`, flag the step skipped if its norm (or, unmeasured, its loss) is not finite: the
-        flag, a float32 device scalar (1.0: skip), is returned."""
+        when measured; with `judge`, flag the step skipped if its norm (or, unmeasured, its loss) is not finite: judged
+        `now`, the flag, a float32 device scalar (1.0: skip), is returned; otherwise the next fold flags it."""
         flag = self.places[len(self.steps)]
         self.steps.append(step)
         self.losses.append(loss)
@@ -86,6 +89,9 @@ class StepLedger:
         if not judge:
             return None
         judged = loss if norm is None else norm
+        if not self.now:
+            self.judged.append(judged)
+            return None
         return flag.zero_() if judged is None else skip_flag(judged, flag)  # nothing trained: nothing to judge
 
     def fold(self, weight: float) -> torch.Tensor | None:
@@ -96,6 +102,8 @@ class StepLedger:
         count = len(self.steps)
         if not count:
             return None
+        if self.judged:
+            self._flag_judged()
         kept = (self.flags[:count] == 0).view(-1, 1)
         columns = [torch.where(kept, self._rows(), 0.0), torch.where(kept, 0.0, weight)]
         if self.measures_norms:  # fp16's overflowed norms stay out of the mean
@@ -103,6 +111,16 @@ class StepLedger:
             measured = torch.isfinite(norms)
             columns += [torch.where(measured, norms * weight, 0.0), measured * weight]
         return torch.cat(columns, dim=1)
+
+    def _flag_judged(self) -> None:
+        if all(value is not None for value in self.judged):  # a few ops for the whole interval
+            skip_flag(torch.stack(self.judged).view(-1), self.flags[: len(self.judged)])
+            return
+        for value, flag in zip(self.judged, self.places, strict=False):  # the places outnumber a short interval's
+            if value is None:  # nothing trained here: nothing to judge, whatever an earlier interval left in the slot
+                flag.zero_()
+            else:
+                skip_flag(value, flag)
 
     def _rows(self) -> torch.Tensor:
         if all(loss is not None for loss in self.losses):  # not `None in`: that compares tensors with None
@@ -118,7 +136,7 @@ class StepLedger:
     def settle(self, find: bool) -> int:
         """Forget the recorded steps, as every host sync must; with `find`, first the first skipped (a host sync)."""
         steps, self.steps = self.steps, []
-        self.losses, self.outputs, self.norms = [], [], []
+        self.losses, self.outputs, self.norms, self.judged = [], [], [], []
         if not find:
             return 0
         flags = self.flags[: len(steps)].tolist()

@@ -51,11 +51,13 @@ class MixedPrecision:
         """The optimizer step, skipped where `skip` (a float32 device scalar) is 1.0; under fp16 the scaler judges.
 
         A fused optimizer skips on the device, reading `skip` as the GradScaler's `found_inf`: no host sync. Other
-        optimizers must read it on the host, which waits for the device once per step.
+        optimizers must read it on the host, which waits for the device once per step. None: nothing to skip.
         """
         if self.scaler is not None:  # it skips a step whose gradients overflowed and lowers the scale
             self.scaler.step(optimizer)
             self.scaler.update()
+        elif skip is None:
+            optimizer.step()
         elif getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = skip
             try:

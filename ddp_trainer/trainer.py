@@ -77,13 +77,13 @@ class Trainer:
             self.saver = ShardedSaver(self.checkpoint_dir, keep_last, async_save)
         else:
             self.saver = Saver(self.checkpoint_dir, keep_last, async_save)
-        self.parameters = list(self.model.parameters())
-        self.accumulate = cfg.trainer.accumulate_grad_batches
+        self.parameters, self.accumulate = list(self.model.parameters()), cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
-        clip = cfg.trainer.grad_clip_norm > 0
         self.measure, rows_of = training_measure(task, self.accumulate)
-        # A host sync comes at least every log interval: the ledger holds that many steps.
-        self.ledger = StepLedger(rows_of, len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device)
+        # A host sync comes at least every log interval: the ledger holds that many steps. Only `skip` needs a verdict
+        # before the step; `stop` saves nothing unjudged (every save follows a sync), so the sync judges all at once.
+        clip, now = cfg.trainer.grad_clip_norm > 0, cfg.trainer.nonfinite_loss == "skip"
+        self.ledger = StepLedger(rows_of, len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device, now)
         self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
         self.last_save_time = clock()
         self.agreement = LaggedAgreement(env, size=2)
@@ -217,8 +217,8 @@ class Trainer:
         # DDP's all-reduce gave every rank the same gradients, so one rank's NaN is every rank's: their norm lets
         # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
         norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
-        # The verdict stays on the device: a poisoned step is skipped there and reported at the next host sync. Under
-        # fp16 the GradScaler judges instead.
+        # The verdict stays on the device: under `skip` a poisoned step is skipped there; the next host sync reports
+        # it (and under `stop` finds it, before any save). Under fp16 the GradScaler judges instead.
         step = self.progress.step = self.progress.step + 1
         loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
         skip = self.ledger.record(step, loss, measured, norm, judge=self.precision.scaler is None)
@@ -255,7 +255,7 @@ class Trainer:
         if skipped > self.reported_skips:
             where = f"at step {self.first_skipped} (epoch {self.progress.epoch + 1})"
             if self.cfg.trainer.nonfinite_loss == "stop":
-                # Nothing is saved: the skipped update never reached the weights; the last checkpoint stays good.
+                # Nothing is saved: every save comes after this check, so the last checkpoint stays good.
                 raise TrainingDiverged(
                     f"the loss or its gradients were not finite on at least one rank {where}; stopped at step "
                     f"{self.progress.step} without saving: {self.checkpoint_dir} keeps the last good checkpoint "

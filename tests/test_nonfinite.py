@@ -61,3 +61,14 @@ def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
     assert lines[0]["train/samples"] == 96 - 2 * 8  # the skipped batch of each rank is not counted
     last = tmp_path / "checkpoints" / ("last" if strategy == "fsdp" else "last.pt")  # fsdp: a sharded folder
     assert all_finite(checkpoint.load(last)["model"])
+
+
+def test_nan_loss_on_one_rank_stops_both_at_that_step_without_saving_it(tmp_path):
+    # `stop` judges at the host sync, not before each step: the gradients' norm, the same on both ranks after DDP's
+    # all-reduce, makes both name the poisoned step, and the sync comes before epoch 2's save.
+    args = [*BLOBS, "model.nan_step=8", "model.nan_rank=1", "trainer.epochs=3", f"output_dir={tmp_path}"]
+    result = run_ranks(args)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("not finite on at least one rank at step 8 (epoch 2)") == 2, result.stderr
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 6) and all_finite(saved["model"])

@@ -22,8 +22,8 @@ class Plain:
 STACKED = training_measure(Plain(), accumulate=1)[1]
 
 
-def ledger_of(capacity: int, norms: bool) -> StepLedger:
-    return StepLedger(STACKED, 2, capacity=capacity, norms=norms, device=CPU)
+def ledger_of(capacity: int, norms: bool, now: bool = True) -> StepLedger:
+    return StepLedger(STACKED, 2, capacity=capacity, norms=norms, device=CPU, now=now)
 
 
 def record_all(ledger: StepLedger, rows: torch.Tensor, norms: torch.Tensor | None, first_step: int = 1) -> list:
@@ -66,6 +66,18 @@ def test_a_skipped_steps_sums_count_nowhere_and_the_first_is_found(weight):
     assert clipped.settle(find=True) == 11 and clipped.settle(find=True) == 0  # the first skipped; then none recorded
 
 
+@pytest.mark.parametrize("norms", [None, torch.tensor([1.0, NAN, float("inf"), 4.0])], ids=["loss", "norm"])
+def test_steps_judged_at_the_sync_are_flagged_there_as_if_judged_each_step(norms):
+    # trainer.nonfinite_loss=stop: no step waits for its verdict; the fold gives the same rows and the same first skip.
+    rows = torch.tensor([[2.0, 8.0], [NAN, 8.0], [float("inf"), 8.0], [3.0, 8.0]], dtype=torch.float64)
+    now, later = ledger_of(4, norms is not None), ledger_of(4, norms is not None, now=False)
+    record_all(now, rows, norms, first_step=10)
+    assert record_all(later, rows, norms, first_step=10) == [None] * 4
+    assert later.flags.tolist() == [0.0] * 4  # nothing judged yet
+    assert later.fold(1.0).tolist() == now.fold(1.0).tolist()
+    assert later.flags.tolist() == [0.0, 1.0, 1.0, 0.0] and later.settle(find=True) == 11
+
+
 def test_unjudged_steps_fp16s_all_count_and_only_finite_norms_are_averaged():
     # Under fp16 the GradScaler skips overflowed steps and the trainer does not judge: no flag, every sum counts.
     ledger = ledger_of(3, norms=True)
@@ -76,13 +88,14 @@ def test_unjudged_steps_fp16s_all_count_and_only_finite_norms_are_averaged():
     assert ledger.fold(1.0).tolist() == [[1, 4, 0, 2, 1], [2, 4, 0, 0, 0], [3, 4, 0, 5, 1]]
 
 
-def test_a_step_that_trained_nothing_here_adds_a_zero_row_and_is_not_skipped():
+@pytest.mark.parametrize("now", [True, False], ids=["judged-each-step", "judged-at-the-sync"])
+def test_a_step_that_trained_nothing_here_adds_a_zero_row_and_is_not_skipped(now):
     # A rank whose user stream ran dry joins steps without data: nothing to measure or judge, even in a slot whose
     # flag an earlier interval's skipped step left at 1.0.
-    ledger = ledger_of(2, norms=False)
+    ledger = ledger_of(2, norms=False, now=now)
     record_all(ledger, torch.tensor([[1.0, 2.0], [NAN, 2.0]], dtype=torch.float64), None)
     assert ledger.fold(1.0).tolist()[0] == [1, 2, 0] and ledger.settle(find=True) == 2
-    flags = [ledger.record(3, torch.tensor(5.0), torch.tensor([5.0, 1.0], dtype=torch.float64), None, judge=True)]
-    flags.append(ledger.record(4, None, None, None, judge=True))
-    assert [flag.item() for flag in flags] == [0.0, 0.0]
+    ledger.record(3, torch.tensor(5.0), torch.tensor([5.0, 1.0], dtype=torch.float64), None, judge=True)
+    ledger.record(4, None, None, None, judge=True)
     assert ledger.fold(0.0).tolist() == [[5, 1, 0], [0, 0, 0]]
+    assert ledger.flags.tolist() == [0.0, 0.0] and ledger.settle(find=True) == 0
