@@ -149,15 +149,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def hand_written_epoch(
-    model_cfg: ModelConfig, mode: Mode, batch_size: int, steps: int, device: torch.device, workers: int = LOADER_WORKERS
+    model_cfg: ModelConfig,
+    mode: Mode,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    workers: int = LOADER_WORKERS,
+    lr: float = 0.1,
 ) -> Epoch:
-    """The PyTorch AMP recipe's epoch (autocast forward, backward, step), with channels_last and compile as asked."""
+    """The PyTorch AMP recipe's epoch (autocast forward, backward, step), with channels_last and compile as asked;
+    SGD at the CIFAR recipe's settings, `lr` included unless told otherwise."""
     torch.manual_seed(0)
     model = models.build(model_cfg, IMAGE_SHAPE, NUM_CLASSES)
     memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     # Fused, like ddp-trainer's: the comparison measures the loop around the optimizer, not the optimizer.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, fused=True)
     train_model = torch.compile(model) if mode.compile else model
     train_set, _ = synthetic(SyntheticConfig(batch_size * steps, 64, list(IMAGE_SHAPE), NUM_CLASSES))
     pin = device.type == "cuda"

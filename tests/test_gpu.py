@@ -123,13 +123,14 @@ def test_nonfinite_loss_stops_without_saving_or_is_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("precision", "accumulate", "steps_per_epoch"),
-    [("bf16", 1, 45), ("bf16", 2, 23), ("fp16", 2, 23)],
-    ids=["bf16-deferred-sums", "bf16-accumulated", "fp16-accumulated"],
+    ("precision", "accumulate", "steps_per_epoch", "nonfinite"),
+    [("bf16", 1, 45, "skip"), ("bf16", 1, 45, "stop"), ("bf16", 2, 23, "skip"), ("fp16", 2, 23, "skip")],
+    ids=["bf16-deferred-sums", "bf16-judged-at-the-sync", "bf16-accumulated", "fp16-accumulated"],
 )
-def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision, accumulate, steps_per_epoch):
+def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision, accumulate, steps_per_epoch, nonfinite):
     # Syncs are allowed only where the trainer reads metrics, evaluates and saves; anything else raises. Without
-    # accumulation a step keeps its loss and outputs, and the fold makes their sums (`sums_of`) outside those places.
+    # accumulation a step keeps its loss and outputs, and the fold makes their sums (`sums_of`) outside those places;
+    # under `stop` it also flags the interval's steps there.
     def allowed(method):  # noqa: ANN001, ANN202
         def quiet(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             torch.cuda.set_sync_debug_mode(0)
@@ -144,7 +145,7 @@ def test_no_host_sync_between_log_intervals(tmp_path, monkeypatch, precision, ac
         monkeypatch.setattr(owner, name, allowed(getattr(owner, name)))
     options = [f"trainer.precision={precision}", "trainer.grad_clip_norm=1.0"]
     options += [f"trainer.accumulate_grad_batches={accumulate}"]
-    options += ["trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=5", "trainer.epochs=3"]
+    options += [f"trainer.nonfinite_loss={nonfinite}", "trainer.log_every_n_steps=5", "trainer.epochs=3"]
     try:
         assert main([*DIGITS, *options, f"output_dir={tmp_path}"]) == 0
     finally:
