@@ -177,6 +177,18 @@ def phase_table(stopwatch: Stopwatch, steps: int) -> str:
     return markdown_table(["phase of the step", *LOOPS.values(), "extra"], rows)
 
 
+def epoch_table(seconds: dict[str, list[float]], steps: int) -> str:
+    """Each timed epoch's µs per step in both loops, in the order they ran: a gap that only some epochs have shows."""
+    rows = []
+    for index, (hand, ours) in enumerate(zip(seconds["hand"], seconds["ours"], strict=True)):
+        first = LOOPS["hand"] if (PROFILED_EPOCH + 1 + index) % 2 == 0 else LOOPS["ours"]  # as SideBySide.alternate
+        rows.append(
+            [str(index + 1), first, f"{1e6 * hand / steps:,.1f}", f"{1e6 * ours / steps:,.1f}", f"{hand / ours:.3f}"]
+        )
+    headers = ["timed epoch", "first", "hand-written µs per step", "ddp-trainer µs per step", "rate ratio"]
+    return markdown_table(headers, rows)
+
+
 def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, workers: int) -> Report:
     """The table of ops (and µs) per step, and the ops ddp-trainer adds; or the reason this was skipped."""
     title = f"Torch ops per training step ({model}, {mode_name})"
@@ -199,7 +211,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     extra_rows = [[f"`{op}`", f"{calls / settings.steps:+.2f}"] for op, calls in extra.most_common(TOP_ROWS)]
     body = f"{markdown_table(headers, rows)}\n\n{markdown_table(['op called', 'extra per step'], extra_rows)}\n\n"
     if timed_epochs:
-        body += f"{phase_table(stopwatch, settings.steps)}\n\n"
+        body += f"{phase_table(stopwatch, settings.steps)}\n\n{epoch_table(seconds, settings.steps)}\n\n"
     body += (
         f"{model}, {mode_name}, batch {settings.batch_size}, {settings.steps} steps per epoch, on {settings.device}, "
         f"{workers} loader workers: both loops in one process, an epoch of each under torch.profiler after a warm-up "
@@ -207,7 +219,8 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
         "also the ops they call in turn. The phases split each timed epoch's host time where both loops call the same "
         "functions (the loader, the loss, backward, the fused optimizer kernels, zero_grad): µs per step, medians over "
         "the timed epochs; the epoch's start (up to its first batch) and end, spread over its steps, are phases of "
-        "their own.\n"
+        "their own. The last table gives every timed epoch, and its rate ratio (ddp-trainer's steps/s over the "
+        "hand-written loop's).\n"
     )
     return Report(title, body)
 
