@@ -80,7 +80,6 @@ class StepLedger:
         """Keep step `step`'s detached mean loss and outputs (None: no micro-batch of it trained here), and its norm
         when measured; with `judge`, flag the step skipped if its norm (or, unmeasured, its loss) is not finite: judged
         `now`, the flag, a float32 device scalar (1.0: skip), is returned; otherwise the next fold flags it."""
-        flag = self.places[len(self.steps)]
         self.steps.append(step)
         self.losses.append(loss)
         self.outputs.append(outputs)
@@ -92,6 +91,7 @@ class StepLedger:
         if not self.now:
             self.judged.append(judged)
             return None
+        flag = self.places[len(self.steps) - 1]
         return flag.zero_() if judged is None else skip_flag(judged, flag)  # nothing trained: nothing to judge
 
     def fold(self, weight: float) -> torch.Tensor | None:
