@@ -49,7 +49,8 @@ timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -m gpu -q -rs -p no:cachepro
 tests_status=${PIPESTATUS[0]}
 # The ops and kernels each step of resnet18 (bf16 + channels_last, eager) adds to the hand-written loop's, the
 # fastest epoch of each, and the host's µs per step in each phase: where the host sets the pace, this is the gap.
-# 20 timed epochs (about 25 s on an H200) so that epochs slower than the rest show in its table of epochs.
+# 20 timed epochs (by the fourth run's epochs, about 25 s of timing on an H200), so that epochs slower than the
+# rest show in its table of epochs.
 timeout "${STEP_OPS_TIMEOUT:-90}" "$python" benchmarks/step_ops.py --device cuda --model resnet18 --batch-size 256 \
     --steps 40 --timed-epochs 20 --workers 4 2>&1 | tee "$out/step-ops.md"
 ops_status=${PIPESTATUS[0]}
