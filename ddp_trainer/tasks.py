@@ -23,8 +23,8 @@ class Task(Protocol):
     """The protocol a task follows; `sum_names` starts with "loss_sum" and holds "samples".
 
     - `sum_names`: names of the sums `forward` returns, in order. "loss_sum" (the mean loss times what it averages
-      over) comes first; "samples" counts the batch's samples. The trainer skips a step whose mean loss (or, under
-      DDP or clipping, gradient norm) is not finite, and leaves its sums out.
+      over) comes first; "samples" counts the batch's samples. A step whose mean loss (or, under DDP or clipping,
+      gradient norm) is not finite stops the run or is skipped (`trainer.nonfinite_loss`); its sums are left out.
     - `forward(model, batch)`: (mean loss, float64 sums) on the batch's device, without a host sync.
     - `summarize(totals, prefix)`: metrics named `prefix/...` from global sums; `prefix/loss` and `prefix/samples`
       among them.
