@@ -22,7 +22,7 @@ from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
-from ddp_trainer.preemption import StopSignals
+from ddp_trainer.preemption import StopSignals, stop_loader_workers
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.tasks import Task
 from ddp_trainer.trainer import Trainer
@@ -80,6 +80,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
         record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
+        stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive
         logger.finish(exit_code)
         distributed.teardown()
         stop.restore()

@@ -120,7 +120,8 @@ def test_metrics_are_synchronised_once_per_logging_interval(tmp_path):
 
 def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
     faulty = ["data._target_=factories.faulty_blobs", "data.fault=crash", "data.fault_rank=1", "data.after=40"]
-    args = [*faulty, "data.train_size=4096", *BLOBS[1:]]
+    # Loader workers ignore stop signals, so the crashed rank must stop them itself or never exit.
+    args = [*faulty, "data.train_size=4096", "data.num_workers=2", *BLOBS[1:]]
     result = run_cli([*args, f"output_dir={tmp_path}", "data.batch_size=8"], nproc=2, timeout=90)
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr

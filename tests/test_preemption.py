@@ -1,17 +1,22 @@
-"""Stop-signal handlers: the first signal is only noted, a second one is not waited for."""
+"""Stop-signal handlers: the first signal is only noted, a second one is not waited for; loader workers that ignore
+stop signals are still stopped."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 from ddp_trainer import checkpoint
 from ddp_trainer.cli.train import main
-from ddp_trainer.preemption import StopSignals
+from ddp_trainer.preemption import StopProofLoader, StopSignals, stop_loader_workers
 
 
 def test_first_signal_is_noted_and_handlers_are_restored():
@@ -23,6 +28,36 @@ def test_first_signal_is_noted_and_handlers_are_restored():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR2) is previous
+
+
+class Blocking(Dataset):
+    """Serves `ready` samples in each worker, then blocks for an hour (a dead filesystem)."""
+
+    def __init__(self, ready: int) -> None:
+        self.ready, self.served = ready, 0
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.served += 1
+        if self.served > self.ready:
+            time.sleep(3600)
+        return torch.zeros(2)
+
+
+@pytest.mark.parametrize("ready", [64, 2], ids=["idle", "stuck"])
+def test_loader_workers_that_ignore_sigterm_are_stopped(ready):
+    before = set(multiprocessing.active_children())
+    batches = iter(StopProofLoader(Blocking(ready), batch_size=2, num_workers=1, persistent_workers=True))
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    os.kill(worker.pid, signal.SIGTERM)  # what multiprocessing sends its daemonic children when the process exits
+    worker.join(timeout=1)
+    assert worker.is_alive()
+    stop_loader_workers()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
 
 
 def test_a_second_signal_ends_the_process():

@@ -19,7 +19,7 @@ from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError
-from ddp_trainer.preemption import ignore_stop_signals
+from ddp_trainer.preemption import StopProofLoader
 
 
 class EpochOrder(Protocol):
@@ -117,13 +117,12 @@ def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIter
 
 
 def _loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
-    return DataLoader(
+    return StopProofLoader(
         dataset,
         num_workers=cfg.num_workers,
         # Pinned host memory lets the copy to the GPU overlap compute; on CPU it only costs.
         pin_memory=env.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-        worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
         # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
         # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
         generator=torch.Generator().manual_seed(seed + env.rank),
