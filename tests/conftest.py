@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,19 @@ def launch_cli(args: list[str], nproc: int = 1) -> subprocess.Popen:
     command = cli_command(args, nproc)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     return subprocess.Popen(command, env=cli_env(), cwd=REPO_DIR, start_new_session=True, **quiet)
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL a `launch_cli` job at once, no chance to clean up: torchrun, each rank and each rank's loader workers.
+
+    torchrun starts every rank in a session of its own: killing torchrun's process group alone leaves the ranks
+    training on as orphans.
+    """
+    tasks = Path(f"/proc/{process.pid}/task").iterdir()
+    ranks = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+    for group in [process.pid, *ranks]:
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_cli, read_metrics
+from conftest import kill_job, launch_cli, read_metrics
 from dist_helpers import run_ranks
 
 from ddp_trainer.cli.shard import main as shard_main
@@ -96,8 +94,10 @@ def test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trai
         (tmp_path / "ids" / "rank0.txt").exists() and len(batch_lines(tmp_path / "ids", 0)) >= 6
     ):
         time.sleep(0.02)
-    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both ranks, no chance to clean up
-    killed.wait()
+    kill_job(killed)
+    lines = [len(batch_lines(tmp_path / "ids", rank)) for rank in (0, 1)]
+    time.sleep(0.5)  # five steps' time: a rank that outlived the kill would have recorded more batches
+    assert [len(batch_lines(tmp_path / "ids", rank)) for rank in (0, 1)] == lines
     step = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 2 <= step < 13
     trained_before = [
