@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,15 @@ def kill_job(process: subprocess.Popen) -> None:
     for group in [process.pid, *ranks]:
         os.killpg(group, signal.SIGKILL)
     process.wait()
+    while not all(map(_dead, ranks)):  # not our children, so no wait(): none may write once this returns
+        time.sleep(0.01)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
