@@ -1,4 +1,7 @@
-"""Stop signals (SLURM's warning, SIGTERM): handlers only note the signal; the trainer acts at a step boundary."""
+"""Stop signals (SLURM's warning, SIGTERM): handlers only note the signal; the trainer acts at a step boundary.
+
+Loader workers ignore both signals, so this process stops them itself on every way out.
+"""
 
 from __future__ import annotations
 
