@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import subprocess
@@ -127,16 +128,22 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
     return "gloo" if requested == "gloo" or shared else "nccl"
 
 
+# Every rank of a job sets up as many times (one per fit()), so the count names the same group on every rank.
+_SETUPS = itertools.count()
+
+
 def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, the rendezvous store with keys prefixed by the restart count; None otherwise."""
+    """Under torchrun, the rendezvous store with keys prefixed by the restart count and setup; None otherwise."""
     # With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
-    # attempt left in the agent's store and fail with "connectFullMesh ... Connection refused".
+    # attempt left in the agent's store and fail with "connectFullMesh ... Connection refused"; so does a script's
+    # second fit(), reading those of its first, destroyed group.
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or launch.master_addr is None or launch.master_port is None:
         return None
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     is_master = not agent_hosts_store and launch.rank == 0
     store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master, timeout=timeout)
-    return dist.PrefixStore(f"ddp_trainer/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return dist.PrefixStore(f"ddp_trainer/attempt_{attempt}/setup_{next(_SETUPS)}", store)
 
 
 def setup(requested_device: str, timeout_s: float, requested_backend: str = "auto") -> DistEnv:

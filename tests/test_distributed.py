@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli
+from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli, run_script
 from dist_helpers import (
     evaluate_checkpoint,
     plain_ranks,
@@ -126,6 +126,26 @@ def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+FIT_AGAIN = """
+import sys, torch, ddp_trainer
+from torch.utils.data import TensorDataset
+data = TensorDataset(torch.randn(64, 8), torch.arange(64) % 3)
+for run in range(4):
+    overrides = [f"output_dir={sys.argv[1]}/{run}", "trainer.device=cpu", "trainer.epochs=1"]
+    print("fit", run, "step", ddp_trainer.fit(torch.nn.Linear(8, 3), data, overrides=overrides)["step"])
+"""
+
+
+def test_a_script_fits_again_and_again_under_torchrun(tmp_path):
+    # Each fit() joins a new process group in the same torchrun attempt: it must not read the addresses the last,
+    # destroyed one left in the store (before the fix, half the second fits failed to connect or hung).
+    script = tmp_path / "fit_again.py"
+    script.write_text(FIT_AGAIN)
+    result = run_script(script, [str(tmp_path)], nproc=2, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split("\n")).count("fit 3 step 1") == 2, result.stdout
 
 
 @pytest.mark.parametrize(
