@@ -101,5 +101,5 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     if progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step:
         logger.info(
             f"this run is finished ({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}): nothing "
-            "to train; to train again, use another output_dir or trainer.resume=none"
+            "to train; to train again, use another output_dir"
         )

@@ -85,7 +85,7 @@ def check(state: dict[str, Any], cfg: Config, world: int, path: Path, report: Ca
     unasked = [key for key in refused if key not in cfg.trainer.allow_changes]
     if unasked:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-        forward = "to train anew, use another output_dir or trainer.resume=none"
+        forward = "to train anew, use another output_dir"
         fixed = [key for key in unasked if key not in CONTINUABLE]
         if fixed:
             forward += f"; {', '.join(fixed)} cannot change within one run"

@@ -247,22 +247,42 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
 
 
 def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
-    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; auto skips unreadable checkpoints.
+    """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; never trains over another run's saves.
 
-    The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read its own part of.
+    auto continues output_dir's newest readable checkpoint. PATH starts from that file into an output_dir without
+    checkpoints; once this run has saved there, it continues from its own save, as a restart or a requeue that runs
+    the same command must. The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read.
     """
     directory = output_dir / "checkpoints"
     latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
     saved = latest + sorted(directory.glob("step-*"), reverse=True)  # step files and sharded folders alike
+    held = saved + [path for path in (directory / "best.pt", directory / "best") if path.exists()]
     if resume == "none":
-        if saved:
+        if held:
             raise UsageError(
-                f"trainer.resume=none but {saved[0]} exists; use trainer.resume=auto to continue "
+                f"trainer.resume=none but {held[0]} exists; use trainer.resume=auto to continue "
                 "or a new output_dir, so the saved run is not overwritten"
             )
         return None
-    if resume != "auto":
-        return read_state(Path(resume)), Path(resume)
+    if not held:
+        return None if resume == "auto" else (read_state(Path(resume)), Path(resume))
+    if not saved:
+        raise UsageError(
+            f"{directory} holds {held[0].name} but no last or step checkpoint to continue from; to train on from it, "
+            f"use a new output_dir and trainer.resume={held[0]}"
+        )
+    state, path = _newest_readable(saved, directory, report)
+    started_from = state["config"].get("trainer", {}).get("resume")
+    if resume not in ("auto", started_from) and Path(resume).resolve() != path.resolve():
+        raise UsageError(
+            f"trainer.resume={resume}, but {directory} holds checkpoints that training from it would overwrite (the "
+            f"newest, {path.name}, is of a run not started from it); use a new output_dir, or trainer.resume=auto "
+            "to continue that run"
+        )
+    return state, path
+
+
+def _newest_readable(saved: list[Path], directory: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
     problems = []
     for path in saved:
         try:
@@ -270,6 +290,5 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
         except UnreadableCheckpoint as error:
             problems.append(str(error))
             report(f"{error}; trying an older checkpoint")
-    if problems:  # saved checkpoints, none readable: stopping beats silently starting over
-        raise UsageError(f"no readable checkpoint in {directory} ({len(problems)} tried): {problems[0]}")
-    return None
+    # Saved checkpoints, none readable: stopping beats silently starting over.
+    raise UsageError(f"no readable checkpoint in {directory} ({len(problems)} tried): {problems[0]}")

@@ -83,6 +83,30 @@ def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
     assert checkpoint.load_for_resume("auto", tmp_path / "fresh", print) is None
 
 
+def test_best_alone_is_a_saved_run_neither_none_nor_auto_starts_over(tmp_path):
+    best = tmp_path / "checkpoints" / "best.pt"
+    checkpoint.save_atomic(minimal_state(1.0), best)
+    with pytest.raises(UsageError, match=f"trainer.resume=none but {best} exists"):
+        checkpoint.load_for_resume("none", tmp_path, print)
+    with pytest.raises(UsageError, match=f"holds best.pt but no last or step checkpoint.*trainer.resume={best}"):
+        checkpoint.load_for_resume("auto", tmp_path, print)
+
+
+def test_resume_from_a_path_never_trains_over_another_runs_checkpoints(tmp_path):
+    elsewhere, last = tmp_path / "other.pt", tmp_path / "run" / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({**minimal_state(1.0), "step": 7}, elsewhere)
+    state, path = checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)  # nothing there yet
+    assert (path, state["step"]) == (elsewhere, 7)
+    checkpoint.save_atomic({**minimal_state(2.0), "config": {"trainer": {"resume": "auto"}}}, last)
+    with pytest.raises(UsageError, match=f"trainer.resume={elsewhere}, but .* would overwrite .*last.pt"):
+        checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)
+    assert checkpoint.load_for_resume(str(last), tmp_path / "run", print)[1] == last  # the run's own newest
+    # The run started from elsewhere saved, then was requeued with the same command: it goes on from its own save.
+    checkpoint.save_atomic({**minimal_state(3.0), "config": {"trainer": {"resume": str(elsewhere)}}}, last)
+    state, path = checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)
+    assert path == last and torch.equal(state["model"]["w"], torch.full((3,), 3.0))
+
+
 def step_state(step: int) -> dict:
     return {**minimal_state(float(step)), "step": step}
 

@@ -152,13 +152,13 @@ def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_
     assert main([*args, "optim.lr=3e-4", "trainer.epochs=4"]) == 2
     assert capsys.readouterr().err == (
         f"ddp-train: error: checkpoint {last} was saved with another config: optim.lr 0.001 -> 0.0003, "
-        "trainer.epochs 2 -> 4; to train anew, use another output_dir or trainer.resume=none; to go on from step "
+        "trainer.epochs 2 -> 4; to train anew, use another output_dir; to go on from step "
         "90 with the new values: trainer.allow_changes=[optim.lr,trainer.epochs]\n"
     )
     assert main([*args, "model.hidden_sizes=[32]", "seed=1"]) == 2
     assert capsys.readouterr().err == (
         f"ddp-train: error: checkpoint {last} was saved with another config: model.hidden_sizes [64] -> [32], "
-        "seed 0 -> 1; to train anew, use another output_dir or trainer.resume=none; model.hidden_sizes, seed "
+        "seed 0 -> 1; to train anew, use another output_dir; model.hidden_sizes, seed "
         "cannot change within one run\n"
     )
     assert main([*args, "trainer.allow_changes=[model.name]"]) == 2
