@@ -37,11 +37,14 @@ def counted_windows(loader: Iterable[Any], batches_per_epoch: int, accumulate: i
 
 
 def batch_rows(batch: Any) -> int:
-    """The number of samples in a batch: the leading size of its first tensor."""
+    """The number of samples in a batch: the leading size of its first tensor (0 if it holds none)."""
     if torch.is_tensor(batch):
         return batch.shape[0] if batch.dim() else 1
-    values = batch.values() if isinstance(batch, dict) else batch
-    return next(rows for rows in map(batch_rows, values) if rows)
+    if isinstance(batch, dict):
+        batch = batch.values()
+    elif not isinstance(batch, list | tuple):  # a string or a number beside the tensors (a string iterates forever)
+        return 0
+    return next((rows for rows in map(batch_rows, batch) if rows), 0)
 
 
 class AgreedFeed:

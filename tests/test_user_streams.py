@@ -108,6 +108,20 @@ def test_the_stream_example_runs_in_one_process(tmp_path):
     assert "on 360 images after epoch 1" in result.stdout
 
 
+class Named(IterableDataset):
+    """Dict records that carry a string id beside the tensors, as a user's stream of files or documents does."""
+
+    def __iter__(self):  # noqa: ANN204
+        for index in range(40):
+            yield {"id": f"record-{index}", "inputs": torch.full((4,), float(index % 3)), "targets": index % 3}
+
+
+def test_a_stream_of_records_with_string_fields_trains(tmp_path):
+    overrides = [*CPU, "trainer.epochs=1", "data.batch_size=8", f"output_dir={tmp_path}"]
+    record = ddp_trainer.fit(nn.Linear(4, 3), Named(), overrides=overrides)
+    assert (record["step"], record["train/samples"]) == (5, 40)
+
+
 def test_a_stream_from_a_target_factory_trains_through_the_command_line(tmp_path):
     target = ["data._target_=factories.blob_streams", "data.val_size=37", "model._target_=factories.small_net"]
     assert train.main([*CPU, *target, "trainer.epochs=2", f"output_dir={tmp_path}"]) == 0
