@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, tasks
 from ddp_trainer.assembly import assemble
@@ -49,6 +50,8 @@ def fit(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
+    for name, dataset in (("train_data", train_data), ("val_data", val_data)):
+        _check_dataset(name, dataset)
     cfg = load_for_objects(config, overrides)
     cfg = dataclasses.replace(cfg, task=task if isinstance(task, str) else type(task).__name__)
     exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))
@@ -65,6 +68,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     require_packages(cfg.logging)
     array_task = distributed.slurm_array_task()
     cfg = for_array_task(cfg, array_task)
+    _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
     stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
     # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
     env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
@@ -85,6 +89,31 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         distributed.teardown()
         stop.restore()
     return exit_code, record if finished else {}
+
+
+def _check_dataset(name: str, dataset: object) -> None:
+    if dataset is None and name == "val_data":
+        return
+    if isinstance(dataset, DataLoader):
+        raise UsageError(
+            f"fit(): {name} is a DataLoader; pass its dataset ({name}.dataset): every rank builds its own loader "
+            "from data.batch_size and data.num_workers"
+        )
+    map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")  # a Hugging Face Dataset, say
+    if not map_style and not isinstance(dataset, IterableDataset):
+        raise UsageError(
+            f"fit(): {name} must be a map-style Dataset (with __getitem__ and __len__) or an IterableDataset, "
+            f"not {type(dataset).__name__}"
+        )
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"output_dir={output_dir} cannot be created: {error.strerror or error}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise UsageError(f"output_dir={output_dir} is not writable")
 
 
 def for_array_task(config: Config, task_id: int | None) -> Config:

@@ -175,11 +175,17 @@ def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, 
     assert waited < 45  # the process-group timeout, not torch's default 30 minutes
 
 
-def test_a_bad_key_stops_every_rank_with_one_line_each(tmp_path):
-    errors = refusals(["--config", DIGITS, f"output_dir={tmp_path}", "optim.lrr=0.1"])
-    for rank, error in enumerate(errors):
-        assert error == f"ddp-train: error (rank {rank}): unknown config key 'optim.lrr' (Did you mean: 'lr'?)"
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+@pytest.mark.parametrize("fault", ["key", "output_dir"])
+def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, where the run's folder would go")
+    if fault == "key":
+        args, message = [f"output_dir={tmp_path / 'run'}", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"
+    else:  # found before the ranks wait for each other, not as rank 0's traceback once they do
+        args, message = [f"output_dir={taken}"], f"output_dir={taken} cannot be created: File exists"
+    for rank, error in enumerate(refusals(["--config", DIGITS, *args])):
+        assert error.startswith(f"ddp-train: error (rank {rank}): {message}") and "\n" not in error
+    assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
 
 
 def test_accumulation_all_reduces_gradients_once_per_window(tmp_path):

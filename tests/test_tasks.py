@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import read_metrics
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ddp_trainer
 from ddp_trainer import checkpoint
@@ -210,6 +210,21 @@ def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
 def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
     with pytest.raises(UsageError, match="fit\\(\\) trains an nn.Module, not function"):
         ddp_trainer.fit(lambda inputs: inputs, TensorDataset(torch.zeros(4, 3)), overrides=[f"output_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize(
+    ("train_data", "message"),
+    [
+        (DataLoader(TensorDataset(torch.zeros(4, 3))), "train_data is a DataLoader; pass its dataset"),
+        (None, "train_data must be a map-style Dataset .* not NoneType"),
+        ((row for row in torch.zeros(4, 3)), "train_data must be a map-style Dataset .* not generator"),
+    ],
+    ids=["loader", "none", "generator"],
+)
+def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
+    with pytest.raises(UsageError, match=f"^fit\\(\\): {message}"):
+        ddp_trainer.fit(torch.nn.Linear(3, 2), train_data, overrides=[f"output_dir={tmp_path}"])
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_a_regression_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
