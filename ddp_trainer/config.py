@@ -122,9 +122,9 @@ class ModelConfig(_Section):
 
     section = "model"
     name: str = "mlp"
-    hidden_sizes: list[int] = field(default_factory=lambda: [512, 256])
+    hidden_sizes: list[int] = _checked([512, 256], lambda sizes: all(size > 0 for size in sizes), "positive widths")
     dropout: float = _checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
-    num_classes: int | None = None
+    num_classes: int | None = _checked(None, lambda value: value is None or value > 0, "a positive count")
     cifar_stem: bool = False
     sync_batchnorm: bool = False
     channels_last: bool = False
@@ -147,13 +147,13 @@ class OptimConfig(_Section):
     section = "optim"
     name: str = _one_of("adamw", ("sgd", "adamw", "adam"))
     lr: float = _positive(1e-3, "a positive number")
-    weight_decay: float = 0.01
-    momentum: float = 0.9
+    weight_decay: float = _not_negative(0.01, "0 or more")
+    momentum: float = _not_negative(0.9, "0 or more")
     scheduler: str = _one_of("none", ("none", "cosine", "step"))
     warmup_steps: int = _not_negative(0, "0 or more")
     step_epochs: int = _positive(30)
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    gamma: float = _positive(0.1, "a positive factor")
+    min_lr: float = _not_negative(0.0, "0 or more")
 
 
 @dataclass
@@ -162,7 +162,7 @@ class TrainerConfig(_Section):
 
     section = "trainer"
     epochs: int = _positive(10)
-    max_steps: int = -1
+    max_steps: int = _checked(-1, lambda value: value == -1 or value > 0, "-1 (no limit) or a positive number")
     device: str = _one_of("auto", ("auto", "cpu", "cuda"))
     dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
     resume: str = "auto"

@@ -45,6 +45,15 @@ def test_overrides_are_converted_to_the_schema_types():
         ("model._target_=no_such_module.make", "'model._target_'"),
         ("trainer.strategy=zero3", "'trainer.strategy'"),
         ("trainer.fsdp_wrap=[resnet.BasicBlock]", "'trainer.fsdp_wrap'"),
+        # Values torch refused only once the run had started (or, for these two, silently took as "no limit").
+        ("trainer.max_steps=0", "'trainer.max_steps'"),
+        ("trainer.max_steps=-5", "'trainer.max_steps'"),
+        ("model.hidden_sizes=[64,0]", "'model.hidden_sizes'"),
+        ("model.num_classes=0", "'model.num_classes'"),
+        ("optim.weight_decay=-1", "'optim.weight_decay'"),
+        ("optim.momentum=-0.9", "'optim.momentum'"),
+        ("optim.gamma=-1", "'optim.gamma'"),
+        ("optim.min_lr=-1e-5", "'optim.min_lr'"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
