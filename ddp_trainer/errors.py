@@ -30,7 +30,9 @@ class RankLost(CliError):
 
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type's name): what fits in a one-line error."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    # "Error(s) in loading state_dict for Net:" says what failed; its next line says why.
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def say(line: str, stream: TextIO | None = None) -> None:
