@@ -102,6 +102,12 @@ def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path,
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1 + 1e-6
     assert sum(row["top_k"][0][0] == row["target"] for row in rows) == round(accuracy * 359)
+    metrics = trained / "metrics.jsonl"  # a run's own file, mistyped as the output: left as it was
+    for existing in (output, metrics):
+        before = existing.read_bytes()
+        assert main(["predict", "--checkpoint", str(last), "--split", "val", "--output", str(existing)]) == 2
+        assert f"--output {existing} exists; predict never overwrites a file" in capsys.readouterr().err
+        assert existing.read_bytes() == before
 
 
 def test_predict_on_image_files_matches_the_model_on_the_same_pixels(trained, tmp_path, capsys):

@@ -39,6 +39,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
+    if args.split:
+        args.output = args.output or Path(f"predictions-{args.split}.jsonl")
+        if args.output.exists():  # say, a run's metrics.jsonl: nothing saved is overwritten
+            raise UsageError(f"--output {args.output} exists; predict never overwrites a file")
     return args
 
 
@@ -96,10 +100,13 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     """Write one JSON line per sample of the split; returns the summary line with top-1 and top-k accuracy."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
     dataset, batches = _split_batches(restored, args.split, args.batch_size)
-    output = args.output or Path(f"predictions-{args.split}.jsonl")
-    names = _class_names(dataset)
+    output, names = args.output, _class_names(dataset)
     index, top1, topk = 0, 0, 0
-    with output.open("w") as file:
+    try:
+        file = output.open("x")
+    except OSError as error:
+        raise UsageError(f"--output {output} cannot be written: {error.strerror or error}") from None
+    with file:
         for inputs, targets in batches:
             inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
             predictions = top_k(restored.model, inputs, args.top_k, precision, names)
