@@ -66,7 +66,8 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
         restore(parts, *resumed, cfg, env, logger)
     if env.distributed and not fsdp:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids=device_ids)
+        unused = cfg.trainer.find_unused_parameters  # parameters some steps leave out of the graph (DDP needs told)
+        parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids, find_unused_parameters=unused)
     if cfg.trainer.compile:
         # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
         parts.train_model = torch.compile(parts.train_model)

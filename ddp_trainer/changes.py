@@ -26,6 +26,7 @@ HARMLESS = (
     "trainer.device",
     "trainer.dist_backend",
     "trainer.compile",
+    "trainer.find_unused_parameters",
     # Checkpoints hold full state dicts, whatever the FSDP units. trainer.strategy is not here: the optimizer's state
     # is keyed by index under ddp and by name under fsdp.
     "trainer.fsdp_wrap",

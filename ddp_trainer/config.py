@@ -23,9 +23,8 @@ def _invalid(key: str, value: Any, expected: str) -> UsageError:
 def _checked(default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
     """A field whose value must pass `valid`, checked by `_Section.__post_init__`; `expected` says what passes."""
     metadata = {"valid": valid, "expected": expected}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    initial = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**initial, metadata=metadata)
 
 
 def _one_of(default: str, choices: tuple[str, ...]) -> Any:
@@ -178,6 +177,7 @@ class TrainerConfig(_Section):
     grad_clip_norm: float = _not_negative(0.0, "0 (off) or a positive norm")
     compile: bool = False
     strategy: str = _one_of("ddp", ("ddp", "fsdp"))
+    find_unused_parameters: bool = False
     fsdp_wrap: list[str] = _checked(
         FSDP_WRAP, lambda names: all(str(name).isidentifier() for name in names), "a list of module class names"
     )

@@ -114,6 +114,17 @@ def classifier(features: int = 8, num_classes: int = 3, dropout: float = 0.0) ->
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
 
 
+class WithUnusedHead(nn.Module):
+    """A model with a head its forward never uses, as multi-task models have: DDP must be told to expect it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.unused_head = nn.Linear(8, 3), nn.Linear(8, 5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs)
+
+
 class AnyOptions(nn.Module):
     """A model class taking any keyword argument (`**options`), which it keeps as `.options`."""
 

@@ -188,6 +188,17 @@ def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
     assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
 
 
+def test_a_model_with_unused_parameters_trains_on_two_ranks_once_ddp_is_told(tmp_path):
+    args = ["data._target_=factories.blobs", "model._target_=factories.WithUnusedHead", "trainer.device=cpu"]
+    args += ["trainer.epochs=1", "data.batch_size=8"]
+    untold = run_ranks([*args, f"output_dir={tmp_path / 'untold'}"])
+    assert untold.returncode != 0 and "find_unused_parameters=True" in untold.stderr
+    told = run_ranks([*args, "trainer.find_unused_parameters=true", f"output_dir={tmp_path / 'told'}"])
+    assert told.returncode == 0, told.stderr
+    state = checkpoint.load(tmp_path / "told" / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and "unused_head.weight" in state["model"]
+
+
 def test_accumulation_all_reduces_gradients_once_per_window(tmp_path):
     # 96 samples / (2 ranks x batch 8) = 6 micro-batches per rank and epoch; windows of 3 give 2 steps.
     args = [*BLOBS, f"output_dir={tmp_path}", "trainer.epochs=2", "data.batch_size=8"]
