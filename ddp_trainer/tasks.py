@@ -61,6 +61,8 @@ def inputs_and_targets(batch: Any) -> tuple[Any, torch.Tensor]:
 
 
 def _describe(batch: Any) -> str:
+    if torch.is_tensor(batch):
+        return f"a tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, Mapping):
         return f"a dict with keys {sorted(batch)}"
     if isinstance(batch, list | tuple):
@@ -232,15 +234,47 @@ def resolve(task: str | Task) -> Task:
         if task not in BUILT_IN:
             raise UsageError(f"task {task!r} is not one of {', '.join(BUILT_IN)} (or pass a task object)")
         return BUILT_IN[task]()
-    missing = [name for name in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, name)]
+    name = task.__name__ if isinstance(task, type) else type(task).__name__
+    if isinstance(task, type):
+        raise UsageError(f"task {name} is a class; pass an instance: task={name}()")
+    missing = [key for key in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, key)]
     if missing:
-        raise UsageError(f"task {type(task).__name__} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
+        raise UsageError(f"task {name} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
     if hasattr(task, "step_outputs") != hasattr(task, "sums_of"):
-        raise UsageError(f"task {type(task).__name__} must define both step_outputs and sums_of, or neither")
+        raise UsageError(f"task {name} must define both step_outputs and sums_of, or neither")
     names = tuple(task.sum_names)
     if not names or names[0] != "loss_sum" or "samples" not in names:
-        raise UsageError(f"task {type(task).__name__}: sum_names must start with 'loss_sum' and hold 'samples'")
-    return task
+        raise UsageError(f"task {name}: sum_names must start with 'loss_sum' and hold 'samples'")
+    # Found now, not after a whole epoch when the first summary is logged.
+    summary = task.summarize(dict.fromkeys(names, 1.0), "val")
+    if not {"val/loss", "val/samples"} <= set(summary) or any(not key.startswith("val/") for key in summary):
+        raise UsageError(
+            f"task {name}: summarize(totals, 'val') must name every metric 'val/...', 'val/loss' and 'val/samples' "
+            f"among them; it gave {', '.join(map(repr, summary))}"
+        )
+    return _CheckedTask(task)
+
+
+class _CheckedTask:
+    """A user's task, its `forward` results checked as they come: a wrong shape is named, not met deep in the loop."""
+
+    def __init__(self, task: Task) -> None:
+        self.task, self.size = task, len(task.sum_names)
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self.task, key)
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's own forward, refused unless it gives (a loss, a vector of one sum per `sum_names`)."""
+        result = self.task.forward(model, batch)
+        sums = result[1] if isinstance(result, tuple) and len(result) == 2 else None
+        if not torch.is_tensor(sums) or sums.shape != (self.size,):
+            given = _describe(result) if sums is None else f"sums {_describe(sums)}"
+            raise UsageError(
+                f"task {type(self.task).__name__}: forward must return (mean loss, a tensor of {self.size} sums in "
+                f"the order of sum_names), not {given}"
+            )
+        return result
 
 
 def monitor_mode(task: Task, metric: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from unittest.mock import ANY
 
 import pytest
@@ -195,6 +196,34 @@ def test_built_in_tasks_name_their_metrics_and_unknown_ones_are_refused():
 
     with pytest.raises(UsageError, match="task HalfDeferred must define both step_outputs and sums_of, or neither"):
         resolve(HalfDeferred())
+
+
+class Unprefixed(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {key.removeprefix(f"{prefix}/"): value for key, value in super().summarize(totals, prefix).items()}
+
+
+class TwoSums(Ranking):
+    def forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, sums = super().forward(model, batch)
+        return loss, sums[:2]
+
+
+class LossOnly(Ranking):
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return super().forward(model, batch)[0]
+
+
+def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
+    with pytest.raises(UsageError, match=r"^task Ranking is a class; pass an instance: task=Ranking\(\)$"):
+        resolve(Ranking)
+    with pytest.raises(UsageError, match="task Unprefixed: summarize.* must name every metric 'val/...'.*'loss'"):
+        resolve(Unprefixed())
+    batch = next(iter(DataLoader(Triples(4, 0), batch_size=4)))
+    resolve(Ranking()).forward(nn.Linear(6, 6), batch)
+    for task, given in ((TwoSums(), "sums a tensor of shape (2,)"), (LossOnly(), "a tensor of shape ()")):
+        with pytest.raises(UsageError, match=f"forward must return .*a tensor of 3 sums.*not {re.escape(given)}$"):
+            resolve(task).forward(nn.Linear(6, 6), batch)
 
 
 def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
