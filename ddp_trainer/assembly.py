@@ -38,6 +38,7 @@ class Parts:
     monitor: Monitor
     progress: Progress
     steps_per_epoch: int | None  # None: a stream of unknown length
+    data_sizes: list[int | None]  # train and validation samples (None: a stream's), checked on resume
 
 
 def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
@@ -55,7 +56,8 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     # Under FSDP its MixedPrecisionPolicy casts the parameters: no autocast on top.
     precision = MixedPrecision("32" if sharded else cfg.trainer.precision, env.device)
     monitor = build_monitor(cfg, task, validates=data.val_loader is not None)
-    parts = Parts(model, model, None, optimizer, scheduler, precision, monitor, Progress(), steps_per_epoch)
+    sizes = [data.train_size, data.val_size]
+    parts = Parts(model, model, None, optimizer, scheduler, precision, monitor, Progress(), steps_per_epoch, sizes)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     if env.is_main:
         for unfinished in checkpoint.remove_unfinished_writes(checkpoint_dir):
@@ -76,7 +78,8 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
 
 def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
-    accepted = changes.check(state, cfg, env.world_size, path, logger.info)
+    facts = {"world_size": env.world_size, "data_sizes": parts.data_sizes}
+    accepted = changes.check(state, cfg, facts, path, logger.info)
     try:
         if path.is_dir():
             load_shards(parts.model, parts.optimizer, path)

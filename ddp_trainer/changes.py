@@ -58,13 +58,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def differences(saved: dict[str, Any], cfg: Config, saved_world: int | None, world: int) -> dict[str, tuple]:
-    """{key: (old, new)} for every config key both configs hold with different values, and the world size."""
-    old, new = flatten(saved), flatten(to_container(cfg))
+def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any]) -> dict[str, tuple]:
+    """{key: (old, new)} for every config key both configs hold with different values, and each of the run's `facts`
+    (world size, data sizes) that the checkpoint records otherwise."""
+    old, new = flatten(state.get("config") or {}), flatten(to_container(cfg))
     compared = old.keys() & new.keys() - {"trainer.allow_changes"}  # what this run accepts, not what it trains
     changed = {key: (old[key], new[key]) for key in compared if old[key] != new[key]}
-    if saved_world is not None and saved_world != world:
-        changed["world_size"] = (saved_world, world)  # the global batch, and every rank's data order, change
+    # Another world size changes the global batch and every rank's data order; other data sizes, another dataset
+    # (fit() is handed its data, which no config key describes).
+    changed.update({key: (state[key], now) for key, now in facts.items() if state.get(key, now) != now})
     return dict(sorted(changed.items()))
 
 
@@ -75,13 +77,15 @@ def changes_result(key: str, cfg: Config) -> bool:
     return not key.startswith(HARMLESS)
 
 
-def check(state: dict[str, Any], cfg: Config, world: int, path: Path, report: Callable[[str], None]) -> list[str]:
+def check(
+    state: dict[str, Any], cfg: Config, facts: dict[str, Any], path: Path, report: Callable[[str], None]
+) -> list[str]:
     """Refuse a resume whose config changes the result unless trainer.allow_changes accepts it; returns those keys.
 
     Differences that leave the result as it was go to `report`. Every rank reads the same file and config, so
     every rank raises the same one-line error, before any collective.
     """
-    changed = differences(state.get("config") or {}, cfg, state.get("world_size"), world)
+    changed = differences(state, cfg, facts)
     refused = {key: values for key, values in changed.items() if changes_result(key, cfg)}
     unasked = [key for key in refused if key not in cfg.trainer.allow_changes]
     if unasked:

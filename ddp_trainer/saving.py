@@ -49,6 +49,7 @@ def build_state(
         "data_position": [position for _, position in gathered] if partial_totals else None,
         **parts.monitor.state_dict(),
         "world_size": world_size,
+        "data_sizes": parts.data_sizes,
         "rng": [states for states, _ in gathered],
         "config": to_container(cfg),
     }

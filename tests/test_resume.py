@@ -139,6 +139,18 @@ def test_checkpoint_of_another_model_from_python_is_refused_in_one_line(tmp_path
     assert "\n" not in str(refused.value)
 
 
+def test_a_run_resumed_on_other_data_from_python_is_refused_in_one_line(tmp_path):
+    # No config key describes the data fit() is handed: the checkpoint records how many samples it had.
+    train, val = factories.blobs()
+    overrides = ["trainer.device=cpu", "trainer.max_steps=3", f"output_dir={tmp_path}"]
+    ddp_trainer.fit(factories.small_net(), train, val, overrides=overrides)
+    saved = checkpoint_files(tmp_path)
+    fewer = torch.utils.data.Subset(train, range(40))
+    with pytest.raises(UsageError, match=r"data_sizes \[96, 37\] -> \[40, 37\]; .*cannot change within one run"):
+        ddp_trainer.fit(factories.small_net(), fewer, val, overrides=[*overrides, "trainer.max_steps=6"])
+    assert checkpoint_files(tmp_path) == saved
+
+
 def checkpoint_files(output_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted((output_dir / "checkpoints").glob("*.pt"))}
 
