@@ -48,12 +48,11 @@ def fit(
     The outputs (config.yaml, metrics.jsonl, checkpoints), resume and exit codes are those of `ddp-train`; a run
     stopped by a signal raises SystemExit with the CLI's exit code after its checkpoint.
     """
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
-    for name, dataset in (("train_data", train_data), ("val_data", val_data)):
-        _check_dataset(name, dataset)
-    cfg = load_for_objects(config, overrides)
-    cfg = dataclasses.replace(cfg, task=task if isinstance(task, str) else type(task).__name__)
+    _check_arguments(model, train_data, val_data, config, overrides)
+    cfg, task_name = load_for_objects(config, overrides), task if isinstance(task, str) else type(task).__name__
+    if cfg.task not in ("classification", task_name):  # the default, or a key that agrees with the argument
+        raise UsageError(f"config key 'task' is {cfg.task!r}, fit(task=...) {task_name!r}: fit's argument decides")
+    cfg = dataclasses.replace(cfg, task=task_name)
     exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))
     if exit_code != 0 or not record:
         raise SystemExit(exit_code)
@@ -91,6 +90,17 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     return exit_code, record if finished else {}
 
 
+def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, overrides: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
+    for name, dataset in (("train_data", train_data), ("val_data", val_data)):
+        _check_dataset(name, dataset)
+    if config is not None and not isinstance(config, str | Path | Mapping):
+        raise UsageError(f"fit(): config must be a YAML path, a dict of keys or None, not {type(config).__name__}")
+    if isinstance(overrides, str):  # its characters would be taken for overrides, one by one
+        raise UsageError(f"fit(): overrides must be a list of key=value strings, not one string: [{overrides!r}]")
+
+
 def _check_dataset(name: str, dataset: object) -> None:
     if dataset is None and name == "val_data":
         return
@@ -105,6 +115,8 @@ def _check_dataset(name: str, dataset: object) -> None:
             f"fit(): {name} must be a map-style Dataset (with __getitem__ and __len__) or an IterableDataset, "
             f"not {type(dataset).__name__}"
         )
+    if map_style and len(dataset) == 0:
+        raise UsageError(f"fit(): {name} is empty")
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -247,13 +247,29 @@ def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
         (DataLoader(TensorDataset(torch.zeros(4, 3))), "train_data is a DataLoader; pass its dataset"),
         (None, "train_data must be a map-style Dataset .* not NoneType"),
         ((row for row in torch.zeros(4, 3)), "train_data must be a map-style Dataset .* not generator"),
+        (TensorDataset(torch.zeros(0, 3)), "train_data is empty$"),
     ],
-    ids=["loader", "none", "generator"],
+    ids=["loader", "none", "generator", "empty"],
 )
 def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
     with pytest.raises(UsageError, match=f"^fit\\(\\): {message}"):
         ddp_trainer.fit(torch.nn.Linear(3, 2), train_data, overrides=[f"output_dir={tmp_path}"])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"overrides": "trainer.epochs=1"}, "fit\\(\\): overrides must be a list of key=value strings, not one string"),
+        ({"config": ["trainer.epochs=1"]}, "fit\\(\\): config must be a YAML path, a dict of keys or None, not list"),
+        ({"overrides": ["task=regression"]}, "config key 'task' is 'regression', fit\\(task=...\\) 'classification'"),
+    ],
+    ids=["overrides-string", "config-list", "task-key"],
+)
+def test_fit_names_arguments_it_would_misread(tmp_path, arguments, message):
+    data = TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UsageError, match=message):
+        ddp_trainer.fit(torch.nn.Linear(3, 2), data, **arguments)
 
 
 def test_a_regression_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
