@@ -257,6 +257,8 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
     latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
     saved = latest + sorted(directory.glob("step-*"), reverse=True)  # step files and sharded folders alike
     held = saved + [path for path in (directory / "best.pt", directory / "best") if path.exists()]
+    if not held:
+        _refuse_orphaned_metrics(output_dir / "metrics.jsonl")
     if resume == "none":
         if held:
             raise UsageError(
@@ -280,6 +282,17 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
             "to continue that run"
         )
     return state, path
+
+
+def _refuse_orphaned_metrics(metrics: Path) -> None:
+    # A crash before the first checkpoint leaves one epoch's line at most, which the new run replaces; more lines
+    # are a run whose checkpoints were removed, and starting over would erase its record.
+    lines = metrics.read_text().count('"epoch":') if metrics.is_file() else 0
+    if lines > 1:
+        raise UsageError(
+            f"{metrics} holds {lines} epoch lines of a run whose checkpoints are gone; starting over would erase "
+            "them: use a new output_dir, or move the file away"
+        )
 
 
 def _newest_readable(saved: list[Path], directory: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path]:

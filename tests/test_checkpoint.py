@@ -92,6 +92,16 @@ def test_best_alone_is_a_saved_run_neither_none_nor_auto_starts_over(tmp_path):
         checkpoint.load_for_resume("auto", tmp_path, print)
 
 
+def test_epoch_lines_whose_checkpoints_are_gone_are_not_started_over(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "step": 5}\n')  # a crash before the first checkpoint: the new run replaces it
+    assert checkpoint.load_for_resume("auto", tmp_path, print) is None
+    metrics.write_text('{"epoch": 1, "step": 5}\n{"epoch": 2, "step": 10}\n')
+    for resume in ("auto", "none", str(tmp_path / "elsewhere.pt")):
+        with pytest.raises(UsageError, match=f"{metrics} holds 2 epoch lines of a run whose checkpoints are gone"):
+            checkpoint.load_for_resume(resume, tmp_path, print)
+
+
 def test_resume_from_a_path_never_trains_over_another_runs_checkpoints(tmp_path):
     elsewhere, last = tmp_path / "other.pt", tmp_path / "run" / "checkpoints" / "last.pt"
     checkpoint.save_atomic({**minimal_state(1.0), "step": 7}, elsewhere)
