@@ -340,7 +340,7 @@ def _validate(raw: DictConfig, written: DictConfig) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise UsageError(_error_message(error)) from error
+        raise UsageError(_error_message(error)) from None  # the line says it all; OmegaConf's trace is noise
     for section, settings in (("data", config.data), ("model", config.model)):
         if settings._target_ is not None:
             factory = locate(settings._target_, f"{section}._target_")
