@@ -61,6 +61,14 @@ def test_plot_output_option_names_the_png(tmp_path):
     assert not (tmp_path / "run" / "metrics.png").exists()
 
 
+def test_plot_output_that_is_not_a_png_is_refused_in_one_line(tmp_path, capsys):
+    file = write_metrics(tmp_path / "run", [json.dumps(record) for record in RECORDS])
+    for output in (file, tmp_path / "run", tmp_path / "figure"):  # a typo for the input, a folder, no suffix
+        assert ddp_train(["plot", str(file), "--output", str(output)]) == 2
+        assert f"--output {output} must name a .png file" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"] and file.read_text().count("\n") == 3
+
+
 def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys):
     assert ddp_train(["plot", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == (

@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     file = metrics_file(args.metrics)
     output = args.output or file.with_name("metrics.png")
+    if output.suffix.lower() != ".png":  # matplotlib would add ".png" to the name, or refuse the format in a traceback
+        raise UsageError(f"--output {output} must name a .png file")
     save_figure(plot_metrics(read_epochs(file), title=str(file.parent)), output)
     print(f"wrote {output}")
     return 0
