@@ -48,6 +48,12 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     assert list(plain["optimizer"]["state"]) == list(plain["model"])  # keyed by name: any world size reads it
     assert main(["consolidate", "--checkpoint", str(saved / "best"), "--output", str(consolidated)]) == 2
     assert "exists; consolidate never overwrites" in capsys.readouterr().err
+    for source, output, said in (
+        (saved / "gone", tmp_path / "x.pt", f"--checkpoint {saved / 'gone'} does not exist"),
+        (saved / "best", consolidated / "x.pt", f"cannot write --output {consolidated / 'x.pt'}: File exists"),
+    ):
+        assert main(["consolidate", "--checkpoint", str(source), "--output", str(output)]) == 2
+        assert said in capsys.readouterr().err
 
     evaluated = []
     for path in (saved / "best", consolidated):

@@ -125,12 +125,18 @@ def test_digits_from_shards_reach_the_accuracy_of_the_map_style_recipe(tmp_path)
     assert abs(stream_line["val/accuracy"] - map_line["val/accuracy"]) < 0.02
 
 
-def test_shard_writer_refuses_to_write_over_existing_files(tmp_path, capsys):
+def test_shard_writer_refuses_to_write_over_existing_files_or_empty_shards(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("saved")
-    assert shard_main(["--out", str(tmp_path / "out")]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    for out in ("out", "out/keep.txt"):  # a folder with files, a file
+        assert shard_main(["--out", str(tmp_path / out)]) == 2
+        assert f"--out {tmp_path / out} is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "saved"
+    assert shard_main(["--out", str(tmp_path / "many"), "--shards", "100000"]) == 2
+    assert "--shards=100000: more than the 1438 training records" in capsys.readouterr().err
+    assert shard_main(["--out", "/proc/shards"]) == 2
+    assert "cannot write shards to --out /proc/shards" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
 def test_missing_stream_folder_is_named(tmp_path, capsys):

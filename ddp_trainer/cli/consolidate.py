@@ -29,12 +29,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train consolidate`; returns 0 (errors are raised as UsageError to the caller)."""
     args = parse_args(argv)
+    if not args.checkpoint.exists():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
     if not args.checkpoint.is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint} is not a sharded checkpoint folder (a file is one already)")
     if args.output.exists():
         raise UsageError(f"--output {args.output} exists; consolidate never overwrites a file")
     state = checkpoint.load(args.checkpoint)
-    checkpoint.save_atomic(state, args.output)
+    try:
+        checkpoint.save_atomic(state, args.output)
+    except OSError as error:
+        raise UsageError(f"cannot write --output {args.output}: {error.strerror or error}") from None
     tensors = [value for value in state["model"].values() if isinstance(value, torch.Tensor)]
     size = sum(tensor.numel() for tensor in tensors)
     print(

@@ -55,11 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.shards < 1:
             raise UsageError(f"--shards={args.shards}: need at least 1")
-        if args.out.exists() and any(args.out.iterdir()):
-            raise UsageError(f"--out {args.out} is not empty; shards are never written over existing files")
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+            raise UsageError(f"--out {args.out} is not an empty folder; shards are never written over existing files")
         train, val = map_datasets(config.load(args.config, args.overrides).data)
-        train_counts = write_shards(train, args.out / "train", args.shards, args.format)
-        val_counts = write_shards(val, args.out / "val", max(1, args.shards // 2), args.format)
+        if args.shards > len(train):  # every shard holds a record at least: no folder of empty files
+            raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
+        try:
+            train_counts = write_shards(train, args.out / "train", args.shards, args.format)
+            val_counts = write_shards(val, args.out / "val", max(1, min(args.shards // 2, len(val))), args.format)
+        except OSError as error:
+            raise UsageError(f"cannot write shards to --out {args.out}: {error.strerror or error}") from None
     except UsageError as error:
         print(f"ddp-shard: error: {error}", file=sys.stderr)
         return 2
