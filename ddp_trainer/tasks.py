@@ -234,9 +234,9 @@ def resolve(task: str | Task) -> Task:
         if task not in BUILT_IN:
             raise UsageError(f"task {task!r} is not one of {', '.join(BUILT_IN)} (or pass a task object)")
         return BUILT_IN[task]()
-    name = task.__name__ if isinstance(task, type) else type(task).__name__
     if isinstance(task, type):
-        raise UsageError(f"task {name} is a class; pass an instance: task={name}()")
+        raise UsageError(f"task {task.__name__} is a class; pass an instance: task={task.__name__}()")
+    name = type(task).__name__
     missing = [key for key in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, key)]
     if missing:
         raise UsageError(f"task {name} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
@@ -267,7 +267,7 @@ class _CheckedTask:
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's own forward, refused unless it gives (a loss, a vector of one sum per `sum_names`)."""
         result = self.task.forward(model, batch)
-        sums = result[1] if isinstance(result, tuple) and len(result) == 2 else None
+        sums = result[1] if isinstance(result, list | tuple) and len(result) == 2 else None
         if not torch.is_tensor(sums) or sums.shape != (self.size,):
             given = _describe(result) if sums is None else f"sums {_describe(sums)}"
             raise UsageError(
