@@ -120,12 +120,11 @@ def _check_dataset(name: str, dataset: object) -> None:
 
 
 def _check_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"output_dir={output_dir} cannot be created: {error.strerror or error}") from None
-    if not os.access(output_dir, os.W_OK):
-        raise UsageError(f"output_dir={output_dir} is not writable")
+    # Checked, not created: a run refused later (a missing dataset, say) leaves no empty folder behind.
+    existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        problem = "is not writable" if existing.is_dir() else "is a file"
+        raise UsageError(f"output_dir={output_dir} cannot be written: {existing} {problem}")
 
 
 def for_array_task(config: Config, task_id: int | None) -> Config:

@@ -182,7 +182,8 @@ def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
     if fault == "key":
         args, message = [f"output_dir={tmp_path / 'run'}", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"
     else:  # found before the ranks wait for each other, not as rank 0's traceback once they do
-        args, message = [f"output_dir={taken}"], f"output_dir={taken} cannot be created: File exists"
+        inside = taken / "run"
+        args, message = [f"output_dir={inside}"], f"output_dir={inside} cannot be written: {taken} is a file"
     for rank, error in enumerate(refusals(["--config", DIGITS, *args])):
         assert error.startswith(f"ddp-train: error (rank {rank}): {message}") and "\n" not in error
     assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
