@@ -9,6 +9,13 @@ class CliError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "") -> None:
+        # Raised in a DataLoader worker, it comes back with the worker's traceback as its message ("Caught ... in
+        # DataLoader worker process 0. Original Traceback ..."): its last line holds the original message.
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 class UsageError(CliError):
     """Bad config, missing file or unreadable checkpoint: reported in one line, exit code 2."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ddp_trainer.data.stream_formats import NpzShards, read_index
 from ddp_trainer.data.streaming import (
     ShardedIterableDataset,
     balanced_batches,
@@ -139,3 +140,25 @@ def test_positions_of_two_resumes_in_one_epoch_chain():
 def test_remaining_records_removes_what_the_segments_consumed():
     sequence = np.arange(20)
     assert remaining_records(sequence, [(2, 2, 1)]).tolist() == [i for i in range(20) if i not in (0, 1, 10, 11)]
+
+
+def test_a_shard_that_disagrees_with_its_index_is_named_in_one_line_from_a_worker():
+    # Fewer records than the index says would be read past its end; more would be silently left out.
+    lying = InMemoryShards(SHARD_SIZES, batch_size=8, rank=0, world_size=1, counts=[0, 30, 5, 60])
+    with pytest.raises(UsageError) as raised:
+        consumed(lying, workers=1)
+    assert str(raised.value) == "1 holds 37 records, but its index says 30"  # the worker's traceback left out
+
+
+def test_a_broken_npz_shard_or_index_is_named_in_one_line(tmp_path):
+    np.savez(tmp_path / "whole.npz", x=np.zeros((3, 4), dtype=np.float32), y=np.arange(3))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:100])
+    np.savez(tmp_path / "no_labels.npz", x=np.zeros((3, 4), dtype=np.float32))
+    options = {"batch_size": 2, "rank": 0, "world_size": 1}
+    for name, reason in (("cut.npz", "BadZipFile"), ("no_labels.npz", "KeyError")):
+        said = f"^{tmp_path / name}: not an .npz shard with arrays 'x' and 'y' .{reason}"
+        with pytest.raises(UsageError, match=said):
+            NpzShards([tmp_path / name], input_shape=None, **options)
+    (tmp_path / "index.json").write_text('{"format": "npz", "shards": [')
+    with pytest.raises(UsageError, match=f"^{tmp_path / 'index.json'} is not valid JSON"):
+        read_index(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +60,33 @@ class NpzShards(ShardedIterableDataset):
 
     def count_records(self, path: Path) -> int:
         """Length of `y`; np.load reads only that array."""
-        with np.load(path) as arrays:
-            return len(arrays["y"])
+        return len(_arrays(path, "y")[0])
 
     def load_shard(self, path: Path) -> TensorClassification:
         """The shard's arrays as tensors, indexable per record."""
-        with np.load(path) as arrays:
-            inputs, labels = arrays["x"].astype(np.float32, copy=False), arrays["y"].astype(np.int64, copy=False)
+        inputs, labels = _arrays(path, "x", "y")
+        inputs, labels = inputs.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
         shape = tuple(self.input_shape) if self.input_shape else inputs.shape[1:]
         return TensorClassification(torch.from_numpy(inputs).reshape(-1, *shape), torch.from_numpy(labels), [])
+
+
+def _arrays(path: Path, *names: str) -> list[np.ndarray]:
+    try:
+        with np.load(path) as arrays:
+            return [arrays[name] for name in names]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # truncated, not a zip, an array missing
+        reason = f"{type(error).__name__}: {error}"
+        raise UsageError(f"{path}: not an .npz shard with arrays 'x' and 'y' ({reason})") from None
 
 
 def read_index(folder: Path) -> dict[str, Any]:
     """index.json of a shard folder, or one made by listing the folder's .jsonl / .npz files."""
     index_file = folder / INDEX_FILE
     if index_file.is_file():
-        return json.loads(index_file.read_text())
+        try:
+            return json.loads(index_file.read_text())
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{index_file} is not valid JSON: {error}") from None
     files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
     if not files:
         raise UsageError(

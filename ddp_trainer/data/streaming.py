@@ -155,6 +155,10 @@ class ShardedIterableDataset(IterableDataset):
     def _shard(self, shard: int, cache: OrderedDict[int, Sequence[Any]]) -> Sequence[Any]:
         if shard not in cache:
             cache[shard] = self.load_shard(self.shards[shard])
+            if len(cache[shard]) != self.counts[shard]:  # a record left out, or one read past the end
+                raise UsageError(
+                    f"{self.shards[shard]} holds {len(cache[shard])} records, but its index says {self.counts[shard]}"
+                )
             if len(cache) > self.cache_size:
                 cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
         return cache[shard]
