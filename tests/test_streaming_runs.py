@@ -122,6 +122,10 @@ def test_digits_from_shards_reach_the_accuracy_of_the_map_style_recipe(tmp_path)
     assert stream_line["val/samples"] == map_line["val/samples"] == 359
     assert stream_line["train/samples"] == map_line["train/samples"] == 1438
     assert stream_line["val/accuracy"] > 0.95
+    # predict reads the stream's validation batches as they come, every record once.
+    predictions, best = tmp_path / "val.jsonl", tmp_path / "stream" / "checkpoints" / "best.pt"
+    assert train_main(["predict", "--checkpoint", str(best), "--split", "val", "--output", str(predictions)]) == 0
+    assert len(predictions.read_text().splitlines()) == 359
     assert abs(stream_line["val/accuracy"] - map_line["val/accuracy"]) < 0.02
 
 

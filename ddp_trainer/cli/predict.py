@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
@@ -91,6 +91,8 @@ def _class_names(dataset: Dataset) -> ClassNames:
 def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dataset, Iterator]:
     if split == "val":
         dataset = restored.data.val_loader.dataset
+        if isinstance(dataset, IterableDataset):  # a stream: it yields whole batches, as its own loader reads them
+            return dataset, iter(restored.data.val_loader)
     else:  # the train split again, without augmentation: predictions use the validation preprocessing
         dataset = data.map_datasets(dataclasses.replace(restored.cfg.data, augment=False))[0]
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
@@ -107,15 +109,19 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     except OSError as error:
         raise UsageError(f"--output {output} cannot be written: {error.strerror or error}") from None
     with file:
-        for inputs, targets in batches:
-            inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
-            predictions = top_k(restored.model, inputs, args.top_k, precision, names)
-            for prediction, target in zip(predictions, targets.tolist(), strict=True):
-                classes = [name for name, _ in prediction]
-                top1 += classes[0] == names(target)
-                topk += names(target) in classes
-                file.write(json.dumps({"index": index, "target": names(target), "top_k": prediction}) + "\n")
-                index += 1
+        try:
+            for inputs, targets in batches:
+                inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
+                predictions = top_k(restored.model, inputs, args.top_k, precision, names)
+                for prediction, target in zip(predictions, targets.tolist(), strict=True):
+                    classes = [name for name, _ in prediction]
+                    top1 += classes[0] == names(target)
+                    topk += names(target) in classes
+                    file.write(json.dumps({"index": index, "target": names(target), "top_k": prediction}) + "\n")
+                    index += 1
+        except BaseException:
+            output.unlink()  # a partial file would only block the rerun: predict never overwrites
+            raise
     return (
         f"wrote {index} predictions to {output}: top-1 accuracy {100 * top1 / max(index, 1):.2f}%, "
         f"top-{args.top_k} accuracy {100 * topk / max(index, 1):.2f}%"
