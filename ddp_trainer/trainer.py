@@ -73,12 +73,11 @@ class Trainer:
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         keep_last, async_save = cfg.checkpoint.keep_last, cfg.checkpoint.async_save
-        if cfg.trainer.strategy == "fsdp":
-            self.saver = ShardedSaver(self.checkpoint_dir, keep_last, async_save)
-        else:
-            self.saver = Saver(self.checkpoint_dir, keep_last, async_save)
+        saver = ShardedSaver if cfg.trainer.strategy == "fsdp" else Saver
+        self.saver = saver(self.checkpoint_dir, keep_last, async_save)
         self.parameters, self.accumulate = list(self.model.parameters()), cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate the last step trained with: what is logged
         self.measure, rows_of = training_measure(task, self.accumulate)
         # A host sync comes at least every log interval: the ledger holds that many steps. Only `skip` needs a verdict
         # before the step; `stop` saves nothing unjudged (every save follows a sync), so the sync judges all at once.
@@ -138,7 +137,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "step": self.progress.step,
                 "world_size": self.env.world_size,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": self.last_lr,
                 **self._train_summary(train_totals),
                 "train/skipped_steps": int(train_totals["skipped_steps"]),
                 **self.evaluate(),
@@ -223,6 +222,7 @@ class Trainer:
         loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
         skip = self.ledger.record(step, loss, measured, norm, judge=self.precision.scaler is None)
         self.precision.step(self.optimizer, skip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
         self.scheduler.step()
         if not self.timeouts.training:  # once, after the first step
             groups = [self.agreement.group, self.stream_feed and self.stream_feed.agreement.group]
@@ -230,7 +230,7 @@ class Trainer:
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
-            self.logger.show_running({**running, "lr": self.optimizer.param_groups[0]["lr"]}, step)
+            self.logger.show_running({**running, "lr": self.last_lr}, step)
         # Ranks act on what they agreed at the previous check, and send their flags for the next one.
         check = step % self.cfg.trainer.stop_check_every_n_steps == 0
         agreed = self.agreement.receive() if check else [0, 0]

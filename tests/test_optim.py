@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import read_metrics
 
+from ddp_trainer.cli.train import main
 from ddp_trainer.config import OptimConfig
 from ddp_trainer.optim import build_optimizer, build_scheduler, lr_multiplier
 from ddp_trainer.precision import MixedPrecision
@@ -77,3 +79,12 @@ def test_a_skipped_first_sgd_step_leaves_a_clean_momentum_buffer():
     assert all(torch.equal(tensor, initial[key]) for key, tensor in model.state_dict().items())
     buffers = [state["momentum_buffer"] for state in optimizer.state.values()]
     assert len(buffers) == 2 and all(torch.equal(buffer, torch.zeros_like(buffer)) for buffer in buffers)
+
+
+def test_the_logged_lr_is_the_one_the_epochs_last_step_trained_with(tmp_path):
+    # Halved after every epoch of 6 steps: epoch 1 trained at 0.1 throughout, epoch 2 at 0.05; the rate the schedule
+    # holds for the next step (0.05, then 0.025) is not what the epoch used.
+    schedule = ["optim.scheduler=step", "optim.step_epochs=1", "optim.gamma=0.5", "optim.lr=0.1", "trainer.epochs=2"]
+    args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    assert main([*args, *schedule, "data.batch_size=16", "trainer.log_every_n_steps=6", f"output_dir={tmp_path}"]) == 0
+    assert [line["lr"] for line in read_metrics(tmp_path)] == [0.1, 0.05]
