@@ -13,6 +13,7 @@ from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist
 
 from ddp_trainer import config, data
 from ddp_trainer.cli import train
+from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.data import vision
 from ddp_trainer.data.samplers import PerSampleSeeded, SampleKey
 from ddp_trainer.distributed import DistEnv
@@ -185,3 +186,13 @@ def test_cifar10_training_augmentation_is_seeded_per_sample_and_epoch(cifar10_fi
     views = [loader.dataset[SampleKey(epoch, 0)][0] for epoch in (0, 0, 1)]
     assert torch.equal(views[0], views[1])  # the same sample in the same epoch: the same crop and flip
     assert not torch.equal(views[0], views[2])  # another epoch: another draw
+
+
+def test_cifar10_shards_hold_the_images_unaugmented_whatever_the_recipe_says(cifar10_files, tmp_path):
+    args = ["--config", "configs/cifar10_resnet18.yaml", f"data.root={cifar10_files.root}", "--shards", "2"]
+    for out in ("first", "second"):
+        assert shard_main([*args, "--out", str(tmp_path / out)]) == 0
+    shards = [np.load(tmp_path / out / "train" / "shard-00000.npz")["x"] for out in ("first", "second")]
+    plain, _ = vision.cifar10(str(cifar10_files.root), download=False, augment=False)
+    assert np.array_equal(shards[0], shards[1])  # the recipe's random crop and flip would make them differ
+    assert np.allclose(shards[0][0], plain[0][0].numpy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--shards={args.shards}: need at least 1")
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
             raise UsageError(f"--out {args.out} is not an empty folder; shards are never written over existing files")
-        train, val = map_datasets(config.load(args.config, args.overrides).data)
+        # Shards hold the images as they are: a random crop baked in would be the same every epoch, and differ
+        # from one shard run to the next. (A stream's augmentation belongs in its reader.)
+        train, val = map_datasets(dataclasses.replace(config.load(args.config, args.overrides).data, augment=False))
         if args.shards > len(train):  # every shard holds a record at least: no folder of empty files
             raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
         try:
