@@ -6,11 +6,13 @@ Where the host sets the pace (bf16 eager on a GPU: the kernels take less time th
 step adds costs throughput. Timing that on a noisy CPU says little; counting does not: both loops of
 `gpu_throughput.py` (the same model, data, loader and fused SGD) train an epoch each under torch.profiler, and the
 table gives the ops per step each dispatches, those called from Python (each a trip through the dispatcher) and all
-of them (with the ones they call), plus CUDA kernels and their time on a GPU. Then both loops train timed epochs in
-turn, and the fastest epoch of each gives µs per step: where it exceeds the kernels' µs, the host sets the pace. The
-timed epochs also give the host's µs per step in each phase of both loops (`Stopwatch`), which says where the extra
-time goes. The counts hardly depend on the model, so the default is a small MLP that runs in seconds on a CPU; with
-`--workers 0` the main process loads the batches in both loops.
+of them (with the ones they call), plus CUDA kernels and their time on a GPU; a second table gives the host's own µs
+per step in each op: the same op slower in one loop points beside the ops (the allocator, the launch queue, another
+thread), while differences of either sign across the table are the profiled epoch's noise. Then both loops train
+timed epochs in turn, and the fastest epoch of each gives µs per step: where it exceeds the kernels' µs, the host sets
+the pace. The timed epochs also give the host's µs per step in each phase of both loops (`Stopwatch`), which says
+where the extra time goes. The counts hardly depend on the model, so the default is a small MLP that runs in seconds
+on a CPU; with `--workers 0` the main process loads the batches in both loops.
 """
 
 from __future__ import annotations
@@ -121,17 +123,19 @@ class Stopwatch:
 
 
 def counted(run: Callable[[], Any], device: torch.device) -> tuple[Any, dict[str, Counter]]:
-    """Run an epoch under torch.profiler: its result, counts of top-level ops, all ops and CUDA kernels, and the
-    kernels' µs (how long the GPU was busy)."""
+    """Run an epoch under torch.profiler: its result, counts of top-level ops, all ops and CUDA kernels, the
+    kernels' µs (how long the GPU was busy), and the host's own µs in each op and runtime call."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         result = run()
-    counts: dict[str, Counter] = {"top": Counter(), "all": Counter(), "kernels": Counter(), "kernel_us": Counter()}
+    counts: dict[str, Counter] = {kind: Counter() for kind in ("top", "all", "kernels", "kernel_us", "host_us")}
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             counts["kernels"][event.name] += 1
             counts["kernel_us"][event.name] += event.device_time_total
-        elif event.name.startswith("aten::"):  # the profiler's own and the Python annotations are not ops
+            continue
+        counts["host_us"][event.name] += event.self_cpu_time_total
+        if event.name.startswith("aten::"):  # the profiler's own and the Python annotations are not ops
             counts["all"][event.name] += 1
             if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"):
                 counts["top"][event.name] += 1
@@ -166,6 +170,19 @@ def measure_both(
         with stopwatch.installed():  # plain Python around the boundaries: the op counts stay the same
             pairs.train([*args, f"trainer.epochs={PROFILED_EPOCH + 1 + timed_epochs}"], each_epoch)
     return counts, pairs.seconds, stopwatch
+
+
+def host_table(counts: dict[str, dict[str, Counter]], steps: int) -> str:
+    """The ops and runtime calls whose own host µs per step differ most between the loops: the same op slower in
+    one loop says its cost is not in the ops it dispatches (allocator, launch queue, a lock, another thread)."""
+    ours, theirs = counts["ours"]["host_us"], counts["hand"]["host_us"]
+    extra = {name: (ours[name] - theirs[name]) / steps for name in ours | theirs}
+    names = sorted(extra, key=lambda name: -abs(extra[name]))[:TOP_ROWS]
+    rows = [
+        [f"`{name}`", f"{theirs[name] / steps:,.1f}", f"{ours[name] / steps:,.1f}", f"{extra[name]:+,.1f}"]
+        for name in names
+    ]
+    return markdown_table(["op or call (host µs per step, profiled)", *LOOPS.values(), "extra"], rows)
 
 
 def phase_table(stopwatch: Stopwatch, steps: int) -> str:
@@ -210,6 +227,7 @@ def run(model: str, mode_name: str, settings: Settings, timed_epochs: int, worke
     extra = Counter({op: ours[op] - theirs[op] for op in ours | theirs if ours[op] != theirs[op]})
     extra_rows = [[f"`{op}`", f"{calls / settings.steps:+.2f}"] for op, calls in extra.most_common(TOP_ROWS)]
     body = f"{markdown_table(headers, rows)}\n\n{markdown_table(['op called', 'extra per step'], extra_rows)}\n\n"
+    body += f"{host_table(counts, settings.steps)}\n\n"
     if timed_epochs:
         body += f"{phase_table(stopwatch, settings.steps)}\n\n{epoch_table(seconds, settings.steps)}\n\n"
     body += (
