@@ -116,6 +116,18 @@ def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
     assert "--nproc-per-node=1" in torchrun_arguments(["--standalone", "train.py"], allocation)
 
 
+def test_ddp_launch_flags_after_the_script_are_the_scripts_own():
+    command = [sys.executable, "-m", "ddp_trainer.cli.launch", "--dry-run", "--standalone", "train.py"]
+    result = run([*command, "--dry-run", "--doctor", "epochs=2"])
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.split()
+    assert printed[printed.index("train.py") :] == ["train.py", "--dry-run", "--doctor", "epochs=2"]
+    assert "ddp_trainer.cli.doctor" not in printed
+    doctor = run([sys.executable, "-m", "ddp_trainer.cli.launch", "--doctor", "--dry-run", "--nproc-per-node=2"])
+    assert doctor.returncode == 0, doctor.stderr
+    assert doctor.stdout.split()[-4:] == ["torch.distributed.run", "--nproc-per-node=2", "-m", "ddp_trainer.cli.doctor"]
+
+
 def test_ddp_launch_outside_slurm_only_adds_processes_per_node():
     arguments = torchrun_arguments(["--standalone", "train.py"], {})
     assert arguments[0].startswith("--nproc-per-node=") and arguments[1:] == ["--standalone", "train.py"]

@@ -76,6 +76,19 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     return [*added, *argv]
 
 
+def own_flags(argv: Sequence[str]) -> tuple[set[str], list[str]]:
+    """ddp-launch's flags among those before the training script, and the command line without them; the script's
+    own arguments are the script's, `--dry-run` included."""
+    parser = torchrun.get_args_parser()
+    for flag in OWN_FLAGS:
+        parser.add_argument(flag, action="store_true")
+    stand_in = "ddp-launch-no-script"  # the --doctor form names no script: torchrun's parser needs one to finish
+    args = parser.parse_args([*argv, "-m", stand_in])
+    script_part = 0 if args.training_script == stand_in else len(args.training_script_args) - 1  # -m, stand-in
+    head, script = list(argv)[: len(argv) - script_part], list(argv)[len(argv) - script_part :]
+    return {token for token in head if token in OWN_FLAGS}, [token for token in head if token not in OWN_FLAGS] + script
+
+
 def _note_stop_signal(signum: int, frame: FrameType | None) -> None:
     # os.write, not print: a handler that interrupts a print on the same stream would fail with a reentrant call.
     os.write(2, f"ddp-launch: {signal.Signals(signum).name} reached this agent; it waits for the workers\n".encode())
@@ -106,9 +119,8 @@ def run_agent(arguments: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ddp-launch`: run (or with --dry-run, print) the torchrun command; --doctor checks the job."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    dry_run, doctor = (flag in arguments for flag in OWN_FLAGS)
-    arguments = [token for token in arguments if token not in OWN_FLAGS]
+    given, arguments = own_flags(sys.argv[1:] if argv is None else argv)
+    dry_run, doctor = (flag in given for flag in OWN_FLAGS)
     if doctor:
         arguments += ["-m", "ddp_trainer.cli.doctor"]
     try:
