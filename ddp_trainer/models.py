@@ -9,7 +9,7 @@ from torch import nn
 
 from ddp_trainer.config import ModelConfig, locate
 from ddp_trainer.distributed import DistEnv
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 
 def mlp(input_shape: tuple[int, ...], hidden_sizes: list[int], num_classes: int, dropout: float) -> nn.Sequential:
@@ -62,6 +62,8 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
     num_classes = cfg.num_classes or dataset_classes
     if num_classes is None:
         raise UsageError("model.num_classes is not set and the dataset has no `classes` attribute to count")
+    if dataset_classes and num_classes < dataset_classes:  # labels past the last logit fail only inside the loss
+        raise UsageError(f"model.num_classes={num_classes} is fewer than the {dataset_classes} classes of the data")
     if cfg.name == "mlp":
         return mlp(input_shape, cfg.hidden_sizes, num_classes, cfg.dropout)
     if cfg.name == "cnn":
@@ -73,9 +75,26 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
         if not cfg.name.startswith("resnet"):
             raise UsageError(f"model.cifar_stem=true applies to resnet models, not model.name={cfg.name}")
         # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
+    _check_takes(model, cfg.name, input_shape)
     return model
+
+
+def _check_takes(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    # A torchvision model built for other images (3 channels, a minimum size) would fail only at the first step, on
+    # every rank with a traceback; one sample through it on the CPU says so here, in one line. Eval mode: batch norm
+    # takes a batch of one, and no dropout draws from the RNG.
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except RuntimeError as error:
+        raise UsageError(
+            f"model.name={name} does not take the data's samples of shape {input_shape}: {first_line(error)}"
+        ) from None
+    finally:
+        model.train()
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module:

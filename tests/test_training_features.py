@@ -7,9 +7,10 @@ import torch
 from conftest import read_metrics
 from factories import ProbeNet, batchnorm_net, small_net
 
-from ddp_trainer import checkpoint, config
+from ddp_trainer import checkpoint, config, models
 from ddp_trainer.cli.train import main, run
 from ddp_trainer.distributed import DistEnv
+from ddp_trainer.errors import UsageError
 from ddp_trainer.models import prepare_model
 from ddp_trainer.rng import seed_everything
 
@@ -177,3 +178,20 @@ def test_sync_batchnorm_converts_every_batchnorm_layer_for_gpu_ranks():
     assert [type(layer) for layer in model.modules() if "BatchNorm" in type(layer).__name__] == [torch.nn.SyncBatchNorm]
     plain = prepare_model(batchnorm_net(), config.load(None, []).model, gpu_rank)
     assert [type(layer) for layer in plain.modules() if "BatchNorm" in type(layer).__name__] == [torch.nn.BatchNorm1d]
+
+
+def test_a_model_that_cannot_take_the_data_is_refused_in_one_line_before_training():
+    digits = (1, 8, 8)  # labels 0-9: a tenth logit short, or an RGB stem, fails only inside the first step
+    with pytest.raises(UsageError, match=r"^model.num_classes=3 is fewer than the 10 classes of the data$"):
+        models.build(config.ModelConfig(num_classes=3), digits, 10)
+    shape = r"model.name=resnet18 does not take the data's samples of shape \(1, 8, 8\): .*to have 3 channels"
+    with pytest.raises(UsageError, match=shape):
+        models.build(config.ModelConfig(name="resnet18"), digits, 10)
+    # The CIFAR stem is built for the data's channels; the check leaves the model training, its RNG untouched.
+    torch.manual_seed(0)
+    model = models.build(config.ModelConfig(name="resnet18", cifar_stem=True), digits, 10)
+    drawn = torch.rand(1)
+    torch.manual_seed(0)
+    models.build(config.ModelConfig(name="resnet18", cifar_stem=True), digits, 10)
+    assert model.training and model(torch.zeros(2, *digits)).shape == (2, 10)
+    assert torch.equal(torch.rand(1), drawn)
