@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import read_metrics
 from torchvision import transforms
-from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist
+from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist, write_idx_labels
 
 from ddp_trainer import config, data
 from ddp_trainer.cli import train
@@ -168,6 +168,41 @@ def test_partly_copied_dataset_names_the_file_still_missing(recipe, write, remov
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert str(data_root / removed) in lines[0]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_five_labels(path: Path) -> None:
+    labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8)
+    write_idx_labels(path, labels[:-5])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "write", "damaged", "damage", "said"),
+    [
+        ("fashion_mnist_mlp.yaml", write_fashion_mnist, "train-images-idx3-ubyte", _truncate, "cannot read one of"),
+        ("cifar10_resnet18.yaml", write_cifar10, "data_batch_3", _truncate, "cannot read one of"),
+        (
+            "fashion_mnist_mlp.yaml",
+            write_fashion_mnist,
+            "t10k-labels-idx1-ubyte",
+            _drop_five_labels,
+            "100 images but 95",
+        ),
+    ],
+)
+def test_a_damaged_dataset_file_exits_2_with_one_line_naming_it(recipe, write, damaged, damage, said, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    written = write(data_root)
+    (path,) = written.root.rglob(damaged)
+    damage(path)
+    assert train_in_process(recipe, data_root, tmp_path / "run") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert said in lines[0] and damaged in lines[0] and str(path.parent) in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_files, tmp_path, monkeypatch):

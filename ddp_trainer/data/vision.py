@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from torchvision import datasets, transforms
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
+
+Split = TypeVar("Split", datasets.FashionMNIST, datasets.CIFAR10)
 
 CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -34,24 +40,47 @@ def _require_files(root: str, dataset: str, folder: str, names: list[str], downl
         )
 
 
+def _read(dataset: str, where: Path, files: list[str], build: Callable[[], Split]) -> Split:
+    """`build()`, where a file that is truncated or not in the dataset's format stops the run in one line."""
+    try:
+        split = build()
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # what torchvision's readers raise
+        raise UsageError(
+            f"{dataset} cannot read one of {', '.join(files)} in {where} ({first_line(error)}): a truncated or "
+            "foreign file; copy it again, or remove it and set data.download=true"
+        ) from None
+    if len(split.data) != len(split.targets):  # an images file and a labels file from different copies
+        raise UsageError(
+            f"{dataset}'s {' and '.join(files)} in {where} hold {len(split.data)} images but {len(split.targets)} "
+            "labels; copy them again"
+        )
+    return split
+
+
 def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
     """FashionMNIST 28x28 grey garments, normalised to [-1, 1] as in the tutorial."""
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    _require_files(root, "FashionMNIST", "FashionMNIST/raw", names, download)
+    folder = "FashionMNIST/raw"
+    _require_files(root, "FashionMNIST", folder, names, download)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    read = functools.partial(_read, "FashionMNIST", Path(root).expanduser() / folder)
     return (
-        datasets.FashionMNIST(root, train=True, download=download, transform=transform),
-        datasets.FashionMNIST(root, train=False, download=download, transform=transform),
+        read(names[:2], lambda: datasets.FashionMNIST(root, True, transform, download=download)),
+        read(names[2:], lambda: datasets.FashionMNIST(root, False, transform, download=download)),
     )
 
 
 def cifar10(root: str, download: bool, augment: bool) -> tuple[CIFAR10Files, CIFAR10Files]:
     """CIFAR-10 with its channel statistics; random crop and flip on the training split when `augment`."""
     names = [name for name, _ in CIFAR10Files.train_list + CIFAR10Files.test_list] + [CIFAR10Files.meta["filename"]]
-    _require_files(root, "CIFAR-10", CIFAR10Files.base_folder, names, download)
+    folder = CIFAR10Files.base_folder
+    _require_files(root, "CIFAR-10", folder, names, download)
     normalize = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+    train_files, test_files = names[:5] + names[-1:], names[5:]  # both read batches.meta, the last name
+    augmented, plain = transforms.Compose(augmentation + normalize), transforms.Compose(normalize)
+    read = functools.partial(_read, "CIFAR-10", Path(root).expanduser() / folder)
     return (
-        CIFAR10Files(root, train=True, download=download, transform=transforms.Compose(augmentation + normalize)),
-        CIFAR10Files(root, train=False, download=download, transform=transforms.Compose(normalize)),
+        read(train_files, lambda: CIFAR10Files(root, True, augmented, download=download)),
+        read(test_files, lambda: CIFAR10Files(root, False, plain, download=download)),
     )
