@@ -56,9 +56,11 @@ def test_every_rank_gets_the_same_number_of_batches_and_every_record_once(size, 
     assert sorted(np.concatenate([b for rank_batches in plan for b in rank_batches]).tolist()) == list(range(size))
 
 
-def test_impossible_balance_is_refused_with_the_key_to_change():
-    with pytest.raises(UsageError, match="data.batch_size=1"):
+def test_impossible_balance_is_refused_with_what_to_change():
+    with pytest.raises(UsageError, match="data.batch_size=1: .* use a larger data.batch_size"):
         balanced_batches(np.arange(3), 2, 1)
+    with pytest.raises(UsageError, match="^3 records cannot give each of 4 ranks a batch .*; train on fewer ranks$"):
+        balanced_batches(np.arange(3), 4, 64)  # no batch size helps
 
 
 def test_order_differs_by_epoch_and_repeats_by_seed():

@@ -42,6 +42,11 @@ def epoch_sequence(counts: Sequence[int], seed: int, epoch: int, shuffle: bool, 
 
 def balanced_batches(sequence: np.ndarray, world_size: int, batch_size: int) -> list[list[np.ndarray]]:
     """[rank][batch] -> record ids: the same number of non-empty batches on every rank, each record once."""
+    if len(sequence) < world_size:  # no batch size helps: some rank would have no record at all
+        raise UsageError(
+            f"{len(sequence)} records cannot give each of {world_size} ranks a batch without repeating a record; "
+            "train on fewer ranks"
+        )
     per_rank = math.ceil(len(sequence) / world_size)
     batches_per_rank = math.ceil(per_rank / batch_size)
     if len(sequence) < world_size * batches_per_rank:
