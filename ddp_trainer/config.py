@@ -317,7 +317,7 @@ def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: S
     """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused."""
     merged = OmegaConf.merge(_read(source), _parse_overrides(overrides))
     for section, objects in (("data", "datasets"), ("model", "model")):
-        usable = factory_args.TRAINER_KEYS[section]
+        usable = factory_args.TRAINER_KEYS[section] - {"download"}  # given datasets are made: nothing to fetch
         for key in _written_keys(merged, section):
             if key not in usable:
                 raise UsageError(

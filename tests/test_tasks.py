@@ -292,7 +292,7 @@ def test_a_regression_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights
 
 def test_fit_refuses_keys_that_would_build_the_model_or_data_it_was_given(tmp_path):
     data = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    for key in ("model.hidden_sizes=[8]", "data.name=digits"):
+    for key in ("model.hidden_sizes=[8]", "data.name=digits", "data.download=true"):
         with pytest.raises(UsageError, match=f"config key '{key.split('=')[0]}' does nothing here: fit\\(\\) is given"):
             ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, key, f"output_dir={tmp_path}"])
     assert not (tmp_path / "metrics.jsonl").exists()
