@@ -282,15 +282,15 @@ def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None
         return
     known = {f.name for f in dataclasses.fields(schema)}
     extra = [key for key in node.keys() if key not in known]
-    kwargs = node.get("kwargs") or {}
-    node["kwargs"] = OmegaConf.merge(kwargs, {key: node[key] for key in extra})
+    node["kwargs"] = OmegaConf.merge(node.get("kwargs") or {}, {key: node[key] for key in extra})
     for key in extra:
         del node[key]
 
 
 def _error_message(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None) or "?"
     detail = str(getattr(error, "msg", "") or error).splitlines()[0]
+    sections = [f.name for f in dataclasses.fields(Config) if f"subclass of {f.type}." in detail]  # `trainer=5`
+    key = getattr(error, "full_key", None) or (sections or ["?"])[0]  # a merge names a section's class, not its key
     if isinstance(error, ConfigKeyError):
         hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")

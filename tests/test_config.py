@@ -54,6 +54,9 @@ def test_overrides_are_converted_to_the_schema_types():
         ("optim.momentum=-0.9", "'optim.momentum'"),
         ("optim.gamma=-1", "'optim.gamma'"),
         ("optim.min_lr=-1e-5", "'optim.min_lr'"),
+        # A value where a section belongs: OmegaConf's merge names the section's class, not its key.
+        ("trainer=5", "config key 'trainer' has a wrong type"),
+        ("data=[1]", "config key 'data' has a wrong type"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
