@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ddp_trainer import config_sources as sources
 from ddp_trainer import factory_args
 from ddp_trainer.errors import UsageError
 
@@ -249,32 +249,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
-    """The keys of a YAML file, of a mapping, or none; UsageError for a missing or unreadable file."""
-    if source is None or isinstance(source, Mapping):
-        return OmegaConf.create(dict(source or {}))
-    file = Path(source)
-    if not file.is_file():
-        raise UsageError(f"config file {file} does not exist")
-    try:
-        loaded = OmegaConf.load(file)
-    except Exception as error:  # YAML errors come in several types; all mean the same to the user
-        raise UsageError(f"config file {file} is not valid YAML: {str(error).splitlines()[0]}") from error
-    if not isinstance(loaded, DictConfig):
-        raise UsageError(f"config file {file} must hold a mapping of keys, not {type(loaded).__name__}")
-    return loaded
-
-
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise UsageError(f"override {item!r} is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as error:
-        raise UsageError(f"overrides could not be parsed: {str(error).splitlines()[0]}") from error
-
-
 def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None:
     """With `_target_`, keys the schema does not know are the factory's keyword arguments (Hydra style)."""
     node = raw.get(section)
@@ -287,21 +261,9 @@ def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None
         del node[key]
 
 
-def _error_message(error: OmegaConfBaseException) -> str:
-    detail = str(getattr(error, "msg", "") or error).splitlines()[0]
-    sections = [f.name for f in dataclasses.fields(Config) if f"subclass of {f.type}." in detail]  # `trainer=5`
-    key = getattr(error, "full_key", None) or (sections or ["?"])[0]  # a merge names a section's class, not its key
-    if isinstance(error, ConfigKeyError):
-        hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
-        return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
-    if isinstance(error, ValidationError):
-        return f"config key '{key}' has a wrong type: {detail}"
-    return f"config key '{key}': {detail}"
-
-
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
-    merged = OmegaConf.merge(_read(path), _parse_overrides(overrides))
+    merged = sources.merge(sources.read(path), sources.parse_overrides(overrides))
     return _validate(merged, written=merged)
 
 
@@ -309,13 +271,13 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
     """A config saved by `to_container` (e.g. inside a checkpoint), with `key=value` overrides on top."""
     # The saved keys were judged when the run started (and older checkpoints kept keys that reached nothing):
     # only the overrides are keys written now.
-    written = _parse_overrides(overrides)
-    return _validate(OmegaConf.merge(OmegaConf.create(container), written), written)
+    written = sources.parse_overrides(overrides)
+    return _validate(sources.merge(OmegaConf.create(container), written), written)
 
 
 def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
     """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused."""
-    merged = OmegaConf.merge(_read(source), _parse_overrides(overrides))
+    merged = sources.merge(sources.read(source), sources.parse_overrides(overrides))
     for section, objects in (("data", "datasets"), ("model", "model")):
         usable = factory_args.TRAINER_KEYS[section] - {"download"}  # given datasets are made: nothing to fetch
         for key in _written_keys(merged, section):
@@ -336,11 +298,7 @@ def _validate(raw: DictConfig, written: DictConfig) -> Config:
     written_keys = {section: _written_keys(written, section) for section in ("data", "model")}  # raw changes below
     _collect_factory_kwargs(raw, "data", DataConfig)
     _collect_factory_kwargs(raw, "model", ModelConfig)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise UsageError(_error_message(error)) from None  # the line says it all; OmegaConf's trace is noise
+    config = sources.to_object(sources.merge(OmegaConf.structured(Config), raw))
     for section, settings in (("data", config.data), ("model", config.model)):
         if settings._target_ is not None:
             factory = locate(settings._target_, f"{section}._target_")

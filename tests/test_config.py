@@ -54,9 +54,11 @@ def test_overrides_are_converted_to_the_schema_types():
         ("optim.momentum=-0.9", "'optim.momentum'"),
         ("optim.gamma=-1", "'optim.gamma'"),
         ("optim.min_lr=-1e-5", "'optim.min_lr'"),
-        # A value where a section belongs: OmegaConf's merge names the section's class, not its key.
-        ("trainer=5", "config key 'trainer' has a wrong type"),
-        ("data=[1]", "config key 'data' has a wrong type"),
+        # A value of another shape than the schema's or the file's: OmegaConf's merge names no key for these.
+        ("trainer=5", "config key 'trainer' is a section of keys, not 5"),
+        ("data=[1]", "config key 'data' is a section of keys, not [1]"),
+        ("data.synthetic=[1]", "config key 'data.synthetic' is a section of keys, not [1]"),
+        ("trainer.fsdp_wrap={a: 1}", "config key 'trainer.fsdp_wrap' is a list, not {'a': 1}"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):

@@ -1,0 +1,91 @@
+"""Where a config's keys come from (a YAML file or mapping, `key=value` overrides), merged in layers, and OmegaConf's
+errors told in one line that names the key at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ddp_trainer.errors import UsageError
+
+
+def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
+    """The keys of a YAML file, of a mapping, or none; UsageError for a missing or unreadable file."""
+    if source is None or isinstance(source, Mapping):
+        return OmegaConf.create(dict(source or {}))
+    file = Path(source)
+    if not file.is_file():
+        raise UsageError(f"config file {file} does not exist")
+    try:
+        loaded = OmegaConf.load(file)
+    except Exception as error:  # YAML errors come in several types; all mean the same to the user
+        raise UsageError(f"config file {file} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(loaded, DictConfig):
+        raise UsageError(f"config file {file} must hold a mapping of keys, not {type(loaded).__name__}")
+    return loaded
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """`key=value` strings as one layer of keys; UsageError for a string of another form."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"override {item!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise UsageError(f"overrides could not be parsed: {str(error).splitlines()[0]}") from error
+
+
+def merge(base: DictConfig, layer: DictConfig) -> DictConfig:
+    """`layer`'s keys over `base`'s; UsageError naming the key where `layer` does not fit (a list for a section...)."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except (OmegaConfBaseException, TypeError) as error:  # TypeError: a mapping and a list met
+        clash = _clash(base, layer)
+        if clash is None:
+            raise UsageError(_message(error)) from None  # the line says it all; OmegaConf's trace is noise
+        key, held, value = clash
+        kind = "a section of keys" if isinstance(held, DictConfig) else "a list"
+        raise UsageError(f"config key '{key}' is {kind}, not {_plain(value)!r}") from None
+
+
+def to_object(merged: DictConfig) -> Any:
+    """The dataclass instance a structured config stands for; UsageError naming the key that does not convert."""
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise UsageError(_message(error)) from None
+
+
+def _clash(base: DictConfig, layer: DictConfig, prefix: str = "") -> tuple[str, Any, Any] | None:
+    # OmegaConf names no key when a scalar or list meets a section, or a mapping a list: (key, held, given).
+    for key in layer:
+        if key not in base:
+            continue
+        held, value = base.get(key), layer.get(key)
+        if isinstance(held, DictConfig) and isinstance(value, DictConfig):
+            inner = _clash(held, value, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+        elif isinstance(held, DictConfig | ListConfig) and not isinstance(value, type(held)) and value is not None:
+            return f"{prefix}{key}", held, value
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def _message(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    detail = str(getattr(error, "msg", "") or error).splitlines()[0]
+    if isinstance(error, ConfigKeyError):
+        hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
+        return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
+    if isinstance(error, ValidationError):
+        return f"config key '{key}' has a wrong type: {detail}"
+    return f"config key '{key}': {detail}"
