@@ -171,8 +171,8 @@ class Trainer:
     def _feed(self) -> Iterator[MicroBatch]:
         if self.stream_feed is not None:
             return iter(self.stream_feed)
-        batches, start = self.data.batches_per_epoch, self.progress.batch_in_epoch
-        return counted_windows(self.data.train_loader, batches, self.accumulate, start)
+        start = self.progress.batch_in_epoch  # the loader holds the rest (replanned, for a stream on new ranks)
+        return counted_windows(self.data.train_loader, start + len(self.data.train_loader), self.accumulate, start)
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """One epoch (or its rest, when resumed): global training sums, and whether the epoch ran to its end."""
