@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ddp_trainer.data import to_device
-from ddp_trainer.distributed import DistEnv, broadcast_buffers
+from ddp_trainer.distributed import DistEnv, all_reduce_sum, broadcast_buffers
+from ddp_trainer.errors import UsageError
 from ddp_trainer.metrics import MetricSums
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.sharding import unsharded
@@ -23,10 +24,14 @@ def evaluate_model(
     broadcast_buffers(model, env)  # e.g. BatchNorm statistics: every rank evaluates rank 0's
     was_training = model.training
     model.eval()
-    sums = MetricSums(task.sum_names, env.device)
+    sums, batches = MetricSums(task.sum_names, env.device), 0
     with unsharded(model):  # FSDP: gathered once, as an all-gather per batch would hang on uneven counts
         for batch in loader:
             with precision.autocast():
                 sums.add(task.forward(model, to_device(batch, env.device, channels_last))[1])
+            batches += 1
     model.train(was_training)
+    # A stream may yield nothing (a generator spent on its first pass): its metrics would read 0, a perfect loss.
+    if not all_reduce_sum(torch.tensor([batches], device=env.device), env).item():
+        raise UsageError("data: the validation data yielded no batch (a stream's __iter__ must start over every pass)")
     return task.summarize(sums.reduce(env), "val")

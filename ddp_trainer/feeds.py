@@ -61,6 +61,7 @@ class AgreedFeed:
         self.stand_in: Any = None  # the last batch this rank trained (or skipped, when resumed): a dry rank's input
 
     def __iter__(self) -> Iterator[MicroBatch]:
+        self.stand_in = None  # one epoch's stand-in: last epoch's would hide a stream that yields nothing this epoch
         source = iter(self.loader)
         upcoming = self._pull(source)
         self.agreement.send(self._flags(upcoming))
@@ -105,7 +106,8 @@ class AgreedFeed:
         """Every rank learns the same sums, so every rank refuses alike, before any step's collective."""
         epoch = f"epoch {self.stream.epoch + 1}"
         if holders == 0 and lacking == self.env.world_size:  # not even a resumed epoch's skipped batch
-            raise UsageError(f"data: the training stream yielded no record in {epoch}")
+            again = " (its __iter__ must start over on every pass, not resume a generator)" if self.stream.epoch else ""
+            raise UsageError(f"data: the training stream yielded no record in {epoch}{again}")
         if holders and lacking:
             raise UsageError(
                 f"data: {lacking} of {self.env.world_size} ranks got no record of the training stream in {epoch}: "

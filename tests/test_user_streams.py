@@ -77,6 +77,28 @@ def test_an_empty_stream_and_a_schedule_that_needs_a_length_are_refused(tmp_path
         ddp_trainer.fit(model, Unaware(8), overrides=[*args, "optim.scheduler=cosine"])
 
 
+class Spent(IterableDataset):
+    """(value, label) records on its first `passes` passes, then none: a generator handed out again."""
+
+    def __init__(self, count: int, passes: int) -> None:
+        self.count, self.passes = count, passes
+
+    def __iter__(self):  # noqa: ANN204
+        self.passes -= 1
+        return ((torch.tensor([float(i)]), i % 2) for i in range(self.count if self.passes >= 0 else 0))
+
+
+def test_a_stream_spent_after_its_first_pass_is_refused_not_trained_or_scored_as_empty(tmp_path):
+    args = [*CPU, "trainer.epochs=2", "data.batch_size=4"]
+    with pytest.raises(UsageError, match=r"training stream yielded no record in epoch 2 \(its __iter__ must start"):
+        ddp_trainer.fit(nn.Linear(1, 2), Spent(8, 1), overrides=[*args, f"output_dir={tmp_path / 'train'}"])
+    # Scored as empty, validation read a loss of 0: a perfect score, and best.pt would have taken that epoch.
+    with pytest.raises(UsageError, match=r"^data: the validation data yielded no batch"):
+        ddp_trainer.fit(nn.Linear(1, 2), Spent(8, 2), Spent(4, 1), overrides=[*args, f"output_dir={tmp_path / 'val'}"])
+    assert [line["val/samples"] for line in read_metrics(tmp_path / "val")] == [4]
+    assert checkpoint.load(tmp_path / "val" / "checkpoints" / "best.pt")["epoch"] == 1
+
+
 def test_two_uneven_ranks_train_every_record_once_and_resume_mid_epoch_exactly(tmp_path):
     """The digits stream example: 4 readers of 360, 360, 360, 357 images in batches of 7, so one rank holds 104
     batches and the other 103. Stopped at step 103, when one rank's part is all trained and the other's next batch
