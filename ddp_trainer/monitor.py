@@ -18,13 +18,16 @@ class Monitor:
         self.stale_epochs = 0
 
     def update(self, record: dict[str, Any], whole_epoch: bool) -> bool:
-        """Take an epoch's record; True when its value is the new best (an improvement by more than min_delta)."""
+        """Take an epoch's record; True when best.pt takes it: a whole epoch's new best (by more than min_delta), or
+        a part epoch's (stopped at max_steps) while no whole epoch has set one."""
+        # A part epoch leaves the state alone: resumed, the rest of that epoch is judged with it, as uninterrupted.
+        if not whole_epoch:
+            return self.best is None
         value = record[self.name]
         if self.best is None or self._improves_on(self.best, value):
             self.best, self.stale_epochs = value, 0
             return True
-        if whole_epoch:  # a part epoch (stopped at max_steps) does not count towards patience
-            self.stale_epochs += 1
+        self.stale_epochs += 1
         return False
 
     def _improves_on(self, best: float, value: float) -> bool:

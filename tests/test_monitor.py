@@ -24,6 +24,18 @@ def test_patience_counts_whole_epochs_only():
     assert monitor.should_stop() and monitor.stale_epochs == 2
 
 
+def test_a_part_epoch_changes_nothing_a_resumed_run_would_judge_differently():
+    # Stopped at max_steps, a part epoch is validated; resumed, the same epoch is validated whole. Were the part's
+    # value the best, the whole epoch would be judged against it, and best.pt, patience and early stopping differ.
+    monitor = Monitor("val/loss", "min", min_delta=0.0, patience=1)
+    assert monitor.update({"val/loss": 0.9}, whole_epoch=False)  # no whole epoch yet: best.pt takes it for now
+    assert monitor.best is None
+    feed(monitor, [0.8])
+    assert not monitor.update({"val/loss": 0.1}, whole_epoch=False)
+    assert (monitor.best, monitor.stale_epochs, monitor.should_stop()) == (0.8, 0, False)
+    assert feed(monitor, [0.7]) == [True]
+
+
 def test_state_round_trips_through_checkpoint_keys():
     monitor = Monitor("val/loss", "min", min_delta=0.0, patience=3)
     feed(monitor, [0.7, 0.9])
