@@ -17,6 +17,7 @@ class Progress:
     partial_epoch_totals: dict[str, float] | None = None  # global sums of an epoch stopped part-way
     data_position: list[dict[str, Any]] | None = None  # each rank's place in its data order, part-way an epoch
     wandb_run_id: str | None = None  # a requeued job continues the same wandb run
+    last_lr: float | None = None  # the rate the last optimizer step took, which an epoch's line logs
 
     def finish_epoch(self) -> None:
         """The epoch ran to its end: the next starts from its beginning."""

@@ -35,9 +35,8 @@ from ddp_trainer.saving import Saver, ShardedSaver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import Task, training_measure
 
-# Beside the task's sums: the epoch's skipped (non-finite) steps, and with clipping the (already all-reduced)
-# gradient norms and how many steps they cover. Every rank holds the same values of these; rank 0 alone adds them,
-# so the global sums count each step once.
+# Beside the task's sums: the epoch's skipped (non-finite) steps, and with clipping the (all-reduced) gradient norms
+# and the steps they cover. Every rank holds the same values: rank 0 alone adds them, so each step counts once.
 STEP_SUMS = ("skipped_steps",)
 CLIP_SUMS = ("grad_norm_sum", "grad_norm_steps")
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
@@ -72,12 +71,12 @@ class Trainer:
         self.optimizer, self.scheduler, self.precision = parts.optimizer, parts.scheduler, parts.precision
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-        keep_last, async_save = cfg.checkpoint.keep_last, cfg.checkpoint.async_save
         saver = ShardedSaver if cfg.trainer.strategy == "fsdp" else Saver
-        self.saver = saver(self.checkpoint_dir, keep_last, async_save)
+        self.saver = saver(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.parameters, self.accumulate = list(self.model.parameters()), cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
-        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate the last step trained with: what is logged
+        if self.progress.last_lr is None:  # a new run (or an older checkpoint): the rate its first step will take
+            self.progress.last_lr = self.optimizer.param_groups[0]["lr"]
         self.measure, rows_of = training_measure(task, self.accumulate)
         # A host sync comes at least every log interval: the ledger holds that many steps. Only `skip` needs a verdict
         # before the step; `stop` saves nothing unjudged (every save follows a sync), so the sync judges all at once.
@@ -94,7 +93,8 @@ class Trainer:
     def fit(self) -> tuple[int, bool]:
         """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
         progress = self.progress
-        self.logger.start(to_yaml(self.cfg), progress.epoch, progress.wandb_run_id, resumed_step=progress.step)
+        kept = progress.epoch + self._reached_max_steps()  # a run already at max_steps keeps its part epoch's line
+        self.logger.start(to_yaml(self.cfg), kept, progress.wandb_run_id, resumed_step=progress.step)
         progress.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
@@ -137,7 +137,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "step": self.progress.step,
                 "world_size": self.env.world_size,
-                "lr": self.last_lr,
+                "lr": self.progress.last_lr,
                 **self._train_summary(train_totals),
                 "train/skipped_steps": int(train_totals["skipped_steps"]),
                 **self.evaluate(),
@@ -222,7 +222,7 @@ class Trainer:
         loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
         skip = self.ledger.record(step, loss, measured, norm, judge=self.precision.scaler is None)
         self.precision.step(self.optimizer, skip)
-        self.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
+        self.progress.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
         self.scheduler.step()
         if not self.timeouts.training:  # once, after the first step
             groups = [self.agreement.group, self.stream_feed and self.stream_feed.agreement.group]
@@ -230,7 +230,7 @@ class Trainer:
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
-            self.logger.show_running({**running, "lr": self.last_lr}, step)
+            self.logger.show_running({**running, "lr": self.progress.last_lr}, step)
         # Ranks act on what they agreed at the previous check, and send their flags for the next one.
         check = step % self.cfg.trainer.stop_check_every_n_steps == 0
         agreed = self.agreement.receive() if check else [0, 0]

@@ -19,6 +19,7 @@ import ddp_trainer
 from ddp_trainer import checkpoint, config, optim
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
+from ddp_trainer.trainer import Trainer
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "model.dropout=0.2"]
 
@@ -88,14 +89,39 @@ def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
     assert main([*split, "trainer.epochs=2", "trainer.max_steps=70"]) == 0  # 45 steps per epoch
     stopped = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert (stopped["epoch"], stopped["step"], stopped["batch_in_epoch"]) == (1, 70, 25)
+    assert main([*split, "trainer.epochs=2", "trainer.max_steps=70"]) == 0  # finished: says so, keeps its lines
+    assert [line["step"] for line in read_metrics(tmp_path / "split")] == [45, 70]
     assert main([*split, "trainer.epochs=3"]) == 0
     assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "straight"))
+    # The part epoch was validated at step 70, yet only whole epochs are judged: best.pt is the uninterrupted run's.
+    bests = [checkpoint.load(tmp_path / run / "checkpoints" / "best.pt") for run in ("split", "straight")]
+    assert [(best["step"], best["best_metric"]) for best in bests] == [(bests[1]["step"], bests[1]["best_metric"])] * 2
     split, straight = read_metrics(tmp_path / "split"), read_metrics(tmp_path / "straight")
     assert [line["epoch"] for line in split] == [1, 2, 3]
     for split_line, straight_line in zip(split, straight, strict=True):
         assert split_line["train/samples"] == straight_line["train/samples"]
         assert split_line["train/loss"] == pytest.approx(straight_line["train/loss"], rel=1e-9)
         assert split_line["val/accuracy"] == straight_line["val/accuracy"]
+
+
+def test_a_crash_after_an_epochs_last_step_was_saved_logs_the_rate_that_step_took(tmp_path, monkeypatch):
+    # The step checkpoint at step 45 is the epoch's last step; the crash comes before the epoch's own save. Resumed,
+    # the epoch has no step left, and its line must give the rate step 45 took, not the one step 46 will take.
+    args = [*DIGITS, "trainer.epochs=2", "checkpoint.every_n_steps=45"]
+    assert main([*args, f"output_dir={tmp_path / 'straight'}"]) == 0
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("crashed before the epoch's own save")
+
+    monkeypatch.setattr(Trainer, "_save_epoch_checkpoints", crash)
+    with pytest.raises(RuntimeError, match="crashed before"):
+        main([*args, f"output_dir={tmp_path / 'crashed'}"])
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "crashed" / "checkpoints" / "last.pt")["batch_in_epoch"] == 45
+    assert main([*args, f"output_dir={tmp_path / 'crashed'}"]) == 0
+    crashed, straight = read_metrics(tmp_path / "crashed"), read_metrics(tmp_path / "straight")
+    assert [line["lr"] for line in crashed] == [line["lr"] for line in straight]
+    assert straight[0]["lr"] != straight[1]["lr"]  # a cosine schedule: each epoch's last rate differs
 
 
 @pytest.mark.parametrize("per_sample_seed", [True, False])
