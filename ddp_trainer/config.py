@@ -166,8 +166,8 @@ class TrainerConfig(_Section):
     dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
     resume: str = "auto"
     log_every_n_steps: int = _positive(50)
-    dist_timeout_s: float = _positive(300.0, "a positive number")
-    startup_timeout_s: float = _positive(1800.0, "a positive number")
+    dist_timeout_s: float = _checked(300.0, lambda value: 0 < value <= 1e9, "seconds, above 0 and at most 1e9")
+    startup_timeout_s: float = _checked(1800.0, lambda value: 0 < value <= 1e9, "seconds, above 0 and at most 1e9")
     progress_bar: bool = True
     stop_check_every_n_steps: int = _positive(1)
     requeue: bool = True

@@ -10,6 +10,7 @@ from conftest import REPO_DIR, cli_env, read_metrics
 from dist_helpers import free_port
 
 from ddp_trainer import distributed, slurm
+from ddp_trainer.cli import doctor
 from ddp_trainer.cli.launch import torchrun_arguments
 from ddp_trainer.errors import UsageError
 
@@ -146,6 +147,14 @@ def test_doctor_reports_every_rank_and_times_an_all_reduce():
     ]
     assert "launcher=torchrun device=cpu" in result.stdout and "interface=lo" in result.stdout
     assert "doctor: all_reduce over 2 ranks (gloo) took" in result.stdout
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1"])
+def test_doctor_refuses_a_timeout_torch_cannot_hold(timeout, capsys):
+    with pytest.raises(SystemExit) as exited:
+        doctor.main(["--timeout", timeout])
+    assert exited.value.code == 2
+    assert f"argument --timeout: {timeout} is not seconds above 0 and at most 1e9" in capsys.readouterr().err
 
 
 def test_doctor_names_an_unreachable_master_in_one_line():

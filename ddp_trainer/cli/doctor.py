@@ -78,10 +78,18 @@ def check_all_reduce(env: distributed.DistEnv) -> str:
     return f"all_reduce over {env.world_size} ranks ({env.backend or 'no backend'}) took {elapsed_ms:.1f} ms: ok"
 
 
+def seconds(text: str) -> float:
+    """A --timeout value: seconds above 0 and at most 1e9 (what torch's timeouts hold), refused in argparse's line."""
+    value = float(text)
+    if not 0 < value <= 1e9:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not seconds above 0 and at most 1e9")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print this rank's view, join the group, time an all_reduce; exit 1 with one line naming what failed."""
     parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master and the ranks")
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for the master and the ranks")
     timeout_s = parser.parse_args(argv).timeout
     launch = None
     try:
