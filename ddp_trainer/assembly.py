@@ -18,7 +18,7 @@ from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.models import prepare_model
 from ddp_trainer.monitor import Monitor, build_monitor
-from ddp_trainer.optim import build_optimizer, build_scheduler, schedule_length
+from ddp_trainer.optim import build_optimizer, build_scheduler, relay_schedule, schedule_length
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.progress import Progress
 from ddp_trainer.sharding import load_full_state_dicts, load_shards, shard_model
@@ -94,6 +94,11 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         reason = first_line(error)
         raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
     parts.progress.load_state_dict(state)
+    if state.get("world_size", env.world_size) != env.world_size and parts.steps_per_epoch:
+        # The epochs done took other step counts; those left count whole (a map-style epoch restarts at another size).
+        parts.progress.schedule_offset = state["step"] - state["epoch"] * parts.steps_per_epoch
+    if parts.progress.schedule_offset:
+        relay_schedule(parts.scheduler, cfg, parts.steps_per_epoch, parts.progress.schedule_offset)
     parts.monitor.load_state_dict(state)
     rng_states = state.get("rng") or []
     if len(rng_states) == env.world_size:

@@ -34,8 +34,11 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
     return optimizer
 
 
-def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: int | None) -> Callable[[int], float]:
-    """LR factor per optimizer step: linear warmup, then the configured decay down to `min_lr`."""
+def lr_multiplier(
+    cfg: OptimConfig, steps_per_epoch: int | None, total_steps: int | None, offset: int = 0
+) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup, then the configured decay down to `min_lr`; epochs (of the step
+    schedule) start `offset` steps later than `steps_per_epoch` would place them (see `relay_schedule`)."""
     needs = {"cosine": total_steps, "step": steps_per_epoch}
     if needs.get(cfg.scheduler, 0) is None:
         raise UsageError(
@@ -53,7 +56,7 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: in
             progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if cfg.scheduler == "step":
-            return max(cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch)), floor)
+            return max(cfg.gamma ** ((step - offset) // (cfg.step_epochs * steps_per_epoch)), floor)
         return 1.0
 
     return multiplier
@@ -62,11 +65,29 @@ def lr_multiplier(cfg: OptimConfig, steps_per_epoch: int | None, total_steps: in
 def schedule_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int | None, int | None]:
     """(optimizer steps per epoch, in the whole run): None where a stream of unknown length leaves it open."""
     trainer = cfg.trainer
-    max_steps = trainer.max_steps if trainer.max_steps > 0 else None
     if batches_per_epoch is None:
-        return None, max_steps
+        return None, trainer.max_steps if trainer.max_steps > 0 else None
     steps_per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
-    return steps_per_epoch, min(max_steps or math.inf, trainer.epochs * steps_per_epoch)
+    return steps_per_epoch, _run_steps(cfg, steps_per_epoch)
+
+
+def _run_steps(cfg: Config, steps_per_epoch: int, offset: int = 0) -> int:
+    # `offset`: steps the run took beyond what its epochs so far take at this world size (see relay_schedule).
+    return min(
+        cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else math.inf, offset + cfg.trainer.epochs * steps_per_epoch
+    )
+
+
+def relay_schedule(scheduler: LambdaLR, cfg: Config, steps_per_epoch: int, offset: int) -> None:
+    """Lay a restored schedule over a run whose steps so far were taken at another world size, from its step on.
+
+    Epochs at another global batch took another number of steps: the schedule's length is the steps taken (`offset`
+    more than their whole epochs take at this size) and those of the epochs left, the current one counted whole.
+    """
+    multiplier = lr_multiplier(cfg.optim, steps_per_epoch, _run_steps(cfg, steps_per_epoch, offset), offset)
+    scheduler.lr_lambdas = [multiplier] * len(scheduler.lr_lambdas)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
 
 
 class StepwiseLambdaLR(LambdaLR):

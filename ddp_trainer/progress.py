@@ -18,6 +18,7 @@ class Progress:
     data_position: list[dict[str, Any]] | None = None  # each rank's place in its data order, part-way an epoch
     wandb_run_id: str | None = None  # a requeued job continues the same wandb run
     last_lr: float | None = None  # the rate the last optimizer step took, which an epoch's line logs
+    schedule_offset: int = 0  # steps beyond what the epochs done take at this world size (taken at another one)
 
     def finish_epoch(self) -> None:
         """The epoch ran to its end: the next starts from its beginning."""

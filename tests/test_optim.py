@@ -28,6 +28,9 @@ def test_linear_warmup_then_cosine_to_min_lr():
 def test_step_decay_counts_epochs_in_optimizer_steps():
     factor = lr_multiplier(OptimConfig(scheduler="step", step_epochs=2, gamma=0.5), steps_per_epoch=5, total_steps=50)
     assert [factor(step) for step in (0, 9, 10, 20)] == [1.0, 1.0, 0.5, 0.25]
+    # 13 steps took the first 2 epochs at another world size: epochs of 5 steps start at steps 13, 18, 23...
+    moved = lr_multiplier(OptimConfig(scheduler="step", step_epochs=2, gamma=0.5), 5, total_steps=43, offset=3)
+    assert [moved(step) for step in (12, 13, 22, 23)] == [1.0, 0.5, 0.5, 0.25]
 
 
 def test_no_scheduler_keeps_the_lr():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -217,6 +218,21 @@ def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_
     assert [(line["epoch"], line["step"]) for line in read_metrics(tmp_path)] == [(1, 45), (2, 90), (3, 135), (4, 180)]
     # The rate epoch 3's last step (135) trained with: the schedule's factor after 134 steps.
     assert read_metrics(tmp_path)[2]["lr"] == pytest.approx(3e-4 * multiplier(134), rel=1e-12)
+
+
+def test_a_run_resumed_on_more_ranks_lays_its_cosine_over_the_steps_it_will_take(tmp_path):
+    # 45 steps of 32 on one rank, then 23 an epoch on two: the schedule spans 45 + 2 x 23 = 91 steps. Laid over
+    # 3 x 23 = 69 steps, as if every epoch had run on two ranks, the rate reached 0 with an epoch still to train.
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[16]"]
+    args.append(f"output_dir={tmp_path}")
+    assert main([*args, "trainer.epochs=1"]) == 0
+    resumed = run_ranks([*args, "trainer.epochs=3", "trainer.allow_changes=[world_size,trainer.epochs]"])
+    assert resumed.returncode == 0, resumed.stderr
+    lines = read_metrics(tmp_path)
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 45), (2, 68), (3, 91)]
+    # The rate step 68 took: after 20 warmup steps, the cosine's factor 67 - 20 steps into its 91 - 20.
+    assert lines[1]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 47 / 71)), rel=1e-9)
+    assert lines[2]["lr"] > 0 and lines[2]["val/loss"] != lines[1]["val/loss"]  # the last epoch trained
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:
