@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, val = map_datasets(dataclasses.replace(config.load(args.config, args.overrides).data, augment=False))
         if args.shards > len(train):  # every shard holds a record at least: no folder of empty files
             raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
+        if len(val) == 0:  # before train/ is written: a refused run leaves --out empty, to be run again
+            raise UsageError("the validation split is empty: a stream's val/ folder needs a record at least")
         try:
             train_counts = write_shards(train, args.out / "train", args.shards, args.format)
             val_counts = write_shards(val, args.out / "val", max(1, min(args.shards // 2, len(val))), args.format)
