@@ -68,7 +68,8 @@ class UnreadableCheckpoint(UsageError):
 # A sharded checkpoint is a folder: each rank's shard of the model and optimizer (torch.distributed.checkpoint, DCP),
 # its `.metadata`, and rank 0's state file holding the rest (progress, RNG streams, config).
 SHARDED_STATE, SHARDED_METADATA = "state.pt", ".metadata"
-FILE_KEYS, SHARDED_KEYS = ("model", "optimizer", "epoch", "step", "config"), ("epoch", "step", "config")
+SHARDED_KEYS = {"epoch": int, "step": int, "config": dict}  # what every checkpoint holds, and of which type
+FILE_KEYS = {"model": dict, "optimizer": dict, **SHARDED_KEYS}
 # What DCP pickles into `.metadata` (torch 2.4-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
 METADATA_GLOBALS = {
     ("torch", "Size"),
@@ -171,6 +172,11 @@ def read_state(path: Path) -> dict[str, Any]:
     missing = [key for key in required if key not in state]
     if missing:
         raise UnreadableCheckpoint(f"checkpoint {file} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
+    wrong = next((key for key, kind in required.items() if not isinstance(state[key], kind)), None)
+    if wrong is not None:  # a file made by hand: its config read as keys would fail far from here
+        raise UnreadableCheckpoint(
+            f"checkpoint {file} is not a ddp-trainer checkpoint ({wrong} is {state[wrong]!r:.40})"
+        )
     return state
 
 

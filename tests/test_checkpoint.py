@@ -72,6 +72,9 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
     torch.save({"w": torch.ones(1)}, path)
     with pytest.raises(UsageError, match="missing model"):
         checkpoint.load(path)
+    torch.save({**minimal_state(1.0), "config": "notadict"}, path)  # resume failed with AttributeError at its keys
+    with pytest.raises(UsageError, match=r"not a ddp-trainer checkpoint \(config is 'notadict'\)$"):
+        checkpoint.load(path)
 
 
 def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
