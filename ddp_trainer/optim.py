@@ -73,9 +73,8 @@ def schedule_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int | N
 
 def _run_steps(cfg: Config, steps_per_epoch: int, offset: int = 0) -> int:
     # `offset`: steps the run took beyond what its epochs so far take at this world size (see relay_schedule).
-    return min(
-        cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else math.inf, offset + cfg.trainer.epochs * steps_per_epoch
-    )
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else math.inf
+    return min(max_steps, offset + cfg.trainer.epochs * steps_per_epoch)
 
 
 def relay_schedule(scheduler: LambdaLR, cfg: Config, steps_per_epoch: int, offset: int) -> None:
