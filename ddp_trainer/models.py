@@ -89,7 +89,7 @@ def _check_takes(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> N
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape))
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, AssertionError) as error:  # torch's ops; torchvision's own checks (ViT's size)
         raise UsageError(
             f"model.name={name} does not take the data's samples of shape {input_shape}: {first_line(error)}"
         ) from None

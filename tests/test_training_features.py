@@ -187,6 +187,9 @@ def test_a_model_that_cannot_take_the_data_is_refused_in_one_line_before_trainin
     shape = r"model.name=resnet18 does not take the data's samples of shape \(1, 8, 8\): .*to have 3 channels"
     with pytest.raises(UsageError, match=shape):
         models.build(config.ModelConfig(name="resnet18"), digits, 10)
+    size = r"model.name=vit_b_16 does not take .*\(3, 32, 32\): .*Expected 224 but got 32"  # torchvision's assert
+    with pytest.raises(UsageError, match=size):
+        models.build(config.ModelConfig(name="vit_b_16"), (3, 32, 32), 10)
     # The CIFAR stem is built for the data's channels; the check leaves the model training, its RNG untouched.
     torch.manual_seed(0)
     model = models.build(config.ModelConfig(name="resnet18", cifar_stem=True), digits, 10)
