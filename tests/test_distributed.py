@@ -131,10 +131,11 @@ def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
 FIT_AGAIN = """
 import sys, torch, ddp_trainer
 from torch.utils.data import TensorDataset
+from ddp_trainer.errors import say  # one write per line: print's two would interleave with the other rank's
 data = TensorDataset(torch.randn(64, 8), torch.arange(64) % 3)
 for run in range(4):
     overrides = [f"output_dir={sys.argv[1]}/{run}", "trainer.device=cpu", "trainer.epochs=1"]
-    print("fit", run, "step", ddp_trainer.fit(torch.nn.Linear(8, 3), data, overrides=overrides)["step"])
+    say(f"fit {run} step {ddp_trainer.fit(torch.nn.Linear(8, 3), data, overrides=overrides)['step']}")
 """
 
 
