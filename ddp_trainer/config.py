@@ -39,6 +39,19 @@ def _not_negative(default: float, expected: str) -> Any:
     return _checked(default, lambda value: value >= 0, expected)
 
 
+# About 31 years: far larger values overflow the timedelta torch's process groups take. The text is for messages.
+MAX_TIMEOUT_S, MAX_TIMEOUT_TEXT = 1e9, "1e9"
+
+
+def timeout_ok(seconds: float) -> bool:
+    """Whether `seconds` is a timeout torch can hold: above 0, at most MAX_TIMEOUT_S (NaN is not)."""
+    return 0 < seconds <= MAX_TIMEOUT_S
+
+
+def _timeout(default: float) -> Any:
+    return _checked(default, timeout_ok, f"seconds, above 0 and at most {MAX_TIMEOUT_TEXT}")
+
+
 # What trainer.allow_changes may name: changes a resumed run can meaningfully continue with (see changes.py).
 CONTINUABLE = (
     "trainer.epochs", "trainer.max_steps", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.momentum",
@@ -166,8 +179,8 @@ class TrainerConfig(_Section):
     dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
     resume: str = "auto"
     log_every_n_steps: int = _positive(50)
-    dist_timeout_s: float = _checked(300.0, lambda value: 0 < value <= 1e9, "seconds, above 0 and at most 1e9")
-    startup_timeout_s: float = _checked(1800.0, lambda value: 0 < value <= 1e9, "seconds, above 0 and at most 1e9")
+    dist_timeout_s: float = _timeout(300.0)
+    startup_timeout_s: float = _timeout(1800.0)
     progress_bar: bool = True
     stop_check_every_n_steps: int = _positive(1)
     requeue: bool = True

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import distributed
+from ddp_trainer.config import MAX_TIMEOUT_TEXT, timeout_ok
 from ddp_trainer.errors import UsageError, first_line, say
 
 SIOCGIFADDR = 0x8915
@@ -79,10 +80,10 @@ def check_all_reduce(env: distributed.DistEnv) -> str:
 
 
 def seconds(text: str) -> float:
-    """A --timeout value: seconds above 0 and at most 1e9 (what torch's timeouts hold), refused in argparse's line."""
+    """A --timeout value: a timeout torch can hold (as the config's), else refused in argparse's one line."""
     value = float(text)
-    if not 0 < value <= 1e9:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text} is not seconds above 0 and at most 1e9")
+    if not timeout_ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is not seconds above 0 and at most {MAX_TIMEOUT_TEXT}")
     return value
 
 
