@@ -16,12 +16,16 @@ class Monitor:
         self.name, self.mode, self.min_delta, self.patience = name, mode, min_delta, patience
         self.best: float | None = None
         self.stale_epochs = 0
+        # Reported only: a part epoch's value that best.pt holds while no whole epoch has set `best`.
+        self.part_epoch_best: float | None = None
 
     def update(self, record: dict[str, Any], whole_epoch: bool) -> bool:
         """Take an epoch's record; True when best.pt takes it: a whole epoch's new best (by more than min_delta), or
         a part epoch's (stopped at max_steps) while no whole epoch has set one."""
         # A part epoch leaves the state alone: resumed, the rest of that epoch is judged with it, as uninterrupted.
         if not whole_epoch:
+            if self.best is None:
+                self.part_epoch_best = record[self.name]
             return self.best is None
         value = record[self.name]
         if self.best is None or self._improves_on(self.best, value):
@@ -39,7 +43,11 @@ class Monitor:
 
     def describe(self) -> str:
         """The best value in words, for the run's last line."""
-        return f"best {self.name} " + ("n/a" if self.best is None else f"{self.best:.4f}")
+        if self.best is not None:
+            return f"best {self.name} {self.best:.4f}"
+        if self.part_epoch_best is not None:
+            return f"best {self.name} {self.part_epoch_best:.4f} (part epoch)"
+        return f"best {self.name} n/a"
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run judges the next epochs like an uninterrupted one."""

@@ -42,3 +42,12 @@ def test_state_round_trips_through_checkpoint_keys():
     restored = Monitor("val/loss", "min", min_delta=0.0, patience=3)
     restored.load_state_dict(monitor.state_dict())
     assert (restored.best, restored.stale_epochs) == (0.7, 1)
+
+
+def test_the_last_line_names_the_part_epoch_value_that_best_pt_holds():
+    monitor = Monitor("val/loss", "min", min_delta=0.0, patience=0)
+    assert monitor.describe() == "best val/loss n/a"
+    monitor.update({"val/loss": 0.9}, whole_epoch=False)
+    assert monitor.describe() == "best val/loss 0.9000 (part epoch)"
+    feed(monitor, [0.95])
+    assert monitor.describe() == "best val/loss 0.9500"
