@@ -60,8 +60,11 @@ class RunLogger:
         self.wandb_run_id = wandb_run_id
         if not self.is_main:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(config_yaml)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(config_yaml)
+        except OSError as error:  # a folder the up-front check cannot judge: /proc, a read-only mount, a full disk
+            raise UsageError(f"output_dir={self.output_dir} cannot be written: {error.strerror or error}") from None
         if self.metrics_path.exists():
             # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
             kept = [line for line in self.metrics_path.read_text().splitlines() if _epoch_of(line) <= completed_epochs]

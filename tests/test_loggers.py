@@ -181,6 +181,14 @@ def test_non_main_rank_writes_nothing(tmp_path):
     assert logger.wandb_run_id == "abc123"  # still handed on, so a checkpoint never loses the run's id
 
 
+def test_a_folder_that_cannot_be_made_is_one_line_naming_output_dir(tmp_path):
+    # The run's up-front check cannot judge every folder (/proc/x passes os.access as root): the write says it.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    logger = RunLogger(tmp_path / "taken" / "run", is_main=True, progress_bar=False)
+    with pytest.raises(UsageError, match=r"^output_dir=.*taken/run cannot be written: Not a directory$"):
+        logger.start("seed: 0\n", completed_epochs=0)
+
+
 def test_progress_bar_stays_quiet_when_stderr_is_not_a_terminal(tmp_path, capsys):
     logger = RunLogger(tmp_path, is_main=True, progress_bar=True)
     batches = list(logger.progress(range(4), 4, "epoch 1/1", samples_per_batch=64))
