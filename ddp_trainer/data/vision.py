@@ -30,7 +30,8 @@ class CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def _require_files(root: str, dataset: str, folder: str, names: list[str], download: bool) -> None:
+def _require_files(root: str, dataset: str, folder: str, names: list[str], download: bool) -> Path:
+    """The dataset's folder under `root`, refused in one line when a file is missing and no download is set."""
     files = Path(root).expanduser() / folder
     missing = [files / name for name in names if not (files / name).is_file()]
     if missing and not download:
@@ -38,6 +39,7 @@ def _require_files(root: str, dataset: str, folder: str, names: list[str], downl
             f"data.root={Path(root).expanduser()} is missing {dataset} files; expected {missing[0]} "
             f"(set data.download=true to fetch it, or copy the files there)"
         )
+    return files
 
 
 def _read(dataset: str, where: Path, files: list[str], build: Callable[[], Split]) -> Split:
@@ -60,10 +62,9 @@ def _read(dataset: str, where: Path, files: list[str], build: Callable[[], Split
 def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
     """FashionMNIST 28x28 grey garments, normalised to [-1, 1] as in the tutorial."""
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    folder = "FashionMNIST/raw"
-    _require_files(root, "FashionMNIST", folder, names, download)
+    where = _require_files(root, "FashionMNIST", "FashionMNIST/raw", names, download)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    read = functools.partial(_read, "FashionMNIST", Path(root).expanduser() / folder)
+    read = functools.partial(_read, "FashionMNIST", where)
     return (
         read(names[:2], lambda: datasets.FashionMNIST(root, True, transform, download=download)),
         read(names[2:], lambda: datasets.FashionMNIST(root, False, transform, download=download)),
@@ -73,13 +74,12 @@ def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, dat
 def cifar10(root: str, download: bool, augment: bool) -> tuple[CIFAR10Files, CIFAR10Files]:
     """CIFAR-10 with its channel statistics; random crop and flip on the training split when `augment`."""
     names = [name for name, _ in CIFAR10Files.train_list + CIFAR10Files.test_list] + [CIFAR10Files.meta["filename"]]
-    folder = CIFAR10Files.base_folder
-    _require_files(root, "CIFAR-10", folder, names, download)
+    where = _require_files(root, "CIFAR-10", CIFAR10Files.base_folder, names, download)
     normalize = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
     train_files, test_files = names[:5] + names[-1:], names[5:]  # both read batches.meta, the last name
     augmented, plain = transforms.Compose(augmentation + normalize), transforms.Compose(normalize)
-    read = functools.partial(_read, "CIFAR-10", Path(root).expanduser() / folder)
+    read = functools.partial(_read, "CIFAR-10", where)
     return (
         read(train_files, lambda: CIFAR10Files(root, True, augmented, download=download)),
         read(test_files, lambda: CIFAR10Files(root, False, plain, download=download)),
