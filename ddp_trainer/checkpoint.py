@@ -96,9 +96,24 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported GLOBAL {module}.{name} in checkpoint metadata")
 
 
-def _check_metadata(path: Path) -> None:
-    """Unpickle a DCP `.metadata` file with the allowlist: UsageError if it holds code, UnreadableCheckpoint if bad."""
-    _read(path, lambda file: _MetadataUnpickler(file).load())
+def _read_metadata(path: Path) -> Any:
+    """A DCP `.metadata` file unpickled with the allowlist: UsageError if it holds code, UnreadableCheckpoint if bad."""
+    return _read(path, lambda file: _MetadataUnpickler(file).load())
+
+
+def _check_shard_files(folder: Path, metadata: Any) -> None:
+    """UnreadableCheckpoint if a shard file is missing or shorter than `.metadata` says: an older one is taken."""
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise UnreadableCheckpoint(f"checkpoint {folder} is unreadable ({SHARDED_METADATA} lists no shard files)")
+    needed: dict[str, int] = {}
+    for stored in storage.values():  # each item's file, offset and length (DCP's _StorageInfo)
+        needed[stored.relative_path] = max(needed.get(stored.relative_path, 0), stored.offset + stored.length)
+    for name, size in sorted(needed.items()):
+        held = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if held is None or held < size:
+            problem = "is missing" if held is None else f"holds {held} of its {size} bytes"
+            raise UnreadableCheckpoint(f"checkpoint {folder} is unreadable ({name} {problem})")
 
 
 class SafeReader(FileSystemReader):
@@ -106,7 +121,7 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         """DCP's metadata, once the allowlist read it without error (a second read of a small file)."""
-        _check_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        _read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
         return super().read_metadata(*args, **kwargs)
 
 
@@ -162,7 +177,7 @@ def read_state(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        _check_metadata(path / SHARDED_METADATA)
+        _check_shard_files(path, _read_metadata(path / SHARDED_METADATA))
     file, required = (path / SHARDED_STATE, SHARDED_KEYS) if path.is_dir() else (path, FILE_KEYS)
     state = _read(file, lambda opened: torch.load(opened, map_location="cpu", weights_only=True))
     if not isinstance(state, dict):

@@ -71,17 +71,21 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     assert read_metrics(tmp_path / "file")[-1]["val/loss"] == read_metrics(tmp_path / "run")[-1]["val/loss"]
 
 
-def test_unreadable_newest_folder_falls_back_and_unfinished_folders_are_removed(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("cut_file", "named"),
+    [("state.pt", "state.pt is unreadable"), ("__0_0.distcp", "is unreadable (__0_0.distcp holds 8 of its ")],
+)
+def test_unreadable_newest_folder_falls_back_and_unfinished_folders_are_removed(tmp_path, capsys, cut_file, named):
     args = [*RUN, f"output_dir={tmp_path}"]
     assert main([*args, "trainer.epochs=1"]) == 0
     saved = tmp_path / "checkpoints"
     assert folders(saved) == ["best->step-00000045", "last->step-00000045", "step-00000040", "step-00000045"]
-    (saved / "step-00000045" / "state.pt").write_bytes(b"PK\x03\x04 cut off")
+    (saved / "step-00000045" / cut_file).write_bytes(b"PK\x03\x04 cut")  # a copy cut off after 8 bytes
     (saved / ".step-00000060.tmp").mkdir()  # a save that a crash interrupted
     capsys.readouterr()
     assert main([*args, "trainer.epochs=2"]) == 0
     output = capsys.readouterr().out
-    assert f"checkpoint {saved / 'step-00000045' / 'state.pt'} is unreadable" in output
+    assert f"checkpoint {saved / 'step-00000045'}" in output and named in output
     assert f"removed {saved / '.step-00000060.tmp'}" in output
     assert f"resumed from {saved / 'step-00000040'}: epoch 0, step 40" in output
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2]  # epoch 1 written again, from step 40 on
