@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 
 def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
@@ -31,13 +32,16 @@ def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """`key=value` strings as one layer of keys; UsageError for a string of another form."""
+    layer = OmegaConf.create()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UsageError(f"override {item!r} is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as error:
-        raise UsageError(f"overrides could not be parsed: {str(error).splitlines()[0]}") from error
+        try:  # one at a time, so the error names the override at fault
+            layer.merge_with_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:  # a value like [1,2 is a YAML error
+            detail = getattr(error, "problem", None) or first_line(error)  # YAML's own first line is its context
+            raise UsageError(f"override {item!r} could not be parsed: {detail}") from None
+    return layer
 
 
 def merge(base: DictConfig, layer: DictConfig) -> DictConfig:

@@ -94,13 +94,26 @@ def test_fsdp_takes_bf16_activation_checkpointing_and_its_own_blocks():
 
 
 def test_misspelt_key_suggests_the_right_one():
-    with pytest.raises(UsageError, match="Did you mean"):
+    with pytest.raises(UsageError, match=r"^unknown config key 'optim.lrr' \(Did you mean: 'lr'\?\)$"):
         config.load(None, ["optim.lrr=0.1"])
 
 
 def test_override_without_equals_sign_is_refused():
     with pytest.raises(UsageError, match="'trainer.epochs'"):
         config.load(None, ["trainer.epochs"])
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("model.hidden_sizes=[64,32", "did not find expected ',' or ']'"),
+        ('data.root="/x', "found unexpected end of stream"),
+    ],
+)
+def test_override_whose_value_is_not_yaml_is_named_in_one_line(override, problem):
+    with pytest.raises(UsageError) as refused:
+        config.load(None, ["seed=1", override])
+    assert str(refused.value) == f"override {override!r} could not be parsed: {problem}"
 
 
 def test_missing_config_file_is_named(tmp_path):
