@@ -20,19 +20,21 @@ TRAINER_KEYS = {"data": {*LOADER_KEYS, "download"}, "model": {"sync_batchnorm", 
 BUILT_INS = {"data": "datasets", "model": "models"}
 
 
-def _parameters(factory: Callable[..., Any]) -> tuple[list[str], bool]:
-    """The names `factory` takes as keywords (a class: its `__init__`'s) and whether it takes `**kwargs`."""
+def _parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool]:
+    """The names `factory` takes as keywords (a class: its `__init__`'s), those without a default, and whether it
+    takes `**kwargs`."""
     try:
         parameters = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # some builtins have no readable signature: the call itself will judge
-        return [], True
-    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+        return [], [], True
+    keywords = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in keywords if p.default is p.empty]
+    return [p.name for p in keywords], required, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def route(section: str, factory: Callable[..., Any], cfg: DataConfig | ModelConfig, written: Sequence[str]) -> None:
     """Add each schema key in `written` that `factory` takes to `cfg.kwargs`; refuse a key that would reach nothing."""
-    names, takes_any = _parameters(factory)
+    names, required, takes_any = _parameters(factory)
     refusal = f"is not a parameter of {cfg._target_} (it takes {', '.join(names) or 'no keyword arguments'})"
     for key in cfg.kwargs:
         if not takes_any and key not in names:
@@ -45,6 +47,9 @@ def route(section: str, factory: Callable[..., Any], cfg: DataConfig | ModelConf
         elif key not in TRAINER_KEYS[section]:
             built_ins = BUILT_INS[section]
             raise UsageError(f"config key '{section}.{key}' {refusal} and only applies to the built-in {built_ins}")
+    missing = [name for name in required if name not in cfg.kwargs]
+    if missing:  # the factory is called with keywords only: a TypeError traceback at build time otherwise
+        raise UsageError(f"config key '{section}.{missing[0]}' is missing: {cfg._target_} requires it")
 
 
 def saved(section: str, values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

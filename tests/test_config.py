@@ -154,6 +154,14 @@ def test_factory_taking_any_keyword_gets_every_key_written():
     assert cfg.model.channels_last  # the trainer reads it as well
 
 
+def test_argument_the_factory_requires_is_named_when_missing():
+    with pytest.raises(UsageError) as refused:
+        config.load(None, ["model._target_=torch.nn.Linear", "model.in_features=64"])
+    assert str(refused.value) == "config key 'model.out_features' is missing: torch.nn.Linear requires it"
+    cfg = config.load(None, ["model._target_=torch.nn.Linear", "model.in_features=64", "model.out_features=10"])
+    assert models.build(cfg.model, (64,), dataset_classes=10).out_features == 10
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
