@@ -41,9 +41,10 @@ def lr_multiplier(
     schedule) start `offset` steps later than `steps_per_epoch` would place them (see `relay_schedule`)."""
     needs = {"cosine": total_steps, "step": steps_per_epoch}
     if needs.get(cfg.scheduler, 0) is None:
+        remedy = {"cosine": "set trainer.max_steps", "step": "use optim.scheduler=none, or cosine + trainer.max_steps"}
         raise UsageError(
             f"optim.scheduler={cfg.scheduler} needs the run's length, and the training stream has none: "
-            + ("set trainer.max_steps" if cfg.scheduler == "cosine" else "use optim.scheduler=cosine or constant")
+            + remedy[cfg.scheduler]
         )
     decay_steps = max((total_steps or 0) - cfg.warmup_steps, 1)
     floor = cfg.min_lr / cfg.lr

@@ -75,6 +75,8 @@ def test_an_empty_stream_and_a_schedule_that_needs_a_length_are_refused(tmp_path
         ddp_trainer.fit(model, Unaware(0), overrides=args)
     with pytest.raises(UsageError, match="optim.scheduler=cosine needs the run's length.*set trainer.max_steps"):
         ddp_trainer.fit(model, Unaware(8), overrides=[*args, "optim.scheduler=cosine"])
+    with pytest.raises(UsageError, match=r"optim.scheduler=step needs .*: use optim.scheduler=none, or cosine \+ "):
+        ddp_trainer.fit(model, Unaware(8), overrides=[*args, "optim.scheduler=step"])
 
 
 class Spent(IterableDataset):
