@@ -16,18 +16,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer.errors import UsageError, first_line
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP and/or torch.compile wrappers."""
-    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
-    return model
 
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

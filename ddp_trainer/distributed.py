@@ -29,7 +29,6 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None
-    launcher: str
 
     @property
     def is_main(self) -> bool:
@@ -162,7 +161,7 @@ def setup(requested_device: str, timeout_s: float, requested_backend: str = "aut
         dist.init_process_group(
             backend, init_method, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
         )
-    return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
+    return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 
 # Markers of a collective that failed because a peer is gone or late, as gloo and NCCL word them.

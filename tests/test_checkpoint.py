@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from ddp_trainer import checkpoint
 from ddp_trainer.errors import UsageError
@@ -37,11 +36,6 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
 def test_wrapper_prefixes_are_stripped():
     state = {"module.0.weight": 1, "_orig_mod.module.1.bias": 2, "2.weight": 3}
     assert checkpoint.clean_state_dict(state) == {"0.weight": 1, "1.bias": 2, "2.weight": 3}
-
-
-def test_unwrap_finds_the_bare_module_inside_compile():
-    bare = nn.Linear(2, 2)
-    assert checkpoint.unwrap(torch.compile(bare)) is bare
 
 
 class RunsCode:

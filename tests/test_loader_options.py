@@ -7,8 +7,8 @@ import torch
 from ddp_trainer import config, data
 from ddp_trainer.distributed import DistEnv
 
-CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None, launcher="none")
-CUDA = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), backend=None, launcher="none")
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+CUDA = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), backend=None)
 
 
 def loaders(env: DistEnv, *overrides: str) -> data.DataBundle:

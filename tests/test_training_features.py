@@ -171,9 +171,7 @@ def test_a_clock_that_never_reaches_the_interval_saves_at_epoch_ends_only(tmp_pa
 
 def test_sync_batchnorm_converts_every_batchnorm_layer_for_gpu_ranks():
     # The meta device stands in for a GPU: no memory, no kernels, and not the CPU that SyncBatchNorm refuses.
-    gpu_rank = DistEnv(
-        rank=0, local_rank=0, world_size=2, device=torch.device("meta"), backend="nccl", launcher="torchrun"
-    )
+    gpu_rank = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("meta"), backend="nccl")
     model = prepare_model(batchnorm_net(), config.load(None, ["model.sync_batchnorm=true"]).model, gpu_rank)
     assert [type(layer) for layer in model.modules() if "BatchNorm" in type(layer).__name__] == [torch.nn.SyncBatchNorm]
     plain = prepare_model(batchnorm_net(), config.load(None, []).model, gpu_rank)

@@ -215,7 +215,7 @@ def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_fil
 
 def test_cifar10_training_augmentation_is_seeded_per_sample_and_epoch(cifar10_files):
     cfg = config.load(None, ["data.name=cifar10", f"data.root={cifar10_files.root}", "data.batch_size=4"])
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None, launcher="none")
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
     loader = data.build(cfg.data, env, cfg.seed).train_loader
     assert isinstance(loader.dataset, PerSampleSeeded)
     views = [loader.dataset[SampleKey(epoch, 0)][0] for epoch in (0, 0, 1)]
