@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ddp_trainer.config import CONTINUABLE, Config, to_container
 from ddp_trainer.errors import UsageError
+from ddp_trainer.optim import set_current_lrs
 
 # How the run reports, saves, waits or where it runs: the weights come out the same.
 HARMLESS = (
@@ -115,6 +116,6 @@ def apply(accepted: list[str], cfg: Config, optimizer: torch.optim.Optimizer, sc
                     group[name] = getattr(cfg.optim, name)
     if "optim.lr" in accepted:
         scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
-        for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        for group in optimizer.param_groups:
             group["initial_lr"] = cfg.optim.lr
-            group["lr"] = cfg.optim.lr * multiplier(scheduler.last_epoch)
+        set_current_lrs(scheduler)

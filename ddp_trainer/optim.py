@@ -86,7 +86,13 @@ def relay_schedule(scheduler: LambdaLR, cfg: Config, steps_per_epoch: int, offse
     """
     multiplier = lr_multiplier(cfg.optim, steps_per_epoch, _run_steps(cfg, steps_per_epoch, offset), offset)
     scheduler.lr_lambdas = [multiplier] * len(scheduler.lr_lambdas)
-    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+    set_current_lrs(scheduler)
+
+
+def set_current_lrs(scheduler: LambdaLR) -> None:
+    """Give each parameter group the lr its schedule holds for the current step, after the schedule was changed."""
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base_lr * multiplier(scheduler.last_epoch)
 
 
