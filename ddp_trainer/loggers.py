@@ -145,7 +145,7 @@ class RunLogger:
             self.tensorboard.flush()  # an epoch is rare and worth keeping should the job be killed before close
 
     def _write_scalars(self, values: dict[str, Any], step: int) -> None:
-        scalars = {name: value for name, value in values.items() if _is_number(value)}
+        scalars = {name: value for name, value in values.items() if is_number(value)}
         if self.tensorboard is not None:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, global_step=step)
@@ -164,7 +164,7 @@ class RunLogger:
 
 def format_metrics(record: dict[str, Any], prefix: str = "val") -> str:
     """`val/loss 0.1234 | val/accuracy 97.21%`: a record's metrics under `prefix`, counts left out."""
-    shown = [(name, value) for name, value in record.items() if name.startswith(f"{prefix}/") and _is_number(value)]
+    shown = [(name, value) for name, value in record.items() if name.startswith(f"{prefix}/") and is_number(value)]
     return " | ".join(f"{name} {_format(name, value)}" for name, value in shown if not name.endswith("/samples"))
 
 
@@ -192,7 +192,8 @@ def _import_optional(module: str, key: str) -> ModuleType:
         ) from error
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether a record's value is a number to plot or log as a scalar (JSON's true and false are not)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

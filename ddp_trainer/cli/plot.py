@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddp_trainer.errors import UsageError
+from ddp_trainer.loggers import is_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,16 +43,12 @@ def read_epochs(file: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and "epoch" in record:
             # A string would be drawn as a category, a list or a dict fails inside matplotlib.
             for key in (key for key in record if key == "epoch" or key.partition("/")[0] in SPLITS):
-                if record[key] is not None and not _is_number(record[key]):
+                if record[key] is not None and not is_number(record[key]):
                     raise UsageError(f"{file} line {number}: {key} is {record[key]!r}, not a number")
             records.append(record)
     if not records:
         raise UsageError(f"{file} has no epoch lines (each line should be a JSON object with an 'epoch' key)")
     return records
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
