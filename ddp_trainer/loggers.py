@@ -92,7 +92,7 @@ class RunLogger:
         return run
 
     def progress(
-        self, batches: Iterable[Item], total: int, description: str, samples_per_batch: int = 0
+        self, batches: Iterable[Item], total: int | None, description: str, samples_per_batch: int = 0
     ) -> Iterator[Item]:
         """Iterate `batches` with a bar on rank 0 when stderr is a terminal; `samples_per_batch` is the global batch."""
         if not self.show_bar:

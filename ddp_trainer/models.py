@@ -53,7 +53,7 @@ class GarmentClassifier(nn.Module):
 
 
 def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int | None) -> nn.Module:
-    """Build the configured model for samples of `input_shape` (on CPU; the trainer moves it)."""
+    """Build the configured model for samples of `input_shape` (on CPU; `prepare_model` moves it)."""
     if cfg._target_ is not None:
         model = locate(cfg._target_, "model._target_")(**cfg.kwargs)
         if not isinstance(model, nn.Module):

@@ -23,20 +23,21 @@ from ddp_trainer.preemption import StopProofLoader
 
 
 class EpochOrder(Protocol):
-    """What the trainer asks of the training data's order: `set_epoch` starts an epoch from its beginning;
-    `position` is checkpointable, after `batches_done` batches since the epoch (or resume) started; `resume`
-    continues at a position, or returns False when it cannot, and the epoch restarts from its beginning."""
+    """What the trainer asks of the training data's order (a sampler's or a stream's), to checkpoint and resume it."""
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning."""
 
-    def position(self, batches_done: int) -> dict[str, Any]: ...
+    def position(self, batches_done: int) -> dict[str, Any]:
+        """Where the epoch stands after `batches_done` batches since it (or the resume) started, to checkpoint."""
 
-    def resume(self, position: dict[str, Any]) -> bool: ...
+    def resume(self, position: dict[str, Any]) -> bool:
+        """Continue at `position`; False when it cannot, and the epoch restarts from its beginning."""
 
 
 @dataclass
 class DataBundle:
-    """This rank's loaders plus what model builders need to know about the samples."""
+    """This rank's loaders, the training order a checkpoint keeps, the split sizes and the batches per epoch."""
 
     train_loader: DataLoader
     val_loader: DataLoader | None

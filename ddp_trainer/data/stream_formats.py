@@ -22,7 +22,9 @@ FORMATS = {".jsonl": "jsonl", ".npz": "npz"}
 class JsonlShards(ShardedIterableDataset):
     """One JSON object per line; `input_field` holds the (nested) numbers, `label_field` the class index."""
 
-    def __init__(self, *args: Any, input_field: str, label_field: str, input_shape: list[int] | None, **kw: Any):
+    def __init__(
+        self, *args: Any, input_field: str, label_field: str, input_shape: list[int] | None, **kw: Any
+    ) -> None:
         self.input_field, self.label_field, self.input_shape = input_field, label_field, input_shape
         super().__init__(*args, **kw)
 
@@ -54,7 +56,7 @@ class JsonlShards(ShardedIterableDataset):
 class NpzShards(ShardedIterableDataset):
     """`np.savez` files holding arrays `x` (inputs) and `y` (labels) of equal length."""
 
-    def __init__(self, *args: Any, input_shape: list[int] | None, **kw: Any):
+    def __init__(self, *args: Any, input_shape: list[int] | None, **kw: Any) -> None:
         self.input_shape = input_shape
         super().__init__(*args, **kw)
 
