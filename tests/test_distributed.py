@@ -78,12 +78,13 @@ def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
     assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'one'}"]) == 0
     result = run_ranks([*common, "data.batch_size=32", f"output_dir={tmp_path / 'two'}"])
     assert result.returncode == 0, result.stderr
-    one, two = (checkpoint.load(tmp_path / run / "checkpoints" / "last.pt") for run in ("one", "two"))
-    initial = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    # Another lr must land elsewhere: the step moved the weights, so equal weights are not two untouched models.
+    assert main([*common, "data.batch_size=64", "optim.lr=0.25", f"output_dir={tmp_path / 'half'}"]) == 0
+    one, two, half = (checkpoint.load(tmp_path / run / "checkpoints" / "last.pt") for run in ("one", "two", "half"))
     assert one["step"] == two["step"] == 1
     for name, weight in one["model"].items():
         torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6)
-    assert initial.keys() == one["model"].keys()
+    assert any(not torch.equal(half["model"][name], weight) for name, weight in one["model"].items())
 
 
 def read_order(record_dir: Path, rank: int) -> list[int]:
