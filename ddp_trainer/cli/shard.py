@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as error:
             raise UsageError(f"cannot write shards to --out {args.out}: {error.strerror or error}") from None
     except UsageError as error:
-        print(f"ddp-shard: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)  # as argparse words its own errors
         return 2
     print(
         f"wrote {sum(train_counts)} train records in {len(train_counts)} shards and {sum(val_counts)} val records "
