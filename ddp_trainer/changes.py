@@ -109,11 +109,9 @@ def check(
 
 def apply(accepted: list[str], cfg: Config, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> None:
     """Put accepted optimizer changes into the restored optimizer and schedule, which hold the saved values."""
-    for name in ("weight_decay", "momentum"):
-        if f"optim.{name}" in accepted:
-            for group in optimizer.param_groups:
-                if name in group:
-                    group[name] = getattr(cfg.optim, name)
+    changed = [name for name in ("weight_decay", "momentum") if f"optim.{name}" in accepted]
+    for group in optimizer.param_groups:  # an optimizer without momentum (AdamW) has no such key to set
+        group.update({name: getattr(cfg.optim, name) for name in changed if name in group})
     if "optim.lr" in accepted:
         scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:

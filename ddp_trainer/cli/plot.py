@@ -41,14 +41,18 @@ def read_epochs(file: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise UsageError(f"{file} line {number} is not valid JSON: {error.msg}") from error
         if isinstance(record, dict) and "epoch" in record:
-            # A string would be drawn as a category, a list or a dict fails inside matplotlib.
-            for key in (key for key in record if key == "epoch" or key.partition("/")[0] in SPLITS):
-                if record[key] is not None and not is_number(record[key]):
-                    raise UsageError(f"{file} line {number}: {key} is {record[key]!r}, not a number")
+            _check_numbers(record, f"{file} line {number}")
             records.append(record)
     if not records:
         raise UsageError(f"{file} has no epoch lines (each line should be a JSON object with an 'epoch' key)")
     return records
+
+
+def _check_numbers(record: dict[str, Any], where: str) -> None:
+    # A string would be drawn as a category, a list or a dict fails inside matplotlib.
+    for key in (key for key in record if key == "epoch" or key.partition("/")[0] in SPLITS):
+        if record[key] is not None and not is_number(record[key]):
+            raise UsageError(f"{where}: {key} is {record[key]!r}, not a number")
 
 
 def epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

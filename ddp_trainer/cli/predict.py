@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -98,6 +99,16 @@ def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dat
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
+def _write_lines(file: IO[str], first_index: int, predictions: list[Prediction], targets: list[str]) -> tuple[int, int]:
+    """One JSON line per sample from `first_index` on; returns the (top-1, top-k) hits among them."""
+    top1 = topk = 0
+    for index, (prediction, target) in enumerate(zip(predictions, targets, strict=True), start=first_index):
+        classes = [name for name, _ in prediction]
+        top1, topk = top1 + (classes[0] == target), topk + (target in classes)
+        file.write(json.dumps({"index": index, "target": target, "top_k": prediction}) + "\n")
+    return top1, topk
+
+
 def predict_split(restored: Restored, args: argparse.Namespace, env: distributed.DistEnv) -> str:
     """Write one JSON line per sample of the split; returns the summary line with top-1 and top-k accuracy."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
@@ -113,12 +124,8 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
             for inputs, targets in batches:
                 inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
                 predictions = top_k(restored.model, inputs, args.top_k, precision, names)
-                for prediction, target in zip(predictions, targets.tolist(), strict=True):
-                    classes = [name for name, _ in prediction]
-                    top1 += classes[0] == names(target)
-                    topk += names(target) in classes
-                    file.write(json.dumps({"index": index, "target": names(target), "top_k": prediction}) + "\n")
-                    index += 1
+                hits = _write_lines(file, index, predictions, [names(target) for target in targets.tolist()])
+                index, top1, topk = index + len(predictions), top1 + hits[0], topk + hits[1]
         except BaseException:
             output.unlink()  # a partial file would only block the rerun: predict never overwrites
             raise
