@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, tasks
-from ddp_trainer.assembly import assemble
+from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -68,18 +69,17 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     array_task = distributed.slurm_array_task()
     cfg = for_array_task(cfg, array_task)
     _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
-    stop = StopSignals()  # from the start: a signal during start-up is acted on at the first step
+    stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
     # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
     env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
+    # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
+    stop.watch(signal.SIGTERM)
     logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
     if array_task is not None:
         logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
-        model, train_set, val_set = build(env)
-        bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
-        seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
-        parts = assemble(cfg, env, model, bundle, task, logger)
+        bundle, parts = _assemble(cfg, env, build, task, logger)
         exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
         record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
@@ -88,6 +88,20 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         distributed.teardown()
         stop.restore()
     return exit_code, record if finished else {}
+
+
+def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:
+    """This rank's data and parts; a peer that failed meanwhile (a missing file on its node) is named in one line."""
+    try:
+        model, train_set, val_set = build(env)
+        bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
+        seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
+        return bundle, assemble(cfg, env, model, bundle, task, logger)
+    except RuntimeError as error:  # from a collective: DDP's first broadcast, a download's barrier
+        if not (env.distributed and distributed.is_peer_failure(error)):
+            raise
+        startup = ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s)
+        raise distributed.rank_lost(error, env, startup, "while the run was assembled") from error
 
 
 def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, overrides: Any) -> None:

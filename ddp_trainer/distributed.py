@@ -145,6 +145,23 @@ def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None
     return dist.PrefixStore(f"ddp_trainer/attempt_{attempt}/setup_{next(_SETUPS)}", store)
 
 
+def _join(launch: Launch, backend: str, timeout_s: float) -> None:
+    """Join the process group; a rendezvous that times out (a rank never started) is one line, not a traceback."""
+    timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
+    try:
+        store = _restart_safe_store(launch, timeout)
+        tcp = store is None and launch.launcher == "srun"
+        init_method = f"tcp://{launch.master_addr}:{launch.master_port}" if tcp else None  # None: the store, or env://
+        dist.init_process_group(
+            backend, init_method, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+        )
+    except dist.DistStoreError as error:
+        raise RankLost(
+            f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out "
+            f"(trainer.startup_timeout_s={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
+        ) from None
+
+
 def setup(requested_device: str, timeout_s: float, requested_backend: str = "auto") -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv."""
     launch = detect_launcher()
@@ -154,13 +171,7 @@ def setup(requested_device: str, timeout_s: float, requested_backend: str = "aut
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
-        store = _restart_safe_store(launch, timeout)
-        tcp = store is None and launch.launcher == "srun"
-        init_method = f"tcp://{launch.master_addr}:{launch.master_port}" if tcp else None  # None: the store, or env://
-        dist.init_process_group(
-            backend, init_method, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
-        )
+        _join(launch, backend, timeout_s)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 

@@ -25,6 +25,10 @@ class StopSignals:
         self.received: int = 0
         self._previous = {signum: signal.signal(signum, self._note) for signum in signums}
 
+    def watch(self, signum: signal.Signals) -> None:
+        """Note `signum` too from now on (restored with the others)."""
+        self._previous.setdefault(signum, signal.signal(signum, self._note))
+
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.received:
             # A second signal is not waited for (a rank stuck in a collective never reaches the next step).

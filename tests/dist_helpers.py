@@ -34,12 +34,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
-    """The CLI in `world_size` plain processes with the rank variables set, as srun would start them.
+def plain_ranks(
+    args: list[str], world_size: int = 2, started: int | None = None, port: int = 0
+) -> list[subprocess.Popen]:
+    """The CLI in plain processes with the rank variables set, as srun would start them: the first `started` ranks
+    (all by default) of `world_size`, meeting at `port` (a free one by default).
 
     Not torchrun: torchrun ends the other ranks as soon as one exits, which would hide what each rank does alone.
     """
-    port = str(free_port())
+    port = str(port or free_port())
     return [
         subprocess.Popen(
             [sys.executable, "-m", "ddp_trainer.train", *args],
@@ -54,7 +57,7 @@ def plain_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
             text=True,
             cwd=REPO_DIR,
         )  # fmt: skip
-        for rank in range(world_size)
+        for rank in range(world_size if started is None else started)
     ]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ddp_trainer.data.datasets import TensorClassification
+from ddp_trainer.errors import UsageError
 
 
 def blobs(train_size: int = 96, val_size: int = 37, features: int = 8, classes: int = 3) -> tuple[Dataset, Dataset]:
@@ -102,6 +103,15 @@ def faulty_blobs(fault: str, fault_rank: int, after: int, train_size: int = 96) 
     train, val = blobs(train_size=train_size)
     faulty_rank = os.environ.get("RANK", "0") == str(fault_rank)
     return FaultyDataset(train, fault if faulty_rank else None, after), val
+
+
+def blobs_differing_on(rank: int, difference: str) -> tuple[Dataset, Dataset]:
+    """`blobs` as one rank alone sees them: fewer training samples (`"shorter"`) or its files gone (`"missing"`)."""
+    if os.environ.get("RANK", "0") != str(rank):
+        return blobs()
+    if difference == "missing":
+        raise UsageError("data.root=/data is missing the blobs files (on this rank's node only)")
+    return blobs(train_size=40)
 
 
 def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli, run_script
 from dist_helpers import (
     evaluate_checkpoint,
+    free_port,
     plain_ranks,
     refusals,
     run_ranks,
@@ -189,6 +192,60 @@ def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
     for rank, error in enumerate(refusals(["--config", DIGITS, *args])):
         assert error.startswith(f"ddp-train: error (rank {rank}): {message}") and "\n" not in error
     assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
+
+
+def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):
+    # Unequal lengths would split unequal index ranges: a hang in training, or validation counted wrongly.
+    args = ["data._target_=factories.blobs_differing_on", "data.rank=1", "data.difference=shorter", *BLOBS[1:]]
+    for rank, error in enumerate(refusals([*args, f"output_dir={tmp_path}"])):
+        assert error == (
+            f"ddp-train: error (rank {rank}): the ranks were given datasets of different lengths (train / val samples, "
+            "rank 0: 96 / 37, rank 1: 40 / 37): give every rank the whole datasets, the samplers split them"
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_rank_that_fails_while_the_run_is_assembled_is_named_by_the_others(tmp_path):
+    args = ["data._target_=factories.blobs_differing_on", "data.rank=1", "data.difference=missing", *BLOBS[1:]]
+    rank0, rank1 = plain_ranks([*args, f"output_dir={tmp_path}"])
+    (_, stderr0), (_, stderr1) = rank0.communicate(timeout=120), rank1.communicate(timeout=120)
+    assert (rank0.returncode, rank1.returncode) == (4, 2)
+    assert (
+        stderr1.strip()
+        == "ddp-train: error (rank 1): data.root=/data is missing the blobs files (on this rank's node only)"
+    )
+    error = stderr0.strip()
+    assert error.startswith("ddp-train: error (rank 0): rank 1 stopped answering") and "\n" not in error
+    assert "a collective failed while the run was assembled (trainer.startup_timeout_s=1800)" in error
+
+
+def listening(port: int) -> bool:
+    """Whether a socket of this machine listens on `port` (the rendezvous store that rank 0 hosts)."""
+    tables = [Path(f"/proc/net/{name}").read_text() for name in ("tcp", "tcp6")]
+    return any(f":{port:04X} " in line and line.split()[3] == "0A" for table in tables for line in table.splitlines())
+
+
+def test_a_rank_waiting_for_one_that_never_started_ends_in_one_line_or_on_sigterm(tmp_path):
+    alone = plain_ranks(["--config", DIGITS, "trainer.startup_timeout_s=3", f"output_dir={tmp_path}"], started=1)[0]
+    _, stderr = alone.communicate(timeout=60)
+    assert alone.returncode == 4
+    assert re.fullmatch(
+        r"ddp-train: error \(rank 0\): the rendezvous at 127.0.0.1:\d+ timed out \(trainer.startup_timeout_s=3\): "
+        r"Timed out after \d+ seconds waiting for clients. 1/2 clients joined. A rank failed to start: see its output",
+        stderr.strip(),
+    )
+    # torchrun SIGTERMs the ranks left when one fails: one waiting in the rendezvous must end, not wait 30 minutes.
+    port = free_port()
+    waiting = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=1, port=port)[0]
+    deadline = time.monotonic() + 60
+    while not listening(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    waiting.send_signal(signal.SIGTERM)
+    try:
+        waiting.communicate(timeout=15)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == -signal.SIGTERM
 
 
 def test_a_model_with_unused_parameters_trains_on_two_ranks_once_ddp_is_told(tmp_path):

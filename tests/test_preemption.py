@@ -30,6 +30,19 @@ def test_first_signal_is_noted_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR2) is previous
 
 
+def test_a_signal_watched_later_is_noted_from_then_and_restored_with_the_others():
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = StopSignals((signal.SIGUSR2,))
+    try:
+        assert signal.getsignal(signal.SIGTERM) is previous  # a rank still in the rendezvous ends on SIGTERM
+        stop.watch(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 class Blocking(Dataset):
     """Serves `ready` samples in each worker, then blocks for an hour (a dead filesystem)."""
 

@@ -17,7 +17,7 @@ from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampl
 from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream
-from ddp_trainer.distributed import DistEnv, barrier
+from ddp_trainer.distributed import DistEnv, barrier, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
 
@@ -167,6 +167,7 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
         val_loader = None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None)
         val_size = 0 if val_set is None else sum(val_set.counts)
         return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
+    _check_same_on_every_rank(train_set, val_set, env)
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
@@ -182,3 +183,18 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     samples = PerSampleSeeded(train_set, seed) if per_sample_seed else train_set
     train_loader = _sampled_loader(samples, sampler, cfg, env, seed)
     return DataBundle(train_loader, val_loader, sampler, len(train_set), val_size, len(train_loader))
+
+
+def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: DistEnv) -> None:
+    """Refuse, on every rank alike, map-style datasets whose lengths differ between ranks (each must get them all)."""
+    # The samplers split one dataset by index: unequal lengths would hang training or count validation wrongly.
+    sizes = [
+        None if isinstance(split, IterableDataset) or split is None else len(split) for split in (train_set, val_set)
+    ]
+    by_rank = gather_objects(tuple(sizes), env)
+    if len(set(by_rank)) > 1:
+        listed = ", ".join(f"rank {rank}: {train} / {val}" for rank, (train, val) in enumerate(by_rank))
+        raise UsageError(
+            f"the ranks were given datasets of different lengths (train / val samples, {listed}): give every rank "
+            "the whole datasets, the samplers split them"
+        )
