@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,29 @@ def test_missing_files_exit_2_with_one_line_naming_the_expected_file(recipe, exp
     assert str(data_root / expected_file) in lines[0]
     assert "data.download=true" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before the run wrote anything
+
+
+@pytest.mark.parametrize(
+    ("recipe", "name", "folder", "cause"),
+    [
+        ("fashion_mnist_mlp.yaml", "FashionMNIST", "FashionMNIST/raw", "Error downloading train-images-idx3-ubyte.gz"),
+        ("cifar10_resnet18.yaml", "CIFAR-10", "cifar-10-batches-py", "<urlopen error no network here>"),
+    ],
+)
+def test_a_download_without_network_exits_2_with_one_line_saying_so(
+    recipe, name, folder, cause, tmp_path, capsys, monkeypatch
+):
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # what an offline compute node's DNS failure raises
+    assert train_in_process(recipe, tmp_path / "data", tmp_path / "run", "data.download=true") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"ddp-train: error: {name} could not be downloaded into {tmp_path / 'data' / folder} ({cause}"
+    )
+    assert lines[0].endswith("copy the files there yourself and set data.download=false")
 
 
 @pytest.mark.parametrize(

@@ -42,11 +42,18 @@ def _require_files(root: str, dataset: str, folder: str, names: list[str], downl
     return files
 
 
-def _read(dataset: str, where: Path, files: list[str], build: Callable[[], Split]) -> Split:
-    """`build()`, where a file that is truncated or not in the dataset's format stops the run in one line."""
+def _read(dataset: str, where: Path, download: bool, files: list[str], build: Callable[[], Split]) -> Split:
+    """`build()`, where a failed download or a file that is truncated or foreign stops the run in one line."""
     try:
         split = build()
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # what torchvision's readers raise
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        # A download fails with URLError (an OSError), or FashionMNIST's "Error downloading ..." after each mirror;
+        # the readers' own errors on a truncated or foreign file are the others.
+        if download and (isinstance(error, OSError) or str(error).startswith("Error downloading")):
+            raise UsageError(
+                f"{dataset} could not be downloaded into {where} ({first_line(error)}): without network access, "
+                "copy the files there yourself and set data.download=false"
+            ) from None
         raise UsageError(
             f"{dataset} cannot read one of {', '.join(files)} in {where} ({first_line(error)}): a truncated or "
             "foreign file; copy it again, or remove it and set data.download=true"
@@ -64,7 +71,7 @@ def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, dat
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     where = _require_files(root, "FashionMNIST", "FashionMNIST/raw", names, download)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    read = functools.partial(_read, "FashionMNIST", where)
+    read = functools.partial(_read, "FashionMNIST", where, download)
     return (
         read(names[:2], lambda: datasets.FashionMNIST(root, True, transform, download=download)),
         read(names[2:], lambda: datasets.FashionMNIST(root, False, transform, download=download)),
@@ -79,7 +86,7 @@ def cifar10(root: str, download: bool, augment: bool) -> tuple[CIFAR10Files, CIF
     augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
     train_files, test_files = names[:5] + names[-1:], names[5:]  # both read batches.meta, the last name
     augmented, plain = transforms.Compose(augmentation + normalize), transforms.Compose(normalize)
-    read = functools.partial(_read, "CIFAR-10", where)
+    read = functools.partial(_read, "CIFAR-10", where, download)
     return (
         read(train_files, lambda: CIFAR10Files(root, True, augmented, download=download)),
         read(test_files, lambda: CIFAR10Files(root, False, plain, download=download)),
