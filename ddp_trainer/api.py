@@ -6,12 +6,13 @@ every rank calls `fit` with the same arguments, and `fit` reads who launched it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,9 @@ def fit(
 
     `task` is "classification", "regression", "language_model" or an object following `ddp_trainer.tasks.Task`.
     `config` is a YAML path, a dict of config keys, or None for the defaults; `overrides` are `key=value` strings.
-    The outputs (config.yaml, metrics.jsonl, checkpoints), resume and exit codes are those of `ddp-train`; a run
-    stopped by a signal raises SystemExit with the CLI's exit code after its checkpoint.
+    The outputs (config.yaml, metrics.jsonl, checkpoints) and resume are those of `ddp-train`; its errors are raised
+    as `CliError`s carrying the CLI's `exit_code`, and a run stopped by a signal raises SystemExit with the CLI's exit
+    code after its checkpoint.
     """
     _check_arguments(model, train_data, val_data, config, overrides)
     cfg, task_name = load_for_objects(config, overrides), task if isinstance(task, str) else type(task).__name__
@@ -81,7 +83,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     try:
         bundle, parts = _assemble(cfg, env, build, task, logger)
         exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
-        record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
+        with _naming_lost_ranks(env, ("trainer.dist_timeout_s", cfg.trainer.dist_timeout_s), "as the run ended"):
+            record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
         stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive
         logger.finish(exit_code)
@@ -92,16 +95,22 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:
     """This rank's data and parts; a peer that failed meanwhile (a missing file on its node) is named in one line."""
-    try:
+    with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "during start-up"):
         model, train_set, val_set = build(env)
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
         return bundle, assemble(cfg, env, model, bundle, task, logger)
-    except RuntimeError as error:  # from a collective: DDP's first broadcast, a download's barrier
+
+
+@contextlib.contextmanager
+def _naming_lost_ranks(env: DistEnv, timeout: tuple[str, float], where: str) -> Iterator[None]:
+    # Outside the training loop (which names them itself): DDP's first broadcast, a download's barrier, the last record.
+    try:
+        yield
+    except RuntimeError as error:
         if not (env.distributed and distributed.is_peer_failure(error)):
             raise
-        startup = ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s)
-        raise distributed.rank_lost(error, env, startup, "while the run was assembled") from error
+        raise distributed.rank_lost(error, env, timeout, where) from error
 
 
 def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, overrides: Any) -> None:

@@ -216,7 +216,7 @@ def test_a_rank_that_fails_while_the_run_is_assembled_is_named_by_the_others(tmp
     )
     error = stderr0.strip()
     assert error.startswith("ddp-train: error (rank 0): rank 1 stopped answering") and "\n" not in error
-    assert "a collective failed while the run was assembled (trainer.startup_timeout_s=1800)" in error
+    assert "a collective failed during start-up (trainer.startup_timeout_s=1800)" in error
 
 
 def listening(port: int) -> bool:
