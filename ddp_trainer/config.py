@@ -80,13 +80,16 @@ class _Section:
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(_Section):
     """Shape of the random dataset used by `data.name=synthetic` (benchmarks, smoke tests)."""
 
-    train_size: int = 2048
-    val_size: int = 512
-    input_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
-    num_classes: int = 10
+    section = "data.synthetic"
+    train_size: int = _positive(2048)
+    val_size: int = _positive(512)
+    input_shape: list[int] = _checked(
+        [3, 32, 32], lambda shape: len(shape) > 0 and all(size > 0 for size in shape), "a list of positive sizes"
+    )
+    num_classes: int = _checked(10, lambda count: count >= 2, "2 classes or more")
 
 
 @dataclass

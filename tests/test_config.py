@@ -61,6 +61,9 @@ def test_overrides_are_converted_to_the_schema_types():
         ("data=[1]", "config key 'data' is a section of keys, not [1]"),
         ("data.synthetic=[1]", "config key 'data.synthetic' is a section of keys, not [1]"),
         ("trainer.fsdp_wrap={a: 1}", "config key 'trainer.fsdp_wrap' is a list, not {'a': 1}"),
+        ("data.synthetic.val_size=0", "config key 'data.synthetic.val_size' has invalid value 0"),
+        ("data.synthetic.num_classes=1", "config key 'data.synthetic.num_classes' has invalid value 1"),
+        ("data.synthetic.input_shape=[3,0,4]", "config key 'data.synthetic.input_shape' has invalid value [3, 0, 4]"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):

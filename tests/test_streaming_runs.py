@@ -142,7 +142,7 @@ def test_shard_writer_refuses_to_write_over_existing_files_or_empty_shards(tmp_p
     assert "--shards=100000: more than the 1438 training records" in capsys.readouterr().err
     assert shard_main(["--out", "/proc/shards"]) == 2
     assert "cannot write shards to --out /proc/shards" in capsys.readouterr().err
-    no_val = ["data.name=synthetic", "data.synthetic.train_size=16", "data.synthetic.val_size=0"]
+    no_val = ["data._target_=factories.blobs", "data.train_size=16", "data.val_size=0"]
     assert shard_main(["--out", str(tmp_path / "no_val"), *no_val]) == 2  # was a traceback, train/ already written
     assert "the validation split is empty" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
