@@ -61,7 +61,10 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
         return model
     num_classes = cfg.num_classes or dataset_classes
     if num_classes is None:
-        raise UsageError("model.num_classes is not set and the dataset has no `classes` attribute to count")
+        raise UsageError(
+            "model.num_classes is not set and the dataset has no `classes` attribute to count (stream shards have "
+            "one when their index.json lists them)"
+        )
     if dataset_classes and num_classes < dataset_classes:  # labels past the last logit fail only inside the loss
         raise UsageError(f"model.num_classes={num_classes} is fewer than the {dataset_classes} classes of the data")
     if cfg.name == "mlp":

@@ -151,3 +151,17 @@ def test_shard_writer_refuses_to_write_over_existing_files_or_empty_shards(tmp_p
 def test_missing_stream_folder_is_named(tmp_path, capsys):
     assert train_main(["data.name=stream", f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}"]) == 2
     assert f"{tmp_path / 'train'} holds no index.json" in capsys.readouterr().err
+
+
+def test_shards_without_index_are_counted_and_ask_for_the_class_count(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert shard_main(["--config", "configs/digits_mlp.yaml", "--out", str(shards), "--shards", "4"]) == 0
+    for split in ("train", "val"):
+        (shards / split / "index.json").unlink()
+    stream = ["--config", "configs/digits_stream.yaml", f"data.root={shards}", "trainer.device=cpu", "trainer.epochs=1"]
+    capsys.readouterr()
+    assert train_main([*stream, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "model.num_classes is not set" in capsys.readouterr().err
+    assert train_main([*stream, "model.num_classes=10", f"output_dir={tmp_path / 'run'}"]) == 0
+    [line] = read_metrics(tmp_path / "run")
+    assert (line["train/samples"], line["val/samples"]) == (1438, 359)
