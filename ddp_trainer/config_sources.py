@@ -20,7 +20,7 @@ def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
         return OmegaConf.create(dict(source or {}))
     file = Path(source)
     if not file.is_file():
-        raise UsageError(f"config file {file} does not exist")
+        raise UsageError(f"config file {file} " + ("is a folder" if file.is_dir() else "does not exist"))
     try:
         loaded = OmegaConf.load(file)
     except Exception as error:  # YAML errors come in several types; all mean the same to the user

@@ -258,7 +258,7 @@ class Trainer:
                 # Nothing is saved: every save comes after this check, so the last checkpoint stays good.
                 raise TrainingDiverged(
                     f"the loss or its gradients were not finite on at least one rank {where}; stopped at step "
-                    f"{self.progress.step} without saving: {self.checkpoint_dir} keeps the last good checkpoint "
+                    f"{self.progress.step} without saving: {self.checkpoint_dir} holds only good checkpoints, if any "
                     "(trainer.nonfinite_loss=skip skips such steps)"
                 )
             self.logger.info(

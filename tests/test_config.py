@@ -120,8 +120,10 @@ def test_override_whose_value_is_not_yaml_is_named_in_one_line(override, problem
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(UsageError, match="nope.yaml"):
+    with pytest.raises(UsageError, match="nope.yaml does not exist"):
         config.load(tmp_path / "nope.yaml")
+    with pytest.raises(UsageError, match=f"^config file {tmp_path} is a folder$"):
+        config.load(tmp_path)
 
 
 def test_target_sibling_keys_become_factory_kwargs(tmp_path):
