@@ -145,7 +145,7 @@ def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None
     return dist.PrefixStore(f"ddp_trainer/attempt_{attempt}/setup_{next(_SETUPS)}", store)
 
 
-def _join(launch: Launch, backend: str, timeout_s: float) -> None:
+def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> None:
     """Join the process group; a rendezvous that times out (a rank never started) is one line, not a traceback."""
     timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
     try:
@@ -158,12 +158,20 @@ def _join(launch: Launch, backend: str, timeout_s: float) -> None:
     except dist.DistStoreError as error:
         raise RankLost(
             f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out "
-            f"(trainer.startup_timeout_s={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
+            f"({timeout_name}={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
         ) from None
 
 
-def setup(requested_device: str, timeout_s: float, requested_backend: str = "auto") -> DistEnv:
-    """Join the process group when launched with more than one rank; return this rank's DistEnv."""
+def setup(
+    requested_device: str,
+    timeout_s: float,
+    requested_backend: str = "auto",
+    timeout_name: str = "trainer.startup_timeout_s",
+) -> DistEnv:
+    """Join the process group when launched with more than one rank; return this rank's DistEnv.
+
+    `timeout_name` is what the user set `timeout_s` with, for the line a rendezvous that times out ends with.
+    """
     launch = detect_launcher()
     gpu_count = visible_gpus()
     device = resolve_device(requested_device, launch, gpu_count)
@@ -171,7 +179,7 @@ def setup(requested_device: str, timeout_s: float, requested_backend: str = "aut
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        _join(launch, backend, timeout_s)
+        _join(launch, backend, timeout_s, timeout_name)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ddp_trainer import distributed
 from ddp_trainer.config import MAX_TIMEOUT_TEXT, timeout_ok
-from ddp_trainer.errors import UsageError, first_line, say
+from ddp_trainer.errors import CliError, UsageError, first_line, say
 
 SIOCGIFADDR = 0x8915
 
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         device = distributed.resolve_device("auto", launch, distributed.visible_gpus())
         say(describe(launch, device))
         reach_master(launch, timeout_s)
-        env = distributed.setup("auto", timeout_s)
+        env = distributed.setup("auto", timeout_s, timeout_name="--timeout")
         try:
             line = check_all_reduce(env)
         finally:
             distributed.teardown()
-    except UsageError as error:
+    except CliError as error:  # a bad setting, or a rendezvous that timed out
         say(f"doctor: FAIL{distributed.rank_label()}: {error}", sys.stderr)
         return 1
     except (RuntimeError, dist.DistError, TimeoutError) as error:
