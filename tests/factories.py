@@ -77,7 +77,7 @@ def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -
 
 class FaultyDataset(Dataset):
     """After serving `after` items on a faulty rank: raises (`fault="crash"`), hangs for an hour (`"stall"`) or
-    gets SLURM's preemption warning once (`"usr2"`)."""
+    gets SLURM's preemption warning (`"usr2"`) or SIGTERM (`"term"`) once."""
 
     def __init__(self, inner: Dataset, fault: str | None, after: int) -> None:
         self.inner, self.fault, self.after, self.served, self.classes = inner, fault, after, 0, inner.classes
@@ -90,9 +90,10 @@ class FaultyDataset(Dataset):
         if self.fault is not None and self.served > self.after:
             if self.fault == "crash":
                 raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
-            if self.fault == "usr2":
+            if self.fault in ("usr2", "term"):
+                signum = signal.SIGUSR2 if self.fault == "usr2" else signal.SIGTERM
                 self.fault = None
-                os.kill(os.getpid(), signal.SIGUSR2)
+                os.kill(os.getpid(), signum)
                 return self.inner[index]
             time.sleep(3600)  # a rank stuck on a dead filesystem
         return self.inner[index]

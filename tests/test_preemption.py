@@ -89,16 +89,25 @@ def test_a_second_signal_ends_the_process():
     assert result.returncode == -signal.SIGTERM
 
 
-@pytest.mark.parametrize(("requeue", "strategy"), [("true", "ddp"), ("false", "fsdp")])
-def test_usr2_without_a_requeue_saves_and_exits_140_not_0(tmp_path, capsys, monkeypatch, requeue, strategy):
-    # USR2 arrives in the first epoch, outside SLURM (or with requeue off): the job will not run again.
+@pytest.mark.parametrize(
+    ("fault", "requeue", "strategy", "said"),
+    [
+        ("usr2", "true", "ddp", "not a SLURM job: nothing to requeue"),
+        ("usr2", "false", "fsdp", "not requeued (trainer.requeue=False)"),
+        ("term", "true", "ddp", "not requeued (SIGTERM is not SLURM's USR2 warning)"),
+    ],
+)
+def test_a_stop_not_requeued_saves_and_exits_128_plus_the_signal(
+    tmp_path, capsys, monkeypatch, fault, requeue, strategy, said
+):
+    # The signal arrives in the first epoch, outside SLURM (or with requeue off): the job will not run again.
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    data = ["data._target_=factories.faulty_blobs", "data.fault=usr2", "data.fault_rank=0", "data.after=20"]
+    data = ["data._target_=factories.faulty_blobs", f"data.fault={fault}", "data.fault_rank=0", "data.after=20"]
     args = [*data, "model._target_=factories.small_net", "trainer.device=cpu", f"trainer.requeue={requeue}"]
     args += [f"trainer.strategy={strategy}"]  # fsdp: the stop's checkpoint is a sharded folder
-    assert main([*args, "data.batch_size=8", f"output_dir={tmp_path}"]) == 128 + signal.SIGUSR2
-    said = "not a SLURM job: nothing to requeue" if requeue == "true" else "not requeued (trainer.requeue=False)"
+    signum = signal.SIGUSR2 if fault == "usr2" else signal.SIGTERM
+    assert main([*args, "data.batch_size=8", f"output_dir={tmp_path}"]) == 128 + signum
     last = tmp_path / "checkpoints" / ("last" if strategy == "fsdp" else "last.pt")
-    assert f"{last} saved; {said}; exit code 140" in capsys.readouterr().out
+    assert f"{last} saved; {said}; exit code {128 + signum}" in capsys.readouterr().out
     # Noted while batch 3 loads (samples 17-24), acted on at the next step's agreement: saved after step 4 of 12.
     assert checkpoint.load(last)["step"] == 4
