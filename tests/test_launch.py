@@ -11,6 +11,7 @@ from dist_helpers import free_port
 
 from ddp_trainer import distributed, slurm
 from ddp_trainer.cli import doctor
+from ddp_trainer.cli.launch import main as launch_main
 from ddp_trainer.cli.launch import torchrun_arguments
 from ddp_trainer.errors import UsageError
 
@@ -83,6 +84,20 @@ def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
     assert not any(token.startswith("--rdzv-id=") for token in arguments)  # the user's --rdzv-id mine stays
     assert arguments[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"]
     assert sum(token.startswith("--nproc") for token in arguments) == 1
+
+
+def test_ddp_launch_keeps_a_master_the_user_names_instead_of_the_slurm_rendezvous():
+    task = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[3-4]", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    given = ["--rdzv-backend=static", "--master-addr=10.0.0.5", "--master-port=29533", "train.py"]
+    arguments = torchrun_arguments(given, task)
+    assert "--nnodes=2" in arguments and "--node-rank=1" in arguments
+    assert not any(token.startswith(("--rdzv-endpoint", "--rdzv-id", "--rdzv-backend=c10d")) for token in arguments)
+
+
+def test_ddp_launch_doctor_with_a_training_script_is_refused(capsys):
+    assert launch_main(["--doctor", "--standalone", "-m", "ddp_trainer.train", "--config", "x.yaml"]) == 2
+    said = capsys.readouterr().err
+    assert said == "ddp-launch: error: --doctor runs its own check: give it the launch flags only, not a script\n"
 
 
 def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():

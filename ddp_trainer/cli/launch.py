@@ -64,9 +64,12 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     added = []
     if not _given(flags, options["nproc_per_node"]):
         added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
+    # A master the user names (the static rendezvous) is theirs: torchrun would take a --rdzv-endpoint over it.
+    own_master = any(_given(flags, options[name]) for name in ("master_addr", "master_port"))
     if not args.standalone:
         for flag, value in slurm_flags(environ).items():
-            if not _given(flags, options[flag.lstrip("-").replace("-", "_")]):
+            left_out = not _given(flags, options[flag.lstrip("-").replace("-", "_")])
+            if left_out and not (own_master and flag.startswith("--rdzv")):
                 added.append(f"{flag}={value}")
     # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
     # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
@@ -79,14 +82,19 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
 def own_flags(argv: Sequence[str]) -> tuple[set[str], list[str]]:
     """ddp-launch's flags among those before the training script, and the command line without them; the script's
     own arguments are the script's, `--dry-run` included."""
+    script_part = _script_length(argv)
+    head, script = list(argv)[: len(argv) - script_part], list(argv)[len(argv) - script_part :]
+    return {token for token in head if token in OWN_FLAGS}, [token for token in head if token not in OWN_FLAGS] + script
+
+
+def _script_length(argv: Sequence[str]) -> int:
+    """How many of `argv`'s last tokens are the training script and its arguments (0: no script)."""
     parser = torchrun.get_args_parser()
     for flag in OWN_FLAGS:
         parser.add_argument(flag, action="store_true")
     stand_in = "ddp-launch-no-script"  # the --doctor form names no script: torchrun's parser needs one to finish
     args = parser.parse_args([*argv, "-m", stand_in])
-    script_part = 0 if args.training_script == stand_in else len(args.training_script_args) - 1  # -m, stand-in
-    head, script = list(argv)[: len(argv) - script_part], list(argv)[len(argv) - script_part :]
-    return {token for token in head if token in OWN_FLAGS}, [token for token in head if token not in OWN_FLAGS] + script
+    return 0 if args.training_script == stand_in else len(args.training_script_args) - 1  # -m, stand-in
 
 
 def _note_stop_signal(signum: int, frame: FrameType | None) -> None:
@@ -121,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ddp-launch`: run (or with --dry-run, print) the torchrun command; --doctor checks the job."""
     given, arguments = own_flags(sys.argv[1:] if argv is None else argv)
     dry_run, doctor = (flag in given for flag in OWN_FLAGS)
+    if doctor and _script_length(arguments):
+        say("ddp-launch: error: --doctor runs its own check: give it the launch flags only, not a script", sys.stderr)
+        return 2
     if doctor:
         arguments += ["-m", "ddp_trainer.cli.doctor"]
     try:
