@@ -21,8 +21,7 @@ BUILT_INS = {"data": "datasets", "model": "models"}
 
 
 def _parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool]:
-    """The names `factory` takes as keywords (a class: its `__init__`'s), those without a default, and whether it
-    takes `**kwargs`."""
+    """Keywords `factory` takes (a class: its `__init__`'s), those without a default, whether it takes `**kwargs`."""
     try:
         parameters = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # some builtins have no readable signature: the call itself will judge
