@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import itertools
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp_trainer import slurm
+from ddp_trainer import rendezvous, slurm
 from ddp_trainer.errors import RankLost, UsageError, first_line
 
 
@@ -127,34 +126,17 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
     return "gloo" if requested == "gloo" or shared else "nccl"
 
 
-# Every rank of a job sets up as many times (one per fit()), so the count names the same group on every rank.
-_SETUPS = itertools.count()
-
-
-def _restart_safe_store(launch: Launch, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, the rendezvous store with keys prefixed by the restart count and setup; None otherwise."""
-    # With env:// (torch 2.14), workers restarted by `torchrun --max-restarts` read the peer addresses the failed
-    # attempt left in the agent's store and fail with "connectFullMesh ... Connection refused"; so does a script's
-    # second fit(), reading those of its first, destroyed group.
-    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or launch.master_addr is None or launch.master_port is None:
-        return None
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    is_master = not agent_hosts_store and launch.rank == 0
-    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master, timeout=timeout)
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    return dist.PrefixStore(f"ddp_trainer/attempt_{attempt}/setup_{next(_SETUPS)}", store)
-
-
 def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> None:
     """Join the process group; a rendezvous that times out (a rank never started) is one line, not a traceback."""
     timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
+    if launch.master_addr is None or launch.master_port is None:
+        raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        store = _restart_safe_store(launch, timeout)
-        tcp = store is None and launch.launcher == "srun"
-        init_method = f"tcp://{launch.master_addr}:{launch.master_port}" if tcp else None  # None: the store, or env://
-        dist.init_process_group(
-            backend, init_method, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+        store = rendezvous.open_store(
+            launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout
         )
+        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     except dist.DistStoreError as error:
         raise RankLost(
             f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out "

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import factories
 import pytest
 import torch
 from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
-from dist_helpers import run_ranks
+from dist_helpers import free_port, run_ranks
 
 import ddp_trainer
 from ddp_trainer import checkpoint, config, optim
@@ -281,12 +282,10 @@ def assert_same_run(faulted: Path, uninterrupted: Path) -> None:
             assert line[key] == expected_line[key], key
 
 
-def torchrun_with_one_restart(args: list[str], module: str = "ddp_trainer.train") -> subprocess.Popen:
+def torchrun_with_one_restart(args: list[str]) -> subprocess.Popen:
     command = cli_command(args, nproc=2)
     command.insert(command.index("--standalone"), "--max-restarts=1")
-    command[command.index("ddp_trainer.train")] = module
-    env = {**cli_env(), "KILL_AT_SAVE": "8"}
-    return subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=REPO_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_torchrun_restarts_a_rank_stopped_by_sigterm_and_ends_with_the_same_weights(tmp_path, uninterrupted_two_ranks):
@@ -304,11 +303,24 @@ def test_torchrun_restarts_a_rank_stopped_by_sigterm_and_ends_with_the_same_weig
     assert_same_run(tmp_path, uninterrupted_two_ranks)
 
 
+def two_agents_with_one_restart(args: list[str]) -> list[subprocess.Popen]:
+    """`python -m fault_entry ARGS` under two torchrun agents, one rank each, as on two nodes; one restart allowed."""
+    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--max-restarts=1", "-m", "fault_entry"]
+    env = {**cli_env(), "KILL_AT_SAVE": "8"}
+    return [
+        subprocess.Popen([*command, *args], cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+
+
 def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted_two_ranks):
-    # Rank 0 dies with half of its 8th checkpoint written to the temporary file; torchrun restarts the job.
-    process = torchrun_with_one_restart([*TORCHRUN_RUN, f"output_dir={tmp_path}"], module="fault_entry")
-    output = process.communicate(timeout=180)[0].decode()
-    assert process.returncode == 0, output
+    # Rank 0 dies with half of its 8th checkpoint written to the temporary file; torchrun restarts the job. Two agents
+    # count restarts apart (one 1, the other 0), so the restarted ranks must still find each other in the agent's store.
+    agents = two_agents_with_one_restart([*TORCHRUN_RUN, f"output_dir={tmp_path}"])
+    outputs = [agent.communicate(timeout=180)[0].decode() for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    output = "".join(outputs)
     assert "a checkpoint write that a crash interrupted" in output  # the half-written temporary file was found
     assert "resumed from" in output and "unreadable" not in output  # last.pt was the previous, whole checkpoint
     assert not list((tmp_path / "checkpoints").glob(".*"))

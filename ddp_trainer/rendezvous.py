@@ -1,0 +1,82 @@
+"""A key space in the launcher's store that this attempt's ranks agree on, and that no earlier attempt wrote in."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+# An elastic agent keeps its store for the whole job, so a restarted attempt finds the keys (gloo's peer addresses,
+# NCCL's ids) that a failed attempt left. torchrun's TORCHELASTIC_RESTART_COUNT cannot name attempts apart: each
+# agent counts its own restarts, so the nodes of one attempt disagree. Every rank therefore draws a random token,
+# and rank 0 numbers a round from a store counter; a rank takes a round only if its own token is in it, so a
+# stale token (or a stale round) is never taken, and rank 0 numbers new rounds until every rank has taken one.
+_ROOT = "ddp_trainer/rounds"
+_POLL_S = 0.05
+_FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
+
+
+def open_store(host: str, port: int, world_size: int, rank: int, agent_hosts: bool, timeout: timedelta) -> dist.Store:
+    """The job's store, served by the elastic agent where it hosts one, else by rank 0; prefixed for this attempt."""
+    # multi_tenant: a script's second fit() opens the store again in the same process while the first may live on.
+    host_store = rank == 0 and not agent_hosts
+    store = dist.TCPStore(host, port, world_size, host_store, timeout=timeout, multi_tenant=not agent_hosts)
+    deadline = time.monotonic() + timeout.total_seconds()
+    return dist.PrefixStore(_agree_on_round(store, rank, world_size, deadline), store)
+
+
+def _agree_on_round(store: dist.Store, rank: int, world_size: int, deadline: float) -> str:
+    """The prefix of a round every rank of this attempt takes; raises DistStoreError at `deadline`."""
+    token = secrets.token_hex(16)
+    store.set(f"{_ROOT}/token/{rank}", token)
+    window_s = _FIRST_WINDOW_S
+    while time.monotonic() < deadline:
+        if rank == 0:
+            taken = _lead(store, world_size, until=min(time.monotonic() + window_s, deadline))
+        else:
+            taken = _follow(store, rank, token, deadline)
+        if taken is not None:
+            return f"{_ROOT}/{taken}"
+        window_s *= 2  # ranks too slow to take a round in time (many, or a loaded host) get longer for the next
+    raise dist.DistStoreError(f"no round of the store was taken by all {world_size} ranks in time.")
+
+
+def _lead(store: dist.Store, world_size: int, until: float) -> int | None:
+    """Number a round of the tokens in the store now; the round if every other rank takes it by `until`, else None."""
+    round_number = store.add(f"{_ROOT}/count", 1)
+    tokens = store.multi_get([f"{_ROOT}/token/{rank}" for rank in range(world_size)])  # waits for one of each
+    store.set(f"{_ROOT}/{round_number}/tokens", b" ".join(tokens))
+    store.set(f"{_ROOT}/latest", str(round_number))
+    if not _appears(store, [f"{_ROOT}/{round_number}/taken/{rank}" for rank in range(1, world_size)], until):
+        return None  # a token was stale: its rank had not written this attempt's yet
+    store.set(f"{_ROOT}/{round_number}/go", "1")
+    return round_number
+
+
+def _follow(store: dist.Store, rank: int, token: str, deadline: float) -> int | None:
+    """Take the latest round if it holds this rank's token and rank 0 confirms it; else None, to look again."""
+    round_number = int(store.get(f"{_ROOT}/latest"))  # waits for rank 0's first round
+    if token.encode() not in store.get(f"{_ROOT}/{round_number}/tokens").split():
+        time.sleep(_POLL_S)
+        return None
+    store.set(f"{_ROOT}/{round_number}/taken/{rank}", "1")
+    # Until rank 0 confirms this round or numbers a newer one: a rank still waiting on an old round would miss the
+    # newer round's window, and rank 0 would number rounds forever.
+    while time.monotonic() < deadline:
+        if store.check([f"{_ROOT}/{round_number}/go"]):
+            return round_number
+        if int(store.get(f"{_ROOT}/latest")) != round_number:
+            return None
+        time.sleep(_POLL_S)
+    return None
+
+
+def _appears(store: dist.Store, keys: list[str], until: float) -> bool:
+    """Whether every key is in the store by the time.monotonic() `until`; polled: a timed-out wait logs a warning."""
+    while not store.check(keys):
+        if time.monotonic() > until:
+            return False
+        time.sleep(_POLL_S)
+    return True
