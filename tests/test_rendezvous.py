@@ -1,4 +1,4 @@
-"""The store's rounds: the ranks of an attempt meet in keys that no earlier attempt wrote, whatever it left behind."""
+"""Where ranks meet: in keys of the store that no earlier attempt wrote, whatever it left behind, at a named master."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from ddp_trainer import rendezvous
+from ddp_trainer.cli.train import main
 
 TIMEOUT = timedelta(seconds=30)
 
@@ -39,3 +40,14 @@ def test_a_restarted_attempt_meets_in_new_keys_though_a_late_rank_left_its_old_t
     # Rank 2 starts late: rank 0 first finds the token rank 2 drew in the first attempt, which rank 2 must refuse.
     assert attempt(agent_store.port, [0.0, 0.0, 1.5]) == [3, 3, 3]
     assert attempt(agent_store.port, [0.8, 0.0]) == [2, 2]  # fewer ranks, and rank 0 the last to start
+
+
+def test_ranks_started_by_hand_without_a_master_are_told_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["trainer.device=cpu", f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        "ddp-train: error (rank 1): RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, "
+        "or use torchrun\n"
+    )
