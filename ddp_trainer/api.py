@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -82,7 +83,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
         bundle, parts = _assemble(cfg, env, build, task, logger)
-        exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
+        with _naming_unused_parameters():
+            exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
         with _naming_lost_ranks(env, ("trainer.dist_timeout_s", cfg.trainer.dist_timeout_s), "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
@@ -113,6 +115,20 @@ def _naming_lost_ranks(env: DistEnv, timeout: tuple[str, float], where: str) -> 
         raise distributed.rank_lost(error, env, timeout, where) from error
 
 
+@contextlib.contextmanager
+def _naming_unused_parameters() -> Iterator[None]:
+    # DDP's own words name a DistributedDataParallel argument, which the user sets through the config instead.
+    try:
+        yield
+    except RuntimeError as error:
+        if "find_unused_parameters=True" not in str(error):
+            raise
+        raise UsageError(
+            "some parameters took no part in a step's loss (a head used only at some steps, a frozen branch?): "
+            "set trainer.find_unused_parameters=true"
+        ) from error
+
+
 def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, overrides: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
@@ -122,6 +138,8 @@ def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, ov
         raise UsageError(f"fit(): config must be a YAML path, a dict of keys or None, not {type(config).__name__}")
     if isinstance(overrides, str):  # its characters would be taken for overrides, one by one
         raise UsageError(f"fit(): overrides must be a list of key=value strings, not one string: [{overrides!r}]")
+    if not isinstance(overrides, list | tuple) or not all(isinstance(item, str) for item in overrides):
+        raise UsageError(f"fit(): overrides must be a list of key=value strings, not {overrides!r}")
 
 
 def _check_dataset(name: str, dataset: object) -> None:
@@ -131,6 +149,11 @@ def _check_dataset(name: str, dataset: object) -> None:
         raise UsageError(
             f"fit(): {name} is a DataLoader; pass its dataset ({name}.dataset): every rank builds its own loader "
             "from data.batch_size and data.num_workers"
+        )
+    if isinstance(dataset, tuple | dict | torch.Tensor):  # indexable, but by field or row, not by sample
+        raise UsageError(
+            f"fit(): {name} is a {type(dataset).__name__}; pass a Dataset of samples, e.g. TensorDataset(inputs, "
+            "targets)"
         )
     map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")  # a Hugging Face Dataset, say
     if not map_style and not isinstance(dataset, IterableDataset):

@@ -122,6 +122,12 @@ class Classification:
         """Mean cross-entropy, and which predictions were right (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = inputs_and_targets(batch)
         logits = model(inputs)
+        if logits.dim() != 2 or targets.shape != logits.shape[:1] or targets.is_floating_point():
+            raise UsageError(  # else cross_entropy may take it and the accuracy count each position as a sample
+                f"classification: the model gave {tuple(logits.shape)} for targets of {tuple(targets.shape)} "
+                f"({targets.dtype}); it needs (batch, classes) logits and (batch,) integer class indices "
+                "(pass a task object for other layouts)"
+            )
         return F.cross_entropy(logits, targets), logits.argmax(dim=1) == targets
 
     def sums_of(self, losses: torch.Tensor, hits: list[torch.Tensor]) -> torch.Tensor:
@@ -191,8 +197,12 @@ class LanguageModel:
         """Mean cross-entropy per token, and which targets count (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
         logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index)
-        return loss, targets != self.ignore_index
+        counted = targets != self.ignore_index
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index, reduction="sum"
+        )
+        # Not cross_entropy's mean: a batch of padding alone would make it 0 / 0, a NaN that stops the run.
+        return loss_sum / counted.sum().clamp(min=1), counted
 
     def sums_of(self, losses: torch.Tensor, counted: list[torch.Tensor]) -> torch.Tensor:
         """(loss x tokens, tokens, sequences) of each step, from its loss and `step_outputs`."""
@@ -252,11 +262,14 @@ def resolve(task: str | Task) -> Task:
             f"task {name}: summarize(totals, 'val') must name every metric 'val/...', 'val/loss' and 'val/samples' "
             f"among them; it gave {', '.join(map(repr, summary))}"
         )
+    not_numbers = [key for key, value in summary.items() if not isinstance(value, int | float)]
+    if not_numbers:  # a tensor, say: metrics.jsonl could not hold it, and the first epoch's line would fail
+        raise UsageError(f"task {name}: summarize must give plain numbers; {', '.join(not_numbers)} is not one")
     return _CheckedTask(task)
 
 
 class _CheckedTask:
-    """A user's task, its `forward` results checked as they come: a wrong shape is named, not met deep in the loop."""
+    """A user's task, its `forward` and `sums_of` results checked as they come: a wrong shape is named at once."""
 
     def __init__(self, task: Task) -> None:
         self.task, self.size = task, len(task.sum_names)
@@ -275,6 +288,16 @@ class _CheckedTask:
                 f"the order of sum_names), not {given}"
             )
         return result
+
+    def sums_of(self, losses: torch.Tensor, outputs: list[Any]) -> torch.Tensor:
+        """The task's own sums_of (called only if it has one), refused unless it gives a row of sums per step."""
+        sums = self.task.sums_of(losses, outputs)
+        if not torch.is_tensor(sums) or sums.shape != (len(outputs), self.size):
+            raise UsageError(
+                f"task {type(self.task).__name__}: sums_of must return a tensor of {len(outputs)} rows (one per step) "
+                f"of {self.size} sums in the order of sum_names, not {_describe(sums)}"
+            )
+        return sums
 
 
 def monitor_mode(task: Task, metric: str) -> str:

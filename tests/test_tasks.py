@@ -52,6 +52,29 @@ def test_language_model_counts_tokens_not_padding_and_reports_perplexity():
     assert dict(zip(task.sum_names, task.forward(model, padded)[1].tolist(), strict=True))["tokens"] == 3
 
 
+def test_a_language_model_batch_of_padding_alone_adds_nothing_instead_of_a_nan():
+    model = nn.Embedding(5, 5)
+    loss, sums = LanguageModel().forward(model, (torch.tensor([[0, 1]]), torch.full((1, 2), -100)))
+    assert loss.item() == 0 and sums.tolist() == [0.0, 0.0, 1.0]  # (loss x tokens, tokens, sequences)
+    loss.backward()  # a finite step that changes nothing, where cross_entropy's mean gave 0 / 0
+    assert not model.weight.grad.any()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets"),
+    [
+        (torch.zeros(4, 3, 5), torch.zeros(4, 5, dtype=torch.long)),  # per position: each would count as a sample
+        (torch.zeros(4, 3), torch.zeros(4)),  # float labels
+        (torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long)),  # a column of labels
+    ],
+    ids=["per-position", "float", "column"],
+)
+def test_classification_names_targets_it_would_miscount(outputs, targets):
+    shapes = re.escape(f"the model gave {tuple(outputs.shape)} for targets of {tuple(targets.shape)} ({targets.dtype})")
+    with pytest.raises(UsageError, match=f"^classification: {shapes}; it needs \\(batch, classes\\) logits"):
+        Classification().forward(nn.Identity(), (outputs, targets))
+
+
 def sums_by_hand(task: Classification | LanguageModel, batch: tuple, loss: torch.Tensor) -> torch.Tensor:
     """The sums one step made on its own before they were deferred: (loss x count, counted, samples)."""
     outputs, targets = batch
@@ -209,6 +232,20 @@ class TwoSums(Ranking):
         return loss, sums[:2]
 
 
+class TensorMetrics(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {key: torch.tensor(value) for key, value in super().summarize(totals, prefix).items()}
+
+
+class ShortSumsOf(Ranking):
+    def step_outputs(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, sums = self.forward(model, batch)
+        return loss, sums
+
+    def sums_of(self, losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(outputs)[:, :2]
+
+
 class LossOnly(Ranking):
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().forward(model, batch)[0]
@@ -219,11 +256,17 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         resolve(Ranking)
     with pytest.raises(UsageError, match="task Unprefixed: summarize.* must name every metric 'val/...'.*'loss'"):
         resolve(Unprefixed())
+    with pytest.raises(UsageError, match="^task TensorMetrics: summarize must give plain numbers; val/loss, "):
+        resolve(TensorMetrics())
     batch = next(iter(DataLoader(Triples(4, 0), batch_size=4)))
     resolve(Ranking()).forward(nn.Linear(6, 6), batch)
     for task, given in ((TwoSums(), "sums a tensor of shape (2,)"), (LossOnly(), "a tensor of shape ()")):
         with pytest.raises(UsageError, match=f"forward must return .*a tensor of 3 sums.*not {re.escape(given)}$"):
             resolve(task).forward(nn.Linear(6, 6), batch)
+    deferred = resolve(ShortSumsOf())
+    loss, outputs = deferred.step_outputs(nn.Linear(6, 6), batch)
+    with pytest.raises(UsageError, match="sums_of must return a tensor of 2 rows .* of 3 sums .* not a tensor of "):
+        deferred.sums_of(torch.stack([loss, loss]), [outputs, outputs])
 
 
 def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
@@ -248,8 +291,11 @@ def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
         (None, "train_data must be a map-style Dataset .* not NoneType"),
         ((row for row in torch.zeros(4, 3)), "train_data must be a map-style Dataset .* not generator"),
         (TensorDataset(torch.zeros(0, 3)), "train_data is empty$"),
+        ((torch.zeros(4, 3), torch.zeros(4)), "train_data is a tuple; pass a Dataset of samples, e.g. TensorDataset"),
+        ({"inputs": torch.zeros(4, 3)}, "train_data is a dict; pass a Dataset of samples"),
+        (torch.zeros(4, 3), "train_data is a Tensor; pass a Dataset of samples"),
     ],
-    ids=["loader", "none", "generator", "empty"],
+    ids=["loader", "none", "generator", "empty", "tuple", "dict", "tensor"],
 )
 def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
     with pytest.raises(UsageError, match=f"^fit\\(\\): {message}"):
@@ -261,10 +307,13 @@ def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
     ("arguments", "message"),
     [
         ({"overrides": "trainer.epochs=1"}, "fit\\(\\): overrides must be a list of key=value strings, not one string"),
+        ({"overrides": None}, "fit\\(\\): overrides must be a list of key=value strings, not None"),
+        ({"overrides": {"trainer.epochs": 1}}, "overrides must be a list of key=value strings, not \\{'trainer"),
+        ({"overrides": ["trainer.epochs=1", 5]}, "overrides must be a list of key=value strings, not \\['trainer"),
         ({"config": ["trainer.epochs=1"]}, "fit\\(\\): config must be a YAML path, a dict of keys or None, not list"),
         ({"overrides": ["task=regression"]}, "config key 'task' is 'regression', fit\\(task=...\\) 'classification'"),
     ],
-    ids=["overrides-string", "config-list", "task-key"],
+    ids=["overrides-string", "overrides-none", "overrides-dict", "overrides-int", "config-list", "task-key"],
 )
 def test_fit_names_arguments_it_would_misread(tmp_path, arguments, message):
     data = TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
