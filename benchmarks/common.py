@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
@@ -25,6 +26,7 @@ class Report:
 
     title: str
     body: str
+    failed: bool = False  # a measurement failed: the table holds the others
 
     def markdown(self) -> str:
         """The section as it goes into RESULTS.md and onto the console."""
@@ -149,10 +151,25 @@ def machine_description() -> str:
     )
 
 
+def at_least(minimum: int, kind: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` no smaller than `minimum`; argparse names the flag if it is not."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """--quick and --repeats, the same in every script."""
     parser.add_argument("--quick", action="store_true", help="one repeat and shorter runs")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 3, --quick 1)")
+    parser.add_argument("--repeats", type=at_least(1), default=None, help="runs per measurement (default 3, --quick 1)")
 
 
 def repeats_for(quick: bool, requested: int | None, default: int = 3) -> int:

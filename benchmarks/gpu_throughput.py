@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +29,7 @@ from common import (
     BENCHMARKS_DIR,
     Report,
     add_common_arguments,
+    at_least,
     launch,
     markdown_table,
     median,
@@ -260,26 +263,46 @@ def measure(model_name: str, mode_name: str, settings: Settings, folder: Path) -
     return Pair(*([images / second for second in seconds[name][1:]] for name in ("hand", "ours")))
 
 
+class Stopped(Exception):
+    """SIGTERM (a lease's `timeout`) arrived: the table of what was measured is printed before the process ends."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
 def measure_all(
     settings: Settings, repeats: int, budget_s: float | None, cells: list[Cell]
-) -> tuple[dict[Cell, list[Pair]], int]:
-    """A pair for every cell (model and mode) and repeat, until done or `budget_s` would be overrun."""
+) -> tuple[dict[Cell, list[Pair]], int, list[str]]:
+    """A pair for every cell (model and mode) and repeat, until done, stopped, or `budget_s` would be overrun.
+
+    Returns the pairs, how many planned processes were left out, and a line for each that failed.
+    """
     pairs: dict[Cell, list[Pair]] = {cell: [] for cell in cells}
-    started, longest, planned = time.monotonic(), 0.0, repeats * len(cells)
+    took: dict[Cell, float] = {}  # each cell's last process: resnet50's take longer than resnet18's
+    started, planned, failures = time.monotonic(), repeats * len(cells), []
     with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
         for number, (repeat, index) in enumerate(itertools.product(range(repeats), range(len(cells)))):
-            if budget_s is not None and time.monotonic() - started + longest > budget_s:
-                return pairs, planned - number  # a table of what was measured beats none from a killed run
-            model_name, mode_name = cells[index]
-            folder = Path(temporary) / f"{model_name}-{index}-{repeat}"
+            cell = cells[index]
+            estimate = took.get(cell, max(took.values(), default=0.0))  # a cell not yet run: the longest so far
+            if budget_s is not None and time.monotonic() - started + estimate > budget_s:
+                return pairs, planned - number, failures  # a table of what was measured beats none from a killed run
+            folder = Path(temporary) / f"{cell[0]}-{index}-{repeat}"
             folder.mkdir()
             pair_started = time.monotonic()
-            pair = measure(model_name, mode_name, settings, folder)
-            longest = max(longest, time.monotonic() - pair_started)
-            pairs[model_name, mode_name].append(pair)
+            try:
+                pair = measure(*cell, settings, folder)
+            except Stopped:
+                return pairs, planned - number, failures
+            except (RuntimeError, subprocess.TimeoutExpired) as error:  # compile failing in one cell, say
+                failures.append(f"{cell[0]}, {cell[1]}, repeat {repeat + 1}: {str(error).strip().splitlines()[-1]}")
+                print(failures[-1], file=sys.stderr, flush=True)
+                continue
+            took[cell] = time.monotonic() - pair_started
+            pairs[cell].append(pair)
             # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
-            print(f"{model_name}, {mode_name}: {pair}", file=sys.stderr, flush=True)
-    return pairs, 0
+            print(f"{cell[0]}, {cell[1]}: {pair}", file=sys.stderr, flush=True)
+    return pairs, 0, failures
 
 
 def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: list[Cell] | None = None) -> Report:
@@ -288,7 +311,7 @@ def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: 
     if settings.device == "cuda" and not torch.cuda.is_available():
         return Report(title, "Skipped: no CUDA device here (`torch.cuda.is_available()` is False). Run on a GPU.\n")
     everything = [(model_name, mode_name) for model_name in MODELS for mode_name in MODES]
-    pairs, left_out = measure_all(settings, repeats, budget_s, cells or everything)
+    pairs, left_out, failures = measure_all(settings, repeats, budget_s, cells or everything)
     rows = []
     for (model_name, mode_name), measured in pairs.items():
         if not measured:
@@ -314,8 +337,9 @@ def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: 
         "going first; 'range' its lowest and highest; the last column the median ratio of the epochs of each order.\n"
     )
     if left_out:
-        body += f"\n{left_out} planned process(es) left out: the next would have run past --budget-s {budget_s:g}.\n"
-    return Report(title, body)
+        body += f"\n{left_out} planned process(es) left out: stopped, or the next would have run past --budget-s.\n"
+    body += "".join(f"\nFailed: {failure}\n" for failure in failures)
+    return Report(title, body, failed=bool(failures))
 
 
 def main() -> None:
@@ -323,11 +347,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
-    parser.add_argument("--timed-epochs", type=int, default=4, help="epochs of each loop timed after a warm-up one")
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
+    parser.add_argument("--steps", type=at_least(1), default=50, help="steps per epoch")
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="start no process that the longest so far says would end later"
+        "--timed-epochs", type=at_least(1), default=4, help="epochs of each loop timed after a warm-up one"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=at_least(0, float),
+        default=None,
+        help="start no process that its cell's last (or the longest so far) says would end later",
     )
     # A GPU lease is short: a run can spend it on the cells still in question.
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS, help="the models to measure")
@@ -343,7 +372,10 @@ def main() -> None:
         write_json(args.result, alternate_epochs(args.model, MODES[args.mode], settings, output_dir))
         return
     cells = [(model_name, mode_name) for model_name in args.models for mode_name in args.modes]
-    print(run(settings, repeats_for(args.quick, args.repeats), args.budget_s, cells).markdown())
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` ends a lease with SIGTERM: print the table first
+    report = run(settings, repeats_for(args.quick, args.repeats), args.budget_s, cells)
+    print(report.markdown())
+    sys.exit(1 if report.failed else 0)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Report, markdown_table, median
+from common import Report, at_least, markdown_table, median
 from gpu_throughput import MODES, Mode, Settings, SideBySide, hand_written_epoch
 from gpu_throughput import ddp_trainer_recipe as recipe
 from torch.profiler import ProfilerActivity, profile
@@ -249,10 +249,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="mlp", help="a model.name: mlp (64 hidden units), resnet18, ...")
     parser.add_argument("--mode", choices=sorted(MODES), default="bf16 + channels_last")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
-    parser.add_argument("--timed-epochs", type=int, default=20, help="epochs of each loop timed after the counts")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both loops")
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--steps", type=at_least(1), default=50, help="steps per epoch")
+    parser.add_argument(
+        "--timed-epochs", type=at_least(1), default=20, help="epochs of each loop timed after the counts"
+    )
+    parser.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers of both loops")
     args = parser.parse_args()
     settings = Settings(args.device, args.batch_size, args.steps)
     print(run(args.model, args.mode, settings, args.timed_epochs, args.workers).markdown())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import median
+from common import at_least, median
 from torch.utils.data import DataLoader
 
 from ddp_trainer.config import StreamConfig
@@ -54,10 +54,10 @@ def measure(loader: DataLoader, set_epoch: Callable[[int], None], repeats: int) 
 def main() -> None:
     """Build both loaders for each worker count, measure them side by side, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=20000)
-    parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--records", type=at_least(1), default=20000)
+    parser.add_argument("--shards", type=at_least(1), default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     shape = (1, 28, 28)

@@ -67,3 +67,22 @@ def test_the_step_dispatches_few_ops_beyond_the_hand_written_loop():
     assert rows["1"][0].strip() == "hand-written", result.stdout
     fastest = [rows[loop][-1] for loop in ("hand-written", "ddp-trainer")]
     assert rows["1"][1:3] == fastest and float(rows["1"][3]) > 0, result.stdout
+
+
+def test_the_gpu_benchmark_keeps_what_it_measured_when_a_cell_fails_or_a_lease_ends(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_DIR / "benchmarks"))
+    import gpu_throughput
+
+    outcomes = iter([RuntimeError("benchmark run failed (exit 1): ...\nUsageError: compile failed"), "pair"])
+
+    def measure(model_name, mode_name, settings, folder):
+        outcome = next(outcomes, gpu_throughput.Stopped())  # then SIGTERM, as `timeout` ends a lease
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return gpu_throughput.Pair([100.0, 100.0], [98.0, 98.0])
+
+    monkeypatch.setattr(gpu_throughput, "measure", measure)
+    cells = [("resnet18", "fp32"), ("resnet18", "bf16 + channels_last"), ("resnet50", "fp32")]
+    pairs, left_out, failures = gpu_throughput.measure_all(gpu_throughput.Settings("cpu"), 2, None, cells)
+    assert [len(pairs[cell]) for cell in cells] == [0, 1, 0] and left_out == 4  # 6 planned, stopped at the third
+    assert failures == ["resnet18, fp32, repeat 1: UsageError: compile failed"]
