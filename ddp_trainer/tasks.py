@@ -264,7 +264,7 @@ def resolve(task: str | Task) -> Task:
         )
     not_numbers = [key for key, value in summary.items() if not isinstance(value, int | float)]
     if not_numbers:  # a tensor, say: metrics.jsonl could not hold it, and the first epoch's line would fail
-        raise UsageError(f"task {name}: summarize must give plain numbers; {', '.join(not_numbers)} is not one")
+        raise UsageError(f"task {name}: summarize gave no plain number (int or float) for {', '.join(not_numbers)}")
     return _CheckedTask(task)
 
 
