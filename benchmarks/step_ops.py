@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ddp_trainer.config import ModelConfig
+from ddp_trainer.errors import UsageError
 
 PROFILED_EPOCH = 1  # the second: epoch 0 warms up both loops (allocator, autocast, the loader's workers)
 TOP_ROWS = 12
@@ -252,12 +253,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--steps", type=at_least(1), default=50, help="steps per epoch")
     parser.add_argument(
-        "--timed-epochs", type=at_least(1), default=20, help="epochs of each loop timed after the counts"
+        "--timed-epochs", type=at_least(0), default=20, help="epochs of each loop timed after the counts (0: none)"
     )
     parser.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers of both loops")
     args = parser.parse_args()
     settings = Settings(args.device, args.batch_size, args.steps)
-    print(run(args.model, args.mode, settings, args.timed_epochs, args.workers).markdown())
+    try:
+        report = run(args.model, args.mode, settings, args.timed_epochs, args.workers)
+    except UsageError as error:  # a --model that is no model.name, say: the config's one line, not a traceback
+        parser.error(str(error))
+    print(report.markdown())
 
 
 if __name__ == "__main__":
