@@ -35,11 +35,11 @@ def _agree_on_round(store: dist.Store, rank: int, world_size: int, deadline: flo
     while time.monotonic() < deadline:
         if rank == 0:
             taken = _lead(store, world_size, until=min(time.monotonic() + window_s, deadline))
+            window_s *= 2  # ranks too slow to take a round in time (many, or a loaded host) get longer for the next
         else:
             taken = _follow(store, rank, token, deadline)
         if taken is not None:
             return f"{_ROOT}/{taken}"
-        window_s *= 2  # ranks too slow to take a round in time (many, or a loaded host) get longer for the next
     raise dist.DistStoreError(f"no round of the store was taken by all {world_size} ranks in time.")
 
 
