@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ddp_trainer.config import CONTINUABLE, Config, to_container
+from ddp_trainer.config import CONTINUABLE, GIVEN, Config, to_container
 from ddp_trainer.errors import UsageError
 from ddp_trainer.optim import set_current_lrs
 
@@ -64,6 +64,8 @@ def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any]) -> di
     (world size, data sizes) that the checkpoint records otherwise."""
     old, new = flatten(state.get("config") or {}), flatten(to_container(cfg))
     compared = old.keys() & new.keys() - {"trainer.allow_changes"}  # what this run accepts, not what it trains
+    # fit() is handed its data and model: their names say nothing (older fit() checkpoints saved the defaults).
+    compared -= {key for key in ("data.name", "model.name") if new.get(key) == GIVEN}
     changed = {key: (old[key], new[key]) for key in compared if old[key] != new[key]}
     # Another world size changes the global batch and every rank's data order; other data sizes, another dataset
     # (fit() is handed its data, which no config key describes).

@@ -52,6 +52,9 @@ def _timeout(default: float) -> Any:
     return _checked(default, timeout_ok, f"seconds, above 0 and at most {MAX_TIMEOUT_TEXT}")
 
 
+# The data.name and model.name of a fit() run, whose datasets and model were Python objects: no key rebuilds them.
+GIVEN = "given"
+
 # What trainer.allow_changes may name: changes a resumed run can meaningfully continue with (see changes.py).
 CONTINUABLE = (
     "trainer.epochs", "trainer.max_steps", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.momentum",
@@ -126,7 +129,7 @@ class DataConfig(_Section):
 
     def __post_init__(self) -> None:
         datasets = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
-        if self._target_ is None and self.name not in datasets:
+        if self._target_ is None and self.name not in (*datasets, GIVEN):
             raise _invalid("data.name", self.name, f"one of {', '.join(datasets)} or data._target_")
         super().__post_init__()
 
@@ -147,7 +150,7 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self._target_ is None and self.name not in ("mlp", "cnn"):
+        if self._target_ is None and self.name not in ("mlp", "cnn", GIVEN):
             import torchvision  # lazy: only needed when the name is not one of ours
 
             if self.name not in torchvision.models.list_models():
@@ -280,7 +283,7 @@ def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
     merged = sources.merge(sources.read(path), sources.parse_overrides(overrides))
-    return _validate(merged, written=merged)
+    return _refusing_given(_validate(merged, written=merged))
 
 
 def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -288,21 +291,36 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
     # The saved keys were judged when the run started (and older checkpoints kept keys that reached nothing):
     # only the overrides are keys written now.
     written = sources.parse_overrides(overrides)
-    return _validate(sources.merge(OmegaConf.create(container), written), written)
+    return _refusing_given(_validate(sources.merge(OmegaConf.create(container), written), written))
 
 
 def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
-    """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused."""
+    """The config of a run given its model and datasets as objects (`fit`): keys that would build them are refused.
+
+    A fit() run's own config.yaml loads again: it names the data and the model `given`.
+    """
     merged = sources.merge(sources.read(source), sources.parse_overrides(overrides))
     for section, objects in (("data", "datasets"), ("model", "model")):
-        usable = factory_args.TRAINER_KEYS[section] - {"download"}  # given datasets are made: nothing to fetch
+        usable = factory_args.OBJECT_KEYS[section]
         for key in _written_keys(merged, section):
-            if key not in usable:
+            if key not in usable and (key, merged[section][key]) != ("name", GIVEN):
                 raise UsageError(
                     f"config key '{section}.{key}' does nothing here: fit() is given the {objects}, and only "
-                    f"{', '.join(f'{section}.{name}' for name in sorted(usable))} apply"
+                    f"{', '.join(f'{section}.{name}' for name in usable)} apply"
                 )
-    return _validate(merged, written=merged)
+    config = _validate(merged, written=merged)
+    data, model = dataclasses.replace(config.data, name=GIVEN), dataclasses.replace(config.model, name=GIVEN)
+    return dataclasses.replace(config, data=data, model=model)
+
+
+def _refusing_given(config: Config) -> Config:
+    for section in ("data", "model"):
+        if getattr(config, section).name == GIVEN:
+            raise UsageError(
+                f"config key '{section}.name' is {GIVEN!r}: fit() saved this config for datasets and a model given as "
+                "Python objects, which no config key rebuilds; pass it to fit(config=...) with them"
+            )
+    return config
 
 
 def _written_keys(written: DictConfig, section: str) -> list[str]:
@@ -326,7 +344,9 @@ def to_container(config: Config) -> dict[str, Any]:
     """Plain dicts and lists only, so the config can travel inside a weights_only checkpoint."""
     container = dataclasses.asdict(config)
     for section, schema in (("data", DataConfig), ("model", ModelConfig)):
-        if container[section]["_target_"] is not None:
+        if container[section]["name"] == GIVEN:  # the rest did nothing: saved, it would be refused when loaded
+            container[section] = {key: container[section][key] for key in ("name", *factory_args.OBJECT_KEYS[section])}
+        elif container[section]["_target_"] is not None:
             defaults = dataclasses.asdict(schema())
             container[section] = factory_args.saved(section, container[section], defaults)
     return container

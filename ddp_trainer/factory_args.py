@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # config imports this module
 LOADER_KEYS = {"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "per_sample_seed"}
 TRAINER_KEYS = {"data": {*LOADER_KEYS, "download"}, "model": {"sync_batchnorm", "channels_last"}}
 BUILT_INS = {"data": "datasets", "model": "models"}
+# What applies when fit() is given the datasets and the model as objects: given datasets are made, nothing to fetch.
+OBJECT_KEYS = {section: sorted(keys - {"download"}) for section, keys in TRAINER_KEYS.items()}
 
 
 def _parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ddp_trainer
 from ddp_trainer import checkpoint
+from ddp_trainer.cli.train import main
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
 from ddp_trainer.tasks import Classification, LanguageModel, Regression, metric_names, resolve
@@ -345,3 +347,44 @@ def test_fit_refuses_keys_that_would_build_the_model_or_data_it_was_given(tmp_pa
         with pytest.raises(UsageError, match=f"config key '{key.split('=')[0]}' does nothing here: fit\\(\\) is given"):
             ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, key, f"output_dir={tmp_path}"])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_fit_runs_config_yaml_trains_again_with_fit_and_the_cli_refuses_it(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(48, 3, generator=generator), torch.randint(0, 2, (48,), generator=generator))
+
+    def fit(*arguments: str, config: Path | None = None) -> dict:
+        torch.manual_seed(0)
+        return ddp_trainer.fit(nn.Linear(3, 2), data, data, config=config, overrides=[*CPU, *arguments])
+
+    first = fit("trainer.epochs=2", "data.batch_size=8", f"output_dir={tmp_path / 'first'}")
+    saved = tmp_path / "first" / "config.yaml"
+    written = saved.read_text()
+    assert "name: given" in written and "hidden_sizes" not in written and "synthetic" not in written
+    again = fit(f"output_dir={tmp_path / 'again'}", config=saved)  # batch size and epochs come from the file
+    assert again == {**first, "time/train_s": ANY, "time/epoch_s": ANY}
+
+    assert main(["--config", str(saved)]) == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "first" / "checkpoints" / "last.pt")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2] == (
+        "ddp-train: error: config key 'data.name' is 'given': fit() saved this config for datasets and a model given "
+        "as Python objects, which no config key rebuilds; pass it to fit(config=...) with them"
+    )
+    assert lines[-1].startswith(
+        f"ddp-train evaluate: error: checkpoint {tmp_path / 'first' / 'checkpoints' / 'last.pt'} was saved by fit() "
+    )
+
+
+def test_a_fit_checkpoint_that_saved_the_default_names_still_resumes(tmp_path):
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    arguments = [*CPU, "data.batch_size=8", f"output_dir={tmp_path}"]
+    ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*arguments, "trainer.epochs=1"])
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    # As fit() saved them before the names were `given`: the defaults, which built nothing.
+    state["config"]["data"] = {**state["config"]["data"], "name": "digits", "root": "data", "augment": True}
+    state["config"]["model"] = {**state["config"]["model"], "name": "mlp", "hidden_sizes": [512, 256]}
+    torch.save(state, last)
+    record = ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*arguments, "trainer.epochs=2"])
+    assert (record["epoch"], record["step"]) == (2, 8)
