@@ -26,7 +26,7 @@ from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
-from ddp_trainer.preemption import StopSignals, stop_loader_workers
+from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.tasks import Task
 from ddp_trainer.trainer import Trainer
@@ -73,6 +73,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     cfg = for_array_task(cfg, array_task)
     _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
     stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
+    if distributed.detect_launcher().launcher == "torchrun":
+        stop_when_orphaned()
     # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
     env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
     # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.

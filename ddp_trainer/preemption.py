@@ -6,8 +6,13 @@ Loader workers ignore both signals, so this process stops them itself on every w
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import os
 import signal
+import sys
+import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from types import FrameType
@@ -41,6 +46,27 @@ class StopSignals:
         """Reinstall the handlers that were there before."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+@functools.cache  # one watcher per process, however many runs it starts
+def stop_when_orphaned(interval_s: float = 1.0) -> None:
+    """Send this rank SIGTERM once the process that started it is gone, so that it saves and stops with the others.
+
+    torchrun starts its workers in sessions of their own: SIGKILLed, it leaves them training, unwatched, where a
+    restarted job would start a second set writing into the same output_dir.
+    """
+    launcher = os.getppid()
+    if launcher == 1:  # started without a parent to outlive
+        return
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(interval_s)
+        with contextlib.suppress(OSError):  # the launcher's output pipe may have gone with it
+            print(f"ddp-trainer: the launcher (pid {launcher}) of this rank is gone: it stops", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -62,11 +62,12 @@ def kill_job(process: subprocess.Popen) -> None:
     for group in [process.pid, *ranks]:
         os.killpg(group, signal.SIGKILL)
     process.wait()
-    while not all(map(_dead, ranks)):  # not our children, so no wait(): none may write once this returns
+    while not all(map(dead, ranks)):  # not our children, so no wait(): none may write once this returns
         time.sleep(0.01)
 
 
-def _dead(pid: int) -> bool:
+def dead(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie that nobody reaps has ended too)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:

@@ -14,7 +14,7 @@ from pathlib import Path
 import factories
 import pytest
 import torch
-from conftest import REPO_DIR, cli_command, cli_env, launch_cli, read_metrics, run_cli
+from conftest import REPO_DIR, cli_command, cli_env, dead, launch_cli, read_metrics, run_cli
 from dist_helpers import free_port, run_ranks
 
 import ddp_trainer
@@ -300,6 +300,28 @@ def test_torchrun_restarts_a_rank_stopped_by_sigterm_and_ends_with_the_same_weig
     output = process.communicate(timeout=180)[0].decode()
     assert process.returncode == 0, output
     assert "resumed from" in output
+    assert_same_run(tmp_path, uninterrupted_two_ranks)
+
+
+def test_ranks_whose_torchrun_was_killed_save_and_stop_and_the_run_resumes_exactly(tmp_path, uninterrupted_two_ranks):
+    # torchrun starts its ranks in sessions of their own, so they outlive a SIGKILL to it: they must not train on.
+    args = [*TORCHRUN_RUN, f"output_dir={tmp_path}"]
+    launcher, metrics = launch_cli(args, nproc=2), tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = list(worker_pids(launcher.pid).values())
+    assert len(ranks) == 2
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while not all(map(dead, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(dead, ranks)), "the orphaned ranks trained on"
+    stopped = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert 3 <= stopped["epoch"] < 12  # saved as on SIGTERM, not trained to the end
+    resumed = run_ranks(args)
+    assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path, uninterrupted_two_ranks)
 
 
