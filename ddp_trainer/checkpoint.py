@@ -224,6 +224,9 @@ def _point(directory: Path, name: str, target: Path) -> None:
     os.replace(link, directory / name)
 
 
+REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
+
+
 def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: int) -> None:
     """Rename a finished sharded checkpoint to `final`, point each of `names` at it, keep the newest keep_last (>= 1).
 
@@ -232,7 +235,7 @@ def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: 
     """
     directory = final.parent
     if final.exists():  # saved again at the same step (a stop right after a step's save): the newer state wins
-        replaced = directory / f".{final.name}.replaced.tmp"
+        replaced = directory / f".{final.name}{REPLACED}"
         os.replace(final, replaced)
         os.replace(written, final)
         shutil.rmtree(replaced)
@@ -250,6 +253,10 @@ def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: 
 
 def remove_unfinished_writes(directory: Path) -> list[Path]:
     """Delete what saves that a crash interrupted left (temporary files, folders, links; never a checkpoint)."""
+    for aside in directory.glob(f".*{REPLACED}"):
+        final = directory / aside.name[1 : -len(REPLACED)]
+        if not final.exists():  # a crash between setting it aside and renaming its successor in: it is the checkpoint
+            os.replace(aside, final)
     unfinished = sorted([*directory.glob(".*.tmp"), *directory.glob(".*.link")])
     for path in unfinished:
         if path.is_dir() and not path.is_symlink():

@@ -124,6 +124,19 @@ def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
     assert folders(tmp_path) == ["best->step-00000004", "last->step-00000004", "step-00000003", "step-00000004"]
 
 
+def test_a_crash_while_a_step_is_saved_again_leaves_its_checkpoint_in_place(tmp_path):
+    # Saved again at its step, a folder is set aside before its successor is renamed in: a crash between the two
+    # renames leaves `last` pointing at nothing, and both copies under temporary names.
+    final, written = tmp_path / "step-00000045", tmp_path / ".step-00000045.tmp"
+    for folder, text in ((tmp_path / f".step-00000045{checkpoint.REPLACED}", "first"), (written, "second")):
+        folder.mkdir()
+        (folder / "state.pt").write_text(text)
+    (tmp_path / "last").symlink_to(final.name)
+    assert checkpoint.remove_unfinished_writes(tmp_path) == [written]
+    assert (tmp_path / "last" / "state.pt").read_text() == "first"
+    assert folders(tmp_path) == ["last->step-00000045", "step-00000045"]
+
+
 @pytest.mark.parametrize("keeps_buffers", [False, True])
 def test_async_sharded_saves_go_on_whether_or_not_torch_spends_the_stager(tmp_path, monkeypatch, keeps_buffers):
     # torch 2.11's DefaultStager frees its buffers and tables after each stage (the GPU machine's torch); 2.13 on
