@@ -214,6 +214,15 @@ def test_built_in_only_key_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
     assert not output_dir.exists()
 
 
+def test_a_validation_fraction_that_leaves_no_digit_is_named_in_one_line(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert main(["data.val_fraction=0.0002", "trainer.device=cpu", f"output_dir={output_dir}"]) == 2
+    assert capsys.readouterr().err == (
+        "ddp-train: error: config key 'data.val_fraction' = 0.0002 leaves none of the 1797 digits for validation\n"
+    )
+    assert not output_dir.exists()
+
+
 FACTORY_RUN = [
     "data._target_=factories.folder_blobs",
     "data.root=/datasets/mine",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import pickle
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -199,6 +201,15 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _gzip(path: Path) -> None:
+    path.write_bytes(gzip.compress(path.read_bytes()))  # as downloaded, not yet unpacked
+
+
+def _bytes_keys(path: Path) -> None:
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    path.write_bytes(pickle.dumps({key.encode(): value for key, value in batch.items()}))  # re-saved by Python 3
+
+
 def _drop_five_labels(path: Path) -> None:
     labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8)
     write_idx_labels(path, labels[:-5])
@@ -209,6 +220,8 @@ def _drop_five_labels(path: Path) -> None:
     [
         ("fashion_mnist_mlp.yaml", write_fashion_mnist, "train-images-idx3-ubyte", _truncate, "cannot read one of"),
         ("cifar10_resnet18.yaml", write_cifar10, "data_batch_3", _truncate, "cannot read one of"),
+        ("fashion_mnist_mlp.yaml", write_fashion_mnist, "train-images-idx3-ubyte", _gzip, "cannot read one of"),
+        ("cifar10_resnet18.yaml", write_cifar10, "data_batch_2", _bytes_keys, "cannot read one of"),
         (
             "fashion_mnist_mlp.yaml",
             write_fashion_mnist,

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddp_trainer.config import SyntheticConfig
+from ddp_trainer.errors import UsageError
 
 DIGITS_SPLIT_SEED = 0  # fixed, not cfg.seed: the validation set must be the same set in every run
 
@@ -29,6 +30,10 @@ def digits(val_fraction: float) -> tuple[TensorClassification, TensorClassificat
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     val_count = round(len(labels) * val_fraction)
+    if val_count == 0:  # the model is sized from a validation sample: there must be one
+        raise UsageError(
+            f"config key 'data.val_fraction' = {val_fraction} leaves none of the {len(labels)} digits for validation"
+        )
     classes = [str(name) for name in bunch.target_names]
     val_index, train_index = order[:val_count], order[val_count:]
     return (

@@ -14,6 +14,19 @@ from ddp_trainer.errors import UsageError, first_line
 
 Split = TypeVar("Split", datasets.FashionMNIST, datasets.CIFAR10)
 
+# What torchvision's readers raise on a truncated or foreign file: the IDX reader asserts its header, and a CIFAR batch
+# pickled with other keys fails on the lookup. A failed download raises an OSError or a RuntimeError.
+UNREADABLE = (
+    OSError,
+    RuntimeError,
+    ValueError,
+    EOFError,
+    pickle.UnpicklingError,
+    AssertionError,
+    LookupError,
+    TypeError,
+)
+
 CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -46,9 +59,8 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
     """`build()`, where a failed download or a file that is truncated or foreign stops the run in one line."""
     try:
         split = build()
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        # A download fails with URLError (an OSError), or FashionMNIST's "Error downloading ..." after each mirror;
-        # the readers' own errors on a truncated or foreign file are the others.
+    except UNREADABLE as error:
+        # A download fails with URLError (an OSError), or FashionMNIST's "Error downloading ..." after each mirror.
         if download and (isinstance(error, OSError) or str(error).startswith("Error downloading")):
             raise UsageError(
                 f"{dataset} could not be downloaded into {where} ({first_line(error)}): without network access, "
