@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ddp_trainer.data.stream_formats import NpzShards, read_index
+from ddp_trainer.data.stream_formats import JsonlShards, NpzShards, read_index
 from ddp_trainer.data.streaming import (
     ShardedIterableDataset,
     balanced_batches,
@@ -164,3 +165,54 @@ def test_a_broken_npz_shard_or_index_is_named_in_one_line(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "npz", "shards": [')
     with pytest.raises(UsageError, match=f"^{tmp_path / 'index.json'} is not valid JSON"):
         read_index(tmp_path)
+
+
+FORMATS = "expected jsonl or npz, or none for shards of one format"
+
+
+@pytest.mark.parametrize(
+    ("index", "problem"),
+    [
+        ([], 'expected an object whose "shards" lists objects with a "file" name'),
+        ({"shards": [{"records": 3}]}, 'expected an object whose "shards" lists objects with a "file" name'),
+        ({"shards": [{"file": "a.npz", "records": "3"}]}, "\"records\" of a.npz is '3', not a count"),
+        ({"shards": [{"file": "a.npz", "records": -5}]}, '"records" of a.npz is -5, not a count'),
+        (
+            {"format": "parquet", "shards": [{"file": "a.npz"}]},
+            "\"format\" is 'parquet': expected jsonl or npz, or none for shards of one format",
+        ),
+        (
+            {"shards": [{"file": "a.npz"}, {"file": "b.jsonl"}]},
+            '"format" is None: expected jsonl or npz, or none for shards of one format',
+        ),
+    ],
+    ids=["a-list", "no-file", "records-text", "records-negative", "format-unknown", "formats-mixed"],
+)
+def test_an_index_that_would_misread_the_shards_is_named_in_one_line(tmp_path, index, problem):
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError) as raised:
+        read_index(tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path / 'index.json'}: {problem} (python -m ddp_trainer.cli.shard writes a valid one)"
+    )
+
+
+def test_an_index_without_a_format_takes_its_files_and_a_shape_that_does_not_fit_is_named(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((3, 8, 8), dtype=np.float32), y=np.arange(3))
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"file": "a.npz", "records": 3}]}))
+    assert read_index(tmp_path)["format"] == "npz"
+    options = {"batch_size": 2, "rank": 0, "world_size": 1}
+    assert NpzShards([tmp_path / "a.npz"], input_shape=[1, 8, 8], **options).load_shard(tmp_path / "a.npz")[0][
+        0
+    ].shape == (1, 8, 8)
+    with pytest.raises(UsageError) as raised:
+        NpzShards([tmp_path / "a.npz"], input_shape=[1, 4, 4], **options).load_shard(tmp_path / "a.npz")
+    assert str(raised.value) == (
+        f"{tmp_path / 'a.npz'}: a record of shape [8, 8] does not fit data.stream.input_shape (or the index's "
+        "input_shape) [1, 4, 4]"
+    )
+    (tmp_path / "b.jsonl").write_text(json.dumps({"x": [0.0] * 9, "y": 1}) + "\n")
+    with pytest.raises(UsageError, match=r"b.jsonl:1: a record of shape \[9\] does not fit data.stream.input_shape"):
+        JsonlShards([tmp_path / "b.jsonl"], input_field="x", label_field="y", input_shape=[2, 4], **options).load_shard(
+            tmp_path / "b.jsonl"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ class JsonlShards(ShardedIterableDataset):
                     record = json.loads(line)
                     inputs, label = record[self.input_field], record[self.label_field]
                     inputs = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
-                    samples.append((inputs.reshape(shape) if shape else inputs, torch.as_tensor(int(label))))
+                    if shape:
+                        inputs = inputs.reshape(_fitting(shape, tuple(inputs.shape), f"{path}:{number}"))
+                    samples.append((inputs, torch.as_tensor(int(label))))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                     raise UsageError(
                         f"{path}:{number}: not a record with fields {self.input_field!r} and "
@@ -68,8 +71,18 @@ class NpzShards(ShardedIterableDataset):
         """The shard's arrays as tensors, indexable per record."""
         inputs, labels = _arrays(path, "x", "y")
         inputs, labels = inputs.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
-        shape = tuple(self.input_shape) if self.input_shape else inputs.shape[1:]
+        shape = _fitting(tuple(self.input_shape), inputs.shape[1:], str(path)) if self.input_shape else inputs.shape[1:]
         return TensorClassification(torch.from_numpy(inputs).reshape(-1, *shape), torch.from_numpy(labels), [])
+
+
+def _fitting(shape: tuple[int, ...], found: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """`shape`, when a record of shape `found` can take it; UsageError naming the key otherwise."""
+    if math.prod(shape) != math.prod(found):
+        raise UsageError(
+            f"{where}: a record of shape {list(found)} does not fit data.stream.input_shape (or the index's "
+            f"input_shape) {list(shape)}"
+        )
+    return shape
 
 
 def _arrays(path: Path, *names: str) -> list[np.ndarray]:
@@ -86,7 +99,7 @@ def read_index(folder: Path) -> dict[str, Any]:
     index_file = folder / INDEX_FILE
     if index_file.is_file():
         try:
-            return json.loads(index_file.read_text())
+            return _checked_index(json.loads(index_file.read_text()), index_file)
         except json.JSONDecodeError as error:
             raise UsageError(f"{index_file} is not valid JSON: {error}") from None
     files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
@@ -99,6 +112,30 @@ def read_index(folder: Path) -> dict[str, Any]:
     if len(formats) > 1:
         raise UsageError(f"data.root: {folder} mixes .jsonl and .npz shards; keep one format per folder")
     return {"format": formats.pop(), "shards": [{"file": path.name} for path in files]}
+
+
+def _checked_index(index: Any, index_file: Path) -> dict[str, Any]:
+    """index.json as open_stream reads it, its format taken from the files' suffixes when it names none."""
+
+    def refuse(problem: str) -> UsageError:
+        return UsageError(f"{index_file}: {problem} (python -m ddp_trainer.cli.shard writes a valid one)")
+
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("file"), str) for entry in shards
+    ):
+        raise refuse('expected an object whose "shards" lists objects with a "file" name')
+    for entry in shards:
+        records = entry.get("records", 0)
+        if isinstance(records, bool) or not isinstance(records, int) or records < 0:
+            raise refuse(f'"records" of {entry["file"]} is {records!r}, not a count')
+    formats = {FORMATS.get(Path(entry["file"]).suffix) for entry in shards}
+    named = index.get("format", formats.pop() if len(formats) == 1 else None)
+    if named not in FORMATS.values():
+        raise refuse(
+            f'"format" is {named!r}: expected {" or ".join(FORMATS.values())}, or none for shards of one format'
+        )
+    return {**index, "format": named}
 
 
 def open_stream(folder: Path, options: dict[str, Any], stream_cfg: StreamConfig) -> ShardedIterableDataset:
