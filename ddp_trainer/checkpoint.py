@@ -141,10 +141,10 @@ def _read(path: Path, read: Callable[[IO[bytes]], Any]) -> Any:
         with path.open("rb") as file:
             return read(file)
     except Exception as error:  # missing, truncated zip, empty file, not a torch file: all unreadable
-        raise _refused_or_unreadable(path, error) from error
+        raise named_load_error(path, error) from error
 
 
-def _refused_or_unreadable(path: Path, error: BaseException) -> UsageError:
+def named_load_error(path: Path, error: BaseException) -> UsageError:
     """A load's error, named: refused (no fallback) when weights_only blocked code, else unreadable."""
     blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
     if isinstance(error, pickle.UnpicklingError) and blocked:
@@ -195,7 +195,7 @@ def load(path: Path) -> dict[str, Any]:
         try:
             _load_state_dict(tensors, storage_reader=SafeReader(path), planner=_WholeLoadPlanner(), no_dist=True)
         except (Exception, CheckpointException) as error:  # DCP's own error is a BaseException
-            raise _refused_or_unreadable(path, dcp_cause(error)) from error
+            raise named_load_error(path, dcp_cause(error)) from error
         state.update(tensors)
     return state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, clean_state_dict, dcp_cause
+from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, clean_state_dict, dcp_cause, named_load_error
 from ddp_trainer.config import TrainerConfig
 from ddp_trainer.errors import first_line
 from ddp_trainer.precision import AUTOCAST_DTYPES
@@ -106,7 +107,10 @@ def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
     try:
         dcp.load(tensors, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
     except CheckpointException as error:  # a BaseException, which the caller's handling of bad files would miss
-        raise RuntimeError(first_line(dcp_cause(error))) from error
+        cause = dcp_cause(error)
+        if isinstance(cause, pickle.UnpicklingError | EOFError):  # a damaged shard file, not another model's
+            raise named_load_error(folder, cause) from error
+        raise RuntimeError(first_line(cause)) from error
     set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -122,6 +123,24 @@ def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
     ]  # fmt: skip
     publish(4, ("last", "best"))
     assert folders(tmp_path) == ["best->step-00000004", "last->step-00000004", "step-00000003", "step-00000004"]
+
+
+def test_a_shard_damaged_inside_is_named_unreadable_and_the_run_goes_on_from_the_folder_before(tmp_path, capsys):
+    args = [*RUN, "trainer.epochs=2", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    last = (tmp_path / "checkpoints" / "last").resolve()
+    with open(next(last.glob("*.distcp")), "r+b") as shard:  # same size: only reading it finds the damage
+        shard.write(b"\0" * 64)
+    more = [*args, "trainer.epochs=3", "trainer.allow_changes=[trainer.epochs]"]
+    assert main(more) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train: error: checkpoint {tmp_path / 'checkpoints' / 'last'} is unreadable "
+        "(not a torch checkpoint file)\n"
+    )
+    shutil.rmtree(last)
+    assert main(more) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_a_crash_while_a_step_is_saved_again_leaves_its_checkpoint_in_place(tmp_path):
