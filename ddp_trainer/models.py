@@ -13,7 +13,7 @@ from ddp_trainer.errors import UsageError, first_line
 
 
 def mlp(input_shape: tuple[int, ...], hidden_sizes: list[int], num_classes: int, dropout: float) -> nn.Sequential:
-    """Flatten -> (Linear, ReLU[, Dropout]) per hidden size -> Linear, as in the FashionMNIST tutorial."""
+    """Flatten -> (Linear, ReLU[, Dropout]) per hidden size -> Linear: the FashionMNIST tutorial's, Dropout moved."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for hidden in hidden_sizes:

@@ -79,7 +79,7 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
 
 
 def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
-    """FashionMNIST 28x28 grey garments, normalised to [-1, 1] as in the tutorial."""
+    """FashionMNIST 28x28 grey garments, normalised to [-1, 1] as in the garment CNN tutorial."""
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     where = _require_files(root, "FashionMNIST", "FashionMNIST/raw", names, download)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
