@@ -52,6 +52,7 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     for source, output, said in (
         (saved / "gone", tmp_path / "x.pt", f"--checkpoint {saved / 'gone'} does not exist"),
         (saved / "best", consolidated / "x.pt", f"cannot write --output {consolidated / 'x.pt'}: File exists"),
+        (saved / "best", saved / "last.pt", f"--output {saved / 'last.pt'} is inside a run's checkpoints folder"),
     ):
         assert main(["consolidate", "--checkpoint", str(source), "--output", str(output)]) == 2
         assert said in capsys.readouterr().err

@@ -35,6 +35,11 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"--checkpoint {args.checkpoint} is not a sharded checkpoint folder (a file is one already)")
     if args.output.exists():
         raise UsageError(f"--output {args.output} exists; consolidate never overwrites a file")
+    if any((args.output.parent / name).exists() for name in ("last", "best")):  # a run's checkpoints folder
+        raise UsageError(
+            f"--output {args.output} is inside a run's checkpoints folder, where its resume would read the file as "
+            "one of the run's own saves; write it elsewhere"
+        )
     state = checkpoint.load(args.checkpoint)
     try:
         checkpoint.save_atomic(state, args.output)
