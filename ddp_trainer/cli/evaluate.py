@@ -40,7 +40,7 @@ PORTABLE = ("trainer.device=auto", "trainer.dist_backend=auto")
 def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Config]:
     """A checkpoint's state (read with weights_only: never runs code) and its saved config with overrides on top."""
     state = checkpoint.load(path)
-    if state["config"]["model"].get("name") == config.GIVEN:
+    if (state["config"].get("model") or {}).get("name") == config.GIVEN:
         raise UsageError(
             f"checkpoint {path} was saved by fit() with a model given as a Python object, which no config key "
             "rebuilds: load its 'model' weights (torch.load(path, weights_only=True)['model']) into your model"
