@@ -92,10 +92,9 @@ class Trainer:
 
     def fit(self) -> tuple[int, bool]:
         """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
-        progress = self.progress
-        kept = progress.epoch + self._reached_max_steps()  # a run already at max_steps keeps its part epoch's line
-        self.logger.start(to_yaml(self.cfg), kept, progress.wandb_run_id, resumed_step=progress.step)
-        progress.wandb_run_id = self.logger.wandb_run_id  # kept in checkpoints: a requeued job continues the same run
+        kept = self.progress.epoch + self._reached_max_steps()  # a run already at max_steps keeps its part epoch's line
+        self.logger.start(to_yaml(self.cfg), kept, self.progress.wandb_run_id, resumed_step=self.progress.step)
+        self.progress.wandb_run_id = self.logger.wandb_run_id  # in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
             return self._fit()
@@ -109,7 +108,9 @@ class Trainer:
             self.saver.close()  # the last checkpoint is on disk before the run says it is done
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
-                where = f"at step {self.progress.step + 1} (epoch {self.progress.epoch + 1})"
+                # Steps done, not the step running: the loss may come while evaluating, or once the last step ended.
+                step, epoch = self.progress.step, min(self.progress.epoch + 1, self.cfg.trainer.epochs)
+                where = f"after step {step} (epoch {epoch})" if step else "before the first step ended"
                 raise rank_lost(error, self.env, self.timeouts.in_force(), where) from error
             raise
         except Stopped as stop:
