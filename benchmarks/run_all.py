@@ -1,8 +1,9 @@
 """Run every benchmark in sequence, print all tables and write them to benchmarks/RESULTS.md.
 
 Run: python benchmarks/run_all.py [--quick] [--repeats 3]
-About 13 minutes on 2 CPU cores with Lightning and Accelerate installed, 8 without (about 2.5 with --quick). The scaling and start-up tables
-reuse the overhead runs: the same launches, read for per-rank throughput and for the time to the first step.
+About 13 minutes on 2 CPU cores with Lightning and Accelerate installed, 8 without (about 2.5 with --quick). The
+scaling and start-up tables reuse the overhead runs: the same launches, read for per-rank throughput and for the time
+to the first step.
 """
 
 from __future__ import annotations
