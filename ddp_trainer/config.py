@@ -39,6 +39,19 @@ def _not_negative(default: float, expected: str) -> Any:
     return _checked(default, lambda value: value >= 0, expected)
 
 
+SHAPE = "a list of positive sizes"
+
+
+def is_shape(value: Any) -> bool:
+    """Whether `value` is a tensor shape a config or index.json may give: a non-empty list of positive integers."""
+    return isinstance(value, list | tuple) and len(value) > 0 and all(is_count(size) and size > 0 for size in value)
+
+
+def is_count(value: Any) -> bool:
+    """Whether `value` is an integer that is not a bool (JSON's true would pass isinstance(value, int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # About 31 years: far larger values overflow the timedelta torch's process groups take. The text is for messages.
 MAX_TIMEOUT_S, MAX_TIMEOUT_TEXT = 1e9, "1e9"
 
@@ -89,9 +102,7 @@ class SyntheticConfig(_Section):
     section = "data.synthetic"
     train_size: int = _positive(2048)
     val_size: int = _positive(512)
-    input_shape: list[int] = _checked(
-        [3, 32, 32], lambda shape: len(shape) > 0 and all(size > 0 for size in shape), "a list of positive sizes"
-    )
+    input_shape: list[int] = _checked([3, 32, 32], lambda shape: is_shape(shape), SHAPE)
     num_classes: int = _checked(10, lambda count: count >= 2, "2 classes or more")
 
 
@@ -103,7 +114,7 @@ class StreamConfig(_Section):
     shuffle_buffer: int = _positive(1000, "1 (no shuffle) or more")
     input_field: str = "x"
     label_field: str = "y"
-    input_shape: list[int] | None = None
+    input_shape: list[int] | None = _checked(None, lambda shape: shape is None or is_shape(shape), SHAPE)
 
 
 @dataclass

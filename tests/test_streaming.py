@@ -168,6 +168,7 @@ def test_a_broken_npz_shard_or_index_is_named_in_one_line(tmp_path):
 
 
 FORMATS = "expected jsonl or npz, or none for shards of one format"
+ONE_SHARD = {"shards": [{"file": "a.npz"}]}
 
 
 @pytest.mark.parametrize(
@@ -185,8 +186,21 @@ FORMATS = "expected jsonl or npz, or none for shards of one format"
             {"shards": [{"file": "a.npz"}, {"file": "b.jsonl"}]},
             '"format" is None: expected jsonl or npz, or none for shards of one format',
         ),
+        ({**ONE_SHARD, "input_shape": "8x8"}, "\"input_shape\" is '8x8', not a list of positive sizes"),
+        ({**ONE_SHARD, "input_shape": [8, 0]}, '"input_shape" is [8, 0], not a list of positive sizes'),
+        ({**ONE_SHARD, "classes": "abc"}, "\"classes\" is 'abc', not a list of names"),
     ],
-    ids=["a-list", "no-file", "records-text", "records-negative", "format-unknown", "formats-mixed"],
+    ids=[
+        "a-list",
+        "no-file",
+        "records-text",
+        "records-negative",
+        "format-unknown",
+        "formats-mixed",
+        "shape-text",
+        "shape-zero",
+        "classes-text",
+    ],
 )
 def test_an_index_that_would_misread_the_shards_is_named_in_one_line(tmp_path, index, problem):
     (tmp_path / "index.json").write_text(json.dumps(index))

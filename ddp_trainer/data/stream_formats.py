@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp_trainer.config import StreamConfig
+from ddp_trainer.config import SHAPE, StreamConfig, is_count, is_shape
 from ddp_trainer.data.datasets import TensorClassification
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.errors import UsageError
@@ -127,8 +127,13 @@ def _checked_index(index: Any, index_file: Path) -> dict[str, Any]:
         raise refuse('expected an object whose "shards" lists objects with a "file" name')
     for entry in shards:
         records = entry.get("records", 0)
-        if isinstance(records, bool) or not isinstance(records, int) or records < 0:
+        if not is_count(records) or records < 0:
             raise refuse(f'"records" of {entry["file"]} is {records!r}, not a count')
+    shape, classes = index.get("input_shape"), index.get("classes")
+    if shape is not None and not is_shape(shape):
+        raise refuse(f'"input_shape" is {shape!r}, not {SHAPE}')
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)):
+        raise refuse(f'"classes" is {classes!r}, not a list of names')
     formats = {FORMATS.get(Path(entry["file"]).suffix) for entry in shards}
     named = index.get("format", formats.pop() if len(formats) == 1 else None)
     if named not in FORMATS.values():
