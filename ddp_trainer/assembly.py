@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import changes, checkpoint, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv
+from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.models import prepare_model
@@ -62,6 +62,9 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     if env.is_main:
         for unfinished in checkpoint.remove_unfinished_writes(checkpoint_dir):
             logger.info(f"removed {unfinished}: a checkpoint write that a crash interrupted")
+    # The others list the folder only once rank 0 has put back a checkpoint that a crash left set aside: before,
+    # they would see `last` point at nothing and resume from an older step than rank 0.
+    barrier(env)
     # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
     resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
     if resumed is not None:

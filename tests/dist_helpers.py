@@ -23,7 +23,7 @@ from conftest import REPO_DIR, cli_env
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import assembly
+from ddp_trainer import assembly, checkpoint
 from ddp_trainer.cli import train
 
 
@@ -206,6 +206,29 @@ def train_counting_gradient_allreduces(rank: int, world_size: int, port: int, ar
     assembly.DistributedDataParallel = CountingDDP
     assert train.main(args) == 0
     Path(out_dir, f"gradient_allreduces_rank{rank}.txt").write_text(str(len(calls)))
+
+
+class ResumeChosen(Exception):
+    """Raised once a rank has chosen the checkpoint it resumes from: the test needs the choice, not the run."""
+
+
+def record_resume_choice(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:
+    """Run the CLI on this rank until it has chosen its checkpoint, which it records; rank 0 cleans up late."""
+    _join_as(rank, world_size, port)
+    clean_up, choose = checkpoint.remove_unfinished_writes, checkpoint.load_for_resume
+
+    def late_clean_up(directory: Path) -> list[Path]:
+        time.sleep(2)  # a loaded node, or a shared filesystem slow to show rank 0's renames to the other nodes
+        return clean_up(directory)
+
+    def recording(*call_args: object) -> None:
+        _, path = choose(*call_args)
+        Path(out_dir, f"resumed_rank{rank}.txt").write_text(path.resolve().name)
+        raise ResumeChosen
+
+    checkpoint.remove_unfinished_writes, checkpoint.load_for_resume = late_clean_up, recording
+    with contextlib.suppress(ResumeChosen):
+        train.main(args)
 
 
 def train_rank(rank: int, world_size: int, port: int, args: list[str]) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import read_metrics
+from dist_helpers import record_resume_choice, spawn
 from torch.distributed.checkpoint.staging import DefaultStager
 
 from ddp_trainer import checkpoint, saving
@@ -155,6 +156,17 @@ def test_a_crash_while_a_step_is_saved_again_leaves_its_checkpoint_in_place(tmp_
     assert checkpoint.remove_unfinished_writes(tmp_path) == [written]
     assert (tmp_path / "last" / "state.pt").read_text() == "first"
     assert folders(tmp_path) == ["last->step-00000045", "step-00000045"]
+
+
+def test_every_rank_resumes_the_checkpoint_a_crash_left_set_aside(tmp_path):
+    # The crash above, in a real run; rank 0 puts the folder back late. No rank may take the older step-40 instead.
+    args = [*RUN, "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    folder = tmp_path / "checkpoints"
+    last = (folder / "last").resolve()
+    last.rename(folder / f".{last.name}{checkpoint.REPLACED}")
+    spawn(2, record_resume_choice, args, str(tmp_path))
+    assert [(tmp_path / f"resumed_rank{rank}.txt").read_text() for rank in (0, 1)] == [last.name, last.name]
 
 
 @pytest.mark.parametrize("keeps_buffers", [False, True])
