@@ -154,18 +154,24 @@ def step_checkpoints(output_dir) -> list[int]:
 
 
 def test_time_based_checkpoints_land_inside_epochs(tmp_path):
-    # 4 steps per epoch, the clock read once per step (and once per save), 30 s a read, a save due every minute.
+    # 4 steps per epoch; the clock is read at the start, once per step and once per save, 30 s a read; a save is due
+    # a minute after the last. Rank 0's verdict of step s is acted on at step s + 1: read 60 s after the start at
+    # step 2, saved at step 3 (120 s); 60 s after that save at step 4, whose epoch-end save (210 s) comes before the
+    # verdict's at step 5 (240 s); then at 6 for 7, at 8 for 9, at 10 for 11.
     args = [*IMAGES, "trainer.epochs=3", "checkpoint.keep_last=100", f"output_dir={tmp_path}"]
     assert run(config.load(None, [*args, "checkpoint.every_n_minutes=1"]), clock=TickingClock(30.0)) == 0
-    assert [step for step in step_checkpoints(tmp_path) if step % 4] != []  # mid-epoch: only the clock asks
+    assert step_checkpoints(tmp_path) == [3, 4, 5, 7, 8, 9, 11, 12]
     assert run(config.load(None, [*args, "trainer.epochs=4"]), clock=TickingClock(30.0)) == 0  # clock unused
     newer = step_checkpoints(tmp_path)
     assert newer[-1] == 16 and 13 not in newer and 14 not in newer and 15 not in newer
 
 
 def test_a_clock_that_never_reaches_the_interval_saves_at_epoch_ends_only(tmp_path):
+    # 16 reads of 1 s: the interval is a minute, not a second.
     args = [*IMAGES, "trainer.epochs=3", "checkpoint.keep_last=100", "checkpoint.every_n_minutes=1"]
-    assert run(config.load(None, [*args, f"output_dir={tmp_path}"]), clock=TickingClock(0.001)) == 0
+    clock = TickingClock(1.0)
+    assert run(config.load(None, [*args, f"output_dir={tmp_path}"]), clock=clock) == 0
+    assert clock.now < 60
     assert step_checkpoints(tmp_path) == [4, 8, 12]
 
 
