@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ddp_trainer
 from ddp_trainer import checkpoint
+from ddp_trainer.cli.evaluate import LOAD_WEIGHTS
 from ddp_trainer.cli.train import main
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
@@ -371,9 +372,12 @@ def test_a_fit_runs_config_yaml_trains_again_with_fit_and_the_cli_refuses_it(tmp
         "ddp-train: error: config key 'data.name' is 'given': fit() saved this config for datasets and a model given "
         "as Python objects, which no config key rebuilds; pass it to fit(config=...) with them"
     )
-    assert lines[-1].startswith(
-        f"ddp-train evaluate: error: checkpoint {tmp_path / 'first' / 'checkpoints' / 'last.pt'} was saved by fit() "
-    )
+    path = tmp_path / "first" / "checkpoints" / "last.pt"
+    assert lines[-1].startswith(f"ddp-train evaluate: error: checkpoint {path} was saved by fit() ")
+    assert LOAD_WEIGHTS in lines[-1]
+    model = nn.Linear(3, 2)
+    exec(LOAD_WEIGHTS, {"model": model, "torch": torch, "path": path})  # the advice, as a user would type it
+    torch.testing.assert_close(model.state_dict(), checkpoint.load(path)["model"])
 
 
 def test_a_fit_checkpoint_that_saved_the_default_names_still_resumes(tmp_path):

@@ -35,6 +35,8 @@ class Restored:
 
 # Where a checkpoint was trained says nothing about where it is read: a GPU run's file evaluates on a CPU machine.
 PORTABLE = ("trainer.device=auto", "trainer.dist_backend=auto")
+# A GPU run's file holds CUDA tensors: without map_location, a CPU-only machine could not read it.
+LOAD_WEIGHTS = "model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True)['model'])"
 
 
 def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Config]:
@@ -43,7 +45,8 @@ def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], C
     if (state["config"].get("model") or {}).get("name") == config.GIVEN:
         raise UsageError(
             f"checkpoint {path} was saved by fit() with a model given as a Python object, which no config key "
-            "rebuilds: load its 'model' weights (torch.load(path, weights_only=True)['model']) into your model"
+            f"rebuilds: load its weights into your model, {LOAD_WEIGHTS} (a sharded folder: ddp-train consolidate "
+            "it into a file first)"
         )
     return state, config.from_container(state["config"], [*PORTABLE, *overrides])
 
