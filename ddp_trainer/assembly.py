@@ -30,7 +30,7 @@ class Parts:
     """What the Trainer drives: built from the config and, when resuming, restored from a checkpoint."""
 
     model: nn.Module  # the bare module (FSDP-sharded in place under fsdp): what checkpoints hold and evaluation runs
-    train_model: nn.Module  # what a training step calls: `model` inside DDP and/or torch.compile
+    train_model: nn.Module  # what a training step calls: `model`, compiled and/or inside DDP
     ddp_model: DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -69,13 +69,16 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
     if resumed is not None:
         restore(parts, *resumed, cfg, env, logger)
+    # Compiled inside DDP: dynamo compiles the module's frame while DDP runs it, so its DDPOptimizer splits graphs at
+    # the gradient buckets. Compiling the DDP wrapper instead breaks the graph at DDP's forward, and the module's frame
+    # is then skipped when its class is torch's own (an nn.Sequential): it would train eagerly.
+    parts.train_model = torch.compile(model) if cfg.trainer.compile else model
     if env.distributed and not fsdp:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         unused = cfg.trainer.find_unused_parameters  # parameters some steps leave out of the graph (DDP needs told)
-        parts.ddp_model = parts.train_model = DistributedDataParallel(model, device_ids, find_unused_parameters=unused)
-    if cfg.trainer.compile:
-        # Compiling the DDP wrapper lets dynamo split graphs at DDP's gradient buckets (its DDPOptimizer).
-        parts.train_model = torch.compile(parts.train_model)
+        parts.ddp_model = parts.train_model = DistributedDataParallel(
+            parts.train_model, device_ids, find_unused_parameters=unused
+        )
     return parts
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO_DIR, cli_env
@@ -206,6 +207,13 @@ def train_counting_gradient_allreduces(rank: int, world_size: int, port: int, ar
     assembly.DistributedDataParallel = CountingDDP
     assert train.main(args) == 0
     Path(out_dir, f"gradient_allreduces_rank{rank}.txt").write_text(str(len(calls)))
+
+
+def train_counting_graphs(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:
+    """Run the CLI on this rank and record how many graphs torch.compile built in it (a fresh process: none before)."""
+    _join_as(rank, world_size, port)
+    assert train.main(args) == 0
+    Path(out_dir, f"graphs_rank{rank}.txt").write_text(str(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
 
 
 class ResumeChosen(Exception):
