@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -145,7 +146,11 @@ def test_a_save_failure_names_the_file_in_either_mode(tmp_path, monkeypatch, asy
 
     monkeypatch.setattr(torch, "save", full_disk)
     saver = saving.Saver(tmp_path, keep_last=2, async_save=async_save)
+    state = {"model": {}, "optimizer": {}, "epoch": 0, "step": 1, "config": {}}
+    # Synchronous, the save itself fails; asynchronous, the wait for its background write does.
+    failing = saver.close if async_save else functools.partial(saver.save, state, ["best"])
+    if async_save:
+        saver.save(state, ["best"])
     with pytest.raises(saving.CheckpointWriteFailed, match=f"could not write checkpoint {tmp_path / 'best.pt'}"):
-        saver.save({"model": {}, "optimizer": {}, "epoch": 0, "step": 1, "config": {}}, ["best"])
-        saver.close()
+        failing()
     assert list(tmp_path.iterdir()) == []

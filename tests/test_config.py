@@ -16,7 +16,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_every_shipped_recipe_loads():
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    recipes = sorted(CONFIGS.glob("*.yaml"))
+    assert len(recipes) >= 5, recipes
+    for path in recipes:
         cfg = config.load(path)
         assert cfg.output_dir.startswith("runs/"), path
 

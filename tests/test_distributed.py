@@ -159,8 +159,9 @@ def test_a_script_fits_again_and_again_under_torchrun(tmp_path):
     [
         # Stalled at the third step: training's short timeout holds (start-up's 30 minutes would fail the test).
         (20, ["trainer.dist_timeout_s=4"], "after step 2 (epoch 1)"),
-        # Stalled before the first step is done: start-up's timeout holds, not training's.
-        (4, ["trainer.startup_timeout_s=4", "trainer.dist_timeout_s=900"], "before the first step ended"),
+        # Stalled before the first step is done: start-up's timeout holds, not training's. It also bounds the
+        # rendezvous: 10 s leaves room for one rank's imports to lag the other's on a loaded machine.
+        (4, ["trainer.startup_timeout_s=10", "trainer.dist_timeout_s=900"], "before the first step ended"),
     ],
 )
 def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, after, timeouts, where):
@@ -168,9 +169,7 @@ def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, 
     args = [*faulty, *BLOBS[1:]]
     rank0, rank1 = plain_ranks([*args, "data.batch_size=8", *timeouts, f"output_dir={tmp_path}"])
     try:
-        started = time.monotonic()
-        _, stderr = rank0.communicate(timeout=60)
-        waited = time.monotonic() - started
+        _, stderr = rank0.communicate(timeout=60)  # the timeout named below, not torch's default 30 minutes
     finally:
         rank1.kill()
         rank1.communicate()
@@ -178,7 +177,6 @@ def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, 
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("ddp-train: error (rank 0): rank 1 stopped answering (died or stalled")
     assert f"{timeouts[0]})" in error and f"failed {where} (" in error  # batches of 8 samples
-    assert waited < 45  # the process-group timeout, not torch's default 30 minutes
 
 
 @pytest.mark.parametrize("fault", ["key", "output_dir"])
