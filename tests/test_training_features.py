@@ -13,6 +13,7 @@ from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.models import prepare_model
 from ddp_trainer.rng import seed_everything
+from ddp_trainer.sharding import shard_model
 
 BLOBS = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
 IMAGES = [
@@ -202,3 +203,16 @@ def test_a_model_that_cannot_take_the_data_is_refused_in_one_line_before_trainin
     models.build(config.ModelConfig(name="resnet18", cifar_stem=True), digits, 10)
     assert model.training and model(torch.zeros(2, *digits)).shape == (2, 10)
     assert torch.equal(torch.rand(1), drawn)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_activation_checkpointing_recomputes_each_block_in_backward(monkeypatch, checkpointed):
+    blocks = ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]"]
+    overrides = [*blocks, f"trainer.activation_checkpointing={checkpointed}"]
+    model = small_net()
+    assert shard_model(model, config.load(None, overrides).trainer, device=None) == ["Linear"]
+    calls, forward = [], torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda layer, inputs: calls.append(layer) or forward(layer, inputs))
+    model(torch.randn(4, 8)).sum().backward()
+    # Checkpointed, both Linear blocks run again in backward: their activations were not kept.
+    assert len(calls) == (4 if checkpointed else 2)
