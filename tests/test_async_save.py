@@ -35,9 +35,16 @@ def without_times(lines: list[dict]) -> list[dict]:
     return [{key: value for key, value in line.items() if not key.startswith("time/")} for line in lines]
 
 
-def test_async_run_ends_with_the_weights_metrics_and_files_of_a_sync_run(tmp_path):
+def test_async_run_ends_with_the_weights_metrics_and_files_of_a_sync_run(tmp_path, monkeypatch):
+    writers, save_atomic = [], checkpoint.save_atomic
+    monkeypatch.setattr(
+        checkpoint, "save_atomic", lambda *args: writers.append(threading.current_thread().name) or save_atomic(*args)
+    )
     assert main([*RUN, f"output_dir={tmp_path / 'sync'}"]) == 0
+    assert set(writers) == {"MainThread"}
+    writers.clear()
     assert main([*RUN, ASYNC, f"output_dir={tmp_path / 'async'}"]) == 0
+    assert writers and all(writer.startswith("checkpoint-writer") for writer in writers)  # the files, off the loop
     written, expected = checkpoint_states(tmp_path / "async"), checkpoint_states(tmp_path / "sync")
     assert list(written) == list(expected) == ["best.pt", "last.pt", "step-00000085.pt", "step-00000090.pt"]
     for name, state in written.items():

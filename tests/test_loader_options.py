@@ -1,7 +1,8 @@
-"""DataLoader settings that matter for speed: pinned memory, persistent workers, prefetching, and their defaults."""
+"""DataLoader settings: pinned memory, persistent workers, prefetching and their defaults; a stream's shuffle buffer."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ddp_trainer import config, data
@@ -35,3 +36,13 @@ def test_loader_settings_come_from_the_config():
 def test_without_workers_there_is_nothing_to_prefetch_or_keep_alive():
     loader = loaders(CPU, "data.num_workers=0", "data.prefetch_factor=4").train_loader
     assert loader.prefetch_factor is None and not loader.persistent_workers
+
+
+def test_a_stream_takes_its_shuffle_buffer_from_the_config(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        np.savez(tmp_path / split / "part-0.npz", x=np.zeros((16, 4), np.float32), y=np.zeros(16, np.int64))
+    cfg = config.load(None, ["data.name=stream", f"data.root={tmp_path}", "data.stream.shuffle_buffer=8"])
+    train, val = data.build_datasets(cfg.data, CPU, cfg.seed)
+    assert (train.shuffle, train.shuffle_buffer) == (True, 8)
+    assert not val.shuffle  # validation reads its records in order

@@ -15,6 +15,7 @@ import pytest
 import tqdm.std
 from conftest import cli_env
 
+from ddp_trainer.cli.train import main
 from ddp_trainer.config import LoggingConfig, WandbConfig
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger
@@ -170,6 +171,21 @@ def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb
     )
     assert sync.returncode == 0, sync.stderr
     assert (sync.stdout + sync.stderr).count(f"run-{first.wandb_run_id}.wandb") == 2
+
+
+def test_the_config_keys_turn_the_loggers_on_for_a_run(tmp_path, wandb_offline_env):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    keys = ["logging.tensorboard=true", "logging.wandb.mode=offline", "logging.wandb.project=keys"]
+    keys += ["logging.wandb.name=digits-1", "logging.wandb.entity=team"]
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.epochs=1", *keys]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("val/accuracy")] == [45]
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    (run,) = [record.run for record in finished_run_records(run_file) if record.HasField("run")]
+    assert (run.project, run.display_name, run.entity) == ("keys", "digits-1", "team")
 
 
 def test_non_main_rank_writes_nothing(tmp_path):

@@ -111,3 +111,12 @@ def test_a_stop_not_requeued_saves_and_exits_128_plus_the_signal(
     assert f"{last} saved; {said}; exit code {128 + signum}" in capsys.readouterr().out
     # Noted while batch 3 loads (samples 17-24), acted on at the next step's agreement: saved after step 4 of 12.
     assert checkpoint.load(last)["step"] == 4
+
+
+def test_ranks_agree_on_a_stop_every_stop_check_every_n_steps(tmp_path, monkeypatch):
+    # As above, with the flags exchanged at steps 3, 6, ...: sent at step 3, the stop is acted on at step 6, not 4.
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    data = ["data._target_=factories.faulty_blobs", "data.fault=term", "data.fault_rank=0", "data.after=20"]
+    args = [*data, "model._target_=factories.small_net", "trainer.device=cpu", "trainer.stop_check_every_n_steps=3"]
+    assert main([*args, "data.batch_size=8", f"output_dir={tmp_path}"]) == 128 + signal.SIGTERM
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 6

@@ -12,6 +12,7 @@ from ddp_trainer.cli.train import main, run
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.models import prepare_model
+from ddp_trainer.optim import build_optimizer
 from ddp_trainer.rng import seed_everything
 from ddp_trainer.sharding import shard_model
 
@@ -130,11 +131,15 @@ def test_early_stopping_ends_the_run_when_the_monitor_stalls(tmp_path, capsys):
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_best_checkpoint_follows_the_monitor_and_its_mode(tmp_path):
-    args = [*BLOBS, "trainer.epochs=6", "optim.lr=0.05", "checkpoint.monitor=val/loss", "checkpoint.mode=min"]
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_checkpoint_follows_the_monitor_and_its_mode(tmp_path, mode):
+    # max for a loss is perverse, and so shows that the mode is the config's, not the one val/loss implies.
+    args = [*BLOBS, "trainer.epochs=6", "optim.lr=0.05", "checkpoint.monitor=val/loss", f"checkpoint.mode={mode}"]
     assert main([*args, f"output_dir={tmp_path}"]) == 0
     lines = read_metrics(tmp_path)
-    best_line = min(lines, key=lambda line: line["val/loss"])
+    by_loss = sorted(lines, key=lambda line: line["val/loss"])
+    assert by_loss[0]["epoch"] != by_loss[-1]["epoch"]  # the two modes keep different epochs
+    best_line = by_loss[0] if mode == "min" else by_loss[-1]
     best = saved(tmp_path, "best.pt")
     assert best["epoch"] == best_line["epoch"] and best["best_metric"] == best_line["val/loss"]
 
@@ -216,3 +221,12 @@ def test_activation_checkpointing_recomputes_each_block_in_backward(monkeypatch,
     model(torch.randn(4, 8)).sum().backward()
     # Checkpointed, both Linear blocks run again in backward: their activations were not kept.
     assert len(calls) == (4 if checkpointed else 2)
+
+
+def test_model_and_optimizer_keys_reach_what_they_build():
+    cfg = config.load(None, ["model.hidden_sizes=[24,12]", "model.dropout=0.3", "optim.name=sgd", "optim.momentum=0.5"])
+    model = models.build(cfg.model, (64,), 10)
+    layers = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
+    assert [tuple(layer.weight.shape) for layer in layers] == [(24, 64), (12, 24), (10, 12)]
+    assert [layer.p for layer in model if isinstance(layer, torch.nn.Dropout)] == [0.3, 0.3]
+    assert build_optimizer(cfg.optim, model).param_groups[0]["momentum"] == 0.5
