@@ -109,7 +109,8 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     rng_states = state.get("rng") or []
     if len(rng_states) == env.world_size:
         rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
-    else:
+    else:  # fresh streams, the step mixed in: the start's seeds alone would replay the run's first dropout masks
+        rng.seed_everything(cfg.seed + env.rank + 1_000_003 * parts.progress.step)
         logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
     progress = parts.progress
     logger.info(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")

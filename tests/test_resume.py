@@ -380,3 +380,25 @@ def test_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_pat
     output = capsys.readouterr().out
     assert f"checkpoint {last} is unreadable" in output and "resumed from" in output
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_resume_that_cannot_restore_the_rng_streams_does_not_replay_the_first_ones(tmp_path, monkeypatch, capsys):
+    states, dropout = [], torch.nn.Dropout.forward
+
+    def recording(layer: torch.nn.Dropout, inputs: torch.Tensor) -> torch.Tensor:
+        if layer.training:
+            states.append(torch.get_rng_state())  # what the mask is drawn from
+        return dropout(layer, inputs)
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", recording)
+    args = [*DIGITS, f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.epochs=1"]) == 0
+    first = states[:]
+    states.clear()
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    torch.save({**state, "rng": state["rng"] * 2}, last)  # streams of 2 ranks: none fits this 1-rank run
+    assert main([*args, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]"]) == 0
+    assert "holds RNG streams of 2 ranks, not 1: reseeded" in capsys.readouterr().out
+    assert len(states) == len(first) == 45
+    assert not any(torch.equal(again, drawn) for again, drawn in zip(states, first, strict=True))
