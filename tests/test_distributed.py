@@ -79,6 +79,7 @@ def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
 
 def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
     common = ["--config", DIGITS, "trainer.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "trainer.device=cpu"]
+    common += ["trainer.grad_clip_norm=0.25"]  # clipped by the norm of the all-reduced gradients, as in one process
     assert main([*common, "data.batch_size=64", f"output_dir={tmp_path / 'one'}"]) == 0
     result = run_ranks([*common, "data.batch_size=32", f"output_dir={tmp_path / 'two'}"])
     assert result.returncode == 0, result.stderr
@@ -89,6 +90,11 @@ def test_two_ranks_of_batch_b_step_like_one_rank_of_batch_2b(tmp_path):
     for name, weight in one["model"].items():
         torch.testing.assert_close(two["model"][name], weight, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(half["model"][name], weight) for name, weight in one["model"].items())
+    # Metrics are global sums and counts: the same samples give the same values however many ranks hold them.
+    line_one, line_two = (read_metrics(tmp_path / run)[-1] for run in ("one", "two"))
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "train/samples", "val/loss", "val/accuracy"):
+        assert line_two[key] == pytest.approx(line_one[key], rel=1e-5), key
+    assert line_one["train/grad_norm"] > 0.25  # the clip was in force
 
 
 def read_order(record_dir: Path, rank: int) -> list[int]:
