@@ -4,7 +4,7 @@ CPU runs cannot see a tensor left on the wrong device or a host sync that starve
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
 SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
 the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
-under DDP, under FSDP with sharded checkpoints, and with a user IterableDataset.
+under DDP (compiled), under FSDP with sharded checkpoints, and with a user IterableDataset.
 """
 
 from __future__ import annotations
@@ -236,8 +236,9 @@ def test_the_streaming_recipe_trains_on_the_gpu(tmp_path):
 
 def test_two_ranks_share_one_gpu_over_gloo_with_exact_metrics(tmp_path, capsys):
     # auto picks gloo: more processes than GPUs. Metric sums, buffers, the RNG gather and DDP's gradient
-    # all-reduce all run on CUDA tensors.
-    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=3", "model.dropout=0.1", f"output_dir={tmp_path}"]
+    # all-reduce all run on CUDA tensors; the model is compiled inside DDP, whose DDPOptimizer splits its graphs.
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=3", "model.dropout=0.1", "trainer.compile=true"]
+    args += [f"output_dir={tmp_path}"]
     result = run_cli(args, nproc=2)
     assert result.returncode == 0, result.stderr
     assert "world size 2 (gloo, cuda:0)" in result.stdout
