@@ -102,7 +102,7 @@ class SyntheticConfig(_Section):
     section = "data.synthetic"
     train_size: int = _positive(2048)
     val_size: int = _positive(512)
-    input_shape: list[int] = _checked([3, 32, 32], lambda shape: is_shape(shape), SHAPE)
+    input_shape: list[int] = _checked([3, 32, 32], is_shape, SHAPE)
     num_classes: int = _checked(10, lambda count: count >= 2, "2 classes or more")
 
 

@@ -108,7 +108,7 @@ class Trainer:
             self.saver.close()  # the last checkpoint is on disk before the run says it is done
         except RuntimeError as error:
             if self.env.distributed and is_peer_failure(error):
-                # Steps done, not the step running: the loss may come while evaluating, or once the last step ended.
+                # Steps done, not a step running: a peer may be lost while evaluating, or after the last step.
                 step, epoch = self.progress.step, min(self.progress.epoch + 1, self.cfg.trainer.epochs)
                 where = f"after step {step} (epoch {epoch})" if step else "before the first step ended"
                 raise rank_lost(error, self.env, self.timeouts.in_force(), where) from error
