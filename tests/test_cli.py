@@ -97,10 +97,6 @@ def test_progress_bar_is_drawn_on_a_terminal_and_not_in_logs(tmp_path):
     )
     assert logged.returncode == 0
     assert "/45 [" not in logged.stderr and "epoch 2/2 step 90" in logged.stdout
-    off = run_with_terminal_stderr(
-        [*args, "trainer.epochs=1", "trainer.progress_bar=false", f"output_dir={tmp_path / 'off'}"]
-    )
-    assert "/45 [" not in off and (tmp_path / "off" / "metrics.jsonl").exists()  # on a terminal, yet no bar
 
 
 def test_overrides_may_stand_on_both_sides_of_the_config_flag(tmp_path):

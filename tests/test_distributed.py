@@ -166,8 +166,8 @@ def test_a_script_fits_again_and_again_under_torchrun(tmp_path):
         # Stalled at the third step: training's short timeout holds (start-up's 30 minutes would fail the test).
         (20, ["trainer.dist_timeout_s=4"], "after step 2 (epoch 1)"),
         # Stalled before the first step is done: start-up's timeout holds, not training's. It also bounds the
-        # rendezvous: 10 s leaves room for one rank's imports to lag the other's on a loaded machine.
-        (4, ["trainer.startup_timeout_s=10", "trainer.dist_timeout_s=900"], "before the first step ended"),
+        # rendezvous: 6 s leaves room for one rank's imports to lag the other's on a loaded machine.
+        (4, ["trainer.startup_timeout_s=6", "trainer.dist_timeout_s=900"], "before the first step ended"),
     ],
 )
 def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, after, timeouts, where):

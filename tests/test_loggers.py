@@ -173,13 +173,16 @@ def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb
     assert (sync.stdout + sync.stderr).count(f"run-{first.wandb_run_id}.wandb") == 2
 
 
-def test_the_config_keys_turn_the_loggers_on_for_a_run(tmp_path, wandb_offline_env):
+def test_the_config_keys_turn_the_loggers_on_and_the_bar_off_for_a_run(tmp_path, wandb_offline_env, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     keys = ["logging.tensorboard=true", "logging.wandb.mode=offline", "logging.wandb.project=keys"]
-    keys += ["logging.wandb.name=digits-1", "logging.wandb.entity=team"]
+    keys += ["logging.wandb.name=digits-1", "logging.wandb.entity=team", "trainer.progress_bar=false"]
     args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.epochs=1", *keys]
     assert main([*args, f"output_dir={tmp_path}"]) == 0
+    assert "/45 [" not in terminal.getvalue()  # on a terminal, where the bar is drawn by default
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("val/accuracy")] == [45]

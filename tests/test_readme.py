@@ -19,10 +19,12 @@ DOCS = REPO / "docs"
 CONFIGURATION = DOCS / "configuration.md"
 
 
-def test_ci_runs_the_readme_test_command():
-    ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_command.endswith("-m pytest")
-    assert ci_command in (REPO / "README.md").read_text().splitlines()
+def test_ci_runs_the_readme_test_command_and_its_lint():
+    *_, test_command, lint = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    readme = (REPO / "README.md").read_text()
+    assert test_command.endswith("-m pytest") and test_command in readme.splitlines()
+    assert lint == ".venv/bin/ruff check . && .venv/bin/ruff format --check ."
+    assert "Lint with `ruff check . && ruff format --check .`" in readme
 
 
 def documented_keys(schema: type, prefix: str = "") -> list[str]:
