@@ -103,6 +103,12 @@ def test_channels_last_puts_weights_and_inputs_in_nhwc(tmp_path, channels_last):
     calls = probe_calls([*IMAGES, f"model.channels_last={channels_last}", f"output_dir={tmp_path}"])
     assert {call["channels_last_input"] for call in calls} == {channels_last}
     assert {call["channels_last_weight"] for call in calls} == {channels_last}
+    # evaluate and predict rebuild the model from the checkpoint's config, channels_last included.
+    last, predictions = str(tmp_path / "checkpoints" / "last.pt"), str(tmp_path / "predictions.csv")
+    predict = ["predict", "--checkpoint", last, "--split", "val", "--output", predictions]
+    for command in (["evaluate", "--checkpoint", last], predict):
+        calls = probe_calls(command)
+        assert {(call["channels_last_input"], call["channels_last_weight"]) for call in calls} == {(channels_last,) * 2}
 
 
 def test_compiled_model_trains_to_the_same_weights(tmp_path):
