@@ -66,9 +66,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     # they would see `last` point at nothing and resume from an older step than rank 0.
     barrier(env)
     # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
-    resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info)
-    if resumed is not None:
-        restore(parts, *resumed, cfg, env, logger)
+    resume(parts, cfg, env, logger)
     # Compiled inside DDP: dynamo compiles the module's frame while DDP runs it, so its DDPOptimizer splits graphs at
     # the gradient buckets. Compiling the DDP wrapper instead breaks the graph at DDP's forward, and the module's frame
     # is then skipped when its class is torch's own (an nn.Sequential): it would train eagerly.
@@ -80,6 +78,21 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
             parts.train_model, device_ids, find_unused_parameters=unused
         )
     return parts
+
+
+def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
+    """Restore the newest checkpoint that reads whole: one whose shards prove damaged gives way to the one before."""
+    unreadable: dict[Path, str] = {}
+    while resumed := checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info, unreadable):
+        state, path = resumed
+        if path.resolve() in unreadable:  # named by trainer.resume=PATH: nothing older to take instead
+            raise checkpoint.UnreadableCheckpoint(unreadable[path.resolve()])
+        try:
+            restore(parts, state, path, cfg, env, logger)
+            return
+        except checkpoint.UnreadableCheckpoint as error:  # DCP hands every rank the same failure: all fall back alike
+            unreadable[path.resolve()] = str(error)
+            logger.info(f"{error}; trying an older checkpoint")
 
 
 def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: DistEnv, logger: RunLogger) -> None:

@@ -7,7 +7,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -266,12 +266,15 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
     return unfinished
 
 
-def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+def load_for_resume(
+    resume: str, output_dir: Path, report: Callable[[str], None], unreadable: Mapping[Path, str] | None = None
+) -> tuple[dict[str, Any], Path] | None:
     """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; never trains over another run's saves.
 
     auto continues output_dir's newest readable checkpoint. PATH starts from that file into an output_dir without
     checkpoints; once this run has saved there, it continues from its own save, as a restart or a requeue that runs
-    the same command must. The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read.
+    the same command must. The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read;
+    `unreadable` (resolved path: why) holds those whose shards proved damaged, which auto passes over.
     """
     directory = output_dir / "checkpoints"
     latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
@@ -293,7 +296,7 @@ def load_for_resume(resume: str, output_dir: Path, report: Callable[[str], None]
             f"{directory} holds {held[0].name} but no last or step checkpoint to continue from; to train on from it, "
             f"use a new output_dir and trainer.resume={held[0]}"
         )
-    state, path = _newest_readable(saved, directory, report)
+    state, path = _newest_readable(saved, directory, report, unreadable or {})
     started_from = state["config"].get("trainer", {}).get("resume")
     if resume not in ("auto", started_from) and Path(resume).resolve() != path.resolve():
         raise UsageError(
@@ -315,9 +318,14 @@ def _refuse_orphaned_metrics(metrics: Path) -> None:
         )
 
 
-def _newest_readable(saved: list[Path], directory: Path, report: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
+def _newest_readable(
+    saved: list[Path], directory: Path, report: Callable[[str], None], unreadable: Mapping[Path, str]
+) -> tuple[dict[str, Any], Path]:
     problems = []
     for path in saved:
+        if path.resolve() in unreadable:  # read before, and reported then
+            problems.append(unreadable[path.resolve()])
+            continue
         try:
             return read_state(path), path
         except UnreadableCheckpoint as error:
