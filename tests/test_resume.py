@@ -368,6 +368,14 @@ def test_two_ranks_refuse_a_changed_run_alike_and_go_on_with_an_accepted_one(tmp
     )
     assert [(line["epoch"], line["world_size"]) for line in read_metrics(tmp_path)][-2:] == [(12, 2), (13, 2)]
 
+    # Accepted, one rank goes on where two stopped: every sample once, in twice the steps; its RNG streams reseeded.
+    alone = ["trainer.epochs=14", "trainer.allow_changes=[trainer.epochs,world_size]"]
+    assert main([*args, *alone]) == 0
+    assert "holds RNG streams of 2 ranks, not 1: reseeded" in capsys.readouterr().out
+    *_, before, last = read_metrics(tmp_path)
+    assert (last["epoch"], last["world_size"], last["train/samples"]) == (14, 1, before["train/samples"])
+    assert (before["step"], last["step"]) == (13 * 23, 13 * 23 + 45)  # 1438 samples in batches of 32: 2 x 719, 1 x 1438
+
 
 def test_unreadable_last_checkpoint_resumes_from_the_newest_readable_one(tmp_path, capsys):
     args = [*DIGITS, "checkpoint.every_n_steps=20", "checkpoint.keep_last=2", f"output_dir={tmp_path}"]
