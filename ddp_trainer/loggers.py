@@ -71,9 +71,11 @@ class RunLogger:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         if self.logging_cfg.tensorboard:
             tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
-            # Events a crashed attempt wrote after the checkpoint's step are dropped: the resumed run redoes them.
-            purge_step = resumed_step + 1 if resumed_step else None
-            self.tensorboard = tensorboard.SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
+            # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are dropped:
+            # the run redoes those steps.
+            self.tensorboard = tensorboard.SummaryWriter(
+                str(self.output_dir / "tensorboard"), purge_step=resumed_step + 1
+            )
         if self.logging_cfg.wandb.mode != "disabled":
             self.wandb_run = self._start_wandb(wandb_run_id)
             self.wandb_run_id = self.wandb_run.id

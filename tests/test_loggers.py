@@ -63,23 +63,28 @@ def test_tensorboard_holds_epoch_values_at_their_step_and_running_values_under_s
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == EPOCHS
 
 
-def test_tensorboard_of_a_resumed_run_drops_what_the_crashed_attempt_logged_after_the_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    ("resumed_step", "running_loss", "val_loss"),
+    [
+        (10, [(5, 2.0), (10, 1.5), (15, 1.0)], [(10, 1.75), (20, 1.25)]),  # resumed from epoch 1's checkpoint
+        (0, [(15, 1.0)], [(20, 1.25)]),  # no checkpoint yet: the run starts over, and so do its curves
+    ],
+)
+def test_tensorboard_of_a_restarted_run_drops_what_the_crashed_attempt_logged_after_the_checkpoint(
+    tmp_path, resumed_step, running_loss, val_loss
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_run(RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=TENSORBOARD))  # crashed after step 20
     resumed = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=TENSORBOARD)
-    resumed.start("seed: 0\n", completed_epochs=1, resumed_step=10)  # its checkpoint: epoch 1, step 10
+    resumed.start("seed: 0\n", completed_epochs=resumed_step // 10, resumed_step=resumed_step)
     resumed.show_running({"train/loss": 1.0, "train/accuracy": 0.6}, 15)
     resumed.log_epoch({**EPOCHS[1], "val/loss": 1.25}, epochs=2)
     resumed.finish()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [(event.step, event.value) for event in events.Scalars("step/train/loss")] == [
-        (5, 2.0),
-        (10, 1.5),
-        (15, 1.0),
-    ]
-    assert [(event.step, event.value) for event in events.Scalars("val/loss")] == [(10, 1.75), (20, 1.25)]
+    assert [(event.step, event.value) for event in events.Scalars("step/train/loss")] == running_loss
+    assert [(event.step, event.value) for event in events.Scalars("val/loss")] == val_loss
 
 
 def read_wandb_records(run_file: Path) -> list:
