@@ -119,6 +119,8 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     if parts.progress.schedule_offset:
         relay_schedule(parts.scheduler, cfg, parts.steps_per_epoch, parts.progress.schedule_offset)
     parts.monitor.load_state_dict(state)
+    if path.resolve().parent != (Path(cfg.output_dir) / "checkpoints").resolve():
+        parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
     rng_states = state.get("rng") or []
     if len(rng_states) == env.world_size:
         rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import tqdm.std
 from conftest import cli_env
 
@@ -290,3 +291,21 @@ def test_start_keeps_only_the_metrics_lines_of_completed_epochs(tmp_path):
     RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"
     assert (tmp_path / "config.yaml").read_text() == "seed: 0\n"
+
+
+def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_off_it_starts_its_own(
+    tmp_path, wandb_offline_env
+):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "logging.wandb.mode=offline"]
+    source, branch = tmp_path / "source", tmp_path / "branch"
+    longer = ["trainer.allow_changes=[trainer.epochs]", f"trainer.resume={source / 'checkpoints' / 'last.pt'}"]
+    assert main([*args, "trainer.epochs=1", f"output_dir={source}"]) == 0
+    assert main([*args, "trainer.epochs=2", *longer, f"output_dir={source}"]) == 0  # the same run, one epoch longer
+    assert main([*args, "trainer.epochs=3", *longer, f"output_dir={branch}"]) == 0  # another run, from its checkpoint
+
+    def run_ids(output_dir: Path) -> list[str]:
+        return [folder.name.rsplit("-", 1)[1] for folder in sorted((output_dir / "wandb").glob("offline-run-*"))]
+
+    (source_id, resumed_id), (branch_id,) = run_ids(source), run_ids(branch)
+    assert resumed_id == source_id != branch_id
+    assert torch.load(branch / "checkpoints" / "last.pt", weights_only=True)["wandb_run_id"] == branch_id
