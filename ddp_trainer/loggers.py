@@ -94,14 +94,18 @@ class RunLogger:
         return run
 
     def progress(
-        self, batches: Iterable[Item], total: int | None, description: str, samples_per_batch: int = 0
+        self, batches: Iterable[Item], total: int | None, description: str, samples_per_batch: int = 0, done: int = 0
     ) -> Iterator[Item]:
-        """Iterate `batches` with a bar on rank 0 when stderr is a terminal; `samples_per_batch` is the global batch."""
+        """Iterate `batches` with a bar on rank 0 when stderr is a terminal; `samples_per_batch` is the global batch.
+
+        `done`: the batches of `total` trained before a resume, where the bar starts (and its ETA counts from).
+        """
         if not self.show_bar:
             yield from batches
             return
         self.samples_per_batch = samples_per_batch
-        with tqdm(batches, total=total, desc=description, leave=False, dynamic_ncols=True) as self.bar:
+        bar = tqdm(batches, total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
+        with bar as self.bar:
             yield from self.bar
         self.bar = None
 
@@ -121,7 +125,9 @@ class RunLogger:
         }
         timing = self.bar.format_dict
         # tqdm's smoothed rate needs a few redraws; until then the average since the bar started stands in.
-        batches_per_s = timing["rate"] or (timing["n"] / timing["elapsed"] if timing["elapsed"] else 0.0)
+        batches_per_s = timing["rate"] or (
+            (timing["n"] - timing["initial"]) / timing["elapsed"] if timing["elapsed"] else 0
+        )
         if self.samples_per_batch and batches_per_s:
             postfix["samples/s"] = f"{batches_per_s * self.samples_per_batch:,.0f}"
         return postfix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -195,6 +196,16 @@ def test_the_config_keys_turn_the_loggers_on_and_the_bar_off_for_a_run(tmp_path,
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     (run,) = [record.run for record in finished_run_records(run_file) if record.HasField("run")]
     assert (run.project, run.display_name, run.entity) == ("keys", "digits-1", "team")
+
+
+def test_the_bar_of_a_resumed_epoch_starts_at_the_batches_it_had_trained(tmp_path, monkeypatch):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.max_steps=20"]) == 0  # stops 20 batches into the epoch's 45
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*args, "trainer.allow_changes=[trainer.max_steps]"]) == 0
+    drawn = [int(count) for count in re.findall(r"(\d+)/45 \[", terminal.getvalue())]
+    assert drawn[0] == 20 and min(drawn) == 20, drawn
 
 
 def test_non_main_rank_writes_nothing(tmp_path):
