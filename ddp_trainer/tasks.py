@@ -103,6 +103,16 @@ def _measured_now(task: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor
     return loss, task.sums_of(loss.detach().view(1), [outputs])[0]
 
 
+def _model_output(task: str, model: nn.Module, inputs: Any) -> torch.Tensor:
+    """`model(inputs)`, which a built-in task needs as one tensor; a tuple or dict of outputs is refused in one line."""
+    outputs = model(inputs)
+    if not torch.is_tensor(outputs):
+        raise UsageError(
+            f"{task}: the model returned {_describe(outputs)}, not a tensor; pass a task object that reads it"
+        )
+    return outputs
+
+
 def _per_sample_mean(totals: dict[str, float], name: str, count: str) -> float:
     return totals[name] / max(totals[count], 1.0)
 
@@ -121,7 +131,7 @@ class Classification:
     def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy, and which predictions were right (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = inputs_and_targets(batch)
-        logits = model(inputs)
+        logits = _model_output("classification", model, inputs)
         if logits.dim() != 2 or targets.shape != logits.shape[:1] or targets.is_floating_point():
             raise UsageError(  # else cross_entropy may take it and the accuracy count each position as a sample
                 f"classification: the model gave {tuple(logits.shape)} for targets of {tuple(targets.shape)} "
@@ -155,7 +165,7 @@ class Regression:
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean squared error, and (squared error sum, absolute error sum, target values, samples)."""
         inputs, targets = inputs_and_targets(batch)
-        predictions = model(inputs).float()
+        predictions = _model_output("regression", model, inputs).float()
         if predictions.numel() != targets.numel():
             raise UsageError(
                 f"regression: the model gave {tuple(predictions.shape)} for targets of {tuple(targets.shape)}"
@@ -196,7 +206,7 @@ class LanguageModel:
     def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy per token, and which targets count (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
-        logits = model(inputs)
+        logits = _model_output("language_model", model, inputs)
         counted = targets != self.ignore_index
         loss_sum = F.cross_entropy(
             logits.flatten(0, -2).float(), targets.flatten(), ignore_index=self.ignore_index, reduction="sum"
@@ -232,6 +242,12 @@ def training_measure(task: Task, accumulate: int) -> tuple[Callable[..., Any], C
     if accumulate == 1 and hasattr(task, "step_outputs"):
         return task.step_outputs, task.sums_of
     return task.forward, _stacked
+
+
+def _defined_below(task: Task, name: str, other: str) -> bool:
+    """Whether the class defining `other`, or a subclass of it, defines `name`: `other` then cannot override it."""
+    owners = [next((cls for cls in type(task).__mro__ if key in vars(cls)), None) for key in (name, other)]
+    return None not in owners and issubclass(owners[0], owners[1])
 
 
 def _stacked(losses: torch.Tensor, sums: list[torch.Tensor]) -> torch.Tensor:
@@ -273,8 +289,13 @@ class _CheckedTask:
 
     def __init__(self, task: Task) -> None:
         self.task, self.size = task, len(task.sum_names)
+        # A subclass that overrides `forward` alone (of a built-in task, say) trains with it, not the parent's
+        # `step_outputs`, which would compute another loss than validation's.
+        self.defers = _defined_below(task, "step_outputs", "forward")
 
     def __getattr__(self, key: str) -> Any:
+        if key == "step_outputs" and not self.defers:
+            raise AttributeError(key)
         return getattr(self.task, key)
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

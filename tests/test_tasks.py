@@ -9,6 +9,7 @@ from unittest.mock import ANY
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import read_metrics
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -76,6 +77,31 @@ def test_classification_names_targets_it_would_miscount(outputs, targets):
     shapes = re.escape(f"the model gave {tuple(outputs.shape)} for targets of {tuple(targets.shape)} ({targets.dtype})")
     with pytest.raises(UsageError, match=f"^classification: {shapes}; it needs \\(batch, classes\\) logits"):
         Classification().forward(nn.Identity(), (outputs, targets))
+
+
+class Returns(nn.Module):
+    """A model whose output is fixed: what a task makes of it is all that is tested."""
+
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, inputs: torch.Tensor) -> object:
+        return self.output
+
+
+@pytest.mark.parametrize("name", ["classification", "regression", "language_model"])
+@pytest.mark.parametrize(
+    ("output", "described"),
+    [((torch.zeros(4, 3), torch.zeros(4)), "a tuple of 2"), ({"logits": torch.zeros(4, 3)}, "a dict with keys")],
+    ids=["tuple", "dict"],
+)
+def test_a_built_in_task_names_a_model_output_that_is_not_a_tensor(name, output, described):
+    batch = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(
+        UsageError, match=f"^{name}: the model returned {described}.*, not a tensor; pass a task object"
+    ):
+        resolve(name).forward(Returns(output), batch)
 
 
 def sums_by_hand(task: Classification | LanguageModel, batch: tuple, loss: torch.Tensor) -> torch.Tensor:
@@ -270,6 +296,29 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
     loss, outputs = deferred.step_outputs(nn.Linear(6, 6), batch)
     with pytest.raises(UsageError, match="sums_of must return a tensor of 2 rows .* of 3 sums .* not a tensor of "):
         deferred.sums_of(torch.stack([loss, loss]), [outputs, outputs])
+
+
+class Smoothed(Classification):
+    """A built-in task with its own loss: `forward` alone overridden, as a user would."""
+
+    def __init__(self) -> None:
+        self.training_calls = 0
+
+    def forward(self, model: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        self.training_calls += model.training
+        inputs, targets = batch
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets, label_smoothing=0.5)
+        samples = torch.tensor(float(len(targets)), dtype=torch.float64)
+        correct = (logits.argmax(dim=1) == targets).sum(dtype=torch.float64)
+        return loss, torch.stack([loss.detach() * samples, correct, samples])
+
+
+def test_a_built_in_tasks_subclass_that_overrides_forward_trains_with_it(tmp_path):
+    data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    task, overrides = Smoothed(), [*CPU, "trainer.epochs=1", "data.batch_size=16", f"output_dir={tmp_path}"]
+    ddp_trainer.fit(nn.Linear(3, 2), data, data, task=task, overrides=overrides)
+    assert task.training_calls == 4  # every training step, not the parent's step_outputs (another loss)
 
 
 def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
