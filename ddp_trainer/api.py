@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, tasks
@@ -134,6 +135,12 @@ def _naming_unused_parameters() -> Iterator[None]:
 def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, overrides: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
+    if isinstance(model, DistributedDataParallel):
+        raise UsageError("fit() wraps the model in DDP itself: pass the bare module (model.module)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # its group would be joined twice
+        raise UsageError(
+            "fit() joins the process group itself and leaves it when it ends: call it without init_process_group()"
+        )
     for name, dataset in (("train_data", train_data), ("val_data", val_data)):
         _check_dataset(name, dataset)
     if config is not None and not isinstance(config, str | Path | Mapping):

@@ -102,6 +102,12 @@ def _check_takes(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> N
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module:
     """The model on this rank's device, in the configured memory format, with SyncBatchNorm if asked for."""
+    lazy = [name for name, parameter in model.named_parameters() if isinstance(parameter, nn.UninitializedParameter)]
+    if lazy:  # the optimizer, DDP and the checkpoint all need their shapes
+        raise UsageError(
+            f"the model's parameter {lazy[0]} is not initialised yet (a lazy module): run one batch through the model "
+            "before training it"
+        )
     if cfg.sync_batchnorm and env.distributed:
         if env.device.type == "cpu":
             raise UsageError(

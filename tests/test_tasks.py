@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import read_metrics
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ddp_trainer
@@ -334,6 +335,22 @@ def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
 def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
     with pytest.raises(UsageError, match="fit\\(\\) trains an nn.Module, not function"):
         ddp_trainer.fit(lambda inputs: inputs, TensorDataset(torch.zeros(4, 3)), overrides=[f"output_dir={tmp_path}"])
+
+
+def test_fit_refuses_a_lazy_model_a_ddp_wrapped_one_and_a_process_group_it_did_not_start(tmp_path):
+    data, overrides = TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)), [f"output_dir={tmp_path}"]
+    with pytest.raises(UsageError, match="parameter 0.weight is not initialised yet .*: run one batch through"):
+        ddp_trainer.fit(nn.Sequential(nn.LazyLinear(2)), data, overrides=overrides)
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(UsageError, match=r"wraps the model in DDP itself: pass the bare module \(model.module\)"):
+            ddp_trainer.fit(DistributedDataParallel(nn.Linear(3, 2)), data, overrides=overrides)
+        with pytest.raises(UsageError, match="joins the process group itself .* without init_process_group"):
+            ddp_trainer.fit(nn.Linear(3, 2), data, overrides=overrides)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything was written
 
 
 @pytest.mark.parametrize(
