@@ -380,7 +380,10 @@ def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
         ({"overrides": {"trainer.epochs": 1}}, "overrides must be a list of key=value strings, not \\{'trainer"),
         ({"overrides": ["trainer.epochs=1", 5]}, "overrides must be a list of key=value strings, not \\['trainer"),
         ({"config": ["trainer.epochs=1"]}, "fit\\(\\): config must be a YAML path, a dict of keys or None, not list"),
-        ({"overrides": ["task=regression"]}, "config key 'task' is 'regression', fit\\(task=...\\) 'classification'"),
+        (
+            {"overrides": ["task=regression"]},
+            "config key 'task' is 'regression', fit's task 'classification' .*; pass task='regression' to train",
+        ),
     ],
     ids=["overrides-string", "overrides-none", "overrides-dict", "overrides-int", "config-list", "task-key"],
 )
