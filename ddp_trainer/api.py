@@ -105,7 +105,7 @@ def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLo
     """This rank's data and parts; a peer that failed meanwhile (a missing file on its node) is named in one line."""
     with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "during start-up"):
         model, train_set, val_set = build(env)
-        bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
+        bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
         return bundle, assemble(cfg, env, model, bundle, task, logger)
 
@@ -160,7 +160,7 @@ def _check_dataset(name: str, dataset: object) -> None:
     if isinstance(dataset, DataLoader):
         raise UsageError(
             f"fit(): {name} is a DataLoader; pass its dataset ({name}.dataset): every rank builds its own loader "
-            "from data.batch_size and data.num_workers"
+            "from data.batch_size and data.num_workers (a collate_fn becomes a task's collate method)"
         )
     if isinstance(dataset, tuple | dict | torch.Tensor):  # indexable, but by field or row, not by sample
         raise UsageError(

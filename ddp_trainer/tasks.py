@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import default_collate
 
 from ddp_trainer.errors import UsageError
 
@@ -35,6 +37,8 @@ class Task(Protocol):
       keeps the mean loss and fresh device tensors of its own (`outputs`), and each host sync turns the kept steps
       into rows of sums at once: `sums_of(stacked losses, [outputs, ...])`, one row per step, each equal bit for bit
       to `forward`'s sums. Where the host sets a GPU's pace, every op a step saves counts.
+    - `collate(samples)` (optional): one batch of a list of samples, where torch's `default_collate` cannot make it
+      (sequences of different lengths, say); the loaders' workers call it.
     """
 
     sum_names: tuple[str, ...]
@@ -191,7 +195,8 @@ class LanguageModel:
     """Next-token cross-entropy: `model(tokens)` gives (batch, time, vocabulary) logits; reports perplexity.
 
     A batch is a (batch, time + 1) tensor of token ids, read as inputs [:, :-1] and targets [:, 1:], or an
-    (inputs, targets) pair of (batch, time) tensors. Targets equal to -100 are not counted (padding).
+    (inputs, targets) pair of (batch, time) tensors. Targets equal to -100 are not counted (padding): `collate`
+    pads sequences of different lengths with them.
     """
 
     sum_names = ("loss_sum", "tokens", "samples")
@@ -213,6 +218,17 @@ class LanguageModel:
         )
         # Not cross_entropy's mean: a batch of padding alone would make it 0 / 0, a NaN that stops the run.
         return loss_sum / counted.sum().clamp(min=1), counted
+
+    def collate(self, samples: list[Any]) -> Any:
+        """`default_collate`, but sequences of different lengths padded at their end: inputs with 0, targets -100."""
+        pairs = [(sample[:-1], sample[1:]) if torch.is_tensor(sample) else sample for sample in samples]
+        if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+            return default_collate(samples)  # a layout of the user's: theirs to pad
+        inputs, targets = ([torch.as_tensor(pair[part]) for pair in pairs] for part in (0, 1))
+        if len({sequence.shape for sequence in inputs + targets}) == 1:
+            return default_collate(samples)  # one length: the batch keeps the samples' layout
+        padded = [pad_sequence(inputs, batch_first=True), pad_sequence(targets, True, self.ignore_index)]
+        return tuple(padded)
 
     def sums_of(self, losses: torch.Tensor, counted: list[torch.Tensor]) -> torch.Tensor:
         """(loss x tokens, tokens, sequences) of each step, from its loss and `step_outputs`."""

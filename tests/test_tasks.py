@@ -57,6 +57,40 @@ def test_language_model_counts_tokens_not_padding_and_reports_perplexity():
     assert dict(zip(task.sum_names, task.forward(model, padded)[1].tolist(), strict=True))["tokens"] == 3
 
 
+def test_language_model_pads_sequences_of_different_lengths_and_sums_them_as_if_one_by_one():
+    task, model = LanguageModel(), nn.Embedding(6, 6)
+    sequences = [torch.tensor([1, 2, 3, 4, 5]), torch.tensor([5, 4]), torch.tensor([0, 1, 2])]
+    inputs, targets = task.collate(sequences)
+    assert inputs.tolist() == [[1, 2, 3, 4], [5, 0, 0, 0], [0, 1, 0, 0]]
+    assert targets.tolist() == [[2, 3, 4, 5], [4, -100, -100, -100], [1, 2, -100, -100]]
+    one_by_one = sum(task.forward(model, sequence.view(1, -1))[1] for sequence in sequences)
+    torch.testing.assert_close(task.forward(model, (inputs, targets))[1], one_by_one)  # (loss x tokens, tokens, seqs)
+    pairs = [(sequence[:-1], sequence[1:]) for sequence in sequences]  # the (inputs, targets) layout pads alike
+    assert all(torch.equal(a, b) for a, b in zip(task.collate(pairs), (inputs, targets), strict=True))
+    assert task.collate([sequences[0], sequences[0]]).shape == (2, 5)  # one length: the samples' own layout
+
+
+class RaggedStream(torch.utils.data.IterableDataset):
+    """Sentences of 3 to 8 tokens, as a text file gives them: no two batches need be the same length."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for length in range(3, 9):
+            yield torch.randint(0, 6, (length,), generator=generator)
+
+
+def test_fit_trains_a_language_model_on_sentences_of_different_lengths(tmp_path):
+    val = [torch.arange(length) % 6 for length in range(2, 7)]
+    model = nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6))
+    overrides = [*CPU, "trainer.epochs=1", "data.batch_size=3", f"output_dir={tmp_path}"]
+    record = ddp_trainer.fit(model, RaggedStream(), val, task="language_model", overrides=overrides)
+    assert (record["train/samples"], record["val/samples"]) == (6, 5)
+    tokens = sum(length - 1 for length in range(2, 7))
+    with torch.no_grad():
+        loss_sum = sum(F.cross_entropy(model(row[:-1]), row[1:], reduction="sum") for row in val)
+    assert record["val/loss"] == pytest.approx(loss_sum.item() / tokens)  # padding counted nowhere
+
+
 def test_a_language_model_batch_of_padding_alone_adds_nothing_instead_of_a_nan():
     model = nn.Embedding(5, 5)
     loss, sums = LanguageModel().forward(model, (torch.tensor([[0, 1]]), torch.full((1, 2), -100)))

@@ -54,7 +54,8 @@ def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], C
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
-    bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed)
+    task = tasks.resolve(cfg.task)
+    bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
     model = models.build(cfg.model, data.sample_shape(val_set), data.class_count(train_set))
     try:
         model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
@@ -62,7 +63,7 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
         raise UsageError(f"checkpoint {path} does not fit the model its config builds: {first_line(error)}") from error
     # In eval mode SyncBatchNorm is plain BatchNorm: no conversion, so CPU ranks can evaluate a GPU-trained model.
     model = models.prepare_model(model, dataclasses.replace(cfg.model, sync_batchnorm=False), env)
-    return Restored(cfg, tasks.resolve(cfg.task), model.eval(), bundle)
+    return Restored(cfg, task, model.eval(), bundle)
 
 
 def checkpoint_command(command: str, description: str, example: str) -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -20,6 +20,8 @@ from ddp_trainer.data.user_streams import RankShardedStream
 from ddp_trainer.distributed import DistEnv, barrier, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
+
+Collate = Callable[[list[Any]], Any] | None
 
 
 class EpochOrder(Protocol):
@@ -131,25 +133,32 @@ def _loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int, **option
     )
 
 
-def _sampled_loader(dataset: Dataset, sampler: Sampler, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader:
+def _sampled_loader(
+    dataset: Dataset, sampler: Sampler, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate
+) -> DataLoader:
     # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
     persistent = cfg.persistent_workers and cfg.num_workers > 0
-    return _loader(dataset, cfg, env, seed, sampler=sampler, batch_size=cfg.batch_size, persistent_workers=persistent)
+    options = {"sampler": sampler, "batch_size": cfg.batch_size, "persistent_workers": persistent}
+    return _loader(dataset, cfg, env, seed, collate_fn=collate, **options)
 
 
-def _user_stream(dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
-    stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed)
+def _user_stream(
+    dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate, **options: Any
+) -> DataLoader:
+    stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed, collate)
     return _loader(stream, cfg, env, seed, batch_size=None, **options)
 
 
-def _val_loader(val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataLoader | None:
+def _val_loader(
+    val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate
+) -> DataLoader | None:
     """Each validation sample on exactly one rank: an unpadded sampler, or a user's stream split by readers."""
     if val_set is None:
         return None
-    if isinstance(val_set, IterableDataset):
-        return _user_stream(val_set, cfg, env, seed, collate_fn=itemgetter(1))  # (reader slot, batch) -> batch
+    if isinstance(val_set, IterableDataset):  # (reader slot, batch) -> batch
+        return _user_stream(val_set, cfg, env, seed, collate, collate_fn=itemgetter(1))
     sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
-    return _sampled_loader(val_set, sampler, cfg, env, seed)
+    return _sampled_loader(val_set, sampler, cfg, env, seed, collate)
 
 
 def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
@@ -158,9 +167,12 @@ def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
     return build_loaders(train_set, val_set, cfg, env, seed)
 
 
-def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
+def build_loaders(
+    train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate = None
+) -> DataBundle:
     """Loaders for this rank: a seeded, padded DistributedSampler for training, an unpadded one for validation;
-    shard streams; or a user's IterableDataset split over ranks x workers."""
+    shard streams; or a user's IterableDataset split over ranks x workers. `collate` makes a batch of samples (a
+    task's, for sequences of different lengths), torch's `default_collate` if None."""
     if isinstance(train_set, ShardedIterableDataset):
         # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
         train_loader = _loader(train_set, cfg, env, seed, batch_size=None)
@@ -171,17 +183,17 @@ def build_loaders(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig, 
     for split, dataset in (("training", train_set), ("validation", val_set)):
         if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
             raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
-    val_loader = _val_loader(val_set, cfg, env, seed)
+    val_loader = _val_loader(val_set, cfg, env, seed, collate)
     val_size = None if isinstance(val_set, IterableDataset) else len(val_set or ())
     if isinstance(train_set, IterableDataset):
-        train_loader = _user_stream(train_set, cfg, env, seed)
+        train_loader = _user_stream(train_set, cfg, env, seed, collate)
         return DataBundle(train_loader, val_loader, train_loader.dataset, None, val_size, batches_per_epoch=None)
     # Of the built-in training sets only CIFAR-10's draws random numbers per sample; a user's `_target_` must say so.
     augments = cfg._target_ is None and cfg.name == "cifar10" and cfg.augment
     per_sample_seed = augments if cfg.per_sample_seed is None else cfg.per_sample_seed
     sampler = ResumableDistributedSampler(train_set, cfg.batch_size, env.world_size, env.rank, seed, per_sample_seed)
     samples = PerSampleSeeded(train_set, seed) if per_sample_seed else train_set
-    train_loader = _sampled_loader(samples, sampler, cfg, env, seed)
+    train_loader = _sampled_loader(samples, sampler, cfg, env, seed, collate)
     return DataBundle(train_loader, val_loader, sampler, len(train_set), val_size, len(train_loader))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
@@ -60,10 +60,17 @@ class RankShardedStream(IterableDataset):
     """
 
     def __init__(
-        self, dataset: IterableDataset, batch_size: int, rank: int, world_size: int, workers: int, seed: int
+        self,
+        dataset: IterableDataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.workers, self.seed = max(workers, 1), seed
+        self.workers, self.seed, self.collate = max(workers, 1), seed, collate or default_collate
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -111,9 +118,9 @@ class RankShardedStream(IterableDataset):
                 skip, spare = skip - 1, records
                 continue
             yielded = True
-            yield slot, default_collate(records)
+            yield slot, self.collate(records)
         if not yielded and spare is not None:
-            yield SPARE, default_collate(spare)  # this reader's part was all trained: a stand-in for the feed
+            yield SPARE, self.collate(spare)  # this reader's part was all trained: a stand-in for the feed
 
     def _batches(self, info: ReaderInfo) -> Iterator[list[Any]]:
         records = self._records(info)
