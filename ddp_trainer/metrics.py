@@ -66,7 +66,8 @@ class StepLedger:
     ) -> None:
         self.rows_of, self.width, self.device, self.now = rows_of, width, device, now
         self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
-        self.places = list(self.flags)  # views made once: indexing the flags every step would cost an op each time
+        # Views made once, as steps first reach them: indexing the flags every step would cost an op each time.
+        self.places: list[torch.Tensor] = []
         self.measures_norms = norms
         self.steps: list[int] = []
         self.losses: list[torch.Tensor | None] = []
@@ -91,7 +92,7 @@ class StepLedger:
         if not self.now:
             self.judged.append(judged)
             return None
-        flag = self.places[len(self.steps) - 1]
+        flag = self._place(len(self.steps) - 1)
         return flag.zero_() if judged is None else skip_flag(judged, flag)  # nothing trained: nothing to judge
 
     def fold(self, weight: float) -> torch.Tensor | None:
@@ -116,11 +117,18 @@ class StepLedger:
         if all(value is not None for value in self.judged):  # a few ops for the whole interval
             skip_flag(torch.stack(self.judged).view(-1), self.flags[: len(self.judged)])
             return
-        for value, flag in zip(self.judged, self.places, strict=False):  # the places outnumber a short interval's
+        for index, value in enumerate(self.judged):
+            flag = self._place(index)
             if value is None:  # nothing trained here: nothing to judge, whatever an earlier interval left in the slot
                 flag.zero_()
             else:
                 skip_flag(value, flag)
+
+    def _place(self, index: int) -> torch.Tensor:
+        """The flag of the interval's `index`-th step: a view of the flags, made the first time a step reaches it."""
+        while len(self.places) <= index:
+            self.places.append(self.flags[len(self.places)])
+        return self.places[index]
 
     def _rows(self) -> torch.Tensor:
         if all(loss is not None for loss in self.losses):  # not `None in`: that compares tensors with None

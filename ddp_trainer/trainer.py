@@ -78,12 +78,12 @@ class Trainer:
         if self.progress.last_lr is None:  # a new run (or an older checkpoint): the rate its first step will take
             self.progress.last_lr = self.optimizer.param_groups[0]["lr"]
         self.measure, rows_of = training_measure(task, self.accumulate)
-        # A host sync comes at least every log interval: the ledger holds that many steps. Only `skip` needs a verdict
-        # before the step; `stop` saves nothing unjudged (every save follows a sync), so the sync judges all at once.
+        # A sync comes every log interval and at an epoch's end: the ledger holds the fewer steps. Only `skip` needs a
+        # verdict before the step; `stop` saves nothing unjudged (each save follows a sync): the sync judges them all.
         clip, now = cfg.trainer.grad_clip_norm > 0, cfg.trainer.nonfinite_loss == "skip"
-        self.ledger = StepLedger(rows_of, len(task.sum_names), cfg.trainer.log_every_n_steps, clip, env.device, now)
-        self.shared_weight = 1.0 if env.is_main else 0.0  # see STEP_SUMS
-        self.last_save_time = clock()
+        interval = min(cfg.trainer.log_every_n_steps, self.steps_per_epoch or cfg.trainer.log_every_n_steps)
+        self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now)
+        self.shared_weight, self.last_save_time = (1.0 if env.is_main else 0.0), clock()  # the weight: see STEP_SUMS
         self.agreement = LaggedAgreement(env, size=2)
         self.timeouts = PhaseTimeouts(env, cfg.trainer.startup_timeout_s, cfg.trainer.dist_timeout_s)
         self.stream_feed = None  # a stream of unknown length agrees each step whether any rank still holds a batch

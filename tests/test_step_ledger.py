@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import read_metrics
 
+from ddp_trainer import trainer
+from ddp_trainer.cli.train import main
 from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.tasks import training_measure
 
@@ -99,3 +102,26 @@ def test_a_step_that_trained_nothing_here_adds_a_zero_row_and_is_not_skipped(now
     ledger.record(4, None, None, None, judge=True)
     assert ledger.fold(0.0).tolist() == [[5, 1, 0], [0, 0, 0]]
     assert ledger.flags.tolist() == [0.0, 0.0] and ledger.settle(find=True) == 0
+
+
+def test_a_ledger_far_larger_than_the_steps_it_holds_costs_only_those_steps():
+    rows = torch.tensor([[2.0, 8.0], [NAN, 8.0], [3.0, 8.0]], dtype=torch.float64)
+    ledger = ledger_of(10**7, norms=False)  # one view per slot made up front took 0.6 KB each: 6 GB here
+    assert [flag.item() for flag in record_all(ledger, rows, None)] == [0.0, 1.0, 0.0]
+    assert len(ledger.places) == 3
+    assert ledger.fold(weight=1.0)[:, 2].tolist() == [0.0, 1.0, 0.0]  # the skipped column
+
+
+def test_a_log_interval_longer_than_an_epoch_sizes_the_ledger_by_the_epoch(tmp_path, monkeypatch):
+    capacities = []
+
+    class Recording(StepLedger):
+        def __init__(self, rows_of, width, capacity, *args) -> None:
+            capacities.append(capacity)
+            super().__init__(rows_of, width, capacity, *args)
+
+    monkeypatch.setattr(trainer, "StepLedger", Recording)
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.epochs=2", f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.log_every_n_steps=10000000"]) == 0
+    assert capacities == [45]  # 1438 samples in batches of 32: a sync at each epoch's end, 45 steps apart
+    assert [line["train/samples"] for line in read_metrics(tmp_path)] == [1438, 1438]
