@@ -92,7 +92,7 @@ class _Section:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             if "valid" in spec.metadata and not spec.metadata["valid"](value):
-                raise _invalid(f"{self.section}.{spec.name}", value, spec.metadata["expected"])
+                raise _invalid(".".join(filter(None, (self.section, spec.name))), value, spec.metadata["expected"])
 
 
 @dataclass
@@ -184,6 +184,11 @@ class OptimConfig(_Section):
     gamma: float = _positive(0.1, "a positive factor")
     min_lr: float = _not_negative(0.0, "0 or more")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_lr > self.lr:  # a floor above the peak: the "decay" would raise the rate up to min_lr
+            raise _invalid("optim.min_lr", self.min_lr, f"at most optim.lr ({self.lr:g}), the rate it decays from")
+
 
 @dataclass
 class TrainerConfig(_Section):
@@ -262,14 +267,15 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     """The whole run: one dataclass per section, mapped one to one onto the YAML file."""
 
+    section = ""  # its own keys are top-level: `seed`, not `.seed`
     output_dir: str = "runs/digits_mlp"
     # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
     # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
     output_dir_per_array_task: bool = True
-    seed: int = 0
+    seed: int = _checked(0, lambda seed: 0 <= seed < 2**32, "0 to 4294967295 (NumPy seeds 32 bits)")
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

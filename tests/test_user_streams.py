@@ -153,3 +153,17 @@ def test_a_stream_from_a_target_factory_trains_through_the_command_line(tmp_path
         (2, 96, 37),
         (4, 96, 37),
     ]
+
+
+class SeededByReader(IterableDataset):
+    """Draws its records from a torch generator seeded by its reader's seed, as streams that shuffle do."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(get_worker_info().seed)
+        yield torch.randint(0, 10, (2,), generator=generator)
+
+
+def test_the_largest_run_seed_gives_readers_seeds_torch_takes():
+    largest = 2**32 - 1  # config's bound; the reader's seed mixes in the epoch and reader, past 64 bits unreduced
+    batches = [batch for _, batch in RankShardedStream(SeededByReader(), 1, 0, 1, 0, largest)]
+    assert len(batches) == 1 and batches[0].shape == (1, 2)
