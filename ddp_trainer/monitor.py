@@ -51,12 +51,14 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run judges the next epochs like an uninterrupted one."""
-        return {"best_metric": self.best, "epochs_without_improvement": self.stale_epochs}
+        kept = {"best_metric": self.best, "epochs_without_improvement": self.stale_epochs}
+        return {**kept, "part_epoch_best": self.part_epoch_best}  # a finished run started again still names it
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint's top-level keys (written by `state_dict`)."""
         self.best = state.get("best_metric")
         self.stale_epochs = state.get("epochs_without_improvement", 0)
+        self.part_epoch_best = state.get("part_epoch_best")
 
 
 def build_monitor(cfg: Config, task: Task, validates: bool) -> Monitor:

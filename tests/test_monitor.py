@@ -49,5 +49,8 @@ def test_the_last_line_names_the_part_epoch_value_that_best_pt_holds():
     assert monitor.describe() == "best val/loss n/a"
     monitor.update({"val/loss": 0.9}, whole_epoch=False)
     assert monitor.describe() == "best val/loss 0.9000 (part epoch)"
+    started_again = Monitor("val/loss", "min", min_delta=0.0, patience=0)  # the finished run, from its checkpoint
+    started_again.load_state_dict(monitor.state_dict())
+    assert started_again.describe() == "best val/loss 0.9000 (part epoch)"
     feed(monitor, [0.95])
     assert monitor.describe() == "best val/loss 0.9500"
