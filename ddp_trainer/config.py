@@ -184,11 +184,6 @@ class OptimConfig(_Section):
     gamma: float = _positive(0.1, "a positive factor")
     min_lr: float = _not_negative(0.0, "0 or more")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.min_lr > self.lr:  # a floor above the peak: the "decay" would raise the rate up to min_lr
-            raise _invalid("optim.min_lr", self.min_lr, f"at most optim.lr ({self.lr:g}), the rate it decays from")
-
 
 @dataclass
 class TrainerConfig(_Section):
@@ -275,7 +270,7 @@ class Config(_Section):
     # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
     # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
     output_dir_per_array_task: bool = True
-    seed: int = _checked(0, lambda seed: 0 <= seed < 2**32, "0 to 4294967295 (NumPy seeds 32 bits)")
+    seed: int = _checked(0, lambda seed: -(2**63) <= seed < 2**63, "a 64-bit integer, as torch.manual_seed takes")
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

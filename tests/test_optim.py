@@ -33,6 +33,16 @@ def test_step_decay_counts_epochs_in_optimizer_steps():
     assert [moved(step) for step in (12, 13, 22, 23)] == [1.0, 0.5, 0.5, 0.25]
 
 
+def test_a_floor_above_the_peak_is_refused_where_a_schedule_decays_to_it(tmp_path, capsys):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "optim.min_lr=1e-2", f"output_dir={tmp_path}"]
+    assert main(args) == 2  # its cosine 'decay' climbed to ten times optim.lr=1e-3
+    assert (
+        "config key 'optim.min_lr' has invalid value 0.01: expected at most optim.lr (0.001)" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "checkpoints").exists()
+    assert lr_multiplier(OptimConfig(lr=1e-3, min_lr=1e-2), 5, total_steps=50)(10) == 1.0  # no schedule reads it
+
+
 def test_no_scheduler_keeps_the_lr():
     factor = lr_multiplier(OptimConfig(), steps_per_epoch=5, total_steps=50)
     assert all(math.isclose(factor(step), 1.0) for step in range(50))

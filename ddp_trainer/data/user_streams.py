@@ -111,7 +111,7 @@ class RankShardedStream(IterableDataset):
         # Rotated so that the DataLoader's first worker serves the reader whose batch came next when saved.
         slot = (local + self.first_slot) % self.workers
         reader, readers = self.rank * self.workers + slot, self.world_size * self.workers
-        seed = ((self.seed * 1_000_003 + self.epoch) * 65_537 + reader) % 2**63  # torch.manual_seed takes it
+        seed = ((self.seed * 1_000_003 + self.epoch) * 65_537 + reader) % 2**64  # torch.manual_seed takes it
         info = ReaderInfo(reader, readers, seed, self.dataset)
         skip, spare, yielded = self.skipped[slot], None, False
         for records in self._batches(info):
