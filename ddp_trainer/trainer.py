@@ -179,12 +179,12 @@ class Trainer:
         sums = self._start_epoch(epoch)
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        description, done = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", self.progress.batch_in_epoch
-        global_batch = self.cfg.data.batch_size * self.env.world_size
+        title, done = f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", self.progress.batch_in_epoch
+        total = self.data.batches_per_epoch and done + len(self.data.train_loader)  # the loader holds the epoch's rest
         # The (loss, outputs) of a window's trained micro-batches; accumulated ones give sums, which add up.
         window = None
         with contextlib.closing(self._feed()) as feed:  # closing a stream's feed ends its pending agreement
-            for micro in self.logger.progress(feed, self.data.batches_per_epoch, description, global_batch, done):
+            for micro in self.logger.progress(feed, total, title, self.cfg.data.batch_size * self.env.world_size, done):
                 if self._reached_max_steps():
                     return self._reduce(sums), False
                 # From here on only the device copies: the loader's CPU tensors must not reach a device computation.
