@@ -56,9 +56,10 @@ def fit(
     _check_arguments(model, train_data, val_data, config, overrides)
     cfg, task_name = load_for_objects(config, overrides), task if isinstance(task, str) else type(task).__name__
     if cfg.task not in (Config.task, task_name):  # the default, or a key that agrees with the argument
+        wanted = repr(cfg.task) if cfg.task in tasks.BUILT_IN else f"{cfg.task}()"  # a task object of that class
         raise UsageError(
             f"config key 'task' is {cfg.task!r}, fit's task {task_name!r} (its default unless given): fit's argument "
-            f"decides; pass task={cfg.task!r} to train that task"
+            f"decides; pass task={wanted} to train that task"
         )
     cfg = dataclasses.replace(cfg, task=task_name)
     exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -221,8 +222,8 @@ class LanguageModel:
 
     def collate(self, samples: list[Any]) -> Any:
         """`default_collate`, but sequences of different lengths padded at their end: inputs with 0, targets -100."""
-        pairs = [(sample[:-1], sample[1:]) if torch.is_tensor(sample) else sample for sample in samples]
-        if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+        pairs = [_sequence_pair(sample) for sample in samples]
+        if None in pairs:
             return default_collate(samples)  # a layout of the user's: theirs to pad
         inputs, targets = ([torch.as_tensor(pair[part]) for pair in pairs] for part in (0, 1))
         if len({sequence.shape for sequence in inputs + targets}) == 1:
@@ -246,6 +247,15 @@ class LanguageModel:
         }
 
 
+def _sequence_pair(sample: Any) -> tuple[Any, Any] | None:
+    """A language model sample as (inputs, targets): token ids (time + 1,), a pair, or a dict; None if neither."""
+    if torch.is_tensor(sample) or isinstance(sample, np.ndarray):
+        return sample[:-1], sample[1:]
+    if isinstance(sample, Mapping) and "inputs" in sample and "targets" in sample:
+        return sample["inputs"], sample["targets"]
+    return tuple(sample) if isinstance(sample, list | tuple) and len(sample) == 2 else None
+
+
 BUILT_IN = {"classification": Classification, "regression": Regression, "language_model": LanguageModel}
 
 
@@ -262,6 +272,9 @@ def training_measure(task: Task, accumulate: int) -> tuple[Callable[..., Any], C
 
 def _defined_below(task: Task, name: str, other: str) -> bool:
     """Whether the class defining `other`, or a subclass of it, defines `name`: `other` then cannot override it."""
+    own = getattr(task, "__dict__", {})  # set on the object itself: below every class
+    if name in own or other in own:
+        return name in own
     owners = [next((cls for cls in type(task).__mro__ if key in vars(cls)), None) for key in (name, other)]
     return None not in owners and issubclass(owners[0], owners[1])
 

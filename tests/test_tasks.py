@@ -21,7 +21,7 @@ from ddp_trainer.cli.evaluate import LOAD_WEIGHTS
 from ddp_trainer.cli.train import main
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
-from ddp_trainer.tasks import Classification, LanguageModel, Regression, metric_names, resolve
+from ddp_trainer.tasks import Classification, LanguageModel, Regression, metric_names, resolve, training_measure
 
 CPU = ["trainer.device=cpu", "trainer.progress_bar=false"]
 
@@ -68,6 +68,8 @@ def test_language_model_pads_sequences_of_different_lengths_and_sums_them_as_if_
     pairs = [(sequence[:-1], sequence[1:]) for sequence in sequences]  # the (inputs, targets) layout pads alike
     assert all(torch.equal(a, b) for a, b in zip(task.collate(pairs), (inputs, targets), strict=True))
     assert task.collate([sequences[0], sequences[0]]).shape == (2, 5)  # one length: the samples' own layout
+    for layout in ([sequence.numpy() for sequence in sequences], [{"inputs": a, "targets": b} for a, b in pairs]):
+        assert all(torch.equal(a, b) for a, b in zip(task.collate(layout), (inputs, targets), strict=True))
 
 
 class RaggedStream(torch.utils.data.IterableDataset):
@@ -356,6 +358,20 @@ def test_a_built_in_tasks_subclass_that_overrides_forward_trains_with_it(tmp_pat
     assert task.training_calls == 4  # every training step, not the parent's step_outputs (another loss)
 
 
+def test_a_task_objects_own_attributes_decide_how_it_trains():
+    batch, model = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), nn.Linear(3, 2)
+    calls = []
+    overridden = Classification()
+    parent = overridden.forward
+    overridden.forward = lambda model, batch: calls.append("forward") or parent(model, batch)  # its own loss, say
+    composed = Classification()
+    step_outputs = composed.step_outputs
+    composed.step_outputs = lambda model, batch: calls.append("step_outputs") or step_outputs(model, batch)
+    for task in (overridden, composed):
+        training_measure(resolve(task), accumulate=1)[0](model, batch)
+    assert calls == ["forward", "step_outputs"]
+
+
 def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
     data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
     record = ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, "trainer.epochs=2", f"output_dir={tmp_path}"])
@@ -418,8 +434,17 @@ def test_fit_names_data_it_cannot_train_on(tmp_path, train_data, message):
             {"overrides": ["task=regression"]},
             "config key 'task' is 'regression', fit's task 'classification' .*; pass task='regression' to train",
         ),
+        ({"overrides": ["task=Ranking"]}, r"config key 'task' is 'Ranking', .*; pass task=Ranking\(\) to train"),
     ],
-    ids=["overrides-string", "overrides-none", "overrides-dict", "overrides-int", "config-list", "task-key"],
+    ids=[
+        "overrides-string",
+        "overrides-none",
+        "overrides-dict",
+        "overrides-int",
+        "config-list",
+        "task-key",
+        "own-task",
+    ],
 )
 def test_fit_names_arguments_it_would_misread(tmp_path, arguments, message):
     data = TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
