@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.optim import Optimizer
@@ -167,17 +167,19 @@ class ShardedSaver(Saver):
         self.wait()
         written, final = self.directory / f".step-{step:08d}.tmp", self.directory / f"step-{step:08d}"
         shards, no_dist = sharded_state_dicts(model, optimizer), not dist.is_initialized()
+        # A tensor every rank holds (a BatchNorm buffer, unsharded) is written once: from rank 0, whose values
+        # evaluation uses, not from whichever rank DCP's default would pick, whose statistics drifted on their own.
+        options = {
+            "storage_writer": FileSystemWriter(written),
+            "planner": DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+        }
         shards_written = None
         with failures_named(final):
             if self.writer is None:
-                dcp.save(shards, storage_writer=FileSystemWriter(written), no_dist=no_dist)
+                dcp.save(shards, no_dist=no_dist, **options)
             else:
                 shards_written = dcp.async_save(
-                    shards,
-                    storage_writer=FileSystemWriter(written),
-                    process_group=self.group,
-                    async_stager=self._stager(),
-                    no_dist=no_dist,
+                    shards, process_group=self.group, async_stager=self._stager(), no_dist=no_dist, **options
                 )
         if shards_written is None:
             self._publish(None, state, written, final, names)

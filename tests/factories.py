@@ -155,9 +155,10 @@ def folder_blobs(root: str, val_size: int = 37) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
+def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3, dropout: float = 0.0) -> nn.Module:
     """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
-    return nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    layers = [nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)]
+    return nn.Sequential(*layers, nn.Dropout(dropout))  # last: the layers keep their indices
 
 
 class IdRecordingNet(nn.Module):

@@ -330,9 +330,12 @@ def test_fsdp_on_two_and_four_ranks_trains_the_same_weights_as_ddp(tmp_path):
 
 
 def test_fsdp_run_killed_mid_save_resumes_bitwise_and_continues_at_another_world_size(tmp_path):
-    args = [*BLOBS, "model.dropout=0.2", "trainer.epochs=2", "data.batch_size=8", "trainer.strategy=fsdp"]
-    args += ["trainer.fsdp_wrap=[Linear]", "checkpoint.every_n_steps=2", "checkpoint.async_save=true"]
-    spawn(2, train_rank, [*args, f"output_dir={tmp_path / 'straight'}"])  # dropout: each rank's RNG stream matters
+    # Dropout: each rank's RNG stream matters. BatchNorm: each rank's running statistics differ inside an epoch, and
+    # only rank 0's count (evaluation broadcasts them); a save must keep those, not another rank's copy.
+    args = [*BLOBS_OWN_MODEL, "model._target_=factories.batchnorm_net", "model.dropout=0.2", "trainer.epochs=2"]
+    args += ["data.batch_size=8", "trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "checkpoint.every_n_steps=2"]
+    args += ["checkpoint.async_save=true"]
+    spawn(2, train_rank, [*args, f"output_dir={tmp_path / 'straight'}"])
     killed_args = [*args, f"output_dir={tmp_path / 'killed'}"]
     command = cli_command(killed_args, nproc=2)
     command[command.index("ddp_trainer.train")] = "fault_entry"
