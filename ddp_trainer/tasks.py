@@ -297,6 +297,12 @@ def resolve(task: str | Task) -> Task:
         raise UsageError(f"task {name} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
     if hasattr(task, "step_outputs") != hasattr(task, "sums_of"):
         raise UsageError(f"task {name} must define both step_outputs and sums_of, or neither")
+    upwards = getattr(task, "higher_is_better", ())
+    if not isinstance(upwards, list | tuple | set | frozenset) or not all(isinstance(name, str) for name in upwards):
+        # A bool (torchmetrics' spelling) fails at the first lookup; a string would match its substrings.
+        raise UsageError(
+            f"task {name}: higher_is_better must be a tuple of metric names (without prefix), not {upwards!r}"
+        )
     names = tuple(task.sum_names)
     if not names or names[0] != "loss_sum" or "samples" not in names:
         raise UsageError(f"task {name}: sum_names must start with 'loss_sum' and hold 'samples'")

@@ -312,6 +312,10 @@ class ShortSumsOf(Ranking):
         return torch.stack(outputs)[:, :2]
 
 
+class Flagged(Ranking):
+    higher_is_better = True  # torchmetrics' spelling: a bool, not names
+
+
 class LossOnly(Ranking):
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().forward(model, batch)[0]
@@ -322,6 +326,10 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         resolve(Ranking)
     with pytest.raises(UsageError, match="task Unprefixed: summarize.* must name every metric 'val/...'.*'loss'"):
         resolve(Unprefixed())
+    with pytest.raises(
+        UsageError, match="^task Flagged: higher_is_better must be a tuple of metric names .* not True$"
+    ):
+        resolve(Flagged())
     with pytest.raises(UsageError, match=r"^task TensorMetrics: summarize gave no plain number \(int or .* val/loss, "):
         resolve(TensorMetrics())
     batch = next(iter(DataLoader(Triples(4, 0), batch_size=4)))
