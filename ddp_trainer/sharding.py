@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import pickle
 import warnings
 from collections.abc import Iterator
@@ -28,11 +29,26 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, clean_state_dict, dcp_cause, named_load_error
 from ddp_trainer.config import TrainerConfig
-from ddp_trainer.errors import first_line
+from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.precision import AUTOCAST_DTYPES
 
 # One process reads and writes sharded checkpoints on purpose (fsdp without torchrun, evaluate): DCP need not warn.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming")
+
+
+def _refuse_split_parameters(model: nn.Module, blocks: list[nn.Module], wrap: list[str]) -> None:
+    """Refuse units that would share a parameter (tied embedding and output weights): FSDP fails at the first step."""
+    units, owner = list(dict.fromkeys([*blocks, model])), {}  # innermost first, as they are sharded
+    for unit in units:
+        modules = [unit]
+        for module in modules:  # the unit's own modules: nested units manage theirs
+            modules += [child for child in module.children() if child not in units]
+            for name, parameter in module.named_parameters(recurse=False):
+                if owner.setdefault(id(parameter), unit) is not unit:
+                    raise UsageError(
+                        f"trainer.fsdp_wrap={wrap}: parameter {name} of {type(module).__name__} is shared with another "
+                        "FSDP unit; leave one of the modules sharing it out, so that one unit holds both"
+                    )
 
 
 def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
@@ -47,6 +63,11 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
     # Innermost first: a block's parameters belong to the innermost unit holding them, never to its parent.
     blocks = [module for module in reversed(list(model.modules())) if type(module).__name__ in wrap]
     found = sorted({type(block).__name__ for block in blocks})  # before fully_shard renames them (FSDPLinear)
+    if (
+        shard
+    ):  # as DDP's wrapper does: every rank starts from rank 0's weights, whether the user seeded them alike or not
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.detach(), src=0)
     if dtype is not None and shard:
         # BatchNorm keeps fp32 weights beside its fp32 running statistics (the kernel needs one dtype): each is a unit
         # that computes in fp32 and hands bf16 on.
@@ -54,6 +75,7 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 fully_shard(module, mesh=mesh, mp_policy=batchnorm)
+    _refuse_split_parameters(model, blocks, cfg.fsdp_wrap)
     for block in blocks:
         if block is model:
             continue

@@ -155,6 +155,13 @@ def folder_blobs(root: str, val_size: int = 37) -> tuple[Dataset, Dataset]:
     return train, val
 
 
+def rank_seeded_mlp(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
+    """An MLP seeded by the rank that builds it, as a script that never seeds alike would: rank 0's must win."""
+    torch.manual_seed(int(os.environ.get("RANK", "0")))
+    layers = [nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
+    return nn.Sequential(nn.Flatten(), *layers)
+
+
 def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3, dropout: float = 0.0) -> nn.Module:
     """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
     layers = [nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)]

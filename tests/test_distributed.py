@@ -301,8 +301,10 @@ def test_compiled_ddp_model_with_accumulation_matches_eager_on_two_ranks(tmp_pat
 
 
 def test_fsdp_on_two_and_four_ranks_trains_the_same_weights_as_ddp(tmp_path):
-    # Accumulation, clipping and evaluation each take FSDP's own path; Linear blocks make several FSDP units.
-    args = [*BLOBS, "model.hidden_sizes=[16,16]", "trainer.epochs=2", "trainer.accumulate_grad_batches=2"]
+    # Accumulation, clipping and evaluation each take FSDP's own path; Linear blocks make several FSDP units. Each
+    # rank builds other initial weights: DDP broadcasts rank 0's, and FSDP must too.
+    args = [*BLOBS_OWN_MODEL, "model._target_=factories.rank_seeded_mlp", "trainer.epochs=2"]
+    args += ["trainer.accumulate_grad_batches=2"]
     args += ["trainer.grad_clip_norm=0.5", "trainer.log_every_n_steps=1"]
     fsdp = ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.activation_checkpointing=true"]
     # One global batch of 16 in each run: DistributedSampler gives 2 ranks x 8 and 4 ranks x 4 the same samples.

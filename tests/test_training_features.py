@@ -229,6 +229,29 @@ def test_activation_checkpointing_recomputes_each_block_in_backward(monkeypatch,
     assert len(calls) == (4 if checkpointed else 2)
 
 
+class TiedLanguageModel(torch.nn.Module):
+    """Embedding and output layer sharing one weight, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.output = torch.nn.Embedding(6, 4), torch.nn.Linear(4, 6, bias=False)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(self.embedding(tokens))
+
+
+def test_fsdp_units_that_would_split_a_tied_weight_are_refused_in_one_line():
+    cfg = config.load(None, ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Embedding]"]).trainer
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        shared = r"^trainer.fsdp_wrap=\[.Embedding.\]: parameter weight of Linear is shared with another FSDP unit"
+        with pytest.raises(UsageError, match=shared):
+            shard_model(TiedLanguageModel(), cfg, torch.device("cpu"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_model_and_optimizer_keys_reach_what_they_build():
     cfg = config.load(None, ["model.hidden_sizes=[24,12]", "model.dropout=0.3", "optim.name=sgd", "optim.momentum=0.5"])
     model = models.build(cfg.model, (64,), 10)
