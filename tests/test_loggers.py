@@ -314,8 +314,8 @@ def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_of
     assert main([*args, "trainer.epochs=2", *longer, f"output_dir={source}"]) == 0  # the same run, one epoch longer
     assert main([*args, "trainer.epochs=3", *longer, f"output_dir={branch}"]) == 0  # another run, from its checkpoint
 
-    def run_ids(output_dir: Path) -> list[str]:
-        return [folder.name.rsplit("-", 1)[1] for folder in sorted((output_dir / "wandb").glob("offline-run-*"))]
+    def run_ids(output_dir: Path) -> list[str]:  # a folder's name may end in "-1": two starts in the same second
+        return [path.stem.removeprefix("run-") for path in sorted((output_dir / "wandb").glob("offline-run-*/run-*"))]
 
     (source_id, resumed_id), (branch_id,) = run_ids(source), run_ids(branch)
     assert resumed_id == source_id != branch_id
