@@ -75,7 +75,8 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 fully_shard(module, mesh=mesh, mp_policy=batchnorm)
-    _refuse_split_parameters(model, blocks, cfg.fsdp_wrap)
+    if shard:  # one process trains the whole model: no unit is split off
+        _refuse_split_parameters(model, blocks, cfg.fsdp_wrap)
     for block in blocks:
         if block is model:
             continue

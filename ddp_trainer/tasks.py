@@ -226,6 +226,7 @@ class LanguageModel:
         if None in pairs:
             return default_collate(samples)  # a layout of the user's: theirs to pad
         inputs, targets = ([torch.as_tensor(pair[part]) for pair in pairs] for part in (0, 1))
+        targets = [sequence.long() for sequence in targets]  # -100 fits no unsigned type (NumPy ids are often uint16)
         if len({sequence.shape for sequence in inputs + targets}) == 1:
             return default_collate(samples)  # one length: the batch keeps the samples' layout
         padded = [pad_sequence(inputs, batch_first=True), pad_sequence(targets, True, self.ignore_index)]

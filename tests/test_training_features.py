@@ -250,6 +250,7 @@ def test_fsdp_units_that_would_split_a_tied_weight_are_refused_in_one_line():
             shard_model(TiedLanguageModel(), cfg, torch.device("cpu"))
     finally:
         torch.distributed.destroy_process_group()
+    assert shard_model(TiedLanguageModel(), cfg, None) == ["Embedding"]  # one process: nothing sharded, nothing split
 
 
 def test_model_and_optimizer_keys_reach_what_they_build():
