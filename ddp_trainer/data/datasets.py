@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -21,20 +24,32 @@ class TensorClassification(TensorDataset):
         self.inputs, self.labels, self.classes = inputs, labels, list(classes)
 
 
+def _digits_table() -> np.ndarray:
+    """scikit-learn's bundled digits as it stores them: per row 64 pixel values (0-16), then the label."""
+    # Read from its file, not through load_digits(): importing scikit-learn adds 2 s to every rank's start-up.
+    spec = importlib.util.find_spec("sklearn")
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(folders[0], "datasets", "data", "digits.csv.gz") if folders else None
+    if path is not None and path.is_file():
+        return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits  # a scikit-learn that keeps the file elsewhere
+
+    images, labels = load_digits(return_X_y=True)
+    return np.column_stack([images, labels])
+
+
 def digits(val_fraction: float) -> tuple[TensorClassification, TensorClassification]:
     """scikit-learn's bundled 8x8 digits (1,797 real images), scaled to [0, 1] and split train/val."""
-    from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import
-
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+    table = torch.from_numpy(_digits_table())
+    images = table[:, :-1].reshape(-1, 1, 8, 8).float() / 16.0
+    labels = table[:, -1].long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     val_count = round(len(labels) * val_fraction)
     if val_count == 0:  # the model is sized from a validation sample: there must be one
         raise UsageError(
             f"config key 'data.val_fraction' = {val_fraction} leaves none of the {len(labels)} digits for validation"
         )
-    classes = [str(name) for name in bunch.target_names]
+    classes = [str(digit) for digit in range(10)]
     val_index, train_index = order[:val_count], order[val_count:]
     return (
         TensorClassification(images[train_index], labels[train_index], classes),
