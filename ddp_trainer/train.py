@@ -1,8 +1,6 @@
 """`python -m ddp_trainer.train`: the training command line at the path the design fixes (`ddp_trainer.cli.train`)."""
 
-import sys
-
-from ddp_trainer.cli.train import main
+from ddp_trainer.cli.train import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

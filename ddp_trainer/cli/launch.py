@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from types import FrameType
+from typing import NoReturn
 
 import torch
 from torch.distributed import run as torchrun
@@ -15,6 +16,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ddp_trainer import slurm
+from ddp_trainer.cli import exit_after
 from ddp_trainer.errors import UsageError, say
 from ddp_trainer.preemption import STOP_SIGNALS
 
@@ -147,5 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_agent(arguments)
 
 
+def command() -> NoReturn:
+    """The `ddp-launch` program: main() on the command line's arguments, then exit with its code."""
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

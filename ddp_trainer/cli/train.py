@@ -7,11 +7,13 @@ import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_trainer import api, config, data, distributed, models, tasks
+from ddp_trainer.cli import exit_after
 from ddp_trainer.config import Config
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import CliError, say
@@ -69,5 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
 
 
+def command() -> NoReturn:
+    """The `ddp-train` program: main() on the command line's arguments, then exit with its code."""
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
