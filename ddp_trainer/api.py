@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ddp_trainer import data, distributed, tasks
+from ddp_trainer import data, distributed, rng, tasks
 from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
@@ -77,18 +77,22 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     array_task = distributed.slurm_array_task()
     cfg = for_array_task(cfg, array_task)
     _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
+    caller_streams = rng.capture()  # fit() seeds its own: the caller's draws go on as if it had not run
     stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
-    if distributed.detect_launcher().launcher == "torchrun":
-        stop_when_orphaned()
-    # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
-    # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
-    stop.watch(signal.SIGTERM)
-    logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
-    if array_task is not None:
-        logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
+    logger = None
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
+        if distributed.detect_launcher().launcher == "torchrun":
+            stop_when_orphaned()
+        # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
+        env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
+        # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
+        stop.watch(signal.SIGTERM)
+        logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
+        if array_task is not None:
+            logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
+        if not stop.active:
+            logger.info("not in the main thread: SIGTERM and SLURM's USR2 are not caught, so no checkpoint on them")
         bundle, parts = _assemble(cfg, env, build, task, logger)
         with _naming_unused_parameters():
             exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
@@ -96,9 +100,11 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
         stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive
-        logger.finish(exit_code)
+        if logger is not None:
+            logger.finish(exit_code)
         distributed.teardown()
         stop.restore()
+        rng.restore(caller_streams)
     return exit_code, record if finished else {}
 
 

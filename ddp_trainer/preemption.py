@@ -28,11 +28,17 @@ class StopSignals:
 
     def __init__(self, signums: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
         self.received: int = 0
-        self._previous = {signum: signal.signal(signum, self._note) for signum in signums}
+        # Python delivers signals to the main thread only, and only it may install handlers: a run in another thread
+        # (a sweep's worker, a web app's) trains without them.
+        self.active = threading.current_thread() is threading.main_thread()
+        self._previous: dict[int, Any] = {}
+        for signum in signums:
+            self.watch(signum)
 
     def watch(self, signum: signal.Signals) -> None:
         """Note `signum` too from now on (restored with the others)."""
-        self._previous.setdefault(signum, signal.signal(signum, self._note))
+        if self.active and signum not in self._previous:
+            self._previous[signum] = signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.received:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 import re
+import signal
+import threading
 from pathlib import Path
 from unittest.mock import ANY
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -389,6 +393,36 @@ def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["best_metric"] == min(
         line["train/loss"] for line in read_metrics(tmp_path)
     )
+
+
+def _draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def test_fit_leaves_the_callers_random_streams_and_signal_handlers_as_it_found_them(tmp_path):
+    # A sweep's `model = Net(); fit(model, ...)` loop: each trial must start from new weights, not the same ones.
+    data, model = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,))), nn.Linear(3, 2)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = _draws(), _draws()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    first = _draws()
+    ddp_trainer.fit(model, data, overrides=[*CPU, "trainer.epochs=1", f"output_dir={tmp_path / 'a'}"])
+    assert (first, _draws()) == expected
+    before = signal.getsignal(signal.SIGUSR2)
+    with pytest.raises(UsageError, match="trainer.device"):  # a failure while joining the ranks, after the handler
+        ddp_trainer.fit(nn.Linear(3, 2), data, overrides=["trainer.device=cuda:7", f"output_dir={tmp_path / 'b'}"])
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_fit_trains_in_a_thread_that_is_not_the_main_one_without_stop_signals(tmp_path, capsys):
+    data, results = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,))), []
+    overrides = [*CPU, "trainer.epochs=2", f"output_dir={tmp_path}"]
+    train = lambda: results.append(ddp_trainer.fit(nn.Linear(3, 2), data, overrides=overrides))  # noqa: E731
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+    assert [record["epoch"] for record in results] == [2]
+    assert "not in the main thread: SIGTERM and SLURM's USR2 are not caught" in capsys.readouterr().out
 
 
 def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
