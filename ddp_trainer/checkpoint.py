@@ -212,8 +212,16 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
     link.unlink(missing_ok=True)
     os.link(step_file, link)
     os.replace(link, last)  # atomic, like save_atomic, without serialising twice
-    for old in sorted(directory.glob("step-*.pt"))[:-keep_last]:
+    for old in [path for path in _step_checkpoints(directory) if path.suffix == ".pt"][:-keep_last]:
         old.unlink()
+
+
+_STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSaver name a step's checkpoint
+
+
+def _step_checkpoints(directory: Path) -> list[Path]:
+    """The step files and folders saves wrote into `directory`, oldest first: never a copy the user put beside them."""
+    return sorted(path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name))
 
 
 def _point(directory: Path, name: str, target: Path) -> None:
@@ -245,7 +253,7 @@ def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: 
         _point(directory, name, final)
     _fsync_directory(directory)
     kept = {(directory / name).resolve() for name in ("last", "best") if (directory / name).exists()}
-    folders = sorted(path for path in directory.glob("step-*") if path.is_dir())
+    folders = [path for path in _step_checkpoints(directory) if path.is_dir()]
     for old in folders[: -max(keep_last, 1)]:
         if old.resolve() not in kept:
             shutil.rmtree(old)
@@ -278,7 +286,7 @@ def load_for_resume(
     """
     directory = output_dir / "checkpoints"
     latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
-    saved = latest + sorted(directory.glob("step-*"), reverse=True)  # step files and sharded folders alike
+    saved = latest + _step_checkpoints(directory)[::-1]  # step files and sharded folders alike
     held = saved + [path for path in (directory / "best.pt", directory / "best") if path.exists()]
     if not held:
         _refuse_orphaned_metrics(output_dir / "metrics.jsonl")

@@ -127,6 +127,26 @@ def test_last_is_also_the_newest_step_file_and_only_keep_last_are_kept(tmp_path)
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 25
 
 
+def test_files_and_folders_the_user_put_beside_the_checkpoints_are_never_deleted_or_resumed(tmp_path):
+    directory = tmp_path / "checkpoints"
+    checkpoint.save_last(step_state(5), directory, keep_last=1)
+    copies = ["step-00000005 (copy).pt", "step-00000005-keep.pt", "step-99999999.pt.bak"]
+    for name in copies:
+        (directory / name).write_bytes((directory / "last.pt").read_bytes())
+    (directory / "step-00000001-notes").mkdir()
+    (directory / "step-00000001-notes" / "notes.txt").write_text("mine")
+    checkpoint.save_last(step_state(10), directory, keep_last=1)
+    written = tmp_path / "written"
+    written.mkdir()
+    checkpoint.publish_folder(written, directory / "step-00000010", ["last"], keep_last=1)
+    assert all((directory / name).is_file() for name in copies)
+    assert (directory / "step-00000001-notes" / "notes.txt").read_text() == "mine"
+    assert not (directory / "step-00000005.pt").exists()  # the trainer's own older step file went
+    (directory / "last").unlink()
+    (directory / "last.pt").unlink()
+    assert checkpoint.load_for_resume("auto", tmp_path, print)[1].name == "step-00000010.pt"
+
+
 def test_an_unreadable_last_falls_back_to_the_newest_readable_step_file(tmp_path):
     directory = tmp_path / "checkpoints"
     for step in (5, 10, 15):
