@@ -208,12 +208,18 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
         return
     step_file = directory / f"step-{state['step']:08d}.pt"
     save_atomic(state, step_file)
-    link = directory / f".last.pt.{os.getpid()}.link"
-    link.unlink(missing_ok=True)
-    os.link(step_file, link)
-    os.replace(link, last)  # atomic, like save_atomic, without serialising twice
+    link_atomic(step_file, last)
     for old in [path for path in _step_checkpoints(directory) if path.suffix == ".pt"][:-keep_last]:
         old.unlink()
+
+
+def link_atomic(source: Path, path: Path) -> None:
+    """Give `source`'s file the name `path` too (a hard link), replacing any old `path` in one atomic rename."""
+    # Atomic like save_atomic, without serialising twice: a second write could fail half-way (a full disk).
+    link = path.parent / f".{path.name}.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    os.link(source, link)
+    os.replace(link, path)
 
 
 _STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSaver name a step's checkpoint

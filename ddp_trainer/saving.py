@@ -127,12 +127,19 @@ class Saver:
                 self.writer.shutdown()
 
     def _write(self, state: dict[str, Any], names: Sequence[str]) -> None:
+        # One write, the other names hard links to it: a second write failing (a full disk) would leave best.pt
+        # behind the last.pt that records it as the best, for good.
+        written = None
         for name in names:
-            with failures_named(self.directory / f"{name}.pt"):
-                if name == "last":
+            path = self.directory / f"{name}.pt"
+            with failures_named(path):
+                if written is not None:
+                    checkpoint.link_atomic(written, path)
+                elif name == "last":
                     checkpoint.save_last(state, self.directory, self.keep_last)
                 else:
-                    checkpoint.save_atomic(state, self.directory / f"{name}.pt")
+                    checkpoint.save_atomic(state, path)
+            written = path
 
 
 class ShardedSaver(Saver):

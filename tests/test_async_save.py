@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import threading
@@ -161,3 +162,20 @@ def test_a_save_failure_names_the_file_in_either_mode(tmp_path, monkeypatch, asy
     with pytest.raises(saving.CheckpointWriteFailed, match=f"could not write checkpoint {tmp_path / 'best.pt'}"):
         failing()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_last_and_best_saved_together_are_one_write_so_best_never_lags_behind_last(tmp_path, monkeypatch):
+    real_save, writes = torch.save, []
+
+    def disk_full_after_one_write(*args, **kwargs) -> None:
+        if writes:  # before: the second write (best.pt) failed, and last.pt already named it the best
+            raise OSError(28, "No space left on device")
+        writes.append(args[1])
+        real_save(*args, **kwargs)
+
+    saver = saving.Saver(tmp_path, keep_last=0, async_save=False)
+    saver.save({"model": {}, "optimizer": {}, "epoch": 1, "step": 5, "config": {}}, ["last", "best"])
+    monkeypatch.setattr(torch, "save", disk_full_after_one_write)
+    saver.save({"model": {}, "optimizer": {}, "epoch": 2, "step": 10, "config": {}}, ["last", "best"])
+    assert [checkpoint.load(tmp_path / name)["step"] for name in ("last.pt", "best.pt")] == [10, 10]
+    assert len(writes) == 1 and os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
