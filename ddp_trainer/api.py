@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, rng, tasks
 from ddp_trainer.assembly import Parts, assemble
+from ddp_trainer.claim import FolderClaim
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -79,7 +80,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
     caller_streams = rng.capture()  # fit() seeds its own: the caller's draws go on as if it had not run
     stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
-    logger = None
+    logger = claim = None
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     try:
         if distributed.detect_launcher().launcher == "torchrun":
@@ -88,6 +89,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
+        claim = FolderClaim(Path(cfg.output_dir)) if env.is_main else None  # before anything in it is read or written
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
         if array_task is not None:
             logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
@@ -102,6 +104,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive
         if logger is not None:
             logger.finish(exit_code)
+        if claim is not None:
+            claim.release()
         distributed.teardown()
         stop.restore()
         rng.restore(caller_streams)

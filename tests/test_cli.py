@@ -6,16 +6,19 @@ import fcntl
 import io
 import os
 import pty
+import socket
 import struct
 import subprocess
 import sys
 import termios
 import threading
 
+import pytest
 from conftest import REPO_DIR, cli_env, read_metrics
 
+from ddp_trainer import claim
 from ddp_trainer.cli.train import main
-from ddp_trainer.errors import say
+from ddp_trainer.errors import UsageError, say
 
 
 def test_misspelt_key_exits_2_with_one_line_naming_it(tmp_path, capsys):
@@ -125,3 +128,45 @@ def test_a_rank_line_reaches_an_unbuffered_pipe_in_one_write():
     raw = RecordingRaw()
     say("doctor rank 1/2 (local 1)", io.TextIOWrapper(raw, write_through=True))
     assert raw.writes == [b"doctor rank 1/2 (local 1)\n"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_leaves_the_first_runs_files_alone(
+    tmp_path, monkeypatch, capsys
+):
+    # Two sweep trials given one output_dir used to train side by side: one metrics.jsonl of both, checkpoints
+    # overwriting each other. The first run here is another process holding the folder as a run does.
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_WAIT, str(run_dir)], stdout=subprocess.PIPE, text=True, env=cli_env()
+    )
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        monkeypatch.setattr(claim, "WAIT_S", 0.5)
+        assert main(["trainer.device=cpu", "trainer.epochs=1", f"output_dir={run_dir}"]) == 2
+        error, holder_name = capsys.readouterr().err.splitlines(), f"pid {holder.pid} on {socket.gethostname()}"
+        assert error[0] == f"output_dir {run_dir} is in use by {holder_name}: waiting up to 0.5 s"
+        assert error[1:] == [
+            f"ddp-train: error: output_dir {run_dir} is in use by another run ({holder_name}); wait for it to end or "
+            "use another output_dir"
+        ]
+        assert sorted(path.name for path in run_dir.iterdir()) == [".lock", "metrics.jsonl"]
+        assert (run_dir / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    finally:
+        holder.kill()
+        holder.wait()
+    (run_dir / "metrics.jsonl").unlink()  # the holder was killed: the kernel let its lock go with it
+    assert main(["trainer.device=cpu", "trainer.epochs=1", "trainer.progress_bar=false", f"output_dir={run_dir}"]) == 0
+    assert [line["epoch"] for line in read_metrics(run_dir)] == [1]
+    first = claim.FolderClaim(run_dir)
+    try:
+        with pytest.raises(UsageError, match="in use by another run in this process"):  # lockf would grant it again
+            claim.FolderClaim(run_dir)
+    finally:
+        first.release()
+
+
+CLAIM_AND_WAIT = (
+    "import sys, time; from pathlib import Path; from ddp_trainer.claim import FolderClaim; "
+    "held = FolderClaim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)"
+)

@@ -1,0 +1,80 @@
+"""Rank 0's hold on a run's output_dir: a second run into the same folder is refused, not mixed in with the first."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ddp_trainer.errors import UsageError, say
+
+LOCK_NAME = ".lock"
+WAIT_S = 30.0  # long enough for a run that was told to stop (a killed launcher's ranks) to save and end
+_HELD: set[Path] = set()  # POSIX locks belong to a process: a second run in this one would be granted it again
+
+
+class FolderClaim:
+    """An exclusive POSIX lock on `output_dir/.lock`, held from start-up until `release()`.
+
+    A lockf lock, not flock: a DataLoader worker forked from rank 0 does not inherit it, so a rank that died is never
+    outlived by its lock. The kernel drops it with the process, whatever way it ends.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.folder, self.key, self.held = output_dir, output_dir.resolve(), False
+        if self.key in _HELD:
+            raise UsageError(f"output_dir {output_dir} is in use by another run in this process: give each its own")
+        self.created = not output_dir.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / LOCK_NAME
+        self.handle = self.path.open("a+")
+        if not self._acquire(WAIT_S):
+            holder = self._holder()
+            self.handle.close()
+            raise UsageError(
+                f"output_dir {output_dir} is in use by another run ({holder}); wait for it to end or use another "
+                "output_dir"
+            )
+        self.held = True
+        _HELD.add(self.key)
+        self.handle.truncate(0)
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.handle.flush()
+
+    def _acquire(self, wait_s: float) -> bool:
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self.path.exists() and os.path.samestat(os.fstat(self.handle.fileno()), self.path.stat()):
+                    return True
+                self.handle.close()  # a run that ended unlinked this file: it locks nothing any more
+                self.handle = self.path.open("a+")
+                continue
+            except OSError:  # held by another process
+                if time.monotonic() >= deadline:
+                    return False
+                if not said:
+                    holder = self._holder()
+                    say(f"output_dir {self.folder} is in use by {holder}: waiting up to {wait_s:g} s", sys.stderr)
+                    said = True
+                time.sleep(0.2)
+
+    def _holder(self) -> str:
+        self.handle.seek(0)
+        return self.handle.read().strip() or "a process that has not named itself yet"
+
+    def release(self) -> None:
+        """Let the folder go; a run refused before it wrote anything leaves the folder as it found it."""
+        if not self.held:
+            return
+        self.held = False
+        _HELD.discard(self.key)
+        if [path.name for path in self.folder.iterdir()] == [LOCK_NAME]:  # still locked: nobody else is in between
+            self.path.unlink()
+            if self.created:
+                self.folder.rmdir()
+        self.handle.close()
