@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed._composable.contract import _get_registry
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -151,6 +152,11 @@ def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, ov
         raise UsageError(f"fit() trains an nn.Module, not {type(model).__name__}")
     if isinstance(model, DistributedDataParallel):
         raise UsageError("fit() wraps the model in DDP itself: pass the bare module (model.module)")
+    if any(_get_registry(module) for module in model.modules()):  # where fully_shard and checkpoint mark a module
+        raise UsageError(
+            "fit() was given a model that fully_shard or checkpoint changed in place (an earlier fit() with "
+            "trainer.strategy=fsdp or trainer.activation_checkpointing?): pass a new one, its weights loaded if wanted"
+        )
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # its group would be joined twice
         raise UsageError(
             "fit() joins the process group itself and leaves it when it ends: call it without init_process_group()"

@@ -426,6 +426,15 @@ def test_fit_trains_in_a_thread_that_is_not_the_main_one_without_stop_signals(tm
     assert "not in the main thread: SIGTERM and SLURM's USR2 are not caught" in capsys.readouterr().out
 
 
+def test_fit_refuses_a_model_an_earlier_fit_checkpointed_in_place_instead_of_failing_inside_torch(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    overrides = [*CPU, "trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.activation_checkpointing=true"]
+    assert ddp_trainer.fit(model, data, overrides=[*overrides, f"output_dir={tmp_path / 'a'}"])["epoch"] == 10
+    with pytest.raises(UsageError, match="^fit\\(\\) was given a model that fully_shard or checkpoint changed"):
+        ddp_trainer.fit(model, data, overrides=[*overrides, f"output_dir={tmp_path / 'b'}"])  # was an AssertionError
+
+
 def test_fit_refuses_a_model_that_is_not_a_module(tmp_path):
     with pytest.raises(UsageError, match="fit\\(\\) trains an nn.Module, not function"):
         ddp_trainer.fit(lambda inputs: inputs, TensorDataset(torch.zeros(4, 3)), overrides=[f"output_dir={tmp_path}"])
