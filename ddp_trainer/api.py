@@ -194,12 +194,21 @@ def _check_dataset(name: str, dataset: object) -> None:
         raise UsageError(f"fit(): {name} is empty")
 
 
+# What a run writes into output_dir, and whether it is a folder.
+OUTPUTS = {"config.yaml": False, "metrics.jsonl": False, "checkpoints": True, "tensorboard": True, "wandb": True}
+
+
 def _check_output_dir(output_dir: Path) -> None:
     # Checked, not created: a run refused later (a missing dataset, say) leaves no empty folder behind.
     existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         problem = "is not writable" if existing.is_dir() else "is a file"
         raise UsageError(f"output_dir={output_dir} cannot be written: {existing} {problem}")
+    for name, folder in OUTPUTS.items():  # else a traceback, the checkpoints' only after a whole epoch
+        path = output_dir / name
+        if path.exists() and path.is_dir() != folder:
+            kind = "a file" if folder else "a folder"
+            raise UsageError(f"output_dir={output_dir} cannot be written: {path} is {kind}")
 
 
 def for_array_task(config: Config, task_id: int | None) -> Config:

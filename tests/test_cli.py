@@ -170,3 +170,17 @@ CLAIM_AND_WAIT = (
     "import sys, time; from pathlib import Path; from ddp_trainer.claim import FolderClaim; "
     "held = FolderClaim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)"
 )
+
+
+@pytest.mark.parametrize(("name", "folder"), [("metrics.jsonl", True), ("checkpoints", False), ("tensorboard", False)])
+def test_an_output_of_the_wrong_kind_in_output_dir_is_one_line_before_training(tmp_path, capsys, name, folder):
+    if folder:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_text("mine")
+    assert main(["trainer.device=cpu", "logging.tensorboard=true", f"output_dir={tmp_path}"]) == 2
+    kind = "a folder" if folder else "a file"
+    assert (
+        capsys.readouterr().err
+        == f"ddp-train: error: output_dir={tmp_path} cannot be written: {tmp_path / name} is {kind}\n"
+    )
