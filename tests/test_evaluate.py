@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 
 import pytest
@@ -10,6 +12,7 @@ from conftest import read_metrics, run_cli
 from PIL import Image
 
 from ddp_trainer import checkpoint
+from ddp_trainer.cli import predict
 from ddp_trainer.cli.train import main
 from ddp_trainer.data.datasets import digits
 
@@ -108,6 +111,67 @@ def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path,
         assert main(["predict", "--checkpoint", str(last), "--split", "val", "--output", str(existing)]) == 2
         assert f"--output {existing} exists; predict never overwrites a file" in capsys.readouterr().err
         assert existing.read_bytes() == before
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes free: writing past them fails with ENOSPC, as a full disk's writes do."""
+
+    def __init__(self, file, mode: str, room: int) -> None:
+        super().__init__(file, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = super().write(bytes(data[: self.room]))
+        self.room -= written
+        return written
+
+
+def open_on_a_full_disk(room: int):
+    """io.open, except that files opened to write text hold `room` bytes at most (reads and binary files as ever)."""
+    real_open = io.open
+
+    def opener(file, mode="r", *args, **kwargs):
+        if "r" in mode or "b" in mode:
+            return real_open(file, mode, *args, **kwargs)
+        return io.TextIOWrapper(io.BufferedWriter(FullDisk(file, mode.replace("t", ""), room)), encoding="utf-8")
+
+    return opener
+
+
+@pytest.mark.parametrize("full_at", ["the first write", "the flush at close"])
+def test_predict_on_a_full_disk_leaves_no_file_and_says_so_in_one_line(trained, tmp_path, capsys, monkeypatch, full_at):
+    command = ["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--split", "val", "--output"]
+    reference, output = tmp_path / "reference.jsonl", tmp_path / "out" / "val.jsonl"
+    assert main([*command, str(reference)]) == 0
+    output.parent.mkdir()
+    room = 0 if full_at == "the first write" else reference.stat().st_size - 1  # all but the last buffer's last byte
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "open", open_on_a_full_disk(room))
+        capsys.readouterr()
+        assert main([*command, str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error == f"ddp-train predict: error: --output {output} cannot be written: No space left on device\n"
+    assert list(output.parent.iterdir()) == []  # neither a truncated file nor the temporary one
+    assert main([*command, str(output)]) == 0  # the rerun, once there is room, is not refused
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_predict_never_overwrites_an_output_that_appears_while_it_runs(trained, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "val.jsonl"
+    real_top_k = predict.top_k
+
+    def top_k_while_another_writes_the_output(*args, **kwargs):
+        if not output.exists():  # after parse_args found no such file: another job's, say
+            output.write_text("theirs\n")
+        return real_top_k(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "top_k", top_k_while_another_writes_the_output)
+    command = ["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--split", "val"]
+    assert main([*command, "--output", str(output)]) == 2
+    assert f"--output {output} exists; predict never overwrites a file" in capsys.readouterr().err
+    assert output.read_text() == "theirs\n" and list(tmp_path.iterdir()) == [output]
 
 
 def test_predict_on_image_files_matches_the_model_on_the_same_pixels(trained, tmp_path, capsys):

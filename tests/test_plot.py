@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import cli_env
@@ -67,6 +68,30 @@ def test_plot_output_that_is_not_a_png_is_refused_in_one_line(tmp_path, capsys):
         assert ddp_train(["plot", str(file), "--output", str(output)]) == 2
         assert f"--output {output} must name a .png file" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"] and file.read_text().count("\n") == 3
+
+
+def test_a_full_disk_keeps_the_old_png_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    write_metrics(tmp_path / "run", [json.dumps(record) for record in RECORDS])
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "metrics.png"
+    old_png = png.read_bytes()
+
+    def savefig_on_a_full_disk(figure, target, **kwargs):
+        """Writes the start of a PNG, then fails as savefig does when the disk fills up."""
+        if hasattr(target, "write"):  # an open file or a path: savefig takes either
+            target.write(old_png[:100])
+        else:
+            Path(target).write_bytes(old_png[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_on_a_full_disk)
+    capsys.readouterr()
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"ddp-train plot: error: cannot write {png}: No space left on device\n"
+    assert png.read_bytes() == old_png
+    assert sorted(path.name for path in png.parent.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
 
 def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys):

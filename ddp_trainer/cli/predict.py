@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -43,7 +46,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.split:
         args.output = args.output or Path(f"predictions-{args.split}.jsonl")
         if args.output.exists():  # say, a run's metrics.jsonl: nothing saved is overwritten
-            raise UsageError(f"--output {args.output} exists; predict never overwrites a file")
+            raise _output_exists(args.output)
     return args
 
 
@@ -99,13 +102,63 @@ def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dat
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
-def _write_lines(file: IO[str], first_index: int, predictions: list[Prediction], targets: list[str]) -> tuple[int, int]:
+def _output_exists(output: Path) -> UsageError:
+    return UsageError(f"--output {output} exists; predict never overwrites a file")
+
+
+def _unwritable(output: Path, error: OSError) -> UsageError:
+    return UsageError(f"--output {output} cannot be written: {error.strerror or error}")
+
+
+@contextlib.contextmanager
+def _whole_file(output: Path) -> Iterator[Callable[[str], None]]:
+    """A `write(text)` into a temporary file beside `output`, linked to that name once complete: never a partial file.
+
+    An OSError on the way (a full disk) is a UsageError naming --output; the temporary file is removed on every path.
+    """
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    except OSError as error:
+        raise _unwritable(output, error) from None
+    temporary, file = Path(name), os.fdopen(handle, "w")
+
+    def write(text: str) -> None:
+        try:
+            file.write(text)
+        except OSError as error:  # only the file's own errors: a dataset's OSError is not about --output
+            raise _unwritable(output, error) from None
+
+    try:
+        yield write
+        _link_complete(file, temporary, output)
+    finally:
+        with contextlib.suppress(OSError):  # after a failed write, closing would flush into the same full disk
+            file.close()
+        temporary.unlink(missing_ok=True)
+
+
+def _link_complete(file: IO[str], temporary: Path, output: Path) -> None:
+    try:
+        file.flush()
+        os.fsync(file.fileno())  # some filesystems (NFS) report a full disk only here or at close
+        file.close()
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; predictions are as shareable as their folder
+        os.link(temporary, output)  # unlike a rename, it refuses a name that appeared since parse_args looked
+    except FileExistsError:
+        raise _output_exists(output) from None
+    except OSError as error:
+        raise _unwritable(output, error) from None
+
+
+def _write_lines(
+    write: Callable[[str], None], first_index: int, predictions: list[Prediction], targets: list[str]
+) -> tuple[int, int]:
     """One JSON line per sample from `first_index` on; returns the (top-1, top-k) hits among them."""
     top1 = topk = 0
     for index, (prediction, target) in enumerate(zip(predictions, targets, strict=True), start=first_index):
         classes = [name for name, _ in prediction]
         top1, topk = top1 + (classes[0] == target), topk + (target in classes)
-        file.write(json.dumps({"index": index, "target": target, "top_k": prediction}) + "\n")
+        write(json.dumps({"index": index, "target": target, "top_k": prediction}) + "\n")
     return top1, topk
 
 
@@ -115,20 +168,12 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     dataset, batches = _split_batches(restored, args.split, args.batch_size)
     output, names = args.output, _class_names(dataset)
     index, top1, topk = 0, 0, 0
-    try:
-        file = output.open("x")
-    except OSError as error:
-        raise UsageError(f"--output {output} cannot be written: {error.strerror or error}") from None
-    with file:
-        try:
-            for inputs, targets in batches:
-                inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
-                predictions = top_k(restored.model, inputs, args.top_k, precision, names)
-                hits = _write_lines(file, index, predictions, [names(target) for target in targets.tolist()])
-                index, top1, topk = index + len(predictions), top1 + hits[0], topk + hits[1]
-        except BaseException:
-            output.unlink()  # a partial file would only block the rerun: predict never overwrites
-            raise
+    with _whole_file(output) as write:  # a partial file would only block the rerun: predict never overwrites
+        for inputs, targets in batches:
+            inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
+            predictions = top_k(restored.model, inputs, args.top_k, precision, names)
+            hits = _write_lines(write, index, predictions, [names(target) for target in targets.tolist()])
+            index, top1, topk = index + len(predictions), top1 + hits[0], topk + hits[1]
     return (
         f"wrote {index} predictions to {output}: top-1 accuracy {100 * top1 / max(index, 1):.2f}%, "
         f"top-{args.top_k} accuracy {100 * topk / max(index, 1):.2f}%"
