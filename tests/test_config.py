@@ -287,3 +287,34 @@ def test_a_malformed_array_task_id_is_named_in_one_line(tmp_path, capsys, monkey
     assert capsys.readouterr().err == (
         "ddp-train: error: environment variable SLURM_ARRAY_TASK_ID='4294967294x' is not an integer\n"
     )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """HOME set to a fresh folder, and the working directory elsewhere: a literal ./~ folder would show there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def test_home_is_expanded_in_output_dir_and_resume_from_yaml_and_dotted_overrides(home, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: ~/runs/x\n")
+    cfg = config.load(recipe, ["trainer.resume=~/ck.pt"])  # bash leaves a ~ after `trainer.resume=` as it is
+    assert (cfg.output_dir, cfg.trainer.resume) == (f"{home}/runs/x", f"{home}/ck.pt")
+    assert f"output_dir: {home}/runs/x" in config.to_yaml(cfg) and f"resume: {home}/ck.pt" in config.to_yaml(cfg)
+    assert config.load_for_objects(None, ["output_dir=~/y"]).output_dir == f"{home}/y"  # fit(overrides=...)
+    assert config.from_container({"output_dir": "~/z"}).output_dir == f"{home}/z"
+
+
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_resume_keywords_are_kept_as_written(home, resume):
+    assert config.load(None, [f"trainer.resume={resume}"]).trainer.resume == resume
+
+
+def test_a_run_into_a_home_relative_output_dir_writes_there_and_saves_the_expanded_path(home, tmp_path):
+    args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    assert main([*args, "trainer.epochs=1", "output_dir=~/run"]) == 0
+    assert len(read_metrics(home / "run")) == 1
+    assert config.load(home / "run" / "config.yaml").output_dir == str(home / "run")
+    assert not (tmp_path / "~").exists()
