@@ -28,13 +28,18 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+    """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
+    write_atomic(path, lambda file: torch.save(state, file))
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write` into a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; a checkpoint is as shareable as its folder
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; what we write is as shareable as its folder
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

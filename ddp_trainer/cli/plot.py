@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ddp_trainer.checkpoint import write_atomic
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import is_number
 
@@ -103,22 +102,10 @@ def plot_metrics(records: Sequence[dict[str, Any]], title: str = "") -> Figure:
 def save_figure(figure: Figure, output: Path) -> None:
     """Write the figure as a PNG, creating the folder it goes in; a PNG already there is replaced whole or kept."""
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    except OSError as error:
-        raise UsageError(f"cannot write {output}: {error.strerror or error}") from error
-    try:
         # Into a file beside it, then renamed over it: a full disk leaves the old plot, not a truncated one.
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png")
-            file.flush()
-            os.fsync(file.fileno())  # some filesystems (NFS) report a full disk only here or at close
-        os.chmod(name, 0o644)  # mkstemp makes owner-only files; a plot is as shareable as its folder
-        os.replace(name, output)
+        write_atomic(output, lambda file: figure.savefig(file, format="png"))
     except OSError as error:
         raise UsageError(f"cannot write {output}: {error.strerror or error}") from error
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
