@@ -29,7 +29,38 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
-    write_atomic(path, lambda file: torch.save(state, file))
+
+    def save(file: IO[bytes]) -> None:
+        sink = _WriteErrorKept(file)
+        try:
+            torch.save(state, sink)
+        except RuntimeError as error:
+            # torch's zip writer swallows a failed write (a full disk) and fails later on its own position check
+            # ("enforce fail at inline_container.cc"): the write's own error is the one that says what happened.
+            if sink.error is None:
+                raise
+            raise sink.error from error
+
+    write_atomic(path, save)
+
+
+class _WriteErrorKept:
+    """A binary file that remembers the first OSError its writes raised."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        """Write to the file, keeping a failure's OSError before torch sees it."""
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        """Flush the file."""
+        self.file.flush()
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -228,5 +228,5 @@ def failures_named(path: Path) -> Iterator[None]:
         # The previous checkpoint stays in place: only a finished file or folder is renamed over or beside it.
         raise CheckpointWriteFailed(
             f"could not write checkpoint {path} ({type(cause).__name__}: {first_line(cause)}); "
-            "the previous one is intact"
+            "every earlier checkpoint is intact"
         ) from error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import signal
@@ -72,6 +74,21 @@ def dead(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes free: writing past them fails with ENOSPC, as a full disk's writes do."""
+
+    def __init__(self, file, mode: str, room: int) -> None:
+        super().__init__(file, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = super().write(bytes(data[: self.room]))
+        self.room -= written
+        return written
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

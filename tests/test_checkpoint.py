@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
 import torch
+from conftest import FullDisk
 
 from ddp_trainer import checkpoint
 from ddp_trainer.errors import UsageError
@@ -29,6 +31,18 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     unpicklable = {**minimal_state(2.0), "bad": lambda: None}
     with pytest.raises(Exception, match="lambda|pickle"):
         checkpoint.save_atomic(unpicklable, path)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.full((3,), 1.0))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_full_disk_fails_with_no_space_left_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic(minimal_state(1.0), path)
+    # torch.save turns the writer's OSError into "enforce fail at inline_container.cc ... unexpected pos", no cause.
+    monkeypatch.setattr(os, "fdopen", lambda handle, mode: io.BufferedWriter(FullDisk(handle, mode, room=5000)))
+    with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device$"):
+        checkpoint.save_atomic({**minimal_state(2.0), "data": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.full((3,), 1.0))
     assert os.listdir(tmp_path) == ["last.pt"]
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
+from conftest import FullDisk, read_metrics, run_cli
 from PIL import Image
 
 from ddp_trainer import checkpoint
@@ -111,21 +110,6 @@ def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path,
         assert main(["predict", "--checkpoint", str(last), "--split", "val", "--output", str(existing)]) == 2
         assert f"--output {existing} exists; predict never overwrites a file" in capsys.readouterr().err
         assert existing.read_bytes() == before
-
-
-class FullDisk(io.FileIO):
-    """A file on a disk with `room` bytes free: writing past them fails with ENOSPC, as a full disk's writes do."""
-
-    def __init__(self, file, mode: str, room: int) -> None:
-        super().__init__(file, mode)
-        self.room = room
-
-    def write(self, data) -> int:
-        if not self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written = super().write(bytes(data[: self.room]))
-        self.room -= written
-        return written
 
 
 def open_on_a_full_disk(room: int):
