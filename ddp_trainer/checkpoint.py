@@ -1,4 +1,4 @@
-"""Checkpoints: atomic files and sharded folders, weights_only reads, and state dicts free of wrapper prefixes."""
+"""Checkpoints: files and sharded folders, weights_only reads, resume's choice, state dicts free of wrapper prefixes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from ddp_trainer import atomic
 from ddp_trainer.errors import UsageError, first_line
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
@@ -25,68 +25,6 @@ WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes so files load into a bare model."""
     return {WRAPPER_PREFIXES.sub("", key): value for key, value in state_dict.items()}
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
-
-    def save(file: IO[bytes]) -> None:
-        sink = _WriteErrorKept(file)
-        try:
-            torch.save(state, sink)
-        except RuntimeError as error:
-            # torch's zip writer swallows a failed write (a full disk) and fails later on its own position check
-            # ("enforce fail at inline_container.cc"): the write's own error is the one that says what happened.
-            if sink.error is None:
-                raise
-            raise sink.error from error
-
-    write_atomic(path, save)
-
-
-class _WriteErrorKept:
-    """A binary file that remembers the first OSError its writes raised."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file, self.error = file, None
-
-    def write(self, data: bytes) -> int:
-        """Write to the file, keeping a failure's OSError before torch sees it."""
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = self.error or error
-            raise
-
-    def flush(self) -> None:
-        """Flush the file."""
-        self.file.flush()
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """`write` into a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; what we write is as shareable as its folder
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames in `directory` themselves survive a power cut."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class UnreadableCheckpoint(UsageError):
@@ -240,22 +178,13 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
     """Write last.pt; with keep_last > 0 it is also step-<step>.pt (one file, two names), newest keep_last kept."""
     last = directory / "last.pt"
     if keep_last == 0:
-        save_atomic(state, last)
+        atomic.save_atomic(state, last)
         return
     step_file = directory / f"step-{state['step']:08d}.pt"
-    save_atomic(state, step_file)
-    link_atomic(step_file, last)
+    atomic.save_atomic(state, step_file)
+    atomic.link_atomic(step_file, last)
     for old in [path for path in _step_checkpoints(directory) if path.suffix == ".pt"][:-keep_last]:
         old.unlink()
-
-
-def link_atomic(source: Path, path: Path) -> None:
-    """Give `source`'s file the name `path` too (a hard link), replacing any old `path` in one atomic rename."""
-    # Atomic like save_atomic, without serialising twice: a second write could fail half-way (a full disk).
-    link = path.parent / f".{path.name}.{os.getpid()}.link"
-    link.unlink(missing_ok=True)
-    os.link(source, link)
-    os.replace(link, path)
 
 
 _STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSaver name a step's checkpoint
@@ -264,14 +193,6 @@ _STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSa
 def _step_checkpoints(directory: Path) -> list[Path]:
     """The step files and folders saves wrote into `directory`, oldest first: never a copy the user put beside them."""
     return sorted(path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name))
-
-
-def _point(directory: Path, name: str, target: Path) -> None:
-    """Make `directory/name` a relative symlink to `target`, replacing any old one in one atomic rename."""
-    link = directory / f".{name}.{os.getpid()}.link"
-    link.unlink(missing_ok=True)
-    link.symlink_to(target.name)
-    os.replace(link, directory / name)
 
 
 REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
@@ -292,8 +213,8 @@ def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: 
     else:
         os.replace(written, final)
     for name in names:
-        _point(directory, name, final)
-    _fsync_directory(directory)
+        atomic.symlink_atomic(directory, name, final)
+    atomic.fsync_directory(directory)
     kept = {(directory / name).resolve() for name in ("last", "best") if (directory / name).exists()}
     folders = [path for path in _step_checkpoints(directory) if path.is_dir()]
     for old in folders[: -max(keep_last, 1)]:

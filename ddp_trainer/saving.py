@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.optim import Optimizer
 from torch.torch_version import TorchVersion
 
-from ddp_trainer import checkpoint
+from ddp_trainer import atomic, checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
 from ddp_trainer.errors import CliError, first_line
@@ -134,11 +134,11 @@ class Saver:
             path = self.directory / f"{name}.pt"
             with failures_named(path):
                 if written is not None:
-                    checkpoint.link_atomic(written, path)
+                    atomic.link_atomic(written, path)
                 elif name == "last":
                     checkpoint.save_last(state, self.directory, self.keep_last)
                 else:
-                    checkpoint.save_atomic(state, path)
+                    atomic.save_atomic(state, path)
             written = path
 
 
@@ -214,7 +214,7 @@ class ShardedSaver(Saver):
             if shards_written is not None:
                 shards_written.result()  # on rank 0: every rank's shard is in, DCP wrote `.metadata` last
             if state is not None:
-                checkpoint.save_atomic(state, written / checkpoint.SHARDED_STATE)
+                atomic.save_atomic(state, written / checkpoint.SHARDED_STATE)
                 checkpoint.publish_folder(written, final, names, self.keep_last)
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_DIR, cli_env, read_metrics, run_cli
 from torch import nn
 
-from ddp_trainer import checkpoint, saving
+from ddp_trainer import atomic, checkpoint, saving
 from ddp_trainer.cli.train import main
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]"]
@@ -37,9 +37,9 @@ def without_times(lines: list[dict]) -> list[dict]:
 
 
 def test_async_run_ends_with_the_weights_metrics_and_files_of_a_sync_run(tmp_path, monkeypatch):
-    writers, save_atomic = [], checkpoint.save_atomic
+    writers, save_atomic = [], atomic.save_atomic
     monkeypatch.setattr(
-        checkpoint, "save_atomic", lambda *args: writers.append(threading.current_thread().name) or save_atomic(*args)
+        atomic, "save_atomic", lambda *args: writers.append(threading.current_thread().name) or save_atomic(*args)
     )
     assert main([*RUN, f"output_dir={tmp_path / 'sync'}"]) == 0
     assert set(writers) == {"MainThread"}

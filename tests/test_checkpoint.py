@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FullDisk
 
-from ddp_trainer import checkpoint
+from ddp_trainer import atomic, checkpoint
 from ddp_trainer.errors import UsageError
 
 
@@ -19,7 +19,7 @@ def minimal_state(value: float) -> dict:
 
 def test_save_then_load_round_trips(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
-    checkpoint.save_atomic(minimal_state(1.5), path)
+    atomic.save_atomic(minimal_state(1.5), path)
     loaded = checkpoint.load(path)
     assert torch.equal(loaded["model"]["w"], torch.full((3,), 1.5))
     assert os.listdir(path.parent) == ["last.pt"]
@@ -27,21 +27,21 @@ def test_save_then_load_round_trips(tmp_path):
 
 def test_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic(minimal_state(1.0), path)
+    atomic.save_atomic(minimal_state(1.0), path)
     unpicklable = {**minimal_state(2.0), "bad": lambda: None}
     with pytest.raises(Exception, match="lambda|pickle"):
-        checkpoint.save_atomic(unpicklable, path)
+        atomic.save_atomic(unpicklable, path)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.full((3,), 1.0))
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_a_full_disk_fails_with_no_space_left_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic(minimal_state(1.0), path)
+    atomic.save_atomic(minimal_state(1.0), path)
     # torch.save turns the writer's OSError into "enforce fail at inline_container.cc ... unexpected pos", no cause.
     monkeypatch.setattr(os, "fdopen", lambda handle, mode: io.BufferedWriter(FullDisk(handle, mode, room=5000)))
     with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device$"):
-        checkpoint.save_atomic({**minimal_state(2.0), "data": torch.zeros(100_000)}, path)
+        atomic.save_atomic({**minimal_state(2.0), "data": torch.zeros(100_000)}, path)
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.full((3,), 1.0))
     assert os.listdir(tmp_path) == ["last.pt"]
@@ -68,7 +68,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 def test_unreadable_files_are_named(tmp_path, content):
     path = tmp_path / "last.pt"
     if content == "truncate":
-        checkpoint.save_atomic(minimal_state(1.0), path)
+        atomic.save_atomic(minimal_state(1.0), path)
         content = path.read_bytes()[:100]
     path.write_bytes(content)
     with pytest.raises(UsageError, match=f"{path}.*unreadable"):
@@ -86,7 +86,7 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
 
 
 def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
-    checkpoint.save_atomic(minimal_state(1.0), tmp_path / "checkpoints" / "last.pt")
+    atomic.save_atomic(minimal_state(1.0), tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(UsageError, match="trainer.resume=none"):
         checkpoint.load_for_resume("none", tmp_path, print)
     state, path = checkpoint.load_for_resume("auto", tmp_path, print)
@@ -96,7 +96,7 @@ def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
 
 def test_best_alone_is_a_saved_run_neither_none_nor_auto_starts_over(tmp_path):
     best = tmp_path / "checkpoints" / "best.pt"
-    checkpoint.save_atomic(minimal_state(1.0), best)
+    atomic.save_atomic(minimal_state(1.0), best)
     with pytest.raises(UsageError, match=f"trainer.resume=none but {best} exists"):
         checkpoint.load_for_resume("none", tmp_path, print)
     with pytest.raises(UsageError, match=f"holds best.pt but no last or step checkpoint.*trainer.resume={best}"):
@@ -115,15 +115,15 @@ def test_epoch_lines_whose_checkpoints_are_gone_are_not_started_over(tmp_path):
 
 def test_resume_from_a_path_never_trains_over_another_runs_checkpoints(tmp_path):
     elsewhere, last = tmp_path / "other.pt", tmp_path / "run" / "checkpoints" / "last.pt"
-    checkpoint.save_atomic({**minimal_state(1.0), "step": 7}, elsewhere)
+    atomic.save_atomic({**minimal_state(1.0), "step": 7}, elsewhere)
     state, path = checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)  # nothing there yet
     assert (path, state["step"]) == (elsewhere, 7)
-    checkpoint.save_atomic({**minimal_state(2.0), "config": {"trainer": {"resume": "auto"}}}, last)
+    atomic.save_atomic({**minimal_state(2.0), "config": {"trainer": {"resume": "auto"}}}, last)
     with pytest.raises(UsageError, match=f"trainer.resume={elsewhere}, but .* would overwrite .*last.pt"):
         checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)
     assert checkpoint.load_for_resume(str(last), tmp_path / "run", print)[1] == last  # the run's own newest
     # The run started from elsewhere saved, then was requeued with the same command: it goes on from its own save.
-    checkpoint.save_atomic({**minimal_state(3.0), "config": {"trainer": {"resume": str(elsewhere)}}}, last)
+    atomic.save_atomic({**minimal_state(3.0), "config": {"trainer": {"resume": str(elsewhere)}}}, last)
     state, path = checkpoint.load_for_resume(str(elsewhere), tmp_path / "run", print)
     assert path == last and torch.equal(state["model"]["w"], torch.full((3,), 3.0))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_trainer import checkpoint
+from ddp_trainer import atomic, checkpoint
 from ddp_trainer.errors import UsageError
 
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
         )
     state = checkpoint.load(args.checkpoint)
     try:
-        checkpoint.save_atomic(state, args.output)
+        atomic.save_atomic(state, args.output)
     except OSError as error:
         raise UsageError(f"cannot write --output {args.output}: {error.strerror or error}") from None
     tensors = [value for value in state["model"].values() if isinstance(value, torch.Tensor)]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddp_trainer.checkpoint import write_atomic
+from ddp_trainer.atomic import write_atomic
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import is_number
 

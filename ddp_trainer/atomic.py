@@ -1,0 +1,90 @@
+"""Atomic files: written beside their final name, fsynced and renamed in, so a reader sees the old or the new one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
+
+    def save(file: IO[bytes]) -> None:
+        sink = _WriteErrorKept(file)
+        try:
+            torch.save(state, sink)
+        except RuntimeError as error:
+            # torch's zip writer swallows a failed write (a full disk) and fails later on its own position check
+            # ("enforce fail at inline_container.cc"): the write's own error is the one that says what happened.
+            if sink.error is None:
+                raise
+            raise sink.error from error
+
+    write_atomic(path, save)
+
+
+class _WriteErrorKept:
+    """A binary file that remembers the first OSError its writes raised."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        """Write to the file, keeping a failure's OSError before torch sees it."""
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        """Flush the file."""
+        self.file.flush()
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write` into a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; what we write is as shareable as its folder
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames in `directory` themselves survive a power cut."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def link_atomic(source: Path, path: Path) -> None:
+    """Give `source`'s file the name `path` too (a hard link), replacing any old `path` in one atomic rename."""
+    # Atomic like save_atomic, without serialising twice: a second write could fail half-way (a full disk).
+    link = path.parent / f".{path.name}.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    os.link(source, link)
+    os.replace(link, path)
+
+
+def symlink_atomic(directory: Path, name: str, target: Path) -> None:
+    """Make `directory/name` a relative symlink to `target`, replacing any old one in one atomic rename."""
+    link = directory / f".{name}.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target.name)
+    os.replace(link, directory / name)
