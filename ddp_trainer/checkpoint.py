@@ -143,6 +143,7 @@ def read_state(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist")
     if path.is_dir():
+        _refuse_a_folder_of_checkpoints(path)
         _check_shard_files(path, _read_metadata(path / SHARDED_METADATA))
     file, required = (path / SHARDED_STATE, SHARDED_KEYS) if path.is_dir() else (path, FILE_KEYS)
     state = _read(file, lambda opened: torch.load(opened, map_location="cpu", weights_only=True))
@@ -159,6 +160,14 @@ def read_state(path: Path) -> dict[str, Any]:
             f"checkpoint {file} is not a ddp-trainer checkpoint ({wrong} is {state[wrong]!r:.40})"
         )
     return state
+
+
+def _refuse_a_folder_of_checkpoints(folder: Path) -> None:
+    """A run's output_dir or its checkpoints/ named where one checkpoint belongs: say which one to name instead."""
+    inside = [folder / sub / name for sub in ("checkpoints", "") for name in ("last.pt", "last")]
+    named = next((path for path in inside if path.exists()), None)
+    if named is not None and not (folder / SHARDED_METADATA).exists():
+        raise UsageError(f"checkpoint {folder} is a folder of checkpoints, not one; name one of them, e.g. {named}")
 
 
 def load(path: Path) -> dict[str, Any]:

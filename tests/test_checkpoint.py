@@ -132,6 +132,20 @@ def step_state(step: int) -> dict:
     return {**minimal_state(float(step)), "step": step}
 
 
+@pytest.mark.parametrize("named", ["output_dir", "checkpoints"])
+def test_a_run_folder_named_as_the_checkpoint_is_refused_naming_the_checkpoint_inside(tmp_path, named):
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    checkpoint.save_last(step_state(5), last.parent, keep_last=1)
+    folder = last.parent.parent if named == "output_dir" else last.parent
+    with pytest.raises(UsageError) as refused:
+        checkpoint.load_for_resume(str(folder), tmp_path / "new", print)
+    assert (
+        str(refused.value) == f"checkpoint {folder} is a folder of checkpoints, not one; name one of them, e.g. {last}"
+    )
+    with pytest.raises(UsageError, match="is a folder of checkpoints"):
+        checkpoint.load(folder)
+
+
 def test_last_is_also_the_newest_step_file_and_only_keep_last_are_kept(tmp_path):
     for step in (5, 10, 15, 20):
         checkpoint.save_last(step_state(step), tmp_path, keep_last=2)
