@@ -55,9 +55,12 @@ def route(section: str, factory: Callable[..., Any], cfg: DataConfig | ModelConf
 
 def saved(section: str, values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A `_target_` section as saved: only the keys that took effect, so loading it back makes the same call."""
-    # A schema key the factory took is in kwargs. Saving the others would have them written when the file is
-    # loaded again: a built-in-only key refused, a trainer key at its default passed to a factory that never got it.
-    kept = {"_target_", "kwargs", *values["kwargs"]}
+    # kwargs holds every keyword the factory got. A schema key among them is saved beside `_target_` too only where
+    # the schema holds the value passed: one written under kwargs alone left the schema's default there, which would
+    # replace the kwargs value when the file is loaded again. Other schema keys would have them written then: a
+    # built-in-only key refused, a trainer key at its default passed to a factory that never got it.
+    passed = {key for key, value in values["kwargs"].items() if key in defaults and values[key] == value}
+    kept = {"_target_", "kwargs", *passed}
     return {
         key: value
         for key, value in values.items()

@@ -246,6 +246,17 @@ def test_saved_factory_config_loads_back_identically(tmp_path):
     assert "hidden_sizes" not in saved.read_text()  # keys that reached nothing are not saved as if they had
 
 
+def test_a_schema_key_written_under_kwargs_alone_loads_back_with_its_value(tmp_path):
+    recipe, saved = tmp_path / "own.yaml", tmp_path / "config.yaml"
+    recipe.write_text("model:\n  _target_: factories.classifier\n  kwargs:\n    dropout: 0.5\n")
+    cfg = config.load(recipe)
+    saved.write_text(config.to_yaml(cfg))
+    reloaded = config.load(saved)  # before: the schema's dropout 0.0, saved beside _target_, replaced the 0.5
+    assert reloaded == cfg
+    dropout, _ = models.build(reloaded.model, (8,), dataset_classes=3)
+    assert dropout.p == 0.5
+
+
 def test_checkpoint_config_with_every_schema_key_loads_and_takes_overrides():
     cfg = config.load(None, FACTORY_RUN)
     every_key = dataclasses.asdict(cfg)  # as older checkpoints saved it: unused schema keys at their defaults
