@@ -345,6 +345,7 @@ def _written_keys(written: DictConfig, section: str) -> list[str]:
 
 def _validate(raw: DictConfig, written: DictConfig) -> Config:
     written_keys = {section: _written_keys(written, section) for section in ("data", "model")}  # raw changes below
+    raw = sources.resolved(dataclasses.asdict(Config()), raw)  # `${model.width}` before width moves to kwargs
     _collect_factory_kwargs(raw, "data", DataConfig)
     _collect_factory_kwargs(raw, "model", ModelConfig)
     config = sources.to_object(sources.merge(OmegaConf.structured(Config), raw))

@@ -17,17 +17,28 @@ from ddp_trainer.errors import UsageError, first_line
 def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
     """The keys of a YAML file, of a mapping, or none; UsageError for a missing or unreadable file."""
     if source is None or isinstance(source, Mapping):
-        return OmegaConf.create(dict(source or {}))
+        try:
+            return OmegaConf.create(dict(source or {}))
+        except OmegaConfBaseException as error:  # a value OmegaConf cannot hold: a NumPy float from a sweep, say
+            raise UsageError(_message(error)) from None
     file = Path(source)
     if not file.is_file():
         raise UsageError(f"config file {file} " + ("is a folder" if file.is_dir() else "does not exist"))
     try:
         loaded = OmegaConf.load(file)
     except Exception as error:  # YAML errors come in several types; all mean the same to the user
-        raise UsageError(f"config file {file} is not valid YAML: {str(error).splitlines()[0]}") from error
+        raise UsageError(f"config file {file} is not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(loaded, DictConfig):
         raise UsageError(f"config file {file} must hold a mapping of keys, not {type(loaded).__name__}")
     return loaded
+
+
+def _yaml_problem(error: Exception) -> str:
+    """What a YAML error found, and on which line: its first line is only the context ("while constructing...")."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None:
+        return first_line(error)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else problem
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -55,6 +66,16 @@ def merge(base: DictConfig, layer: DictConfig) -> DictConfig:
         key, held, value = clash
         kind = "a section of keys" if isinstance(held, DictConfig) else "a list"
         raise UsageError(f"config key '{key}' is {kind}, not {_plain(value)!r}") from None
+
+
+def resolved(defaults: Mapping[str, Any], layer: DictConfig) -> DictConfig:
+    """`layer`'s keys over `defaults`, interpolations resolved; UsageError naming the key one fails at."""
+    merged = merge(OmegaConf.create(dict(defaults)), layer)
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as error:
+        raise UsageError(_message(error)) from None
+    return merged
 
 
 def to_object(merged: DictConfig) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy
 import pytest
 from conftest import read_metrics
 
@@ -123,6 +124,26 @@ def test_override_whose_value_is_not_yaml_is_named_in_one_line(override, problem
     assert str(refused.value) == f"override {override!r} could not be parsed: {problem}"
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("seed: 1\ntrainer:\n  epochs: 2\nseed: 2\n", "found duplicate key seed (line 4)"),
+        ("seed: [1\n", "did not find expected ',' or ']' (line 2)"),
+    ],
+)
+def test_a_yaml_file_that_does_not_parse_is_refused_with_its_problem_and_line(tmp_path, text, problem):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(UsageError) as refused:
+        config.load(recipe)
+    assert str(refused.value) == f"config file {recipe} is not valid YAML: {problem}"
+
+
+def test_a_value_omegaconf_cannot_hold_in_a_dict_config_is_named_by_its_key():
+    with pytest.raises(UsageError, match=r"^config key 'optim.lr' has a wrong type: Value 'float64' is not"):
+        config.load_for_objects({"optim": {"lr": numpy.float64(1e-3)}})  # a sweep's numpy.logspace, say
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(UsageError, match="nope.yaml does not exist"):
         config.load(tmp_path / "nope.yaml")
@@ -136,6 +157,13 @@ def test_target_sibling_keys_become_factory_kwargs(tmp_path):
     cfg = config.load(recipe, ["data.train_size=10"])
     assert cfg.model.kwargs == {"hidden": 5}
     assert cfg.data.kwargs == {"train_size": 10}
+
+
+def test_an_interpolation_may_name_a_factory_keyword(tmp_path):
+    recipe = tmp_path / "own.yaml"
+    recipe.write_text("model:\n  _target_: factories.small_net\n  hidden: 32\noutput_dir: runs/h${model.hidden}\n")
+    cfg = config.load(recipe)  # before: "Interpolation key 'model.hidden' not found", hidden having moved to kwargs
+    assert (cfg.output_dir, cfg.model.kwargs) == ("runs/h32", {"hidden": 32})
 
 
 def test_schema_keys_the_model_factory_takes_reach_it():
