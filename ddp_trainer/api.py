@@ -215,7 +215,9 @@ def for_array_task(config: Config, task_id: int | None) -> Config:
     """The config SLURM array task `task_id` runs (None: not an array job): its own folder inside output_dir."""
     if task_id is None or not config.output_dir_per_array_task:
         return config
-    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"array_task_{task_id}"))
+    # Saved as it ran: the task's config.yaml, given again as --config in the same array task, runs in that folder.
+    folder = str(Path(config.output_dir) / f"array_task_{task_id}")
+    return dataclasses.replace(config, output_dir=folder, output_dir_per_array_task=False)
 
 
 def _last_record(metrics_path: Path) -> dict[str, Any]:

@@ -315,6 +315,13 @@ def test_array_tasks_of_one_command_write_apart_and_a_requeued_task_resumes_its_
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_array_tasks_saved_config_runs_in_its_folder_again(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml(api.for_array_task(config.load(None, [f"output_dir={tmp_path}"]), 3)))
+    # before: output_dir/array_task_3/array_task_3
+    assert api.for_array_task(config.load(saved), 3).output_dir == str(tmp_path / "array_task_3")
+
+
 def test_output_dir_per_array_task_false_keeps_output_dir_as_written():
     cfg = config.load(None, ["output_dir=runs/sweep_3", "output_dir_per_array_task=false"])
     assert api.for_array_task(cfg, 3).output_dir == "runs/sweep_3"
