@@ -33,11 +33,11 @@ def _one_of(default: str, choices: tuple[str, ...]) -> Any:
 
 
 def _positive(default: float, expected: str = "a positive integer") -> Any:
-    return _checked(default, lambda value: value > 0, expected)
+    return _checked(default, lambda value: 0 < value < float("inf"), expected)
 
 
 def _not_negative(default: float, expected: str) -> Any:
-    return _checked(default, lambda value: value >= 0, expected)
+    return _checked(default, lambda value: 0 <= value < float("inf"), expected)
 
 
 SHAPE = "a list of positive sizes"
@@ -273,7 +273,7 @@ class Config(_Section):
     # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
     # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
     output_dir_per_array_task: bool = True
-    seed: int = _checked(0, lambda seed: -(2**63) <= seed < 2**63, "a 64-bit integer, as torch.manual_seed takes")
+    seed: int = _checked(0, lambda seed: 0 <= seed < 2**32, "0 to 2**32 - 1 (torch and NumPy seeds keep 32 bits)")
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

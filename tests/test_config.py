@@ -68,7 +68,11 @@ def test_overrides_are_converted_to_the_schema_types():
         ("data.synthetic.num_classes=1", "config key 'data.synthetic.num_classes' has invalid value 1"),
         ("data.synthetic.input_shape=[3,0,4]", "config key 'data.synthetic.input_shape' has invalid value [3, 0, 4]"),
         # Was a traceback from torch.manual_seed.
-        ("seed=99999999999999999999", "config key 'seed' has invalid value 99999999999999999999: expected a 64-bit"),
+        ("seed=99999999999999999999", "config key 'seed' has invalid value 99999999999999999999: expected 0 to 2**32"),
+        ("seed=4294967296", "config key 'seed' has invalid value 4294967296"),  # was seed 0's run again
+        ("seed=-1", "config key 'seed' has invalid value -1"),  # was seed 4294967295's run
+        ("optim.lr=.inf", "config key 'optim.lr' has invalid value inf"),  # stopped at step 2 on a non-finite loss
+        ("trainer.grad_clip_norm=.inf", "config key 'trainer.grad_clip_norm' has invalid value inf"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
