@@ -12,29 +12,33 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 
+from ddp_trainer import atomic
 from ddp_trainer.cli import train
 
 
-def dying_save(real_save: Callable[..., None], kill_at: int) -> Callable[..., None]:
-    """torch.save that writes `kill_at - 1` checkpoint files, then half of the next one, and kills this process."""
+def dying_save(real_save: Callable[[dict[str, Any], Path], None], kill_at: int) -> Callable[..., None]:
+    """atomic.save_atomic writing `kill_at - 1` checkpoint files, then half of the next one, and killing itself."""
     saves = 0
 
-    def save(state: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+    def save(state: dict[str, Any], path: Path) -> None:
         nonlocal saves
-        if isinstance(file, io.BytesIO):  # all_gather_object serialises into memory with torch.save
-            return real_save(state, file, *args, **kwargs)
         saves += 1
         if saves < kill_at:
-            return real_save(state, file, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(state, buffer, *args, **kwargs)
-        file.write(buffer.getvalue()[: buffer.tell() // 2])
-        file.flush()  # into the page cache, which outlives the process
-        os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(state, path)
+
+        def write_half_and_die(file: IO[bytes]) -> None:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            file.write(buffer.getvalue()[: buffer.tell() // 2])
+            file.flush()  # into the page cache, which outlives the process
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic.write_atomic(path, write_half_and_die)
         return None
 
     return save
@@ -42,5 +46,5 @@ def dying_save(real_save: Callable[..., None], kill_at: int) -> Callable[..., No
 
 if __name__ == "__main__":
     if os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        torch.save = dying_save(torch.save, int(os.environ["KILL_AT_SAVE"]))
+        atomic.save_atomic = dying_save(atomic.save_atomic, int(os.environ["KILL_AT_SAVE"]))
     sys.exit(train.main())
