@@ -99,7 +99,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         bundle, parts = _assemble(cfg, env, build, task, logger)
         with _naming_unused_parameters():
             exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
-        with _naming_lost_ranks(env, ("trainer.dist_timeout_s", cfg.trainer.dist_timeout_s), "as the run ended"):
+        # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
+        with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     finally:
         stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive

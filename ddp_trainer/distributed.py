@@ -174,16 +174,18 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_FAILURE_MARKERS)
 
 
-def absent_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
-    """Ranks that leave no key in the store within `wait_s` of a failed collective; None if its host, rank 0, died."""
+def _failure_marks(env: DistEnv, error: RuntimeError, wait_s: float) -> dict[int, str] | None:
+    """How each rank's collective failed ("timeout" or "closed"), for the ranks that said so in the store within
+    `wait_s`; None if its host, rank 0, died."""
+    timed_out = any(word in str(error) for word in ("Timed out", "timed out", "timeout"))
     try:
         store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())
-        store.set(str(env.rank), "1")
+        store.set(str(env.rank), "timeout" if timed_out else "closed")
         deadline = time.monotonic() + wait_s
         while True:
-            missing = [rank for rank in range(env.world_size) if not store.check([str(rank)])]
-            if not missing or time.monotonic() >= deadline:
-                return missing
+            marked = [rank for rank in range(env.world_size) if store.check([str(rank)])]
+            if len(marked) == env.world_size or time.monotonic() >= deadline:
+                return {rank: store.get(str(rank)).decode() for rank in marked}
             time.sleep(0.2)
     except (RuntimeError, ValueError):  # no store, or its host is gone
         return None
@@ -196,39 +198,57 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
     """
     key, timeout_s = timeout
     # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
-    missing = absent_ranks(env, wait_s=min(timeout_s, 10.0))
-    reason = first_line(error)
+    marks = _failure_marks(env, error, wait_s=min(timeout_s, 10.0))
+    missing = None if marks is None else [rank for rank in range(env.world_size) if rank not in marks]
+    # A rank busy past the timeout is alive: the others time out waiting for it, then it finds them gone.
+    late = [rank for rank, mark in (marks or {}).items() if mark == "closed"]
+    waited = [rank for rank, mark in (marks or {}).items() if mark == "timeout"]
     if missing is None:
         culprit = "rank 0, which hosts the rendezvous store, is gone"
     elif missing:
         culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
+    elif late and waited:
+        busy = "this rank was" if env.rank in late else f"rank {', '.join(map(str, late))} was"
+        culprit = f"{busy} busy past the timeout while rank {', '.join(map(str, waited))} waited (slow, not dead)"
     else:
         culprit = "every rank's collective failed (network?)"
-    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {reason}")
+    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {first_line(error)}")
 
 
 class PhaseTimeouts:
-    """Start-up's long process-group timeout until the first optimizer step is done, then training's short one.
+    """Training's short process-group timeout while steps run; start-up's long one while ranks may wait on each other.
 
-    Start-up (rendezvous, a dataset download, the first step's compile) may keep ranks apart for long; once
-    steps run, a silent peer is dead or stuck and should become an error soon. torchtitan does the same.
+    Start-up (rendezvous, a dataset download, the first step's compile) may keep ranks apart for long, and so may
+    rank 0's files: an epoch's log lines and a checkpoint on a slow shared disk, which the other ranks wait for at the
+    next collective. While steps run, a silent peer is dead or stuck and should become an error soon.
     """
 
-    def __init__(self, env: DistEnv, startup_s: float, training_s: float) -> None:
-        self.env, self.startup_s, self.training_s, self.training = env, startup_s, training_s, False
+    def __init__(
+        self, env: DistEnv, startup_s: float, training_s: float, groups: Sequence[dist.ProcessGroup | None]
+    ) -> None:
+        self.env, self.startup_s, self.training_s, self.stepping = env, startup_s, training_s, False
+        self.groups = {None, *groups}  # None: the default group
 
-    def training_started(self, groups: Sequence[dist.ProcessGroup | None]) -> None:
-        """After a step: from now on the default group and `groups` time out after training's timeout."""
-        if self.training:
-            return
-        self.training = True
+    def steps_running(self) -> None:
+        """After a step: training's timeout, until the ranks next wait on rank 0's files."""
+        if not self.stepping:
+            self.stepping = True
+            self._apply(self.training_s)
+
+    def waiting_on_rank_zero(self) -> None:
+        """Before rank 0 writes what the others will wait for: start-up's timeout, until the next step."""
+        if self.stepping:
+            self.stepping = False
+            self._apply(self.startup_s)
+
+    def _apply(self, seconds: float) -> None:
         if self.env.distributed:
-            for group in {None, *groups}:
-                _set_timeout(timedelta(seconds=self.training_s), group)
+            for group in self.groups:
+                _set_timeout(timedelta(seconds=seconds), group)
 
     def in_force(self) -> tuple[str, float]:
         """(config key, seconds) of the timeout that applies now."""
-        if self.training:
+        if self.stepping:
             return "trainer.dist_timeout_s", self.training_s
         return "trainer.startup_timeout_s", self.startup_s
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,15 @@ class Saver:
             written = path
 
 
+def build_saver(cfg: Config, directory: Path) -> Saver:
+    """The run's saver: rank 0's file (ddp) or every rank's shard (fsdp), written at once or in the background."""
+    keep_last, async_save = cfg.checkpoint.keep_last, cfg.checkpoint.async_save
+    if cfg.trainer.strategy == "fsdp":
+        # Its collectives wait on every rank's writes, which a slow disk may make long: start-up's timeout.
+        return ShardedSaver(directory, keep_last, async_save, timedelta(seconds=cfg.trainer.startup_timeout_s))
+    return Saver(directory, keep_last, async_save)
+
+
 class ShardedSaver(Saver):
     """Sharded checkpoints (FSDP): every rank writes its shard with DCP into a folder that rank 0 then publishes.
 
@@ -151,9 +161,9 @@ class ShardedSaver(Saver):
 
     LAST = "last"
 
-    def __init__(self, directory: Path, keep_last: int, async_save: bool) -> None:
+    def __init__(self, directory: Path, keep_last: int, async_save: bool, timeout: timedelta) -> None:
         super().__init__(directory, keep_last, async_save)
-        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if async_save and dist.is_initialized() else None
         # Pinned (and copied without blocking) only when the run is on a GPU: pinning would start CUDA in a CPU run.
         self.pinned = torch.cuda.is_initialized()
         self.stager: DefaultStager | None = None

@@ -31,7 +31,7 @@ from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.preemption import StopSignals
-from ddp_trainer.saving import Saver, ShardedSaver, build_state
+from ddp_trainer.saving import build_saver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import Task, training_measure
 
@@ -71,8 +71,7 @@ class Trainer:
         self.optimizer, self.scheduler, self.precision = parts.optimizer, parts.scheduler, parts.precision
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-        saver = ShardedSaver if cfg.trainer.strategy == "fsdp" else Saver
-        self.saver = saver(self.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        self.saver = build_saver(cfg, self.checkpoint_dir)
         self.parameters, self.accumulate = list(self.model.parameters()), cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
         if self.progress.last_lr is None:  # a new run (or an older checkpoint): the rate its first step will take
@@ -85,10 +84,11 @@ class Trainer:
         self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now)
         self.shared_weight, self.last_save_time = (1.0 if env.is_main else 0.0), clock()  # the weight: see STEP_SUMS
         self.agreement = LaggedAgreement(env, size=2)
-        self.timeouts = PhaseTimeouts(env, cfg.trainer.startup_timeout_s, cfg.trainer.dist_timeout_s)
         self.stream_feed = None  # a stream of unknown length agrees each step whether any rank still holds a batch
         if data.batches_per_epoch is None:
             self.stream_feed = AgreedFeed(data.train_loader, data.train_order, env, self.accumulate)
+        groups = [self.agreement.group, self.stream_feed and self.stream_feed.agreement.group]
+        self.timeouts = PhaseTimeouts(env, cfg.trainer.startup_timeout_s, cfg.trainer.dist_timeout_s, groups)
 
     def fit(self) -> tuple[int, bool]:
         """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
@@ -144,11 +144,7 @@ class Trainer:
                 "time/train_s": train_s,
             }
             record["time/epoch_s"] = time.perf_counter() - started
-            self.logger.log_epoch(record, self.cfg.trainer.epochs)
-            if finished:
-                self.progress.finish_epoch()
-            # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
-            self._save_epoch_checkpoints(record, None if finished else train_totals)
+            self._end_epoch(record, finished, train_totals)
 
     def _start_epoch(self, epoch: int) -> MetricSums:
         progress, order = self.progress, self.data.train_order
@@ -224,9 +220,7 @@ class Trainer:
         self.precision.step(self.optimizer, skip)
         self.progress.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
         self.scheduler.step()
-        if not self.timeouts.training:  # once, after the first step
-            groups = [self.agreement.group, self.stream_feed and self.stream_feed.agreement.group]
-            self.timeouts.training_started(groups)
+        self.timeouts.steps_running()
         if step % self.cfg.trainer.log_every_n_steps == 0:
             running = self._train_summary(self._reduce(sums))  # the interval's one host sync
             del running["train/samples"]  # a count, not a curve worth drawing per step
@@ -299,11 +293,17 @@ class Trainer:
         )
         return True
 
-    def _save_epoch_checkpoints(self, record: dict[str, Any], totals: dict[str, float] | None) -> None:
-        improved = self.monitor.update(record, whole_epoch=totals is None)
-        self._save(("last", "best") if improved else ("last",), partial_totals=totals)
+    def _end_epoch(self, record: dict[str, Any], finished: bool, totals: dict[str, float]) -> None:
+        self.timeouts.waiting_on_rank_zero()  # its log lines and checkpoint may take long on a slow disk
+        self.logger.log_epoch(record, self.cfg.trainer.epochs)
+        if finished:
+            self.progress.finish_epoch()
+        improved = self.monitor.update(record, whole_epoch=finished)
+        # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
+        self._save(("last", "best") if improved else ("last",), partial_totals=None if finished else totals)
 
     def _save(self, names: tuple[str, ...], partial_totals: dict[str, float] | None) -> None:
+        self.timeouts.waiting_on_rank_zero()  # until the next step: the barrier below waits for rank 0's write
         self.last_save_time = self.clock()
         position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
         # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and under FSDP its shard.

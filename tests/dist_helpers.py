@@ -14,6 +14,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from conftest import REPO_DIR, cli_env
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import assembly, checkpoint
+from ddp_trainer import assembly, atomic, checkpoint, saving
 from ddp_trainer.cli import train
 
 
@@ -243,3 +244,29 @@ def train_rank(rank: int, world_size: int, port: int, args: list[str]) -> None:
     """Run the CLI on this rank; it must succeed."""
     _join_as(rank, world_size, port)
     assert train.main(args) == 0
+
+
+def train_with_slow_saves(rank: int, world_size: int, port: int, args: list[str], delay_s: float) -> None:
+    """Run the CLI on this rank, rank 0 taking `delay_s` longer for each checkpoint file (a slow shared disk)."""
+    _join_as(rank, world_size, port)
+    if rank == 0:
+        real_save = atomic.save_atomic
+
+        def slow_save(*save_args: object) -> None:
+            time.sleep(delay_s)
+            real_save(*save_args)
+
+        atomic.save_atomic = slow_save
+    assert train.main(args) == 0
+
+
+def sharded_saver_group_timeout(rank: int, world_size: int, port: int, folder: str, timeout_s: float) -> None:
+    """An async ShardedSaver made on this rank: its gloo group must time out after `timeout_s`."""
+    _join_as(rank, world_size, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    try:
+        saver = saving.ShardedSaver(Path(folder), keep_last=1, async_save=True, timeout=timedelta(seconds=timeout_s))
+        assert saver.group._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=timeout_s)
+        saver.close()
+    finally:
+        dist.destroy_process_group()

@@ -19,11 +19,13 @@ from dist_helpers import (
     plain_ranks,
     refusals,
     run_ranks,
+    sharded_saver_group_timeout,
     spawn,
     train_counting_all_reduce,
     train_counting_gradient_allreduces,
     train_counting_graphs,
     train_rank,
+    train_with_slow_saves,
 )
 
 from ddp_trainer import checkpoint, config
@@ -183,6 +185,30 @@ def test_a_stalled_rank_becomes_an_error_naming_it_within_the_timeout(tmp_path, 
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("ddp-train: error (rank 0): rank 1 stopped answering (died or stalled")
     assert f"{timeouts[0]})" in error and f"failed {where} (" in error  # batches of 8 samples
+
+
+def test_a_rank_busy_past_the_timeout_says_it_was_slow_not_that_the_network_failed(tmp_path):
+    # Rank 0 is busy for 5 s at its third step; rank 1 times out after 2 s and ends, then rank 0 finds it gone.
+    faulty = ["data._target_=factories.faulty_blobs", "data.fault=slow", "data.fault_rank=0", "data.after=20"]
+    result = run_ranks([*faulty, *BLOBS[1:], "data.batch_size=8", "trainer.dist_timeout_s=2", f"output_dir={tmp_path}"])
+    rank0 = next(line for line in result.stderr.splitlines() if line.startswith("ddp-train: error (rank 0)"))
+    # Before: "every rank's collective failed (network?)"
+    assert rank0.startswith("ddp-train: error (rank 0): this rank was busy past the timeout while rank 1 waited (slow")
+    assert "a collective failed after step 2 (epoch 1) (trainer.dist_timeout_s=2)" in rank0
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_ranks_wait_for_rank_0s_checkpoint_write_longer_than_the_training_timeout(tmp_path, async_save):
+    # The others wait for rank 0's 4 s write past training's 2 s timeout: at the barrier after the save, or, written
+    # in the background, as the run ends. Before, both exited 4 when the barrier's 2 s ran out.
+    args = [*BLOBS, "data.batch_size=8", "trainer.epochs=1", "trainer.dist_timeout_s=2", f"output_dir={tmp_path}"]
+    spawn(2, train_with_slow_saves, [*args, f"checkpoint.async_save={async_save}"], 4.0)
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_an_async_sharded_savers_group_times_out_as_configured(tmp_path):
+    spawn(1, sharded_saver_group_timeout, str(tmp_path), 42.0)  # it was torch's default, 30 minutes, whatever was set
 
 
 @pytest.mark.parametrize("fault", ["key", "output_dir"])

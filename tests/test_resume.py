@@ -21,7 +21,7 @@ import ddp_trainer
 from ddp_trainer import checkpoint, config, optim
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
-from ddp_trainer.trainer import Trainer
+from ddp_trainer.loggers import RunLogger
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "model.dropout=0.2"]
 
@@ -112,10 +112,13 @@ def test_a_crash_after_an_epochs_last_step_was_saved_logs_the_rate_that_step_too
     args = [*DIGITS, "trainer.epochs=2", "checkpoint.every_n_steps=45"]
     assert main([*args, f"output_dir={tmp_path / 'straight'}"]) == 0
 
-    def crash(*_: object) -> None:
+    real_log_epoch = RunLogger.log_epoch
+
+    def log_then_crash(logger: RunLogger, *args: object) -> None:
+        real_log_epoch(logger, *args)
         raise RuntimeError("crashed before the epoch's own save")
 
-    monkeypatch.setattr(Trainer, "_save_epoch_checkpoints", crash)
+    monkeypatch.setattr(RunLogger, "log_epoch", log_then_crash)
     with pytest.raises(RuntimeError, match="crashed before"):
         main([*args, f"output_dir={tmp_path / 'crashed'}"])
     monkeypatch.undo()

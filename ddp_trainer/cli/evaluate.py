@@ -107,7 +107,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     # Read before joining the others, so a missing or malicious file fails on every rank alike.
     state, cfg = load_config(args.checkpoint, args.overrides)
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
     try:
         restored = restore(args.checkpoint, state, cfg, env)
         precision = MixedPrecision(cfg.trainer.precision, env.device)

@@ -200,7 +200,7 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
     args = parse_args(argv)
     state, cfg = load_config(args.checkpoint, args.overrides)
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s, cfg.trainer.dist_backend)
+    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
     try:
         if env.distributed:
             raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
