@@ -10,7 +10,7 @@ import torch
 from conftest import FullDisk, read_metrics, run_cli
 from PIL import Image
 
-from ddp_trainer import checkpoint
+from ddp_trainer import checkpoint, distributed
 from ddp_trainer.cli import predict
 from ddp_trainer.cli.train import main
 from ddp_trainer.data.datasets import digits
@@ -72,6 +72,22 @@ class Payload:
 
     def __reduce__(self):
         return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_evaluate_and_predict_join_the_other_ranks_under_the_start_up_timeout(trained, tmp_path, monkeypatch):
+    joined, real_setup = [], distributed.setup
+
+    def recording_setup(device: str, timeout_s: float, *args: object, **kwargs: object) -> distributed.DistEnv:
+        joined.append(timeout_s)
+        return real_setup(device, timeout_s, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "setup", recording_setup)
+    last = str(trained / "checkpoints" / "last.pt")
+    timeouts = ["trainer.startup_timeout_s=77", "trainer.dist_timeout_s=3"]
+    assert main(["evaluate", "--checkpoint", last, *timeouts]) == 0
+    output = ["--output", str(tmp_path / "val.jsonl")]
+    assert main(["predict", "--checkpoint", last, "--split", "val", *output, *timeouts]) == 0
+    assert joined == [77, 77]  # was training's 3 s, a rank that starts late failing, and named as start-up's
 
 
 def test_evaluate_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
