@@ -6,7 +6,9 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from ddp_trainer import data
 from ddp_trainer.config import ModelConfig, locate
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError, first_line
@@ -50,6 +52,13 @@ class GarmentClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of images."""
         return self.classifier(self.features(images))
+
+
+def build_for(cfg: ModelConfig, train_set: Dataset, val_set: Dataset | None) -> nn.Module:
+    """`build` for these datasets: a built-in model is sized from one sample and takes their class count."""
+    # The validation split's sample: reading it draws no random numbers (no augmentation). A factory needs none.
+    shape = () if cfg._target_ is not None else data.sample_shape(train_set if val_set is None else val_set)
+    return build(cfg, shape, data.class_count(train_set))
 
 
 def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int | None) -> nn.Module:

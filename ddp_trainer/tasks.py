@@ -240,6 +240,8 @@ class LanguageModel:
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss` (per token), `prefix/perplexity`, `prefix/samples` (sequences)."""
+        if prefix == "val" and not totals["tokens"]:  # 0 / 1 would read as a perfect score, and best.pt would take it
+            raise UsageError("data: every target of the validation data is -100 (ignored): no val/loss to take")
         loss = _per_sample_mean(totals, "loss_sum", "tokens")
         return {
             f"{prefix}/loss": loss,

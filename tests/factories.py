@@ -30,6 +30,11 @@ def blobs(train_size: int = 96, val_size: int = 37, features: int = 8, classes: 
     return make(train_size), make(val_size)
 
 
+def blobs_without_validation() -> tuple[Dataset, None]:
+    """`blobs`' training split, and no validation split."""
+    return blobs()[0], None
+
+
 class RecordingDataset(Dataset):
     """Appends every index it serves to `record_file`, one per line (num_workers=0 only)."""
 

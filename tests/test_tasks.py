@@ -99,6 +99,16 @@ def test_fit_trains_a_language_model_on_sentences_of_different_lengths(tmp_path)
     assert record["val/loss"] == pytest.approx(loss_sum.item() / tokens)  # padding counted nowhere
 
 
+def test_a_language_model_validation_of_padding_alone_is_refused_not_scored_perfect(tmp_path):
+    train, val = [torch.arange(5) % 6] * 4, [(torch.arange(4), torch.full((4,), -100))]
+    model = nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6))
+    overrides = [*CPU, "trainer.epochs=1", "data.batch_size=2", f"output_dir={tmp_path}"]
+    # Before: val/loss 0 and val/perplexity 1, which best.pt took.
+    with pytest.raises(UsageError, match=r"^data: every target of the validation data is -100 \(ignored\)"):
+        ddp_trainer.fit(model, train, val, task="language_model", overrides=overrides)
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+
+
 def test_a_language_model_batch_of_padding_alone_adds_nothing_instead_of_a_nan():
     model = nn.Embedding(5, 5)
     loss, sums = LanguageModel().forward(model, (torch.tensor([[0, 1]]), torch.full((1, 2), -100)))
@@ -394,6 +404,20 @@ def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["best_metric"] == min(
         line["train/loss"] for line in read_metrics(tmp_path)
     )
+
+
+@pytest.mark.parametrize("model", [["model.hidden_sizes=[8]"], ["model._target_=factories.small_net"]])
+def test_the_cli_trains_a_factorys_data_without_validation_and_refuses_an_empty_split(tmp_path, capsys, model):
+    args = [*CPU, *model, "trainer.epochs=1", f"output_dir={tmp_path / 'none'}"]
+    assert main([*args, "data._target_=factories.blobs_without_validation"]) == 0  # was a TypeError traceback
+    assert not [key for key in read_metrics(tmp_path / "none")[0] if key.startswith("val/")]
+    capsys.readouterr()
+    last = tmp_path / "none" / "checkpoints" / "last.pt"
+    assert main(["evaluate", "--checkpoint", str(last)]) == 2
+    assert capsys.readouterr().err.endswith(f"checkpoint {last}: its run's data has no validation split to evaluate\n")
+    empty = [*CPU, *model, "data._target_=factories.blobs", "data.val_size=0", f"output_dir={tmp_path / 'empty'}"]
+    assert main(empty) == 2  # was an IndexError traceback, reading a sample to size the model
+    assert capsys.readouterr().err == "ddp-train: error: data: the validation split of factories.blobs is empty\n"
 
 
 def _draws() -> tuple[float, float, float]:

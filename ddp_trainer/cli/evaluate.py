@@ -55,8 +55,10 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
     task = tasks.resolve(cfg.task)
+    if val_set is None:
+        raise UsageError(f"checkpoint {path}: its run's data has no validation split to evaluate")
     bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
-    model = models.build(cfg.model, data.sample_shape(val_set), data.class_count(train_set))
+    model = models.build_for(cfg.model, train_set, val_set)
     try:
         model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
     except RuntimeError as error:

@@ -32,10 +32,11 @@ def run(cfg: Config, clock: Callable[[], float] = time.monotonic) -> int:
     """Train the run `cfg` describes (data and model from the config) on this rank; returns the exit code."""
     task = tasks.resolve(cfg.task)
 
-    def build(env: DistEnv) -> tuple[nn.Module, Dataset, Dataset]:
+    def build(env: DistEnv) -> tuple[nn.Module, Dataset, Dataset | None]:
         train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
+        data.refuse_empty(train_set, val_set, cfg.data)  # before a sample is read from them
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
-        return models.build(cfg.model, data.sample_shape(val_set), data.class_count(train_set)), train_set, val_set
+        return models.build_for(cfg.model, train_set, val_set), train_set, val_set
 
     return api.run(cfg, build, task, clock)[0]
 

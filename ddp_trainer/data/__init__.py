@@ -67,9 +67,13 @@ def sample_shape(dataset: Dataset) -> tuple[int, ...]:
     """The shape of one sample's inputs, for model builders that size their first layer from it."""
     if isinstance(dataset, ShardedIterableDataset):
         first = dataset.first_sample()
+    elif isinstance(dataset, IterableDataset):
+        first = next(iter(dataset), None)
+        if first is None:
+            raise UsageError("data: the validation stream yielded no sample to size the model's first layer from")
     else:
-        first = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
-    return tuple(first[0].shape)  # asked of the validation split: no random augmentation, so no RNG is consumed
+        first = dataset[0]
+    return tuple(first[0].shape)
 
 
 def class_count(dataset: Dataset) -> int | None:
@@ -180,9 +184,7 @@ def build_loaders(
         val_size = 0 if val_set is None else sum(val_set.counts)
         return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
     _check_same_on_every_rank(train_set, val_set, env)
-    for split, dataset in (("training", train_set), ("validation", val_set)):
-        if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
-            raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
+    refuse_empty(train_set, val_set, cfg)
     val_loader = _val_loader(val_set, cfg, env, seed, collate)
     val_size = None if isinstance(val_set, IterableDataset) else len(val_set or ())
     if isinstance(train_set, IterableDataset):
@@ -195,6 +197,13 @@ def build_loaders(
     samples = PerSampleSeeded(train_set, seed) if per_sample_seed else train_set
     train_loader = _sampled_loader(samples, sampler, cfg, env, seed, collate)
     return DataBundle(train_loader, val_loader, sampler, len(train_set), val_size, len(train_loader))
+
+
+def refuse_empty(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig) -> None:
+    """UsageError for a map-style split without a sample (a stream's length is only known as it is read)."""
+    for split, dataset in (("training", train_set), ("validation", val_set)):
+        if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+            raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
 
 
 def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: DistEnv) -> None:
