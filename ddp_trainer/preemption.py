@@ -79,6 +79,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: SLURM signals every process of a step; workers must outlive the checkpoint."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork: one that came is dropped
 
 
 # Weak: an iterator that goes away as usual stops its own workers (its __del__).
@@ -97,7 +98,14 @@ class StopProofLoader(DataLoader):
         super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
 
     def _get_iterator(self) -> Iterator[Any]:
-        iterator = super()._get_iterator()
+        # Workers start with the stop signals blocked until worker_init_fn ignores them: before it, torch's worker
+        # handler makes a SIGTERM from anyone but the parent fatal, and torchrun and SLURM signal every process.
+        # Here they wait too: this process notes one that came once its workers exist.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            iterator = super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if self.num_workers:
             _ITERATORS_WITH_WORKERS.add(iterator)
         return iterator

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from torch.utils.data import Dataset
+from torch.utils.data._utils import signal_handling
 
 from ddp_trainer import checkpoint
 from ddp_trainer.cli.train import main
@@ -71,6 +72,54 @@ def test_loader_workers_that_ignore_sigterm_are_stopped(ready):
     stop_loader_workers()
     worker.join(timeout=10)
     assert not worker.is_alive()
+
+
+class ParentSignalledAtStart(multiprocessing.context.ForkProcess):
+    """A loader worker whose start may send its parent SIGTERM: torchrun's killpg, landing as the loader forks."""
+
+    signals_parent = False
+
+    def start(self) -> None:
+        super().start()
+        if self.signals_parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ParentSignalledAtStartContext(multiprocessing.context.ForkContext):
+    """The fork context, its first worker's start signalling the parent (one killpg, one signal to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+
+    def Process(self, *args: object, **kwargs: object) -> ParentSignalledAtStart:
+        """A worker process; the first one signals the parent as it starts."""
+        self.started += 1
+        process = ParentSignalledAtStart(*args, **kwargs)
+        process.signals_parent = self.started == 1
+        return process
+
+
+def test_a_stop_signal_as_the_workers_start_neither_kills_them_nor_is_lost(monkeypatch):
+    # A stream's loader forks its workers every epoch, its validation loader at every evaluation: a killpg lands
+    # there often. torch's worker handler (SIGTERM from any process but the parent re-raised, fatal) is installed
+    # before worker_init_fn sets the signal aside, so a worker signalled in between died.
+    set_handlers = signal_handling._set_worker_signal_handlers
+
+    def then_signalled(*args: object) -> None:
+        set_handlers(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # the killpg's signal, landing in the worker's window
+
+    monkeypatch.setattr(signal_handling, "_set_worker_signal_handlers", then_signalled)  # fork copies it to workers
+    stop = StopSignals()
+    try:
+        context = ParentSignalledAtStartContext()
+        loader = StopProofLoader(list(range(8)), batch_size=2, num_workers=2, multiprocessing_context=context)
+        # Before: "DataLoader worker (pid N) is killed by signal: Terminated", and no stop checkpoint
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        assert stop.received == signal.SIGTERM  # the loader's own process still stops at the next step
+    finally:
+        stop.restore()
 
 
 def test_a_second_signal_ends_the_process():
