@@ -70,7 +70,7 @@ def sample_shape(dataset: Dataset) -> tuple[int, ...]:
     elif isinstance(dataset, IterableDataset):
         first = next(iter(dataset), None)
         if first is None:
-            raise UsageError("data: the validation stream yielded no sample to size the model's first layer from")
+            raise UsageError("data: the stream yielded no sample to size the model's first layer from")
     else:
         first = dataset[0]
     return tuple(first[0].shape)
