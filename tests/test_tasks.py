@@ -420,6 +420,13 @@ def test_the_cli_trains_a_factorys_data_without_validation_and_refuses_an_empty_
     assert capsys.readouterr().err == "ddp-train: error: data: the validation split of factories.blobs is empty\n"
 
 
+def test_the_cli_refuses_an_empty_stream_it_would_size_a_built_in_model_from(tmp_path, capsys):
+    streams = ["data._target_=factories.blob_streams", "data.val_size=0", "model.hidden_sizes=[8]"]
+    assert main([*CPU, *streams, "model.num_classes=3", f"output_dir={tmp_path}"]) == 2  # was a StopIteration traceback
+    error = "ddp-train: error: data: the stream yielded no sample to size the model's first layer from\n"
+    assert capsys.readouterr().err == error
+
+
 def _draws() -> tuple[float, float, float]:
     return random.random(), float(np.random.rand()), torch.rand(1).item()
 
