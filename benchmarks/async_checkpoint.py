@@ -66,8 +66,8 @@ def measure(mode: str, width: int, saves: int, steps: int, folder: Path) -> dict
     strategy, async_save = MODES[mode]
     model, trained, optimizer = build(width, strategy)
     train_step(trained, optimizer, width)  # AdamW holds its moments from here on
-    saver_class = saving.ShardedSaver if strategy == "fsdp" else saving.Saver
-    saver = saver_class(folder, keep_last=1, async_save=async_save)
+    keys = [f"trainer.strategy={strategy}", "checkpoint.keep_last=1", f"checkpoint.async_save={async_save}"]
+    saver = saving.build_saver(config.load(None, keys), folder)  # the trainer's saver for these keys
     stalls, step_seconds = [], []
     for save in range(saves):
         started = time.perf_counter()
