@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import json
 import numbers
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -135,7 +137,10 @@ class RunLogger:
     def info(self, message: str) -> None:
         """Print one line on rank 0."""
         if self.is_main:
-            print(message, flush=True)
+            try:
+                print(message, flush=True)
+            except OSError:  # a closed pipe (`| head -1`) or a full disk: the run and its checkpoints matter more
+                _silence_stdout()
 
     def log_epoch(self, record: dict[str, Any], epochs: int) -> None:
         """Append the epoch's global metrics to metrics.jsonl, print them and log them at `record["step"]`."""
@@ -168,6 +173,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered, and every later line, goes nowhere instead of failing."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor keeps failing, and is caught
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def format_metrics(record: dict[str, Any], prefix: str = "val") -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import tqdm.std
-from conftest import cli_env
+from conftest import REPO_DIR, cli_env
 
 from ddp_trainer.cli.train import main
 from ddp_trainer.config import LoggingConfig, WandbConfig
@@ -320,3 +320,16 @@ def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_of
     (source_id, resumed_id), (branch_id,) = run_ids(source), run_ids(branch)
     assert resumed_id == source_id != branch_id
     assert torch.load(branch / "checkpoints" / "last.pt", weights_only=True)["wandb_run_id"] == branch_id
+
+
+def test_a_closed_stdout_pipe_does_not_stop_the_run_before_its_checkpoints(tmp_path):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.max_steps=5"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ddp_trainer.train", *args, f"output_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO_DIR,
+    )  # fmt: skip
+    assert process.stdout.readline().startswith("training ")  # as `| head -1` reads its line and goes
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr  # was a BrokenPipeError traceback at the epoch's line, before any save
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
