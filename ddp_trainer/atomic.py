@@ -10,6 +10,10 @@ from typing import IO, Any
 
 import torch
 
+# Read once, at import: os.umask can only be read by setting it, which is not safe while a writer thread runs.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
@@ -52,7 +56,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; what we write is as shareable as its folder
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files: ours are as open() would make them
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()

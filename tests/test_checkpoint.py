@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +216,12 @@ def test_unfinished_writes_are_removed_and_finished_checkpoints_kept(tmp_path):
     assert checkpoint.remove_unfinished_writes(tmp_path) == sorted(interrupted)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt", "step-00000005.pt"]
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 5
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o077, 0o600), (0o002, 0o664)])
+def test_a_checkpoint_is_as_open_as_the_users_umask_makes_files(tmp_path, umask, mode):
+    code = "import sys, torch; from pathlib import Path; from ddp_trainer import atomic; "
+    code += "atomic.save_atomic({'w': torch.ones(1)}, Path(sys.argv[1]))"
+    path = tmp_path / "last.pt"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, preexec_fn=lambda: os.umask(umask))
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # was 0o644 whatever the umask: world-readable weights
