@@ -247,3 +247,10 @@ def test_doctor_names_missing_ranks_when_the_world_size_is_wrong():
     assert [process.returncode for process in ranks] == [1, 1]
     assert errors[0].startswith(f"doctor: FAIL (rank 0): the rendezvous at 127.0.0.1:{port} timed out (--timeout=3)")
     assert "2/3 clients joined" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_the_doctor_runs_under_python_oo_which_drops_docstrings():
+    command = [sys.executable, "-OO", "-m", "ddp_trainer.cli.doctor", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), cwd=REPO_DIR, timeout=60)
+    assert result.returncode == 0, result.stderr  # was an AttributeError: its description read __doc__
+    assert "check a launch before it burns GPU hours" in result.stdout

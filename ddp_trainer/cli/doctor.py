@@ -89,7 +89,8 @@ def seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Print this rank's view, join the group, time an all_reduce; exit 1 with one line naming what failed."""
-    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.doctor", description=__doc__.splitlines()[0])
+    description = "check a launch before it burns GPU hours"  # not __doc__: python -OO drops docstrings
+    parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.doctor", description=description)
     parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for the master and the ranks")
     timeout_s = parser.parse_args(argv).timeout
     launch = None
