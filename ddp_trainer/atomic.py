@@ -56,7 +56,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files: ours are as open() would make them
+        chmod_as_open(temporary)
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -66,6 +66,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def chmod_as_open(path: str | Path) -> None:
+    """Give a file that mkstemp made (owner-only) the mode open() would have given it: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def fsync_directory(directory: Path) -> None:

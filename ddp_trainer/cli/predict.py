@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed
+from ddp_trainer.atomic import chmod_as_open
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
@@ -142,7 +143,7 @@ def _link_complete(file: IO[str], temporary: Path, output: Path) -> None:
         file.flush()
         os.fsync(file.fileno())  # some filesystems (NFS) report a full disk only here or at close
         file.close()
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; predictions are as shareable as their folder
+        chmod_as_open(temporary)
         os.link(temporary, output)  # unlike a rename, it refuses a name that appeared since parse_args looked
     except FileExistsError:
         raise _output_exists(output) from None
