@@ -142,6 +142,13 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
             f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out "
             f"({timeout_name}={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
         ) from None
+    except dist.DistNetworkError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        raise UsageError(  # srun's port comes from the job id: two jobs on a node may draw the same one
+            f"the rendezvous port {launch.master_port} on {launch.master_addr} is in use (another job?): set "
+            f"MASTER_PORT to a free port ({first_line(error)})"
+        ) from None
 
 
 def setup(
@@ -175,8 +182,7 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 def _failure_marks(env: DistEnv, error: RuntimeError, wait_s: float) -> dict[int, str] | None:
-    """How each rank's collective failed ("timeout" or "closed"), for the ranks that said so in the store within
-    `wait_s`; None if its host, rank 0, died."""
+    """How each rank's collective failed ("timeout", "closed"), told in the store within `wait_s`; None: rank 0 died."""
     timed_out = any(word in str(error) for word in ("Timed out", "timed out", "timeout"))
     try:
         store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())

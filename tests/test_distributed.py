@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO_DIR, cli_command, cli_env, read_metrics, run_cli, run_script
 from dist_helpers import (
     evaluate_checkpoint,
@@ -277,6 +278,20 @@ def test_a_rank_waiting_for_one_that_never_started_ends_in_one_line_or_on_sigter
     finally:
         waiting.kill()
     assert waiting.returncode == -signal.SIGTERM
+
+
+def test_a_rendezvous_port_another_job_holds_is_named_in_one_line(tmp_path):
+    port = free_port()
+    held = dist.TCPStore("127.0.0.1", port, 1, True)  # another job's store, on the port srun derived from a job id
+    try:
+        rank0 = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=1, port=port)[0]
+        _, stderr = rank0.communicate(timeout=60)
+    finally:
+        del held
+    assert rank0.returncode == 2  # was a DistNetworkError traceback, exit 1
+    assert stderr.strip().startswith(
+        f"ddp-train: error (rank 0): the rendezvous port {port} on 127.0.0.1 is in use (another job?): set MASTER_PORT"
+    )
 
 
 def test_a_model_with_unused_parameters_trains_on_two_ranks_once_ddp_is_told(tmp_path):
