@@ -102,8 +102,12 @@ def test_ddp_launch_doctor_with_a_training_script_is_refused(capsys):
 
 def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():
     batch_script = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_PROCID": "0"}
-    arguments = torchrun_arguments(["train.py"], batch_script)
+    arguments = torchrun_arguments(["train.py"], {**batch_script, "SLURMD_NODENAME": "gpu3"})
     assert "--nnodes=1" in arguments and "--node-rank=0" in arguments
+    # salloc's shell on a login node: the same variables, no slurmd. It pointed torchrun at gpu3 and timed out.
+    with pytest.raises(UsageError, match="^this shell holds SLURM job 77 but runs on none of its nodes: start"):
+        torchrun_arguments(["train.py"], batch_script)
+    assert "--rdzv-endpoint" not in " ".join(torchrun_arguments(["--standalone", "train.py"], batch_script))
 
 
 def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the_workers_code():

@@ -45,6 +45,11 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
     # Each task of the srun step is one torchrun agent (a "node" to torchrun): one task per node, as the sbatch
     # scripts ask, makes them the nodes; two tasks on one node are two agents. A batch script alone is the only one.
     step = slurm.in_srun_step(environ)
+    if not step and "SLURMD_NODENAME" not in environ:  # slurmd sets it on the nodes: this is salloc's login shell
+        raise UsageError(
+            f"this shell holds SLURM job {environ['SLURM_JOB_ID']} but runs on none of its nodes: start ddp-launch "
+            "with srun (one task per node), or give --standalone to train on this host"
+        )
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     job_id = environ["SLURM_JOB_ID"]
     return {
