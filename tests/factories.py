@@ -82,7 +82,7 @@ def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -
 
 class FaultyDataset(Dataset):
     """After serving `after` items on a faulty rank: raises (`fault="crash"`), hangs for an hour (`"stall"`), is busy
-    for 5 s once (`"slow"`) or gets SLURM's preemption warning (`"usr2"`) or SIGTERM (`"term"`) once."""
+    for 8 s once (`"slow"`) or gets SLURM's preemption warning (`"usr2"`) or SIGTERM (`"term"`) once."""
 
     def __init__(self, inner: Dataset, fault: str | None, after: int) -> None:
         self.inner, self.fault, self.after, self.served, self.classes = inner, fault, after, 0, inner.classes
@@ -102,7 +102,7 @@ class FaultyDataset(Dataset):
                 return self.inner[index]
             if self.fault == "slow":
                 self.fault = None
-                time.sleep(5)
+                time.sleep(8)
                 return self.inner[index]
             time.sleep(3600)  # a rank stuck on a dead filesystem
         return self.inner[index]
