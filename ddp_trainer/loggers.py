@@ -177,8 +177,10 @@ class RunLogger:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null: what is still buffered, and every later line, goes nowhere instead of failing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor keeps failing, and is caught
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)  # stdout's descriptor now refers to /dev/null itself
 
 
 def format_metrics(record: dict[str, Any], prefix: str = "val") -> str:
