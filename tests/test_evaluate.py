@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 
 import pytest
 import torch
 from conftest import FullDisk, read_metrics, run_cli
 from PIL import Image
 
-from ddp_trainer import checkpoint, distributed
+from ddp_trainer import atomic, checkpoint, distributed
 from ddp_trainer.cli import predict
 from ddp_trainer.cli.train import main
 from ddp_trainer.data.datasets import digits
@@ -156,6 +157,15 @@ def test_predict_on_a_full_disk_leaves_no_file_and_says_so_in_one_line(trained, 
     assert list(output.parent.iterdir()) == []  # neither a truncated file nor the temporary one
     assert main([*command, str(output)]) == 0  # the rerun, once there is room, is not refused
     assert output.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o077, 0o600), (0o002, 0o664)])
+def test_predicts_output_is_as_open_as_the_users_umask_makes_files(trained, tmp_path, monkeypatch, umask, mode):
+    monkeypatch.setattr(atomic, "UMASK", umask)  # read once at import, as a process started under that umask would
+    output = tmp_path / "val.jsonl"
+    command = ["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--split", "val"]
+    assert main([*command, "--output", str(output)]) == 0
+    assert stat.S_IMODE(output.stat().st_mode) == mode  # a temporary file's 0o600 would hide it from the user's group
 
 
 def test_predict_never_overwrites_an_output_that_appears_while_it_runs(trained, tmp_path, capsys, monkeypatch):
