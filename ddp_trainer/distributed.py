@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ class Launch:
     master_addr: str | None
     master_port: int | None
     local_world_size: int  # processes on this node (the largest count over nodes under srun)
+    job: str | None = None  # the srun step ("SLURM job 42, step 1"): a store another step opened is refused
 
 
 def detect_launcher() -> Launch:
@@ -74,14 +74,15 @@ def detect_launcher() -> Launch:
     # A batch script alone has SLURM_NTASKS=N too and must not wait for N-1 ranks that were never started.
     if slurm.in_srun_step(os.environ):
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
-        # The master is the first host of the node list, where SLURM puts task 0; the port comes from the job id.
+        # The master is the first host of the node list, where SLURM puts task 0; the port, from the job and step ids.
         master_addr = os.environ.get("MASTER_ADDR") or slurm.expand_nodelist(nodes)[0]
-        port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else slurm.job_port(os.environ["SLURM_JOB_ID"])
+        port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else slurm.step_port(os.environ)
         world_size, rank = _int_env("SLURM_STEP_NUM_TASKS"), _int_env("SLURM_PROCID")
         local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
         # Every rank must pick the same backend, so every node judges by the busiest node's task count.
         per_node = slurm.expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
-        return Launch("srun", rank, local_rank, world_size, master_addr, port, max(per_node))
+        step = slurm.step_name(os.environ)
+        return Launch("srun", rank, local_rank, world_size, master_addr, port, max(per_node), step)
     return Launch("single", 0, 0, 1, None, None, 1)
 
 
@@ -134,7 +135,7 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
         store = rendezvous.open_store(
-            launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout
+            launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout, launch.job
         )
         dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     except dist.DistStoreError as error:
@@ -350,17 +351,7 @@ def requeue_slurm_job(env: DistEnv) -> tuple[bool, str]:
     # SLURM ends a requeued job with SIGTERM at once, which as a second stop signal would kill a rank before it
     # reports; the checkpoint is saved, so every rank lets SIGTERM pass and exits on its own.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return broadcast_object(_scontrol_requeue() if env.is_main else None, env)
-
-
-def _scontrol_requeue() -> tuple[bool, str]:
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id is None:
-        return False, "not a SLURM job: nothing to requeue"
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode != 0:
-        return False, f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
-    return True, f"SLURM job {job_id} requeued"
+    return broadcast_object(slurm.requeue(os.environ) if env.is_main else None, env)
 
 
 def rank_label() -> str:

@@ -8,23 +8,45 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from ddp_trainer.errors import UsageError
+
 # An elastic agent keeps its store for the whole job, so a restarted attempt finds the keys (gloo's peer addresses,
 # NCCL's ids) that a failed attempt left. torchrun's TORCHELASTIC_RESTART_COUNT cannot name attempts apart: each
 # agent counts its own restarts, so the nodes of one attempt disagree. Every rank therefore draws a random token,
 # and rank 0 numbers a round from a store counter; a rank takes a round only if its own token is in it, so a
 # stale token (or a stale round) is never taken, and rank 0 numbers new rounds until every rank has taken one.
 _ROOT = "ddp_trainer/rounds"
+_OWNER = "ddp_trainer/owner"  # the launch (an srun step's name) whose rank 0 opened the store: "" when unnamed
 _POLL_S = 0.05
 _FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
 
 
-def open_store(host: str, port: int, world_size: int, rank: int, agent_hosts: bool, timeout: timedelta) -> dist.Store:
-    """The job's store, served by the elastic agent where it hosts one, else by rank 0; prefixed for this attempt."""
+def open_store(
+    host: str, port: int, world_size: int, rank: int, agent_hosts: bool, timeout: timedelta, job: str | None = None
+) -> dist.Store:
+    """The job's store, served by the elastic agent where it hosts one, else by rank 0; prefixed for this attempt.
+
+    `job` names this launch where the launcher does (an srun step): a rank refuses a store another job's rank 0 opened.
+    """
     # multi_tenant: a script's second fit() opens the store again in the same process while the first may live on.
     host_store = rank == 0 and not agent_hosts
     store = dist.TCPStore(host, port, world_size, host_store, timeout=timeout, multi_tenant=not agent_hosts)
+    if host_store:
+        store.set(_OWNER, job or "")
+    elif job is not None and not agent_hosts:
+        _refuse_another_jobs(store, job, f"{host}:{port}")
     deadline = time.monotonic() + timeout.total_seconds()
     return dist.PrefixStore(_agree_on_round(store, rank, world_size, deadline), store)
+
+
+def _refuse_another_jobs(store: dist.Store, job: str, address: str) -> None:
+    """Raise UsageError if the store at `address` is another job's: its rank 0 took the port this job's could not."""
+    owner = store.get(_OWNER).decode()  # waits for rank 0 to write it
+    if owner and owner != job:
+        # Before this rank writes a key: in the other job's rendezvous it could take the place of one of its ranks.
+        raise UsageError(
+            f"the rendezvous port {address} is held by {owner}, not by this one ({job}): set MASTER_PORT to a free port"
+        )
 
 
 def _agree_on_round(store: dist.Store, rank: int, world_size: int, deadline: float) -> str:

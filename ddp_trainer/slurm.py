@@ -1,15 +1,17 @@
-"""What SLURM's variables mean for a rendezvous: the node list expanded, a port that differs per job."""
+"""SLURM for the ranks: its node list expanded, a rendezvous port per job and step, and a job's requeue."""
 
 from __future__ import annotations
 
 import itertools
 import re
+import subprocess
 from collections.abc import Mapping
 
 from ddp_trainer.errors import UsageError
 
 PORT_BASE = 20000
 PORT_SPAN = 10000  # ports 20000-29999: above the usual services, below Linux's ephemeral range
+STEP_STRIDE = 1009  # a job's steps lie 1009 ports apart: off the ports of the jobs numbered just after it
 
 
 def _expand_range(text: str, nodelist: str) -> list[str]:
@@ -36,11 +38,18 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def job_port(job_id: str) -> int:
-    """A rendezvous port from the job id, so two jobs sharing a node do not collide."""
+def step_port(environ: Mapping[str, str]) -> int:
+    """A rendezvous port from the job and step ids: two jobs, or two steps of a job (`srun ... &`), on a node differ."""
+    job_id, step_id = environ["SLURM_JOB_ID"], environ.get("SLURM_STEP_ID", "0")  # a batch script has no step
     if not job_id.isdigit():
         raise UsageError(f"SLURM_JOB_ID={job_id!r} is not a number")
-    return PORT_BASE + int(job_id) % PORT_SPAN
+    step = int(step_id) if step_id.isdigit() else 0
+    return PORT_BASE + (int(job_id) + STEP_STRIDE * step) % PORT_SPAN
+
+
+def step_name(environ: Mapping[str, str]) -> str:
+    """`SLURM job 42, step 1`: what every task of one srun step shares, and no other step does."""
+    return f"SLURM job {environ['SLURM_JOB_ID']}, step {environ.get('SLURM_STEP_ID', '?')}"
 
 
 def in_srun_step(environ: Mapping[str, str]) -> bool:
@@ -57,3 +66,14 @@ def expand_tasks_per_node(spec: str) -> list[int]:
             raise UsageError(f"SLURM tasks per node {spec!r}: cannot read {item!r}")
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     return counts
+
+
+def requeue(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """`scontrol requeue` this job: whether SLURM took it, and the outcome in words."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return False, "not a SLURM job: nothing to requeue"
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return False, f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
+    return True, f"SLURM job {job_id} requeued"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,16 +37,20 @@ def test_a_malformed_node_list_is_named():
         slurm.expand_nodelist("node[a-b]")
 
 
-def test_job_ids_give_distinct_ports_in_a_safe_range():
-    ports = {slurm.job_port(str(job)) for job in range(1000, 1100)}
-    assert len(ports) == 100 and all(slurm.PORT_BASE <= port < slurm.PORT_BASE + slurm.PORT_SPAN for port in ports)
+def test_jobs_and_the_steps_of_a_job_get_distinct_ports_in_a_safe_range():
+    # A node runs jobs numbered close together, and a job's steps side by side (`srun ... &` per trial).
+    tasks = [{"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)} for job in range(1000, 1100) for step in range(8)]
+    ports = {slurm.step_port(task) for task in tasks}
+    assert len(ports) == 800 and all(slurm.PORT_BASE <= port < slurm.PORT_BASE + slurm.PORT_SPAN for port in ports)
+    assert slurm.step_port({"SLURM_JOB_ID": "1000"}) == slurm.step_port({"SLURM_JOB_ID": "1000", "SLURM_STEP_ID": "0"})
 
 
 @pytest.fixture
 def srun_task(monkeypatch):
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    variables = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+    variables = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
+    variables |= {"SLURM_NTASKS": "4"}
     variables |= {
         "SLURM_STEP_NUM_TASKS": "4",
         "SLURM_STEP_NODELIST": "node[07-08]",
@@ -59,7 +64,8 @@ def srun_task(monkeypatch):
 def test_an_srun_task_knows_its_rank_and_the_first_node_is_master(srun_task):
     launch = distributed.detect_launcher()
     assert (launch.launcher, launch.rank, launch.local_rank, launch.world_size) == ("srun", 3, 1, 4)
-    assert (launch.master_addr, launch.master_port) == ("node07", slurm.job_port("4242"))
+    assert (launch.master_addr, launch.master_port) == ("node07", slurm.step_port(os.environ))
+    assert launch.job == "SLURM job 4242, step 2"
 
 
 def test_a_batch_script_outside_srun_is_a_single_process(srun_task):
@@ -77,13 +83,15 @@ def test_torchrun_variables_win_over_slurm(srun_task):
 def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
     # Two tasks on one node are two agents, as two nodes with a task each would be.
     task = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "gpu[3-4]"}
-    task |= {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    task |= {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "3"}
     arguments = torchrun_arguments(["--nproc-per-node=4", "--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"], task)
     assert "--nnodes=2" in arguments and "--node-rank=1" in arguments and "--rdzv-backend=c10d" in arguments
-    assert f"--rdzv-endpoint=gpu3:{slurm.job_port('77')}" in arguments
+    assert f"--rdzv-endpoint=gpu3:{slurm.step_port(task)}" in arguments
     assert not any(token.startswith("--rdzv-id=") for token in arguments)  # the user's --rdzv-id mine stays
     assert arguments[-5:] == ["--rdzv-id", "mine", "-m", "ddp_trainer.train", "a=1"]
     assert sum(token.startswith("--nproc") for token in arguments) == 1
+    # Without --rdzv-id, each step of the job is a run of its own: two steps side by side never join one rendezvous.
+    assert "--rdzv-id=77.3" in torchrun_arguments(["-m", "ddp_trainer.train"], task)
 
 
 def test_ddp_launch_keeps_a_master_the_user_names_instead_of_the_slurm_rendezvous():
@@ -103,7 +111,7 @@ def test_ddp_launch_doctor_with_a_training_script_is_refused(capsys):
 def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():
     batch_script = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_NNODES": "2", "SLURM_PROCID": "0"}
     arguments = torchrun_arguments(["train.py"], {**batch_script, "SLURMD_NODENAME": "gpu3"})
-    assert "--nnodes=1" in arguments and "--node-rank=0" in arguments
+    assert "--nnodes=1" in arguments and "--node-rank=0" in arguments and "--rdzv-id=77.batch" in arguments
     # salloc's shell on a login node: the same variables, no slurmd. It pointed torchrun at gpu3 and timed out.
     with pytest.raises(UsageError, match="^this shell holds SLURM job 77 but runs on none of its nodes: start"):
         torchrun_arguments(["train.py"], batch_script)

@@ -6,10 +6,13 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
+from dist_helpers import free_port
 
 from ddp_trainer import rendezvous
 from ddp_trainer.cli.train import main
+from ddp_trainer.errors import UsageError
 
 TIMEOUT = timedelta(seconds=30)
 
@@ -51,3 +54,28 @@ def test_ranks_started_by_hand_without_a_master_are_told_in_one_line(tmp_path, c
         "ddp-train: error (rank 1): RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, "
         "or use torchrun\n"
     )
+
+
+def test_a_rank_refuses_the_store_that_another_srun_step_holds_its_port_with():
+    # Two steps of a job side by side, told the same MASTER_PORT: step 1's rank 0 could not bind it, so its rank 1
+    # found step 0's store. It wrote its token there and waited out the timeout, or took a place in step 0's round.
+    port, ours, theirs = free_port(), "SLURM job 7, step 0", "SLURM job 7, step 1"
+    stores: dict[int, dist.Store] = {}
+
+    def rank_main(rank: int) -> None:
+        stores[rank] = rendezvous.open_store("127.0.0.1", port, 2, rank, agent_hosts=False, timeout=TIMEOUT, job=ours)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(stores) == [0, 1]  # the step that holds the port met as ever
+    started = time.monotonic()
+    with pytest.raises(UsageError) as refused:
+        rendezvous.open_store("127.0.0.1", port, 2, 1, agent_hosts=False, timeout=TIMEOUT, job=theirs)
+    assert str(refused.value) == (
+        f"the rendezvous port 127.0.0.1:{port} is held by SLURM job 7, step 0, not by this one (SLURM job 7, step 1): "
+        "set MASTER_PORT to a free port"
+    )
+    assert time.monotonic() - started < TIMEOUT.total_seconds() / 2  # at once, not at the timeout

@@ -30,6 +30,21 @@ def test_two_srun_tasks_train_to_the_end(slurm_cluster, tmp_path):  # noqa: F811
     assert (tmp_path / "log").read_text().count("epoch 3/3") == 1
 
 
+def test_two_steps_of_one_job_train_side_by_side(slurm_cluster, tmp_path):  # noqa: F811
+    # A sweep inside one allocation, a trial per step. Both steps' rank 0 took the port the job id gave: the second
+    # failed to bind it (exit 2), and its rank 1 waited in the first step's store until that closed (a traceback).
+    args = [*DIGITS, "model.hidden_sizes=[32]", "trainer.epochs=1", "trainer.startup_timeout_s=60"]
+    trial = " ".join([sys.executable, "-m", "ddp_trainer.train", *args])
+    steps = [f"srun --overlap -n 2 {trial} output_dir={tmp_path / name} &" for name in ("a", "b")]
+    log = tmp_path / "log"
+    job = slurm_cluster.submit(["-n", "2", f"--output={log}", "--wrap", " ".join([*steps, "wait"])], REPO_DIR, JOB_ENV)
+    assert slurm_cluster.wait(job, timeout=180) == "COMPLETED", log.read_text()
+    for name in ("a", "b"):
+        assert [(line["epoch"], line["world_size"]) for line in read_metrics(tmp_path / name)] == [(1, 2)], (
+            log.read_text()
+        )
+
+
 def preempt_and_finish(cluster, job: int, output_dir: Path, log: Path) -> str:
     """Warn the job as SLURM does before its time limit once it logged an epoch; the log once it finished."""
     metrics = output_dir / "metrics.jsonl"

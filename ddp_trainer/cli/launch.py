@@ -57,8 +57,8 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
         "--node-rank": environ["SLURM_PROCID"] if step else "0",
         "--rdzv-backend": "c10d",
         # On the step's first node; when several agents share that node, the first to bind hosts the store.
-        "--rdzv-endpoint": f"{slurm.expand_nodelist(nodes)[0]}:{slurm.job_port(job_id)}",
-        "--rdzv-id": job_id,
+        "--rdzv-endpoint": f"{slurm.expand_nodelist(nodes)[0]}:{slurm.step_port(environ)}",
+        "--rdzv-id": f"{job_id}.{environ.get('SLURM_STEP_ID', 'batch')}",  # two steps of a job are two runs
     }
 
 
