@@ -63,8 +63,10 @@ class StepLedger:
         norms: bool,
         device: torch.device,
         now: bool = True,
+        share_with: DistEnv | None = None,
     ) -> None:
         self.rows_of, self.width, self.device, self.now = rows_of, width, device, now
+        self.share_with = share_with  # where each rank judges only its own loss: the ranks whose verdicts fold joins
         self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
         # Views made once, as steps first reach them: indexing the flags every step would cost an op each time.
         self.places: list[torch.Tensor] = []
@@ -76,19 +78,17 @@ class StepLedger:
         self.judged: list[torch.Tensor | None] = []  # what the sync judges, when the steps are not judged `now`
 
     def record(
-        self, step: int, loss: torch.Tensor | None, outputs: Any, norm: torch.Tensor | None, judge: bool
+        self, step: int, loss: torch.Tensor | None, outputs: Any, norm: torch.Tensor | None, by_norm: bool
     ) -> torch.Tensor | None:
         """Keep step `step`'s detached mean loss and outputs (None: no micro-batch of it trained here), and its norm
-        when measured; with `judge`, flag the step skipped if its norm (or, unmeasured, its loss) is not finite: judged
+        when measured; flag the step skipped if its norm (`by_norm` and measured; else its loss) is not finite: judged
         `now`, the flag, a float32 device scalar (1.0: skip), is returned; otherwise the next fold flags it."""
         self.steps.append(step)
         self.losses.append(loss)
         self.outputs.append(outputs)
         if self.measures_norms:
             self.norms.append(norm)
-        if not judge:
-            return None
-        judged = loss if norm is None else norm
+        judged = norm if by_norm and norm is not None else loss
         if not self.now:
             self.judged.append(judged)
             return None
@@ -105,6 +105,8 @@ class StepLedger:
             return None
         if self.judged:
             self._flag_judged()
+        if self.share_with is not None:  # a step any rank flagged is skipped on every rank, and counted once
+            all_reduce_sum(self.flags[:count], self.share_with).clamp_(max=1.0)
         kept = (self.flags[:count] == 0).view(-1, 1)
         columns = [torch.where(kept, self._rows(), 0.0), torch.where(kept, 0.0, weight)]
         if self.measures_norms:  # fp16's overflowed norms stay out of the mean

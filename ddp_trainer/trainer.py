@@ -11,20 +11,11 @@ from typing import Any
 
 import torch
 
-from ddp_trainer import rng
+from ddp_trainer import distributed, rng
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_yaml
 from ddp_trainer.data import DataBundle, to_device
-from ddp_trainer.distributed import (
-    DistEnv,
-    LaggedAgreement,
-    PhaseTimeouts,
-    barrier,
-    gather_objects,
-    is_peer_failure,
-    rank_lost,
-    requeue_slurm_job,
-)
+from ddp_trainer.distributed import DistEnv, LaggedAgreement, PhaseTimeouts, barrier, gather_objects, requeue_slurm_job
 from ddp_trainer.errors import TrainingDiverged
 from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
@@ -81,7 +72,8 @@ class Trainer:
         # verdict before the step; `stop` saves nothing unjudged (each save follows a sync): the sync judges them all.
         clip, now = cfg.trainer.grad_clip_norm > 0, cfg.trainer.nonfinite_loss == "skip"
         interval = min(cfg.trainer.log_every_n_steps, self.steps_per_epoch or cfg.trainer.log_every_n_steps)
-        self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now)
+        scaled = env if parts.precision.scaler is not None else None  # fp16: ranks share verdicts (_optimizer_step)
+        self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now, scaled)
         self.shared_weight, self.last_save_time = (1.0 if env.is_main else 0.0), clock()  # the weight: see STEP_SUMS
         self.agreement = LaggedAgreement(env, size=2)
         self.stream_feed = None  # a stream of unknown length agrees each step whether any rank still holds a batch
@@ -107,11 +99,11 @@ class Trainer:
             self.agreement.receive()  # the last exchange, still in flight on every rank: finish it before teardown
             self.saver.close()  # the last checkpoint is on disk before the run says it is done
         except RuntimeError as error:
-            if self.env.distributed and is_peer_failure(error):
+            if self.env.distributed and distributed.is_peer_failure(error):
                 # Steps done, not a step running: a peer may be lost while evaluating, or after the last step.
                 step, epoch = self.progress.step, min(self.progress.epoch + 1, self.cfg.trainer.epochs)
                 where = f"after step {step} (epoch {epoch})" if step else "before the first step ended"
-                raise rank_lost(error, self.env, self.timeouts.in_force(), where) from error
+                raise distributed.rank_lost(error, self.env, self.timeouts.in_force(), where) from error
             raise
         except Stopped as stop:
             self.saver.close()  # the stop's checkpoint is on disk before the job exits or is requeued
@@ -213,10 +205,11 @@ class Trainer:
         # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
         norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
         # The verdict stays on the device: under `skip` a poisoned step is skipped there; the next host sync reports
-        # it (and under `stop` finds it, before any save). Under fp16 the GradScaler judges instead.
+        # it (under `stop` finds it, before any save). Under fp16 the GradScaler skips overflows, routine as it finds
+        # its scale: each rank judges its own loss, which it skips too, and the sync shares the ranks' verdicts.
         step = self.progress.step = self.progress.step + 1
         loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
-        skip = self.ledger.record(step, loss, measured, norm, judge=self.precision.scaler is None)
+        skip = self.ledger.record(step, loss, measured, norm, by_norm=self.precision.scaler is None)
         self.precision.step(self.optimizer, skip)
         self.progress.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
         self.scheduler.step()

@@ -165,7 +165,7 @@ def test_the_step_ledger_folds_steps_in_order_on_the_gpu():
     folded = MetricSums(one_by_one.names, device)
     ledger = StepLedger(lambda losses, sums: torch.stack(sums), 2, capacity=20, norms=False, device=device)
     for start, end in ((0, 7), (7, 20)):
-        flags = [ledger.record(step, rows[step, 0], rows[step], None, judge=True) for step in range(start, end)]
+        flags = [ledger.record(step, rows[step, 0], rows[step], None, by_norm=True) for step in range(start, end)]
         folded.add_steps(ledger.fold(weight=1.0))
         ledger.settle(find=False)
     assert torch.equal(folded.sums, one_by_one.sums)

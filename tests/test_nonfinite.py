@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import read_metrics
@@ -31,9 +33,13 @@ def test_the_skip_flag_tells_nan_and_both_infinities_from_every_finite_value(dty
     assert [flag.item() for flag in flags] == [0.0] * 5 + [1.0] * 3  # exactly 1.0: the fused kernels test for it
 
 
-def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+# fp16: the GradScaler would skip the poisoned step itself, and a run that judged nothing finished with exit 0, a NaN
+# train/loss and its checkpoints, however often the loss was NaN.
+@pytest.mark.parametrize("precision", ["32", "fp16"])
+def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, precision):
     # 96 samples / batch 8 = 12 steps per epoch: the NaN comes in epoch 2, after epoch 1's checkpoint.
-    assert main([*BLOBS, "model.nan_step=15", "trainer.epochs=3", f"output_dir={tmp_path}"]) == 3
+    args = [*BLOBS, "model.nan_step=15", "trainer.epochs=3", f"trainer.precision={precision}"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 3
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "not finite" in error and "at step 15 (epoch 2)" in error
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
@@ -41,18 +47,24 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
 
 
-def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["32", "fp16"])
+def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys, precision):
     # The step verdicts hold one log interval (2 steps here): every interval after the skip must empty them.
     args = [*BLOBS, "model.nan_step=2", "trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=2"]
-    assert main([*args, "trainer.epochs=1", f"output_dir={tmp_path}"]) == 0
+    assert main([*args, "trainer.epochs=1", f"trainer.precision={precision}", f"output_dir={tmp_path}"]) == 0
     assert "skipped 1 optimizer step(s) by step 2, the epoch's first at step 2 (epoch 1)" in capsys.readouterr().out
-    assert [(line["step"], line["train/skipped_steps"]) for line in read_metrics(tmp_path)] == [(12, 1)]
+    lines = read_metrics(tmp_path)
+    assert [(line["step"], line["train/skipped_steps"]) for line in lines] == [(12, 1)]
+    assert math.isfinite(lines[0]["train/loss"]) and lines[0]["train/samples"] == 96 - 8  # the NaN step left out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "precision"), [("ddp", "32"), ("fsdp", "32"), ("ddp", "fp16")])
+def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy, precision):
+    # Under fp16 each rank judges its own loss (the shared norm overflows as the GradScaler finds its scale): the
+    # sync must share rank 1's verdict with rank 0, whose loss at step 5 was finite.
     args = [*BLOBS, "model.nan_step=5", "model.nan_rank=1", "trainer.nonfinite_loss=skip", "trainer.epochs=2"]
-    result = run_ranks([*args, f"trainer.strategy={strategy}", f"output_dir={tmp_path}"])
+    args += [f"trainer.strategy={strategy}", f"trainer.precision={precision}"]
+    result = run_ranks([*args, f"output_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
     assert "skipped 1 optimizer step(s) by step 6, the epoch's first at step 5 (epoch 1)" in result.stdout
     lines = read_metrics(tmp_path)
@@ -63,11 +75,13 @@ def test_nan_loss_on_one_rank_is_skipped_by_both(tmp_path, strategy):
     assert all_finite(checkpoint.load(last)["model"])
 
 
-def test_nan_loss_on_one_rank_stops_both_at_that_step_without_saving_it(tmp_path):
+@pytest.mark.parametrize("precision", ["32", "fp16"])
+def test_nan_loss_on_one_rank_stops_both_at_that_step_without_saving_it(tmp_path, precision):
     # `stop` judges at the host sync, not before each step: the gradients' norm, the same on both ranks after DDP's
-    # all-reduce, makes both name the poisoned step, and the sync comes before epoch 2's save.
-    args = [*BLOBS, "model.nan_step=8", "model.nan_rank=1", "trainer.epochs=3", f"output_dir={tmp_path}"]
-    result = run_ranks(args)
+    # all-reduce (under fp16, rank 1's loss, shared at the sync), makes both name the poisoned step, and the sync
+    # comes before epoch 2's save.
+    args = [*BLOBS, "model.nan_step=8", "model.nan_rank=1", "trainer.epochs=3", f"trainer.precision={precision}"]
+    result = run_ranks([*args, f"output_dir={tmp_path}"])
     assert result.returncode == 3, result.stderr
     assert result.stderr.count("not finite on at least one rank at step 8 (epoch 2)") == 2, result.stderr
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")

@@ -33,7 +33,7 @@ def record_all(ledger: StepLedger, rows: torch.Tensor, norms: torch.Tensor | Non
     flags = []
     for offset, row in enumerate(rows):
         norm = None if norms is None else norms[offset]
-        flags.append(ledger.record(first_step + offset, row[0], row, norm, judge=True))  # the loss: the row's first
+        flags.append(ledger.record(first_step + offset, row[0], row, norm, by_norm=True))  # the loss: the row's first
     return flags
 
 
@@ -81,14 +81,15 @@ def test_steps_judged_at_the_sync_are_flagged_there_as_if_judged_each_step(norms
     assert later.flags.tolist() == [0.0, 1.0, 1.0, 0.0] and later.settle(find=True) == 11
 
 
-def test_unjudged_steps_fp16s_all_count_and_only_finite_norms_are_averaged():
-    # Under fp16 the GradScaler skips overflowed steps and the trainer does not judge: no flag, every sum counts.
+def test_under_fp16_only_the_loss_is_judged_and_only_finite_norms_are_averaged():
+    # The GradScaler skips the steps whose gradients overflowed, routine as it finds its scale: they count, and their
+    # norms stay out of the mean. A loss that is not finite is a poisoned step, as at 32 bits.
     ledger = ledger_of(3, norms=True)
-    rows = torch.tensor([[1.0, 4.0], [2.0, 4.0], [3.0, 4.0]], dtype=torch.float64)
-    norms = torch.tensor([2.0, NAN, 5.0])
-    flags = [ledger.record(step, rows[step, 0], rows[step], norms[step], judge=False) for step in range(3)]
-    assert flags == [None] * 3
-    assert ledger.fold(1.0).tolist() == [[1, 4, 0, 2, 1], [2, 4, 0, 0, 0], [3, 4, 0, 5, 1]]
+    rows = torch.tensor([[1.0, 4.0], [2.0, 4.0], [NAN, 4.0]], dtype=torch.float64)
+    norms = torch.tensor([2.0, float("inf"), NAN])
+    flags = [ledger.record(step, rows[step, 0], rows[step], norms[step], by_norm=False) for step in range(3)]
+    assert [flag.item() for flag in flags] == [0.0, 0.0, 1.0]
+    assert ledger.fold(1.0).tolist() == [[1, 4, 0, 2, 1], [2, 4, 0, 0, 0], [0, 0, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("now", [True, False], ids=["judged-each-step", "judged-at-the-sync"])
@@ -98,8 +99,8 @@ def test_a_step_that_trained_nothing_here_adds_a_zero_row_and_is_not_skipped(now
     ledger = ledger_of(2, norms=False, now=now)
     record_all(ledger, torch.tensor([[1.0, 2.0], [NAN, 2.0]], dtype=torch.float64), None)
     assert ledger.fold(1.0).tolist()[0] == [1, 2, 0] and ledger.settle(find=True) == 2
-    ledger.record(3, torch.tensor(5.0), torch.tensor([5.0, 1.0], dtype=torch.float64), None, judge=True)
-    ledger.record(4, None, None, None, judge=True)
+    ledger.record(3, torch.tensor(5.0), torch.tensor([5.0, 1.0], dtype=torch.float64), None, by_norm=True)
+    ledger.record(4, None, None, None, by_norm=True)
     assert ledger.fold(0.0).tolist() == [[5, 1, 0], [0, 0, 0]]
     assert ledger.flags.tolist() == [0.0, 0.0] and ledger.settle(find=True) == 0
 
