@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
+from ddp_trainer import atomic
 from ddp_trainer.config import LoggingConfig
 from ddp_trainer.errors import UsageError
 
@@ -64,13 +65,16 @@ class RunLogger:
             return
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(config_yaml)
+            # Replaced whole, never truncated in place: a kill, or a reader (plot, tail), never finds it empty.
+            atomic.write_atomic(self.output_dir / "config.yaml", lambda file: file.write(config_yaml.encode()))
         except OSError as error:  # a folder the up-front check cannot judge: /proc, a read-only mount, a full disk
             raise UsageError(f"output_dir={self.output_dir} cannot be written: {error.strerror or error}") from None
         if self.metrics_path.exists():
             # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
-            kept = [line for line in self.metrics_path.read_text().splitlines() if _epoch_of(line) <= completed_epochs]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            text = self.metrics_path.read_text()
+            kept = "".join(line + "\n" for line in text.splitlines() if _epoch_of(line) <= completed_epochs)
+            if kept != text:
+                atomic.write_atomic(self.metrics_path, lambda file: file.write(kept.encode()))
         if self.logging_cfg.tensorboard:
             tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
             # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are dropped:

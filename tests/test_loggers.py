@@ -17,6 +17,7 @@ import torch
 import tqdm.std
 from conftest import REPO_DIR, cli_env
 
+from ddp_trainer import atomic
 from ddp_trainer.cli.train import main
 from ddp_trainer.config import LoggingConfig, WandbConfig
 from ddp_trainer.errors import UsageError
@@ -302,6 +303,27 @@ def test_start_keeps_only_the_metrics_lines_of_completed_epochs(tmp_path):
     RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"
     assert (tmp_path / "config.yaml").read_text() == "seed: 0\n"
+
+
+def test_a_restart_never_truncates_metrics_in_place(tmp_path, monkeypatch):
+    # Each restart rewrote metrics.jsonl with write_text: a reader (plot, tail) found it empty, and a kill between
+    # the truncation and the write lost every epoch's line for good.
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in EPOCHS))
+    before = (metrics.stat().st_ino, metrics.read_text())
+    RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=len(EPOCHS))
+    assert (metrics.stat().st_ino, metrics.read_text()) == before  # every line kept: the file is left alone
+    real_write = atomic.write_atomic
+
+    def killed_while_replacing_metrics(path: Path, write) -> None:
+        if path == metrics:
+            raise KeyboardInterrupt  # the kill, as the file with fewer lines is written
+        real_write(path, write)
+
+    monkeypatch.setattr(atomic, "write_atomic", killed_while_replacing_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
+    assert metrics.read_text() == before[1]  # every line, to be dropped by the next start
 
 
 def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_off_it_starts_its_own(
