@@ -83,7 +83,12 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
 def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
     """Restore the newest checkpoint that reads whole: one whose shards prove damaged gives way to the one before."""
     unreadable: dict[Path, str] = {}
-    while resumed := checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info, unreadable):
+    while True:
+        resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info, unreadable)
+        # Every rank, one that found nothing too: a rank on its own would train from another step, or start over.
+        checkpoint.same_on_every_rank(resumed and resumed[0], resumed[1] if resumed else Path(cfg.output_dir), env)
+        if resumed is None:
+            return
         state, path = resumed
         if path.resolve() in unreadable:  # named by trainer.resume=PATH: nothing older to take instead
             raise checkpoint.UnreadableCheckpoint(unreadable[path.resolve()])

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ddp_trainer import atomic
+from ddp_trainer import atomic, distributed
 from ddp_trainer.errors import UsageError, first_line
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
@@ -170,8 +170,25 @@ def _refuse_a_folder_of_checkpoints(folder: Path) -> None:
         raise UsageError(f"checkpoint {folder} is a folder of checkpoints, not one; name one of them, e.g. {named}")
 
 
+def pinned(path: Path) -> Path:
+    """The folder a sharded `last` or `best` link names now: read through the link, each file may be another save's."""
+    return path.resolve() if path.is_symlink() else path
+
+
+def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: distributed.DistEnv) -> None:
+    """Refuse a checkpoint that the ranks read at different steps (or some found none): it was replaced as they read."""
+    read = distributed.gather_objects(None if state is None else (state["epoch"], state["step"]), env)
+    if len(set(read)) > 1:
+        seen = ", ".join(f"rank {rank} {'none' if got is None else f'step {got[1]}'}" for rank, got in enumerate(read))
+        raise UsageError(
+            f"the ranks read different checkpoints at {where} ({seen}): one was saved as they read (a run still "
+            "saving there?); name a step file or folder (step-*), or read once that run stopped"
+        )
+
+
 def load(path: Path) -> dict[str, Any]:
     """A whole checkpoint, read with weights_only=True (never runs code); a sharded one gathered into this process."""
+    path = pinned(path)
     state = read_state(path)
     if path.is_dir():
         tensors: dict[str, Any] = {}
@@ -270,7 +287,7 @@ def load_for_resume(
             )
         return None
     if not held:
-        return None if resume == "auto" else (read_state(Path(resume)), Path(resume))
+        return None if resume == "auto" else (read_state(pinned(Path(resume))), pinned(Path(resume)))
     if not saved:
         raise UsageError(
             f"{directory} holds {held[0].name} but no last or step checkpoint to continue from; to train on from it, "
@@ -307,7 +324,7 @@ def _newest_readable(
             problems.append(unreadable[path.resolve()])
             continue
         try:
-            return read_state(path), path
+            return read_state(pinned(path)), pinned(path)
         except UnreadableCheckpoint as error:
             problems.append(str(error))
             report(f"{error}; trying an older checkpoint")

@@ -270,3 +270,29 @@ def sharded_saver_group_timeout(rank: int, world_size: int, port: int, folder: s
         saver.close()
     finally:
         dist.destroy_process_group()
+
+
+def read_while_replaced(
+    rank: int, world_size: int, port: int, args: list[str], last: str, other: str, out: str
+) -> None:
+    """The CLI with `args` on this rank, `last` replaced by `other` after rank 0 read it and before rank 1 does, as a
+    live run's save would; each rank's exit code and error lines go to `out`/rank<N>."""
+    _join_as(rank, world_size, port)
+    rank_0_read, real_read_state = Path(out, "rank0-read"), checkpoint.read_state
+
+    def read_state(path: Path) -> dict:
+        if rank == 1 and Path(other).exists():
+            deadline = time.monotonic() + 60
+            while not rank_0_read.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.replace(other, last)
+        state = real_read_state(path)
+        if rank == 0:
+            rank_0_read.touch()
+        return state
+
+    checkpoint.read_state = read_state
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        code = train.main(args)
+    Path(out, f"rank{rank}").write_text(f"{code}\n{errors.getvalue()}")

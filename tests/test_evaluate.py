@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import stat
 
 import pytest
 import torch
 from conftest import FullDisk, read_metrics, run_cli
+from dist_helpers import read_while_replaced, spawn
 from PIL import Image
 
 from ddp_trainer import atomic, checkpoint, distributed
@@ -106,6 +108,33 @@ def test_evaluate_names_an_empty_or_truncated_file(tmp_path, capsys, content, re
     path.write_bytes(content)
     assert main(["evaluate", "--checkpoint", str(path)]) == 2
     assert f"checkpoint {path} is {reason}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_ranks_that_read_a_live_runs_last_at_different_saves_stop_in_one_line(trained, tmp_path, command):
+    # Each rank reads the file itself: rank 0 scored half the validation set with one save's weights and rank 1 the
+    # other half with the next save's, exit 0; a resume trained on from two states.
+    last = tmp_path / "last.pt"
+    shutil.copy(trained / "checkpoints" / "last.pt", last)
+    other = tmp_path / "other.pt"  # another step's save, to be renamed over last.pt between the ranks' reads
+    shutil.copy(sorted((trained / "checkpoints").glob("step-*.pt"))[0], other)
+    steps = [checkpoint.load(path)["step"] for path in (last, other)]
+    if command == "evaluate":
+        prog, args = "ddp-train evaluate", ["evaluate", "--checkpoint", str(last)]
+    else:
+        prog, args = (
+            "ddp-train",
+            [*DIGITS, "trainer.epochs=4", f"trainer.resume={last}", f"output_dir={tmp_path / 'run'}"],
+        )
+    spawn(2, read_while_replaced, args, str(last), str(other), str(tmp_path))
+    said = (
+        f"the ranks read different checkpoints at {last} (rank 0 step {steps[0]}, rank 1 step {steps[1]}): one was "
+        "saved as they read (a run still saving there?); name a step file or folder (step-*), or read once that run "
+        "stopped"
+    )
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == f"2\n{prog}: error (rank {rank}): {said}\n"
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path, capsys):

@@ -53,6 +53,7 @@ def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], C
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
+    checkpoint.same_on_every_rank(state, path, env)  # a live run's last.pt may change between two ranks' reads
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
     task = tasks.resolve(cfg.task)
     if val_set is None:
