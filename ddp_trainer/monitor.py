@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ddp_trainer.config import Config
@@ -22,12 +23,15 @@ class Monitor:
     def update(self, record: dict[str, Any], whole_epoch: bool) -> bool:
         """Take an epoch's record; True when best.pt takes it: a whole epoch's new best (by more than min_delta), or
         a part epoch's (stopped at max_steps) while no whole epoch has set one."""
+        value = record[self.name]
+        if math.isnan(value):  # no better than any value, and nothing would ever compare better than it as the best
+            self.stale_epochs += whole_epoch
+            return False
         # A part epoch leaves the state alone: resumed, the rest of that epoch is judged with it, as uninterrupted.
         if not whole_epoch:
             if self.best is None:
-                self.part_epoch_best = record[self.name]
+                self.part_epoch_best = value
             return self.best is None
-        value = record[self.name]
         if self.best is None or self._improves_on(self.best, value):
             self.best, self.stale_epochs = value, 0
             return True

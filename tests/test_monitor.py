@@ -54,3 +54,11 @@ def test_the_last_line_names_the_part_epoch_value_that_best_pt_holds():
     assert started_again.describe() == "best val/loss 0.9000 (part epoch)"
     feed(monitor, [0.95])
     assert monitor.describe() == "best val/loss 0.9500"
+
+
+def test_a_nan_value_is_never_the_best_and_counts_as_a_stale_epoch():
+    # A NaN (an IoU of 0/0 on one batch) compared as neither better nor worse: taken first, it held best.pt for good.
+    monitor = Monitor("val/loss", "min", min_delta=0.0, patience=2)
+    assert not monitor.update({"val/loss": float("nan")}, whole_epoch=False) and monitor.part_epoch_best is None
+    assert feed(monitor, [float("nan"), 0.28, 0.25, float("nan")]) == [False, True, True, False]
+    assert monitor.best == 0.25 and monitor.stale_epochs == 1
