@@ -126,3 +126,11 @@ def test_a_log_interval_longer_than_an_epoch_sizes_the_ledger_by_the_epoch(tmp_p
     assert main([*args, "trainer.log_every_n_steps=10000000"]) == 0
     assert capacities == [45]  # 1438 samples in batches of 32: a sync at each epoch's end, 45 steps apart
     assert [line["train/samples"] for line in read_metrics(tmp_path)] == [1438, 1438]
+
+
+def test_integer_sums_fold_exactly_beyond_float32s_integers():
+    # A task's pixel counts, (pred == mask).sum(), are int64: folded through float32 they lost their last units.
+    ledger = StepLedger(lambda losses, outputs: torch.stack(outputs), 2, capacity=2, norms=False, device=CPU)
+    for step, count in enumerate([16_777_217, 33_554_433]):
+        ledger.record(step, torch.tensor(1.0), torch.tensor([count, 1]), None, by_norm=False)
+    assert ledger.fold(1.0)[:, :2].tolist() == [[16_777_217, 1], [33_554_433, 1]]
