@@ -316,6 +316,10 @@ def resolve(task: str | Task) -> Task:
             f"task {name}: summarize(totals, 'val') must name every metric 'val/...', 'val/loss' and 'val/samples' "
             f"among them; it gave {', '.join(map(repr, summary))}"
         )
+    unknown = [metric for metric in upwards if f"val/{metric}" not in summary]  # else silently minimised
+    if unknown:
+        reported = ", ".join(key.removeprefix("val/") for key in summary)
+        raise UsageError(f"task {name}: higher_is_better names {', '.join(unknown)}, not among its metrics: {reported}")
     not_numbers = [key for key, value in summary.items() if not isinstance(value, int | float)]
     if not_numbers:  # a tensor, say: metrics.jsonl could not hold it, and the first epoch's line would fail
         raise UsageError(f"task {name}: summarize gave no plain number (int or float) for {', '.join(not_numbers)}")

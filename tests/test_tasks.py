@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import re
@@ -199,6 +200,9 @@ def test_batches_of_tuples_and_dicts_move_to_the_device_at_any_depth():
     assert moved["inputs"][0].device.type == "meta" and moved["inputs"][1][0].device.type == "meta"
     assert moved["inputs"][0].is_contiguous(memory_format=torch.channels_last)
     assert moved["targets"].device.type == "meta" and moved["name"] == "x" and isinstance(moved["inputs"], tuple)
+    Pair = collections.namedtuple("Pair", ["x", "y"])  # a dataset's namedtuple: type(batch)(generator) raised
+    pair = to_device([Pair(torch.zeros(2), torch.ones(2))], torch.device("meta"), channels_last=False)[0]
+    assert type(pair) is Pair and pair.x.device.type == "meta" and pair.y.device.type == "meta"
 
 
 def test_a_dict_batch_and_a_pair_give_the_same_classification_sums():
@@ -332,6 +336,10 @@ class Flagged(Ranking):
     higher_is_better = True  # torchmetrics' spelling: a bool, not names
 
 
+class Prefixed(Ranking):
+    higher_is_better = ("val/ranked",)  # with the prefix: matched no metric, and val/ranked was minimised
+
+
 class LossOnly(Ranking):
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().forward(model, batch)[0]
@@ -346,6 +354,10 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         UsageError, match="^task Flagged: higher_is_better must be a tuple of metric names .* not True$"
     ):
         resolve(Flagged())
+    with pytest.raises(
+        UsageError, match="^task Prefixed: higher_is_better names val/ranked, not among its metrics: loss, ranked, samp"
+    ):
+        resolve(Prefixed())
     with pytest.raises(UsageError, match=r"^task TensorMetrics: summarize gave no plain number \(int or .* val/loss, "):
         resolve(TensorMetrics())
     batch = next(iter(DataLoader(Triples(4, 0), batch_size=4)))

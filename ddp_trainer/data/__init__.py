@@ -59,7 +59,8 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     if isinstance(batch, Mapping):
         return {key: to_device(value, device, channels_last) for key, value in batch.items()}
     if isinstance(batch, list | tuple):
-        return type(batch)(to_device(value, device, channels_last) for value in batch)
+        moved = [to_device(value, device, channels_last) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple takes fields
     return batch
 
 
