@@ -22,7 +22,7 @@ from torch.distributed._composable.contract import _get_registry
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ddp_trainer import data, distributed, rng, tasks
+from ddp_trainer import data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.claim import FolderClaim
 from ddp_trainer.config import Config, load_for_objects, to_container
@@ -64,7 +64,7 @@ def fit(
             f"decides; pass task={wanted} to train that task"
         )
     cfg = dataclasses.replace(cfg, task=task_name)
-    exit_code, record = run(cfg, lambda env: (model, train_data, val_data), tasks.resolve(task))
+    exit_code, record = run(cfg, lambda env: (model, train_data, val_data), task_checks.resolve(task))
     if exit_code != 0 or not record:
         raise SystemExit(exit_code)
     return record

@@ -7,7 +7,7 @@ from typing import Any
 
 from ddp_trainer.config import Config
 from ddp_trainer.errors import UsageError
-from ddp_trainer.tasks import Task, metric_names, monitor_mode
+from ddp_trainer.tasks import Task
 
 
 class Monitor:
@@ -75,3 +75,13 @@ def build_monitor(cfg: Config, task: Task, validates: bool) -> Monitor:
         raise UsageError(f"checkpoint.monitor={name} is not a metric of this run: one of {', '.join(available)}")
     mode = cfg.checkpoint.mode or monitor_mode(task, name)
     return Monitor(name, mode, cfg.trainer.early_stopping_min_delta, cfg.trainer.early_stopping_patience)
+
+
+def monitor_mode(task: Task, metric: str) -> str:
+    """ "max" for a metric the task says improves upwards (`higher_is_better`), else "min"."""
+    return "max" if metric.split("/", 1)[-1] in getattr(task, "higher_is_better", ()) else "min"
+
+
+def metric_names(task: Task, prefix: str) -> list[str]:
+    """The metrics `task` reports under `prefix`, by summarising sums of ones."""
+    return list(task.summarize(dict.fromkeys(task.sum_names, 1.0), prefix))

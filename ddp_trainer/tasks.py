@@ -21,6 +21,10 @@ from torch.utils.data import default_collate
 
 from ddp_trainer.errors import UsageError
 
+# The trainer's own sums beside a task's: the epoch's skipped (non-finite) steps, and with clipping the (all-reduced)
+# gradient norms and the steps they cover. A task may not name its sums so.
+STEP_SUMS, CLIP_SUMS = ("skipped_steps",), ("grad_norm_sum", "grad_norm_steps")
+
 
 class Task(Protocol):
     """The protocol a task follows; `sum_names` starts with "loss_sum" and holds "samples".
@@ -60,12 +64,13 @@ def inputs_and_targets(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
     raise UsageError(
-        f"a batch must be (inputs, targets) or a dict with 'inputs' and 'targets', not {_describe(batch)}; "
+        f"a batch must be (inputs, targets) or a dict with 'inputs' and 'targets', not {describe(batch)}; "
         "pass a task object for other layouts"
     )
 
 
-def _describe(batch: Any) -> str:
+def describe(batch: Any) -> str:
+    """A batch, a model's output or a task's result in a few words, for an error line."""
     if torch.is_tensor(batch):
         return f"a tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, Mapping):
@@ -113,7 +118,7 @@ def _model_output(task: str, model: nn.Module, inputs: Any) -> torch.Tensor:
     outputs = model(inputs)
     if not torch.is_tensor(outputs):
         raise UsageError(
-            f"{task}: the model returned {_describe(outputs)}, not a tensor; pass a task object that reads it"
+            f"{task}: the model returned {describe(outputs)}, not a tensor; pass a task object that reads it"
         )
     return outputs
 
@@ -273,101 +278,5 @@ def training_measure(task: Task, accumulate: int) -> tuple[Callable[..., Any], C
     return task.forward, _stacked
 
 
-def _defined_below(task: Task, name: str, other: str) -> bool:
-    """Whether the class defining `other`, or a subclass of it, defines `name`: `other` then cannot override it."""
-    own = getattr(task, "__dict__", {})  # set on the object itself: below every class
-    if name in own or other in own:
-        return name in own
-    owners = [next((cls for cls in type(task).__mro__ if key in vars(cls)), None) for key in (name, other)]
-    return None not in owners and issubclass(owners[0], owners[1])
-
-
 def _stacked(losses: torch.Tensor, sums: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(sums)
-
-
-def resolve(task: str | Task) -> Task:
-    """A built-in task by name, or a task object checked against the protocol; UsageError names what is wrong."""
-    if isinstance(task, str):
-        if task not in BUILT_IN:
-            raise UsageError(f"task {task!r} is not one of {', '.join(BUILT_IN)} (or pass a task object)")
-        return BUILT_IN[task]()
-    if isinstance(task, type):
-        raise UsageError(f"task {task.__name__} is a class; pass an instance: task={task.__name__}()")
-    name = type(task).__name__
-    missing = [key for key in ("sum_names", "default_monitor", "forward", "summarize") if not hasattr(task, key)]
-    if missing:
-        raise UsageError(f"task {name} lacks {', '.join(missing)} (see ddp_trainer.tasks.Task)")
-    if hasattr(task, "step_outputs") != hasattr(task, "sums_of"):
-        raise UsageError(f"task {name} must define both step_outputs and sums_of, or neither")
-    upwards = getattr(task, "higher_is_better", ())
-    if not isinstance(upwards, list | tuple | set | frozenset) or not all(isinstance(name, str) for name in upwards):
-        # A bool (torchmetrics' spelling) fails at the first lookup; a string would match its substrings.
-        raise UsageError(
-            f"task {name}: higher_is_better must be a tuple of metric names (without prefix), not {upwards!r}"
-        )
-    names = tuple(task.sum_names)
-    if not names or names[0] != "loss_sum" or "samples" not in names:
-        raise UsageError(f"task {name}: sum_names must start with 'loss_sum' and hold 'samples'")
-    # Found now, not after a whole epoch when the first summary is logged.
-    summary = task.summarize(dict.fromkeys(names, 1.0), "val")
-    if not {"val/loss", "val/samples"} <= set(summary) or any(not key.startswith("val/") for key in summary):
-        raise UsageError(
-            f"task {name}: summarize(totals, 'val') must name every metric 'val/...', 'val/loss' and 'val/samples' "
-            f"among them; it gave {', '.join(map(repr, summary))}"
-        )
-    unknown = [metric for metric in upwards if f"val/{metric}" not in summary]  # else silently minimised
-    if unknown:
-        reported = ", ".join(key.removeprefix("val/") for key in summary)
-        raise UsageError(f"task {name}: higher_is_better names {', '.join(unknown)}, not among its metrics: {reported}")
-    not_numbers = [key for key, value in summary.items() if not isinstance(value, int | float)]
-    if not_numbers:  # a tensor, say: metrics.jsonl could not hold it, and the first epoch's line would fail
-        raise UsageError(f"task {name}: summarize gave no plain number (int or float) for {', '.join(not_numbers)}")
-    return _CheckedTask(task)
-
-
-class _CheckedTask:
-    """A user's task, its `forward` and `sums_of` results checked as they come: a wrong shape is named at once."""
-
-    def __init__(self, task: Task) -> None:
-        self.task, self.size = task, len(task.sum_names)
-        # A subclass that overrides `forward` alone (of a built-in task, say) trains with it, not the parent's
-        # `step_outputs`, which would compute another loss than validation's.
-        self.defers = _defined_below(task, "step_outputs", "forward")
-
-    def __getattr__(self, key: str) -> Any:
-        if key == "step_outputs" and not self.defers:
-            raise AttributeError(key)
-        return getattr(self.task, key)
-
-    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's own forward, refused unless it gives (a loss, a vector of one sum per `sum_names`)."""
-        result = self.task.forward(model, batch)
-        sums = result[1] if isinstance(result, list | tuple) and len(result) == 2 else None
-        if not torch.is_tensor(sums) or sums.shape != (self.size,):
-            given = _describe(result) if sums is None else f"sums {_describe(sums)}"
-            raise UsageError(
-                f"task {type(self.task).__name__}: forward must return (mean loss, a tensor of {self.size} sums in "
-                f"the order of sum_names), not {given}"
-            )
-        return result
-
-    def sums_of(self, losses: torch.Tensor, outputs: list[Any]) -> torch.Tensor:
-        """The task's own sums_of (called only if it has one), refused unless it gives a row of sums per step."""
-        sums = self.task.sums_of(losses, outputs)
-        if not torch.is_tensor(sums) or sums.shape != (len(outputs), self.size):
-            raise UsageError(
-                f"task {type(self.task).__name__}: sums_of must return a tensor of {len(outputs)} rows (one per step) "
-                f"of {self.size} sums in the order of sum_names, not {_describe(sums)}"
-            )
-        return sums
-
-
-def monitor_mode(task: Task, metric: str) -> str:
-    """ "max" for a metric the task says improves upwards (`higher_is_better`), else "min"."""
-    return "max" if metric.split("/", 1)[-1] in getattr(task, "higher_is_better", ()) else "min"
-
-
-def metric_names(task: Task, prefix: str) -> list[str]:
-    """The metrics `task` reports under `prefix`, by summarising sums of ones."""
-    return list(task.summarize(dict.fromkeys(task.sum_names, 1.0), prefix))

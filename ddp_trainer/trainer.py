@@ -24,12 +24,10 @@ from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.preemption import StopSignals
 from ddp_trainer.saving import build_saver, build_state
 from ddp_trainer.sharding import gradient_sync
-from ddp_trainer.tasks import Task, training_measure
+from ddp_trainer.tasks import CLIP_SUMS, STEP_SUMS, Task, training_measure
 
-# Beside the task's sums: the epoch's skipped (non-finite) steps, and with clipping the (all-reduced) gradient norms
-# and the steps they cover. Every rank holds the same values: rank 0 alone adds them, so each step counts once.
-STEP_SUMS = ("skipped_steps",)
-CLIP_SUMS = ("grad_norm_sum", "grad_norm_steps")
+# STEP_SUMS and CLIP_SUMS, beside the task's sums, hold the same values on every rank: rank 0 alone adds them, so each
+# step counts once.
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
 

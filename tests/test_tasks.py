@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 from unittest.mock import ANY
 
 import numpy as np
@@ -26,7 +27,9 @@ from ddp_trainer.cli.evaluate import LOAD_WEIGHTS
 from ddp_trainer.cli.train import main
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
-from ddp_trainer.tasks import Classification, LanguageModel, Regression, metric_names, resolve, training_measure
+from ddp_trainer.monitor import metric_names
+from ddp_trainer.task_checks import resolve
+from ddp_trainer.tasks import Classification, LanguageModel, Regression, training_measure
 
 CPU = ["trainer.device=cpu", "trainer.progress_bar=false"]
 
@@ -318,6 +321,18 @@ class TwoSums(Ranking):
         return loss, sums[:2]
 
 
+class OddLoss(Ranking):
+    """A loss given as a float (`.item()`), per sample, or detached: each failed later with a bare traceback."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def forward(self, model: nn.Module, batch: dict) -> tuple[Any, torch.Tensor]:
+        loss, sums = super().forward(model, batch)
+        odd = {"float": loss.item(), "per sample": loss.expand(4), "detached": loss.detach()}[self.kind]
+        return odd, sums
+
+
 class TensorMetrics(Ranking):
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         return {key: torch.tensor(value) for key, value in super().summarize(totals, prefix).items()}
@@ -340,6 +355,28 @@ class Prefixed(Ranking):
     higher_is_better = ("val/ranked",)  # with the prefix: matched no metric, and val/ranked was minimised
 
 
+class TakesTrainerNames(Ranking):
+    sum_names = ("loss_sum", "skipped_steps", "samples")  # the trainer's own sum: its 0 replaced the task's count
+
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {f"{prefix}/loss": 1.0, f"{prefix}/samples": 1}
+
+
+class ValOnlyPrefix(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {f"val/{key}": value for key, value in super().summarize(totals, "val").items()}  # ignores `prefix`
+
+
+class ReadsAnUnnamedSum(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {**super().summarize(totals, prefix), f"{prefix}/recall": totals["relevant"]}
+
+
+class ReportsGradNorm(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {**super().summarize(totals, prefix), f"{prefix}/grad_norm": 1.0}
+
+
 class LossOnly(Ranking):
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().forward(model, batch)[0]
@@ -348,7 +385,7 @@ class LossOnly(Ranking):
 def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
     with pytest.raises(UsageError, match=r"^task Ranking is a class; pass an instance: task=Ranking\(\)$"):
         resolve(Ranking)
-    with pytest.raises(UsageError, match="task Unprefixed: summarize.* must name every metric 'val/...'.*'loss'"):
+    with pytest.raises(UsageError, match="task Unprefixed: summarize.* must name every metric 'train/...'.*'loss'"):
         resolve(Unprefixed())
     with pytest.raises(
         UsageError, match="^task Flagged: higher_is_better must be a tuple of metric names .* not True$"
@@ -358,13 +395,33 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         UsageError, match="^task Prefixed: higher_is_better names val/ranked, not among its metrics: loss, ranked, samp"
     ):
         resolve(Prefixed())
+    # Each of these gave a bare KeyError, at start-up or after the first log interval, or a silently wrong metric.
+    refusals = {
+        TakesTrainerNames: "sum_names may not use skipped_steps, which the trainer keeps itself",
+        ValOnlyPrefix: "summarize(totals, 'train') must name every metric 'train/...', 'train/loss' and 'train/sam",
+        ReadsAnUnnamedSum: "summarize(totals, 'train') reads 'relevant', which sum_names lacks",
+        ReportsGradNorm: "train/skipped_steps and train/grad_norm are the trainer's own metrics",
+    }
+    for task, said in refusals.items():
+        with pytest.raises(UsageError, match=f"^task {task.__name__}: {re.escape(said)}"):
+            resolve(task())
     with pytest.raises(UsageError, match=r"^task TensorMetrics: summarize gave no plain number \(int or .* val/loss, "):
         resolve(TensorMetrics())
     batch = next(iter(DataLoader(Triples(4, 0), batch_size=4)))
     resolve(Ranking()).forward(nn.Linear(6, 6), batch)
-    for task, given in ((TwoSums(), "sums a tensor of shape (2,)"), (LossOnly(), "a tensor of shape ()")):
+    for task, given in (
+        (TwoSums(), "loss a tensor of shape () and sums a tensor of shape (2,)"),
+        (LossOnly(), "a tensor of shape ()"),
+    ):
         with pytest.raises(UsageError, match=f"forward must return .*a tensor of 3 sums.*not {re.escape(given)}$"):
             resolve(task).forward(nn.Linear(6, 6), batch)
+    for kind, given in (("float", "loss float and sums"), ("per sample", "loss a tensor of shape (4,) and sums")):
+        with pytest.raises(UsageError, match=f"^task OddLoss: forward must return .*, not {re.escape(given)}"):
+            resolve(OddLoss(kind)).forward(nn.Linear(6, 6), batch)
+    with pytest.raises(UsageError, match="^task OddLoss: forward's loss is detached from the model's weights$"):
+        resolve(OddLoss("detached")).forward(nn.Linear(6, 6), batch)
+    with torch.no_grad():  # evaluation: no gradient to ask for
+        resolve(OddLoss("detached")).forward(nn.Linear(6, 6), batch)
     deferred = resolve(ShortSumsOf())
     loss, outputs = deferred.step_outputs(nn.Linear(6, 6), batch)
     with pytest.raises(UsageError, match="sums_of must return a tensor of 2 rows .* of 3 sums .* not a tensor of "):

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ddp_trainer import checkpoint, config, data, distributed, models, tasks
+from ddp_trainer import checkpoint, config, data, distributed, models, task_checks
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv
@@ -55,7 +55,7 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
     checkpoint.same_on_every_rank(state, path, env)  # a live run's last.pt may change between two ranks' reads
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
-    task = tasks.resolve(cfg.task)
+    task = task_checks.resolve(cfg.task)
     if val_set is None:
         raise UsageError(f"checkpoint {path}: its run's data has no validation split to evaluate")
     bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))

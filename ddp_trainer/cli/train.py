@@ -12,7 +12,7 @@ from typing import NoReturn
 from torch import nn
 from torch.utils.data import Dataset
 
-from ddp_trainer import api, config, data, distributed, models, tasks
+from ddp_trainer import api, config, data, distributed, models, task_checks
 from ddp_trainer.cli import exit_after
 from ddp_trainer.config import Config
 from ddp_trainer.distributed import DistEnv
@@ -30,7 +30,7 @@ COMMANDS = {
 
 def run(cfg: Config, clock: Callable[[], float] = time.monotonic) -> int:
     """Train the run `cfg` describes (data and model from the config) on this rank; returns the exit code."""
-    task = tasks.resolve(cfg.task)
+    task = task_checks.resolve(cfg.task)
 
     def build(env: DistEnv) -> tuple[nn.Module, Dataset, Dataset | None]:
         train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
