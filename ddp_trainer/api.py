@@ -90,7 +90,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
-        claim = FolderClaim(Path(cfg.output_dir)) if env.is_main else None  # before anything in it is read or written
+        claim = _claim(Path(cfg.output_dir), env)  # before anything in it is read or written
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
         if array_task is not None:
             logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
@@ -112,6 +112,25 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         stop.restore()
         rng.restore(caller_streams)
     return exit_code, record if finished else {}
+
+
+def _claim(output_dir: Path, env: DistEnv) -> FolderClaim | None:
+    """Rank 0's hold on output_dir; a folder in use is refused on every rank in its words, not as a rank 0 gone."""
+    claim = refusal = None
+    if env.is_main:
+        try:
+            claim = FolderClaim(output_dir)
+        except UsageError as error:
+            refusal = str(error)
+    try:
+        refusal = distributed.broadcast_object(refusal, env)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    if refusal is not None:
+        raise UsageError(refusal)
+    return claim
 
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:

@@ -25,7 +25,7 @@ from conftest import REPO_DIR, cli_env
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import assembly, atomic, checkpoint, saving
+from ddp_trainer import assembly, atomic, checkpoint, claim, saving
 from ddp_trainer.cli import train
 
 
@@ -292,6 +292,19 @@ def read_while_replaced(
         return state
 
     checkpoint.read_state = read_state
+    _main_captured(rank, args, out)
+
+
+def train_waiting_briefly_for_the_folder(
+    rank: int, world_size: int, port: int, args: list[str], wait_s: float, out: str
+) -> None:
+    """The CLI with `args` on this rank, waiting `wait_s` for an output_dir in use; exit code and errors to `out`."""
+    _join_as(rank, world_size, port)
+    claim.WAIT_S = wait_s
+    _main_captured(rank, args, out)
+
+
+def _main_captured(rank: int, args: list[str], out: str) -> None:
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
         code = train.main(args)

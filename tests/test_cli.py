@@ -15,6 +15,7 @@ import threading
 
 import pytest
 from conftest import REPO_DIR, cli_env, read_metrics
+from dist_helpers import spawn, train_waiting_briefly_for_the_folder
 
 from ddp_trainer import claim
 from ddp_trainer.cli.train import main
@@ -164,6 +165,22 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_leaves_the_first_runs_
             claim.FolderClaim(run_dir)
     finally:
         first.release()
+
+
+def test_a_folder_in_use_is_refused_on_every_rank_in_the_same_words(tmp_path):
+    # Rank 0 alone holds the folder: it was refused, and rank 1 said "rank 0 ... stopped answering", exit 4.
+    run_dir = tmp_path / "run"
+    held = claim.FolderClaim(run_dir)  # this process's hold: the ranks are others
+    try:
+        args = ["trainer.device=cpu", "trainer.epochs=1", f"output_dir={run_dir}"]
+        spawn(2, train_waiting_briefly_for_the_folder, args, 0.5, str(tmp_path))
+    finally:
+        held.release()
+    said = f"output_dir {run_dir} is in use by another run (pid {os.getpid()} on {socket.gethostname()}); wait for it"
+    for rank in (0, 1):
+        code, *lines = (tmp_path / f"rank{rank}").read_text().splitlines()
+        assert code == "2" and lines[-1].startswith(f"ddp-train: error (rank {rank}): {said}"), lines
+    assert not run_dir.exists()  # the hold made it; released with nothing else inside, it is gone
 
 
 CLAIM_AND_WAIT = (
