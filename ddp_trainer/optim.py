@@ -30,7 +30,8 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
         # A skipped first fused step would leave its new momentum buffers uninitialised (empty_like); zeros
         # make the first update the same (buffer = gradient, no dampening) and survive a skip.
         for param in params:
-            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            if param.requires_grad:  # a frozen base (LoRA, say) never steps: a buffer would double it in every file
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     return optimizer
 
 

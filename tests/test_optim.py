@@ -101,3 +101,11 @@ def test_the_logged_lr_is_the_one_the_epochs_last_step_trained_with(tmp_path):
     args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
     assert main([*args, *schedule, "data.batch_size=16", "trainer.log_every_n_steps=6", f"output_dir={tmp_path}"]) == 0
     assert [line["lr"] for line in read_metrics(tmp_path)] == [0.1, 0.05]
+
+
+def test_a_frozen_parameter_gets_no_momentum_buffer():
+    # A LoRA-style frozen base never steps: its zero buffers doubled it in memory and in every checkpoint.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0), model)
+    assert [id(param) for param in optimizer.state] == [id(param) for param in model[1].parameters()]
