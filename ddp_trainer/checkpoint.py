@@ -6,15 +6,18 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer import atomic, distributed
 from ddp_trainer.errors import UsageError, first_line
@@ -25,6 +28,23 @@ WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes so files load into a bare model."""
     return {WRAPPER_PREFIXES.sub("", key): value for key, value in state_dict.items()}
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DDP's and torch.compile's wrappers, whose state-dict keys are the user's own names."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing was compiled
+    compiled = (eval_frame.OptimizedModule,) if eval_frame else ()
+    while isinstance(model, (DistributedDataParallel, *compiled)):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def fitted(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """`state_dict` for `unwrapped(model)`: as saved, or with the wrappers' prefixes a file from elsewhere carries cut.
+
+    Cut only where the keys do not fit as they are: a submodule the user named `module` keeps its name.
+    """
+    return state_dict if set(state_dict) == set(unwrapped(model).state_dict()) else clean_state_dict(state_dict)
 
 
 class UnreadableCheckpoint(UsageError):

@@ -35,7 +35,7 @@ class CheckpointWriteFailed(CliError):
 
 def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The model's state dict (no wrapper prefixes) and the optimizer's: what a checkpoint file holds beside `state`."""
-    return {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict()}
+    return {"model": checkpoint.unwrapped(model).state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def build_state(

@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, clean_state_dict, dcp_cause, named_load_error
+from ddp_trainer.checkpoint import SafeLoadPlanner, SafeReader, dcp_cause, fitted, named_load_error, unwrapped
 from ddp_trainer.config import TrainerConfig
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.precision import AUTOCAST_DTYPES
@@ -146,9 +146,9 @@ def load_full_state_dicts(
 ) -> None:
     """Load a checkpoint file; under FSDP (a `ddp-train consolidate` file) each rank takes its shard of it."""
     if strategy != "fsdp":
-        model.load_state_dict(clean_state_dict(model_state))
+        unwrapped(model).load_state_dict(fitted(model_state, model))
         optimizer.load_state_dict(optimizer_state)
         return
     options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, clean_state_dict(model_state), options=options)
+    set_model_state_dict(model, fitted(model_state, model), options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -170,6 +170,36 @@ def test_checkpoint_of_another_model_from_python_is_refused_in_one_line(tmp_path
     assert "\n" not in str(refused.value)
 
 
+class Holder(torch.nn.Module):
+    """A module whose submodule the user named `module`, as EMA wrappers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = factories.small_net(hidden=16)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.module(inputs)
+
+
+@pytest.mark.parametrize("wrapped", ["a submodule named module", "compiled by the user"])
+def test_a_model_whose_keys_look_wrapped_resumes_and_its_file_loads_into_a_fresh_one(tmp_path, wrapped):
+    # Both saved keys cut as if DDP's or compile's prefixes: the run could not resume ("Missing key(s)"), and the
+    # first's file loaded into no fresh instance of the user's class.
+    def model() -> torch.nn.Module:
+        return Holder() if wrapped == "a submodule named module" else torch.compile(Holder(), backend="eager")
+
+    train, val = factories.blobs()
+    overrides = ["trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    ddp_trainer.fit(model(), train, val, overrides=overrides)
+    record = ddp_trainer.fit(
+        model(), train, val, overrides=[*overrides, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]"]
+    )
+    assert record["epoch"] == 2
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(key.startswith("module.") for key in saved)
+    Holder().load_state_dict(saved)  # strict: every key the user's class has
+
+
 def test_a_run_resumed_on_other_data_from_python_is_refused_in_one_line(tmp_path):
     # No config key describes the data fit() is handed: the checkpoint records how many samples it had.
     train, val = factories.blobs()

@@ -61,7 +61,7 @@ def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Res
     bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
     model = models.build_for(cfg.model, train_set, val_set)
     try:
-        model.load_state_dict(checkpoint.clean_state_dict(state["model"]))
+        model.load_state_dict(checkpoint.fitted(state["model"], model))
     except RuntimeError as error:
         raise UsageError(f"checkpoint {path} does not fit the model its config builds: {first_line(error)}") from error
     # In eval mode SyncBatchNorm is plain BatchNorm: no conversion, so CPU ranks can evaluate a GPU-trained model.
