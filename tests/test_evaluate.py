@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
@@ -135,6 +136,38 @@ def test_ranks_that_read_a_live_runs_last_at_different_saves_stop_in_one_line(tr
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == f"2\n{prog}: error (rank {rank}): {said}\n"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("planted", "refused"),
+    [
+        (
+            {"model": {"_target_": "os.system", "command": "touch {marker}"}},
+            "builds its model with os.system, which is",
+        ),
+        ({"data": {"_target_": "os.system", "command": "touch {marker}"}}, "builds its data with os.system, which is"),
+        ({"output_dir": "${oc.env:HOME}"}, "its config holds an interpolation (output_dir), refused"),
+        ({"model": {"hidden_sizes": [64, "${oc.env:HOME}"]}}, "holds an interpolation (model.hidden_sizes.1), refused"),
+        (
+            {"trainer": {"x": functools.reduce(lambda inner, _: {"a": inner}, range(99), 0)}},
+            "nested more than 32 level",
+        ),
+        ({"model": "oops"}, "is not a ddp-trainer checkpoint (its config lacks model, data or trainer)"),
+    ],
+)
+def test_a_checkpoints_config_never_runs_code_from_it(trained, tmp_path, capsys, planted, refused):
+    # evaluate and predict build the model and data the saved config names: a file from elsewhere called os.system,
+    # printed this machine's environment through ${oc.env:...}, or ended in a RecursionError traceback.
+    marker, crafted = tmp_path / "ran", tmp_path / "crafted.pt"
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    for section, value in json.loads(json.dumps(planted).replace("{marker}", str(marker))).items():
+        state["config"][section] = {**state["config"][section], **value} if isinstance(value, dict) else value
+    torch.save(state, crafted)
+    for command in ("evaluate", "predict"):
+        assert main([command, "--checkpoint", str(crafted), "--split", "val"][: 3 if command == "evaluate" else 5]) == 2
+        assert capsys.readouterr().err.startswith(f"ddp-train {command}: error: checkpoint {crafted}")
+        assert not marker.exists()
+    assert main(["evaluate", "--checkpoint", str(crafted)]) == 2 and refused in capsys.readouterr().err
 
 
 def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path, capsys):

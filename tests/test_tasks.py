@@ -482,7 +482,8 @@ def test_the_cli_trains_a_factorys_data_without_validation_and_refuses_an_empty_
     assert not [key for key in read_metrics(tmp_path / "none")[0] if key.startswith("val/")]
     capsys.readouterr()
     last = tmp_path / "none" / "checkpoints" / "last.pt"
-    assert main(["evaluate", "--checkpoint", str(last)]) == 2
+    factories_named = [arg for arg in [*model, "data._target_=factories.blobs_without_validation"] if "_target_" in arg]
+    assert main(["evaluate", "--checkpoint", str(last), *factories_named]) == 2
     assert capsys.readouterr().err.endswith(f"checkpoint {last}: its run's data has no validation split to evaluate\n")
     empty = [*CPU, *model, "data._target_=factories.blobs", "data.val_size=0", f"output_dir={tmp_path / 'empty'}"]
     assert main(empty) == 2  # was an IndexError traceback, reading a sample to size the model

@@ -42,13 +42,44 @@ LOAD_WEIGHTS = "model.load_state_dict(torch.load(path, map_location='cpu', weigh
 def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Config]:
     """A checkpoint's state (read with weights_only: never runs code) and its saved config with overrides on top."""
     state = checkpoint.load(path)
-    if (state["config"].get("model") or {}).get("name") == config.GIVEN:
+    _refuse_untrusted(path, state["config"], overrides)
+    if state["config"]["model"].get("name") == config.GIVEN:
         raise UsageError(
             f"checkpoint {path} was saved by fit() with a model given as a Python object, which no config key "
             f"rebuilds: load its weights into your model, {LOAD_WEIGHTS} (a sharded folder: ddp-train consolidate "
             "it into a file first)"
         )
     return state, config.from_container(state["config"], [*PORTABLE, *overrides])
+
+
+def _refuse_untrusted(path: Path, saved: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Refuse a saved config that would run code from the file: a factory the user did not name, an interpolation."""
+    if not all(isinstance(saved.get(section), dict) for section in ("model", "data", "trainer")):
+        raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (its config lacks model, data or trainer)")
+    nodes, depth = list(saved.items()), 0
+    while nodes:
+        depth += 1
+        if depth > 32:  # a saved config is a few levels deep; a file made to exhaust the stack is not
+            raise UsageError(f"checkpoint {path}: its config is nested more than 32 levels deep, refused")
+        interpolated = next((key for key, node in nodes if isinstance(node, str) and "${" in node), None)
+        if interpolated is not None:  # saved resolved: `${oc.env:...}` would read this machine's environment
+            raise UsageError(f"checkpoint {path}: its config holds an interpolation ({interpolated}), refused")
+        nodes = [(f"{key}.{inner}", value) for key, node in nodes for inner, value in _children(node)]
+    named = dict(item.split("=", 1) for item in overrides if "=" in item)
+    for section in ("model", "data"):
+        target = saved[section].get("_target_")
+        if target is not None and named.get(f"{section}._target_", "").strip() != target:
+            # The file chose the function: evaluating a checkpoint from elsewhere must not call what it names.
+            raise UsageError(
+                f"checkpoint {path} builds its {section} with {target}, which is imported and called only when you "
+                f"name it: add {section}._target_={target}"
+            )
+
+
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    if isinstance(node, dict):
+        return list(node.items())
+    return list(enumerate(node)) if isinstance(node, list) else []
 
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
