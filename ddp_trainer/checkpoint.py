@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
@@ -106,9 +107,12 @@ class SafeReader(FileSystemReader):
     """DCP's folder reader, `.metadata` checked against METADATA_GLOBALS first: reading never runs code from it."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        """DCP's metadata, once the allowlist read it without error (a second read of a small file)."""
-        _read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
-        return super().read_metadata(*args, **kwargs)
+        """DCP's metadata, unpickled once, with the allowlist: a second, plain read could meet another file."""
+        metadata = _read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:  # as DCP's own reader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class _WeightsOnlyBytes:

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem
 from conftest import read_metrics
 from dist_helpers import record_resume_choice, spawn
 from torch.distributed.checkpoint.staging import DefaultStager
@@ -106,6 +107,19 @@ def test_a_folder_whose_metadata_or_values_would_run_code_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"refused: it holds objects that could run code .*GLOBAL posix.system"):
         checkpoint.load_for_resume("auto", tmp_path, print)  # refused, not skipped for an older checkpoint
     assert not marker.exists()
+
+
+def test_metadata_is_unpickled_once_and_only_through_the_allowlist(tmp_path, monkeypatch):
+    # After the allowlist's read, DCP's reader unpickled .metadata again with plain pickle: a file swapped in between
+    # (a named pipe serving another pickle on its third open did) ran code.
+    assert main([*RUN, "trainer.epochs=1", f"output_dir={tmp_path}"]) == 0
+
+    def plain_pickle(*args, **kwargs):
+        raise AssertionError("DCP's reader unpickled .metadata with plain pickle")
+
+    monkeypatch.setattr(torch.distributed.checkpoint.filesystem.pickle, "load", plain_pickle)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last")["step"] == 45
+    assert main([*RUN, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]", f"output_dir={tmp_path}"]) == 0
 
 
 def test_publishing_keeps_the_newest_folders_and_the_best_one(tmp_path):
