@@ -246,6 +246,9 @@ def _step_checkpoints(directory: Path) -> list[Path]:
 
 
 REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
+# What saves write before renaming (atomic.write_atomic, link_atomic, symlink_atomic, a sharded step's folder): only
+# these are removed after a crash, never another `.*.tmp` a user keeps beside the checkpoints.
+UNFINISHED = re.compile(r"\.(?:(?:last|best|step-\d{8})(?:\.pt)?\.[^/]+\.(?:tmp|link)|step-\d{8}\.tmp)")
 
 
 def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: int) -> None:
@@ -278,7 +281,7 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
         final = directory / aside.name[1 : -len(REPLACED)]
         if not final.exists():  # a crash between setting it aside and renaming its successor in: it is the checkpoint
             os.replace(aside, final)
-    unfinished = sorted([*directory.glob(".*.tmp"), *directory.glob(".*.link")])
+    unfinished = sorted(path for path in directory.glob(".*") if UNFINISHED.fullmatch(path.name))
     for path in unfinished:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

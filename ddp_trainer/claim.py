@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from ddp_trainer.errors import UsageError, say
 
@@ -30,7 +32,9 @@ class FolderClaim:
         self.created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / LOCK_NAME
-        self.handle = self.path.open("a+")
+        if (output_dir / "metrics.jsonl").is_symlink():  # appended to, a link would have the run write to its target
+            raise UsageError(f"{output_dir / 'metrics.jsonl'} is a symbolic link, which a run never writes through")
+        self.handle = self._open()
         if not self._acquire(WAIT_S):
             holder = self._holder()
             self.handle.close()
@@ -52,7 +56,7 @@ class FolderClaim:
                 if self.path.exists() and os.path.samestat(os.fstat(self.handle.fileno()), self.path.stat()):
                     return True
                 self.handle.close()  # a run that ended unlinked this file: it locks nothing any more
-                self.handle = self.path.open("a+")
+                self.handle = self._open()
                 continue
             except OSError:  # held by another process
                 if time.monotonic() >= deadline:
@@ -62,6 +66,15 @@ class FolderClaim:
                     say(f"output_dir {self.folder} is in use by {holder}: waiting up to {wait_s:g} s", sys.stderr)
                     said = True
                 time.sleep(0.2)
+
+    def _open(self) -> IO[str]:
+        # Never through a link: one another user left in a shared folder would have the run truncate its target.
+        try:
+            return os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666), "a+")
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise UsageError(f"{self.path} is a symbolic link, which a run never writes through: remove it") from None
 
     def _holder(self) -> str:
         self.handle.seek(0)

@@ -213,8 +213,15 @@ def test_unfinished_writes_are_removed_and_finished_checkpoints_kept(tmp_path):
     interrupted = [tmp_path / name for name in names]
     for path in interrupted:
         path.write_bytes(b"PK\x03\x04 half")
+    (tmp_path / ".important.tmp").write_text("a user's")  # `.*.tmp` that no save writes: deleted, before
+    (tmp_path / ".cache.tmp").mkdir()
     assert checkpoint.remove_unfinished_writes(tmp_path) == sorted(interrupted)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt", "step-00000005.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".cache.tmp",
+        ".important.tmp",
+        "last.pt",
+        "step-00000005.pt",
+    ]
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 5
 
 

@@ -183,6 +183,18 @@ def test_a_folder_in_use_is_refused_on_every_rank_in_the_same_words(tmp_path):
     assert not run_dir.exists()  # the hold made it; released with nothing else inside, it is gone
 
 
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_link_left_in_the_output_dir_is_refused_never_written_through(tmp_path, capsys, name):
+    # Another user's link in a shared folder: the run truncated .lock's target and appended its epochs to metrics'.
+    run_dir, victim = tmp_path / "shared", tmp_path / "victim"
+    run_dir.mkdir()
+    victim.write_text("keep me\n")
+    (run_dir / name).symlink_to(victim)
+    assert main(["trainer.device=cpu", "trainer.epochs=1", f"output_dir={run_dir}"]) == 2
+    assert f"{run_dir / name} is a symbolic link, which a run never writes through" in capsys.readouterr().err
+    assert victim.read_text() == "keep me\n" and sorted(path.name for path in run_dir.iterdir()) == [name]
+
+
 CLAIM_AND_WAIT = (
     "import sys, time; from pathlib import Path; from ddp_trainer.claim import FolderClaim; "
     "held = FolderClaim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)"
