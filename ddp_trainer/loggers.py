@@ -224,6 +224,7 @@ def is_number(value: Any) -> bool:
 
 def _epoch_of(line: str) -> float:
     try:
-        return json.loads(line).get("epoch", 0)
-    except json.JSONDecodeError:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
         return float("inf")  # a half-written last line from a crash: drop it
+    return record.get("epoch", 0) if isinstance(record, dict) else float("inf")  # no line of ours: dropped too

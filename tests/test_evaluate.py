@@ -266,11 +266,16 @@ def test_predict_on_image_files_matches_the_model_on_the_same_pixels(trained, tm
         assert line.split(": ")[1].startswith(f"{top} ({probabilities[top].item():.4f})")
 
 
-def test_predict_explains_an_unreadable_image(trained, tmp_path, capsys):
+def test_predict_explains_an_unreadable_image(trained, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--images", str(bad)]) == 2
     assert f"image {bad} cannot be read" in capsys.readouterr().err
+    bomb = tmp_path / "bomb.png"  # PIL refuses a huge size before decoding it, with an error that is no OSError
+    Image.new("L", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--images", str(bomb)]) == 2
+    assert f"image {bomb} cannot be read: Image size (4096 pixels) exceeds limit" in capsys.readouterr().err
 
 
 def test_a_checkpoint_saved_for_gpus_is_evaluated_and_predicted_on_this_cpu(trained, tmp_path, capsys):

@@ -298,7 +298,7 @@ def test_missing_logger_package_is_a_usage_error_naming_the_setting(tmp_path, mo
 
 
 def test_start_keeps_only_the_metrics_lines_of_completed_epochs(tmp_path):
-    lines = [json.dumps(record) for record in EPOCHS] + ['{"epoch": 3, "st']  # a line cut short by a crash
+    lines = [json.dumps(record) for record in EPOCHS] + ['{"epoch": 3, "st', "5"]  # cut short by a crash; not ours
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n"

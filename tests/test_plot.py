@@ -107,6 +107,7 @@ def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys)
         ([], "has no epoch lines"),
         (['{"note": "no epoch"}'], "has no epoch lines"),
         ([json.dumps(RECORDS[0]), '{"epoch": 2, "train'], "line 2 is not valid JSON"),
+        (["[" * 100_000 + "]" * 100_000], "line 1 is not valid JSON"),  # a RecursionError traceback, before
         ([json.dumps(RECORDS[0]), '{"epoch": 2, "train/loss": {"a": 1}}'], "line 2: train/loss is {'a': 1}, not a"),
         (['{"epoch": "one", "val/loss": 0.5}'], "line 1: epoch is 'one', not a number"),
     ],

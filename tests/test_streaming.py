@@ -162,9 +162,15 @@ def test_a_broken_npz_shard_or_index_is_named_in_one_line(tmp_path):
         said = f"^{tmp_path / name}: not an .npz shard with arrays 'x' and 'y' .{reason}"
         with pytest.raises(UsageError, match=said):
             NpzShards([tmp_path / name], input_shape=None, **options)
-    (tmp_path / "index.json").write_text('{"format": "npz", "shards": [')
-    with pytest.raises(UsageError, match=f"^{tmp_path / 'index.json'} is not valid JSON"):
-        read_index(tmp_path)
+    for text in ('{"format": "npz", "shards": [', "[" * 100_000):  # the second: a RecursionError traceback, before
+        (tmp_path / "index.json").write_text(text)
+        with pytest.raises(UsageError, match=f"^{tmp_path / 'index.json'} is not valid JSON"):
+            read_index(tmp_path)
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    with pytest.raises(UsageError, match=r"deep.jsonl:1: not a record with fields 'x' and 'y' \(RecursionError"):
+        JsonlShards(
+            [tmp_path / "deep.jsonl"], input_field="x", label_field="y", input_shape=None, **options
+        ).load_shard(tmp_path / "deep.jsonl")
 
 
 FORMATS = "expected jsonl or npz, or none for shards of one format"

@@ -39,8 +39,8 @@ def read_epochs(file: Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{file} line {number} is not valid JSON: {error.msg}") from error
+        except (json.JSONDecodeError, RecursionError) as error:  # a line nested past the parser's depth, too
+            raise UsageError(f"{file} line {number} is not valid JSON: {getattr(error, 'msg', error)}") from None
         if isinstance(record, dict) and "epoch" in record:
             _check_numbers(record, f"{file} line {number}")
             records.append(record)

@@ -66,7 +66,7 @@ def image_preprocessing(val_set: Dataset, input_shape: tuple[int, ...]) -> Calla
         try:
             with Image.open(path) as image:
                 converted = image.convert("L" if channels == 1 else "RGB").resize((width, height))
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:  # a bomb's size is refused
             raise UsageError(f"image {path} cannot be read: {error}") from error
         return transform(converted)
 

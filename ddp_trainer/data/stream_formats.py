@@ -48,7 +48,7 @@ class JsonlShards(ShardedIterableDataset):
                     if shape:
                         inputs = inputs.reshape(_fitting(shape, tuple(inputs.shape), f"{path}:{number}"))
                     samples.append((inputs, torch.as_tensor(int(label))))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
                     raise UsageError(
                         f"{path}:{number}: not a record with fields {self.input_field!r} and "
                         f"{self.label_field!r} ({type(error).__name__}: {error})"
@@ -100,7 +100,7 @@ def read_index(folder: Path) -> dict[str, Any]:
     if index_file.is_file():
         try:
             return _checked_index(json.loads(index_file.read_text()), index_file)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:  # nested past the parser's depth: made to fail
             raise UsageError(f"{index_file} is not valid JSON: {error}") from None
     files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
     if not files:
