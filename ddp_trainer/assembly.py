@@ -128,7 +128,10 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
     rng_states = state.get("rng") or []
     if len(rng_states) == env.world_size:
-        rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
+        try:
+            rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
+        except (TypeError, ValueError, KeyError, IndexError) as error:  # a file made by hand, not by a save
+            raise UsageError(f"checkpoint {path} holds RNG states no run could restore ({first_line(error)})") from None
     else:  # fresh streams, the step mixed in: the start's seeds alone would replay the run's first dropout masks
         rng.seed_everything(cfg.seed + env.rank + 1_000_003 * parts.progress.step)
         logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")

@@ -57,6 +57,13 @@ class UnreadableCheckpoint(UsageError):
 SHARDED_STATE, SHARDED_METADATA = "state.pt", ".metadata"
 SHARDED_KEYS = {"epoch": int, "step": int, "config": dict}  # what every checkpoint holds, and of which type
 FILE_KEYS = {"model": dict, "optimizer": dict, **SHARDED_KEYS}
+NUMBER, TEXT, LIST, MAP = (int, float, type(None)), (str, type(None)), (list, type(None)), (dict, type(None))
+# Keys a checkpoint may hold, of these types: a crafted value is named here, not met in a traceback far from here.
+OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": int, "world_size": int, "epochs_without_improvement": int}
+OPTIONAL_KEYS |= {"best_metric": NUMBER, "part_epoch_best": NUMBER, "last_lr": NUMBER, "wandb_run_id": TEXT}
+OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
+OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP}
+SECTIONS = ("model", "data", "trainer")  # of the config, each a mapping
 # What DCP pickles into `.metadata` (torch 2.4-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
 METADATA_GLOBALS = {
     ("torch", "Size"),
@@ -172,16 +179,17 @@ def read_state(path: Path) -> dict[str, Any]:
     file, required = (path / SHARDED_STATE, SHARDED_KEYS) if path.is_dir() else (path, FILE_KEYS)
     state = _read(file, lambda opened: torch.load(opened, map_location="cpu", weights_only=True))
     if not isinstance(state, dict):
-        raise UnreadableCheckpoint(
-            f"checkpoint {file} is not a ddp-trainer checkpoint (holds a {type(state).__name__})"
-        )
+        raise UnreadableCheckpoint(f"checkpoint {file} is not a ddp-trainer checkpoint (a {type(state).__name__})")
     missing = [key for key in required if key not in state]
     if missing:
         raise UnreadableCheckpoint(f"checkpoint {file} is not a ddp-trainer checkpoint (missing {', '.join(missing)})")
-    wrong = next((key for key, kind in required.items() if not isinstance(state[key], kind)), None)
+    config = state["config"] if isinstance(state["config"], dict) else {}
+    values = {**state, **{f"config.{key}": config[key] for key in SECTIONS if key in config}}
+    kinds = {**OPTIONAL_KEYS, **required, **dict.fromkeys(map("config.{}".format, SECTIONS), dict)}
+    wrong = next((key for key, kind in kinds.items() if key in values and not isinstance(values[key], kind)), None)
     if wrong is not None:  # a file made by hand: its config read as keys would fail far from here
         raise UnreadableCheckpoint(
-            f"checkpoint {file} is not a ddp-trainer checkpoint ({wrong} is {state[wrong]!r:.40})"
+            f"checkpoint {file} is not a ddp-trainer checkpoint ({wrong} is {values[wrong]!r:.40})"
         )
     return state
 

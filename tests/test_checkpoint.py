@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -86,6 +87,16 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
     torch.save({**minimal_state(1.0), "config": "notadict"}, path)  # resume failed with AttributeError at its keys
     with pytest.raises(UsageError, match=r"not a ddp-trainer checkpoint \(config is 'notadict'\)$"):
         checkpoint.load(path)
+    # Crafted fields failed far from here, in tracebacks: the resume check, the RNG, the monitor, the progress.
+    for crafted, said in (
+        ({"config": {"trainer": "oops"}}, "config.trainer is 'oops'"),
+        ({"rng": "x"}, "rng is 'x'"),
+        ({"best_metric": "x"}, "best_metric is 'x'"),
+        ({"batch_in_epoch": "x"}, "batch_in_epoch is 'x'"),
+    ):
+        torch.save({**minimal_state(1.0), **crafted}, path)
+        with pytest.raises(UsageError, match=f"not a ddp-trainer checkpoint \\({re.escape(said)}\\)$"):
+            checkpoint.load(path)
 
 
 def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):

@@ -443,3 +443,16 @@ def test_a_resume_that_cannot_restore_the_rng_streams_does_not_replay_the_first_
     assert "holds RNG streams of 2 ranks, not 1: reseeded" in capsys.readouterr().out
     assert len(states) == len(first) == 45
     assert not any(torch.equal(again, drawn) for again, drawn in zip(states, first, strict=True))
+
+
+def test_rng_states_made_by_hand_are_refused_in_one_line(tmp_path, capsys):
+    # A list of the right length whose entries are no RNG states raised ValueError inside rng.restore.
+    args = [*DIGITS, "trainer.epochs=1", "model.hidden_sizes=[16]"]
+    assert main([*args, f"output_dir={tmp_path / 'first'}"]) == 0
+    crafted = tmp_path / "crafted.pt"
+    torch.save({**checkpoint.load(tmp_path / "first" / "checkpoints" / "last.pt"), "rng": [{"python": "x"}]}, crafted)
+    capsys.readouterr()
+    resumed = [*args, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]", f"trainer.resume={crafted}"]
+    resumed.append(f"output_dir={tmp_path / 'second'}")
+    assert main(resumed) == 2
+    assert f"checkpoint {crafted} holds RNG states no run could restore (" in capsys.readouterr().err
