@@ -108,6 +108,10 @@ def test_missing_run_gives_one_error_line_naming_it_and_exit_2(tmp_path, capsys)
         (['{"note": "no epoch"}'], "has no epoch lines"),
         ([json.dumps(RECORDS[0]), '{"epoch": 2, "train'], "line 2 is not valid JSON"),
         (["[" * 100_000 + "]" * 100_000], "line 1 is not valid JSON"),  # a RecursionError traceback, before
+        (
+            ['{"epoch": 1, "train/loss": 1e308}', '{"epoch": 2, "train/loss": -1e308}'],
+            "line 1: train/loss is 1e+308, too",
+        ),
         ([json.dumps(RECORDS[0]), '{"epoch": 2, "train/loss": {"a": 1}}'], "line 2: train/loss is {'a': 1}, not a"),
         (['{"epoch": "one", "val/loss": 0.5}'], "line 1: epoch is 'one', not a number"),
     ],
@@ -125,3 +129,9 @@ def test_importing_the_plot_command_does_not_load_matplotlib():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_file_naming_thousands_of_metrics_is_refused_not_drawn_for_minutes(tmp_path, capsys):
+    write_metrics(tmp_path / "run", [json.dumps({"epoch": 1, **{f"train/m{index}": 1.0 for index in range(3000)}})])
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 2
+    assert "the file names 3001 metrics, more than the 24 panels plot draws" in capsys.readouterr().err

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val")
 NOT_PLOTTED = ("samples", "skipped_steps", "grad_norm")  # counts and diagnostics, not curves to compare
+MAX_PANELS = 24  # a run's tasks report a few metrics; thousands of panels would take minutes and gigabytes
 
 
 def metrics_file(path: Path) -> Path:
@@ -54,6 +55,8 @@ def _check_numbers(record: dict[str, Any], where: str) -> None:
     for key in (key for key in record if key == "epoch" or key.partition("/")[0] in SPLITS):
         if record[key] is not None and not is_number(record[key]):
             raise UsageError(f"{where}: {key} is {record[key]!r}, not a number")
+        if is_number(record[key]) and 1e300 < abs(record[key]) < float("inf"):  # matplotlib's ticks overflow
+            raise UsageError(f"{where}: {key} is {record[key]!r}, too large to draw")
 
 
 def epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -81,6 +84,8 @@ def plot_metrics(records: Sequence[dict[str, Any]], title: str = "") -> Figure:
 
     # A bare Figure on the Agg canvas: no pyplot state, no display needed on a cluster node.
     names = panels(records)
+    if len(names) > MAX_PANELS:
+        raise UsageError(f"the file names {len(names)} metrics, more than the {MAX_PANELS} panels plot draws")
     figure = Figure(figsize=(5 * len(names), 4), layout="constrained")
     FigureCanvasAgg(figure)
     for axes, panel in zip(figure.subplots(1, len(names), squeeze=False)[0], names, strict=True):
