@@ -195,6 +195,11 @@ ONE_SHARD = {"shards": [{"file": "a.npz"}]}
         ({**ONE_SHARD, "input_shape": "8x8"}, "\"input_shape\" is '8x8', not a list of positive sizes"),
         ({**ONE_SHARD, "input_shape": [8, 0]}, '"input_shape" is [8, 0], not a list of positive sizes'),
         ({**ONE_SHARD, "classes": "abc"}, "\"classes\" is 'abc', not a list of names"),
+        (
+            {"shards": [{"file": "../outside.jsonl"}]},
+            "\"file\" '../outside.jsonl' is not the name of a file in this folder",
+        ),
+        ({"shards": [{"file": "/etc/x.npz"}]}, "\"file\" '/etc/x.npz' is not the name of a file in this folder"),
     ],
     ids=[
         "a-list",
@@ -206,6 +211,8 @@ ONE_SHARD = {"shards": [{"file": "a.npz"}]}
         "shape-text",
         "shape-zero",
         "classes-text",
+        "file-above",
+        "file-absolute",
     ],
 )
 def test_an_index_that_would_misread_the_shards_is_named_in_one_line(tmp_path, index, problem):

@@ -126,6 +126,8 @@ def _checked_index(index: Any, index_file: Path) -> dict[str, Any]:
     ):
         raise refuse('expected an object whose "shards" lists objects with a "file" name')
     for entry in shards:
+        if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):  # `../x`, `/etc/x`
+            raise refuse(f'"file" {entry["file"]!r} is not the name of a file in this folder')
         records = entry.get("records", 0)
         if not is_count(records) or records < 0:
             raise refuse(f'"records" of {entry["file"]} is {records!r}, not a count')
