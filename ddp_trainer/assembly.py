@@ -126,15 +126,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     parts.monitor.load_state_dict(state)
     if path.resolve().parent != (Path(cfg.output_dir) / "checkpoints").resolve():
         parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
-    rng_states = state.get("rng") or []
-    if len(rng_states) == env.world_size:
-        try:
-            rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
-        except (TypeError, ValueError, KeyError, IndexError) as error:  # a file made by hand, not by a save
-            raise UsageError(f"checkpoint {path} holds RNG states no run could restore ({first_line(error)})") from None
-    else:  # fresh streams, the step mixed in: the start's seeds alone would replay the run's first dropout masks
-        rng.seed_everything(cfg.seed + env.rank + 1_000_003 * parts.progress.step)
-        logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
+    _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
     progress = parts.progress
     logger.info(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
     if progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step:
@@ -142,3 +134,16 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
             f"this run is finished ({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}): nothing "
             "to train; to train again, use another output_dir"
         )
+
+
+def _restore_streams(rng_states: list[Any], path: Path, fresh_seed: int, env: DistEnv, logger: RunLogger) -> None:
+    """This rank's RNG streams from the checkpoint; saved at another world size, fresh ones from `fresh_seed`."""
+    if len(rng_states) != env.world_size:
+        # Fresh streams, the step mixed in: the start's seeds alone would replay the run's first dropout masks.
+        rng.seed_everything(fresh_seed)
+        logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
+        return
+    try:
+        rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
+    except (TypeError, ValueError, KeyError, IndexError) as error:  # a file made by hand, not by a save
+        raise UsageError(f"checkpoint {path} holds RNG states no run could restore ({first_line(error)})") from None
