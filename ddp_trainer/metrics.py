@@ -108,8 +108,10 @@ class StepLedger:
         if self.share_with is not None:  # a step any rank flagged is skipped on every rank, and counted once
             all_reduce_sum(self.flags[:count], self.share_with).clamp_(max=1.0)
         kept = (self.flags[:count] == 0).view(-1, 1)
+        rows = self._rows()
         # float64 first: where() would round a task's integer sums (pixel counts) through float32 beyond 2**24.
-        columns = [torch.where(kept, self._rows().double(), 0.0), torch.where(kept, 0.0, weight)]
+        rows = rows if rows.dtype == torch.float64 else rows.double()  # no op where they are: every op counts
+        columns = [torch.where(kept, rows, 0.0), torch.where(kept, 0.0, weight)]
         if self.measures_norms:  # fp16's overflowed norms stay out of the mean
             norms = torch.stack(self.norms).view(-1, 1)
             measured = torch.isfinite(norms)
