@@ -75,7 +75,14 @@ def test_batchnorm_statistics_of_rank_0_are_the_ones_evaluated(tmp_path):
     result = run_ranks([*BLOBS_OWN_MODEL, *model, f"output_dir={tmp_path / 'run'}"])
     assert result.returncode == 0, result.stderr
     reported = read_metrics(tmp_path / "run")[-1]
-    spawn(1, evaluate_checkpoint, str(tmp_path / "run" / "checkpoints" / "last.pt"), [], str(tmp_path / "one.json"))
+    factories_named = [BLOBS_OWN_MODEL[0], model[0]]  # evaluate calls a checkpoint's factories once named again
+    spawn(
+        1,
+        evaluate_checkpoint,
+        str(tmp_path / "run" / "checkpoints" / "last.pt"),
+        factories_named,
+        str(tmp_path / "one.json"),
+    )
     alone = json.loads((tmp_path / "one.json").read_text())["metrics"]
     assert alone["val/loss"] == pytest.approx(reported["val/loss"], abs=1e-6)
 
@@ -397,7 +404,7 @@ def test_fsdp_run_killed_mid_save_resumes_bitwise_and_continues_at_another_world
     resumed = run_ranks(killed_args)
     assert resumed.returncode == 0, resumed.stderr
     assert "a checkpoint write that a crash interrupted" in resumed.stdout
-    assert f"resumed from {folder / 'last'}: epoch 0, step 2" in resumed.stdout
+    assert f"resumed from {folder / 'step-00000002'}: epoch 0, step 2" in resumed.stdout  # the folder `last` named
     straight, final = (checkpoint.load(tmp_path / name / "checkpoints" / "last") for name in ("straight", "killed"))
     assert straight["step"] == final["step"] == 12
     for name, weight in straight["model"].items():

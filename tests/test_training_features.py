@@ -107,6 +107,7 @@ def test_channels_last_puts_weights_and_inputs_in_nhwc(tmp_path, channels_last):
     last, predictions = str(tmp_path / "checkpoints" / "last.pt"), str(tmp_path / "predictions.csv")
     predict = ["predict", "--checkpoint", last, "--split", "val", "--output", predictions]
     for command in (["evaluate", "--checkpoint", last], predict):
+        command.append("model._target_=factories.ProbeNet")  # a checkpoint's factory runs once named again
         calls = probe_calls(command)
         assert {(call["channels_last_input"], call["channels_last_weight"]) for call in calls} == {(channels_last,) * 2}
 
