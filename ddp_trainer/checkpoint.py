@@ -322,7 +322,8 @@ def load_for_resume(
             )
         return None
     if not held:
-        return None if resume == "auto" else (read_state(pinned(Path(resume))), pinned(Path(resume)))
+        named = None if resume == "auto" else pinned(Path(resume))  # resolved once: state and shards from one folder
+        return None if named is None else (read_state(named), named)
     if not saved:
         raise UsageError(
             f"{directory} holds {held[0].name} but no last or step checkpoint to continue from; to train on from it, "
@@ -359,7 +360,8 @@ def _newest_readable(
             problems.append(unreadable[path.resolve()])
             continue
         try:
-            return read_state(pinned(path)), pinned(path)
+            folder = pinned(path)  # resolved once: its state and shards come from the same save
+            return read_state(folder), folder
         except UnreadableCheckpoint as error:
             problems.append(str(error))
             report(f"{error}; trying an older checkpoint")
