@@ -146,7 +146,7 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
     except dist.DistNetworkError as error:
         if "EADDRINUSE" not in str(error):
             raise
-        raise UsageError(  # srun's port comes from the job id: two jobs on a node may draw the same one
+        raise UsageError(  # srun's port comes from the job and step ids: two jobs on a node may draw the same one
             f"the rendezvous port {launch.master_port} on {launch.master_addr} is in use (another job?): set "
             f"MASTER_PORT to a free port ({first_line(error)})"
         ) from None
