@@ -92,10 +92,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         stop.watch(signal.SIGTERM)
         claim = _claim(Path(cfg.output_dir), env)  # before anything in it is read or written
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
-        if array_task is not None:
-            logger.info(f"SLURM array task {array_task}: output_dir {cfg.output_dir}")
-        if not stop.active:
-            logger.info("not in the main thread: SIGTERM and SLURM's USR2 are not caught, so no checkpoint on them")
+        _announce(logger, array_task, cfg.output_dir, stop.active)
         bundle, parts = _assemble(cfg, env, build, task, logger)
         with _naming_unused_parameters():
             exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
@@ -112,6 +109,14 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         stop.restore()
         rng.restore(caller_streams)
     return exit_code, record if finished else {}
+
+
+def _announce(logger: RunLogger, array_task: int | None, output_dir: str, catching: bool) -> None:
+    """Tell what a user may not expect of this run: the array task's folder, and signals that are not caught."""
+    if array_task is not None:
+        logger.info(f"SLURM array task {array_task}: output_dir {output_dir}")
+    if not catching:
+        logger.info("not in the main thread: SIGTERM and SLURM's USR2 are not caught, so no checkpoint on them")
 
 
 def _claim(output_dir: Path, env: DistEnv) -> FolderClaim | None:
