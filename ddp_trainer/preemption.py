@@ -20,14 +20,21 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from ddp_trainer.slurm import EarlyWarning
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+REPEAT_WINDOW_S = 1.0  # a signal sent again within it is the same stop, not a second one
 
 
 class StopSignals:
-    """Installs handlers that remember the first stop signal received; `restore()` puts the old ones back."""
+    """Installs handlers that remember the first stop signal received; `restore()` puts the old ones back.
+
+    A later signal is not waited for: the process ends on it at once, unless it is the same stop again (see
+    `_same_stop`).
+    """
 
     def __init__(self, signums: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
-        self.received: int = 0
+        self.received, self.noted_at = 0, 0.0
         # Python delivers signals to the main thread only, and only it may install handlers: a run in another thread
         # (a sweep's worker, a web app's) trains without them.
         self.active = threading.current_thread() is threading.main_thread()
@@ -36,17 +43,27 @@ class StopSignals:
             self.watch(signum)
 
     def watch(self, signum: signal.Signals) -> None:
-        """Note `signum` too from now on (restored with the others)."""
+        """Note `signum` too from now on (restored with the others); a warning noted while starting up counts."""
         if self.active and signum not in self._previous:
-            self._previous[signum] = signal.signal(signum, self._note)
+            self._previous[signum] = previous = signal.signal(signum, self._note)
+            if isinstance(previous, EarlyWarning) and not self.received:
+                self.received = previous.take()
+                self.noted_at = time.monotonic()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:
-            # A second signal is not waited for (a rank stuck in a collective never reaches the next step).
+        now = time.monotonic()
+        if self.received and not self._same_stop(signum, now):
+            # Someone insists: not waited for (a rank stuck in a collective never reaches the next step).
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        # Only a flag: saving here could interrupt a collective half-way. The trainer acts after the step.
-        self.received = signum
+        if not self.received:
+            # Only a flag: saving here could interrupt a collective half-way. The trainer acts after the step.
+            self.received, self.noted_at = signum, now
+
+    def _same_stop(self, signum: int, now: float) -> bool:
+        # At the time limit slurmd sends SIGTERM, SIGCONT, SIGTERM within milliseconds: one stop, which must still
+        # checkpoint. A repeated USR2 is only the warning again (`scancel --full` reaches the relay and the ranks).
+        return signum == signal.SIGUSR2 or (signum == self.received and now - self.noted_at < REPEAT_WINDOW_S)
 
     def restore(self) -> None:
         """Reinstall the handlers that were there before."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import re
+import signal
 import subprocess
+import threading
 from collections.abc import Mapping
+from types import FrameType
 
 from ddp_trainer.errors import UsageError
 
@@ -77,3 +80,26 @@ def requeue(environ: Mapping[str, str]) -> tuple[bool, str]:
     if result.returncode != 0:
         return False, f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
     return True, f"SLURM job {job_id} requeued"
+
+
+class EarlyWarning:
+    """A USR2 handler for a command's first seconds (its imports): SLURM's warning is noted there, never fatal."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def take(self) -> int:
+        """The warning noted so far (0: none), forgotten here: the run that takes it acts on it once."""
+        received, self.received = self.received, 0
+        return received
+
+
+def note_early_warnings() -> None:
+    """Note SLURM's USR2 from now on; a StopSignals installed later takes a warning noted before it."""
+    # A warning may come while torch is still importing (SLURM sends it up to a minute early), where USR2's default
+    # action would kill the rank: a FAILED job, never requeued. Only the main thread may install handlers.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR2, EarlyWarning())

@@ -107,7 +107,8 @@ class Trainer:
             self.saver.close()  # the stop's checkpoint is on disk before the job exits or is requeued
             warned, requeue = stop.signum == signal.SIGUSR2, self.cfg.trainer.requeue  # only SLURM's warning requeues
             why = f"trainer.requeue={requeue}" if warned else f"{stop} is not SLURM's USR2 warning"
-            requeued, outcome = requeue_slurm_job(self.env) if warned and requeue else (False, f"not requeued ({why})")
+            skipped = (False, f"not requeued by this run ({why})")  # a user's `scontrol requeue` sends SIGTERM too
+            requeued, outcome = requeue_slurm_job(self.env) if warned and requeue else skipped
             # Requeued by SLURM, the job goes on later: a success. Otherwise the shell's 128 + signal convention.
             exit_code = 0 if requeued else 128 + stop.signum
             saved, step = self.checkpoint_dir / self.saver.LAST, self.progress.step

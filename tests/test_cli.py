@@ -88,6 +88,18 @@ def run_with_terminal_stderr(args: list[str]) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def test_a_python_without_torch_is_one_line_naming_it_not_a_traceback():
+    # A batch script's PYTHON that finds ddp_trainer (srun's working directory) but not its dependencies: -S leaves
+    # site-packages, and torch with them, out.
+    command = [sys.executable, "-S", "-m", "ddp_trainer.train", "--config", "configs/digits_mlp.yaml"]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), cwd=REPO_DIR, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"ddp-train: error: {sys.executable} cannot import torch: run the Python that has ddp-trainer's dependencies "
+        "(the sbatch scripts take it from PYTHON, e.g. PYTHON=.venv/bin/python)\n"
+    )
+
+
 def test_progress_bar_is_drawn_on_a_terminal_and_not_in_logs(tmp_path):
     args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=2", "trainer.device=cpu"]
     drawn = run_with_terminal_stderr([*args, f"output_dir={tmp_path / 'tty'}"])

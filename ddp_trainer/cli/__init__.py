@@ -7,6 +7,12 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from ddp_trainer.slurm import note_early_warnings
+
+# Importing this package starts a command: from here on a rank or agent that SLURM warns (USR2) while torch still
+# imports notes it for the run, instead of dying of USR2's default action.
+note_early_warnings()
+
 
 def exit_after(main: Callable[[], int]) -> NoReturn:
     """Run a command's `main` as the program and exit with its code, skipping the final garbage collection."""
