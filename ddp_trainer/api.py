@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
-from ddp_trainer.claim import FolderClaim
+from ddp_trainer.claim import FolderClaim, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -90,7 +90,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
-        claim = _claim(Path(cfg.output_dir), env)  # before anything in it is read or written
+        claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
         _announce(logger, array_task, cfg.output_dir, stop.active)
         bundle, parts = _assemble(cfg, env, build, task, logger)
@@ -120,22 +120,8 @@ def _announce(logger: RunLogger, array_task: int | None, output_dir: str, catchi
 
 
 def _claim(output_dir: Path, env: DistEnv) -> FolderClaim | None:
-    """Rank 0's hold on output_dir; a folder in use is refused on every rank in its words, not as a rank 0 gone."""
-    claim = refusal = None
-    if env.is_main:
-        try:
-            claim = FolderClaim(output_dir)
-        except UsageError as error:
-            refusal = str(error)
-    try:
-        refusal = distributed.broadcast_object(refusal, env)
-    except BaseException:
-        if claim is not None:
-            claim.release()
-        raise
-    if refusal is not None:
-        raise UsageError(refusal)
-    return claim
+    """Rank 0's hold on output_dir, before anything in it is read or written; None on the other ranks."""
+    return FolderClaim(output_dir) if env.is_main else None
 
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:

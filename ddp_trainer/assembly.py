@@ -39,6 +39,8 @@ class Parts:
     progress: Progress
     steps_per_epoch: int | None  # None: a stream of unknown length
     data_sizes: list[int | None]  # train and validation samples (None: a stream's), checked on resume
+    # False once resumed from another folder's checkpoint: this folder's metrics lines and events are not its history.
+    history_here: bool = True
 
 
 def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
@@ -126,9 +128,10 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     parts.monitor.load_state_dict(state)
     if path.resolve().parent != (Path(cfg.output_dir) / "checkpoints").resolve():
         parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
+        parts.history_here = False
     _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
     progress = parts.progress
-    logger.info(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
+    logger.info(f"resumed from {path}: step {progress.step}, epochs done: {progress.epoch}")
     if progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step:
         logger.info(
             f"this run is finished ({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}): nothing "

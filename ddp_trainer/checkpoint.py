@@ -62,7 +62,7 @@ NUMBER, TEXT, LIST, MAP = (int, float, type(None)), (str, type(None)), (list, ty
 OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": int, "world_size": int, "epochs_without_improvement": int}
 OPTIONAL_KEYS |= {"best_metric": NUMBER, "part_epoch_best": NUMBER, "last_lr": NUMBER, "wandb_run_id": TEXT}
 OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
-OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP}
+OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP, "epoch_train_s": NUMBER}
 SECTIONS = ("model", "data", "trainer")  # of the config, each a mapping
 # What DCP pickles into `.metadata` (torch 2.4-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
 METADATA_GLOBALS = {

@@ -1,4 +1,7 @@
-"""Rank 0's hold on a run's output_dir: a second run into the same folder is refused, not mixed in with the first."""
+"""Rank 0's hold on a run's output_dir: a second run into the same folder is refused, not mixed in with the first.
+
+Also: what rank 0 alone does in that folder (the claim, the loggers it opens) refused on every rank alike.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
+from ddp_trainer.distributed import DistEnv, broadcast_object
 from ddp_trainer.errors import UsageError, say
+
+Result = TypeVar("Result")
 
 LOCK_NAME = ".lock"
 WAIT_S = 30.0  # long enough for a run that was told to stop (a killed launcher's ranks) to save and end
@@ -91,3 +98,29 @@ class FolderClaim:
             if self.created:
                 self.folder.rmdir()
         self.handle.close()
+
+
+def refused_on_every_rank(
+    env: DistEnv, action: Callable[[], Result], undo: Callable[[Result], None] | None = None
+) -> Result:
+    """Run `action` on this rank; a UsageError it raises on rank 0 is raised on every rank, in rank 0's words.
+
+    Otherwise the other ranks would wait for rank 0 at their next collective and end saying it stopped answering.
+    `undo` takes rank 0's result back should the broadcast itself fail (a peer already gone).
+    """
+    result = refusal = None
+    try:
+        result = action()
+    except UsageError as error:
+        if not (env.is_main and env.distributed):
+            raise
+        refusal = str(error)
+    try:
+        refusal = broadcast_object(refusal, env)
+    except BaseException:
+        if undo is not None and result is not None:
+            undo(result)
+        raise
+    if refusal is not None:
+        raise UsageError(refusal)
+    return result

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ddp_trainer import atomic
 from ddp_trainer.config import LoggingConfig
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -58,7 +58,10 @@ class RunLogger:
     def start(
         self, config_yaml: str, completed_epochs: int, wandb_run_id: str | None = None, resumed_step: int = 0
     ) -> None:
-        """Write config.yaml, keep only metrics lines the resumed checkpoint holds, open the enabled loggers."""
+        """Write config.yaml, keep only the history the resumed checkpoint holds, open the enabled loggers.
+
+        `completed_epochs` and `resumed_step` are that history's (0 and 0: none); its W&B run, if any, is continued.
+        """
         # Kept even while W&B is off, so a checkpoint still names the run should a later resume turn it back on.
         self.wandb_run_id = wandb_run_id
         if not self.is_main:
@@ -69,31 +72,44 @@ class RunLogger:
             atomic.write_atomic(self.output_dir / "config.yaml", lambda file: file.write(config_yaml.encode()))
         except OSError as error:  # a folder the up-front check cannot judge: /proc, a read-only mount, a full disk
             raise UsageError(f"output_dir={self.output_dir} cannot be written: {error.strerror or error}") from None
-        if self.metrics_path.exists():
-            # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
-            text = self.metrics_path.read_text()
-            kept = "".join(line + "\n" for line in text.splitlines() if _epoch_of(line) <= completed_epochs)
-            if kept != text:
-                atomic.write_atomic(self.metrics_path, lambda file: file.write(kept.encode()))
+        # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are dropped:
+        # the run redoes those steps. So are those of a line dropped below (an epoch stopped part-way, now finished).
+        purge_step = min(resumed_step + 1, self._keep_lines(completed_epochs))
         if self.logging_cfg.tensorboard:
             tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
-            # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are dropped:
-            # the run redoes those steps.
-            self.tensorboard = tensorboard.SummaryWriter(
-                str(self.output_dir / "tensorboard"), purge_step=resumed_step + 1
-            )
+            self.tensorboard = tensorboard.SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
         if self.logging_cfg.wandb.mode != "disabled":
             self.wandb_run = self._start_wandb(wandb_run_id)
             self.wandb_run_id = self.wandb_run.id
+
+    def _keep_lines(self, completed_epochs: int) -> int | float:
+        """Drop the metrics lines of epochs after `completed_epochs`; the first dropped line's step (inf: none)."""
+        if not self.metrics_path.exists():
+            return float("inf")
+        # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
+        text = self.metrics_path.read_text()
+        kept = "".join(line + "\n" for line in text.splitlines() if _epoch_of(line) <= completed_epochs)
+        if kept != text:  # also a last line the crash cut before its newline: the next line must not join it
+            atomic.write_atomic(self.metrics_path, lambda file: file.write(kept.encode()))
+        dropped = (line for line in text.splitlines() if _epoch_of(line) > completed_epochs)
+        return min(map(_step_of, dropped), default=float("inf"))
 
     def _start_wandb(self, run_id: str | None) -> Run:
         settings = self.logging_cfg.wandb
         wandb = _import_optional("wandb", f"logging.wandb.mode={settings.mode}")
         # resume="allow" with the checkpoint's id: a resumed or requeued job appends to the same run;
         # without an id W&B makes a fresh one (or takes WANDB_RUN_ID).
-        run = wandb.init(  # logging.wandb's keys (mode, project, name, entity) are wandb.init's
-            **dataclasses.asdict(settings), dir=str(self.output_dir), config=self.run_config, id=run_id, resume="allow"
-        )
+        try:
+            run = wandb.init(  # logging.wandb's keys (mode, project, name, entity) are wandb.init's
+                **dataclasses.asdict(settings),
+                dir=str(self.output_dir),
+                config=self.run_config,
+                id=run_id,
+                resume="allow",
+            )
+        except wandb.errors.Error as error:  # a project name it refuses; online without a login
+            given = ", ".join(f"{key}={value!r}" for key, value in dataclasses.asdict(settings).items() if value)
+            raise UsageError(f"logging.wandb ({given}): W&B refused to start: {first_line(error)}") from None
         # W&B's own step counts log calls; plotting against ours keeps a resumed run's points in place.
         run.define_metric(STEP_KEY)
         run.define_metric("*", step_metric=STEP_KEY)
@@ -222,9 +238,20 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _epoch_of(line: str) -> float:
+def _record(line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, RecursionError):
-        return float("inf")  # a half-written last line from a crash: drop it
-    return record.get("epoch", 0) if isinstance(record, dict) else float("inf")  # no line of ours: dropped too
+        return None  # a half-written last line from a crash
+    return record if isinstance(record, dict) else None  # no line of ours
+
+
+def _epoch_of(line: str) -> float:
+    record = _record(line)
+    epoch = None if record is None else record.get("epoch", 0)
+    return epoch if is_number(epoch) else float("inf")  # a cut line, or one not of ours, is dropped
+
+
+def _step_of(line: str) -> float:
+    step = (_record(line) or {}).get(STEP_KEY)
+    return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")  # no step: purges nothing

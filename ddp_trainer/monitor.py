@@ -45,6 +45,13 @@ class Monitor:
         """Whether `patience` whole epochs passed without an improvement (never, with patience 0)."""
         return 0 < self.patience <= self.stale_epochs
 
+    def why_stop(self) -> str:
+        """Why `should_stop`, in words."""
+        return (
+            f"{self.name} has not improved by more than {self.min_delta} for {self.stale_epochs} epochs "
+            f"({self.describe()})"
+        )
+
     def describe(self) -> str:
         """The best value in words, for the run's last line."""
         if self.best is not None:

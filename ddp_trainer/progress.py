@@ -19,11 +19,12 @@ class Progress:
     wandb_run_id: str | None = None  # a requeued job continues the same wandb run
     last_lr: float | None = None  # the rate the last optimizer step took, which an epoch's line logs
     schedule_offset: int = 0  # steps beyond what the epochs done take at this world size (taken at another one)
+    epoch_train_s: float = 0.0  # seconds an unfinished epoch trained before its checkpoint: its time/train_s goes on
 
     def finish_epoch(self) -> None:
         """The epoch ran to its end: the next starts from its beginning."""
         self.epoch, self.batch_in_epoch, self.segment_batches = self.epoch + 1, 0, 0
-        self.partial_epoch_totals, self.data_position = None, None
+        self.partial_epoch_totals, self.data_position, self.epoch_train_s = None, None, 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The fields as top-level checkpoint keys (`epoch` and `step` among them, as the file format promises)."""

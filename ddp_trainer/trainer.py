@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import torch
 
 from ddp_trainer import distributed, rng
 from ddp_trainer.assembly import Parts
+from ddp_trainer.claim import refused_on_every_rank
 from ddp_trainer.config import Config, to_yaml
 from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, LaggedAgreement, PhaseTimeouts, barrier, gather_objects, requeue_slurm_job
@@ -59,10 +61,12 @@ class Trainer:
         self.model, self.train_model, self.ddp_model = parts.model, parts.train_model, parts.ddp_model
         self.optimizer, self.scheduler, self.precision = parts.optimizer, parts.scheduler, parts.precision
         self.monitor, self.progress, self.steps_per_epoch = parts.monitor, parts.progress, parts.steps_per_epoch
+        self.history_here = parts.history_here
         self.checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
         self.saver = build_saver(cfg, self.checkpoint_dir)
         self.parameters, self.accumulate = list(self.model.parameters()), cfg.trainer.accumulate_grad_batches
         self.reported_skips = self.first_skipped = 0
+        self.trained_before = self.epoch_started = 0.0  # see _trained_s; set as each epoch starts
         if self.progress.last_lr is None:  # a new run (or an older checkpoint): the rate its first step will take
             self.progress.last_lr = self.optimizer.param_groups[0]["lr"]
         self.measure, rows_of = training_measure(task, self.accumulate)
@@ -83,7 +87,9 @@ class Trainer:
     def fit(self) -> tuple[int, bool]:
         """Train until `trainer.epochs` (or `trainer.max_steps`): (exit code, whether it ran to its end)."""
         kept = self.progress.epoch + self._reached_max_steps()  # a run already at max_steps keeps its part epoch's line
-        self.logger.start(to_yaml(self.cfg), kept, self.progress.wandb_run_id, resumed_step=self.progress.step)
+        kept, step = (kept, self.progress.step) if self.history_here else (0, 0)
+        start = functools.partial(self.logger.start, to_yaml(self.cfg), kept, self.progress.wandb_run_id, step)
+        refused_on_every_rank(self.env, start)  # rank 0 alone opens the loggers: W&B may refuse its settings
         self.progress.wandb_run_id = self.logger.wandb_run_id  # in checkpoints: a requeued job continues the same run
         self.logger.info(self._describe())
         try:
@@ -121,9 +127,8 @@ class Trainer:
         for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
             if self._reached_max_steps() or self._should_stop_early():
                 break
-            started = time.perf_counter()
             train_totals, finished = self._train_epoch(epoch)
-            train_s = time.perf_counter() - started
+            train_s = self._trained_s()
             record = {
                 "epoch": epoch + 1,
                 "step": self.progress.step,
@@ -134,7 +139,7 @@ class Trainer:
                 **self.evaluate(),
                 "time/train_s": train_s,
             }
-            record["time/epoch_s"] = time.perf_counter() - started
+            record["time/epoch_s"] = self._trained_s()  # and validated
             self._end_epoch(record, finished, train_totals)
 
     def _start_epoch(self, epoch: int) -> MetricSums:
@@ -147,13 +152,18 @@ class Trainer:
         # One position per rank; a run on other ranks starts from rank 0's, which tells whether it fits.
         if positions and not order.resume(positions[self.env.rank if len(positions) == self.env.world_size else 0]):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this run: it restarts")
-            progress.batch_in_epoch, progress.partial_epoch_totals = 0, None
+            progress.batch_in_epoch, progress.partial_epoch_totals, progress.epoch_train_s = 0, None, 0.0
         if progress.partial_epoch_totals is not None:
             sums.add_global(progress.partial_epoch_totals, self.env)
             self.reported_skips = int(progress.partial_epoch_totals.get("skipped_steps", 0))  # reported before the stop
             self.first_skipped = int(progress.partial_epoch_totals.get("first_skipped_step", 0))
             progress.partial_epoch_totals = None
+        self.trained_before, self.epoch_started = progress.epoch_train_s, time.perf_counter()
         return sums
+
+    def _trained_s(self) -> float:
+        """Seconds the current epoch has run, over every run that trained part of it."""
+        return self.trained_before + time.perf_counter() - self.epoch_started
 
     def _feed(self) -> Iterator[MicroBatch]:
         if self.stream_feed is not None:
@@ -222,6 +232,7 @@ class Trainer:
         agreed = self.agreement.receive() if check else [0, 0]
         every = self.cfg.checkpoint.every_n_steps
         if agreed[SIGNAL] or agreed[SAVE_DUE] or (every and step % every == 0):
+            self.progress.epoch_train_s = self._trained_s()
             self._save(("last",), partial_totals=self._reduce(sums))
         if agreed[SIGNAL]:
             raise Stopped(agreed[SIGNAL])
@@ -277,19 +288,17 @@ class Trainer:
         return 0 < self.cfg.trainer.max_steps <= self.progress.step
 
     def _should_stop_early(self) -> bool:
-        if not self.monitor.should_stop():
-            return False
-        self.logger.info(
-            f"early stopping after epoch {self.progress.epoch}: {self.monitor.name} has not improved by more than "
-            f"{self.monitor.min_delta} for {self.monitor.stale_epochs} epochs ({self.monitor.describe()})"
-        )
-        return True
+        if self.monitor.should_stop():
+            self.logger.info(f"early stopping after epoch {self.progress.epoch}: {self.monitor.why_stop()}")
+        return self.monitor.should_stop()
 
     def _end_epoch(self, record: dict[str, Any], finished: bool, totals: dict[str, float]) -> None:
         self.timeouts.waiting_on_rank_zero()  # its log lines and checkpoint may take long on a slow disk
         self.logger.log_epoch(record, self.cfg.trainer.epochs)
         if finished:
             self.progress.finish_epoch()
+        else:
+            self.progress.epoch_train_s = record["time/train_s"]
         improved = self.monitor.update(record, whole_epoch=finished)
         # Stopped by max_steps mid-epoch: the partial epoch's global sums let a resumed run finish it exactly.
         self._save(("last", "best") if improved else ("last",), partial_totals=None if finished else totals)

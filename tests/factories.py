@@ -129,6 +129,20 @@ def small_net(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Modul
     return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
 
 
+class SlowNet(nn.Module):
+    """`small_net` whose training forward takes at least `delay_s`: an epoch long enough to time."""
+
+    def __init__(self, delay_s: float, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.net, self.delay_s = small_net(features, classes=classes), delay_s
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Sleep when training, then classify."""
+        if self.training:
+            time.sleep(self.delay_s)
+        return self.net(inputs)
+
+
 def classifier(features: int = 8, num_classes: int = 3, dropout: float = 0.0) -> nn.Module:
     """A model factory whose parameters share their names with `model.num_classes` and `model.dropout`."""
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))

@@ -404,7 +404,7 @@ def test_fsdp_run_killed_mid_save_resumes_bitwise_and_continues_at_another_world
     resumed = run_ranks(killed_args)
     assert resumed.returncode == 0, resumed.stderr
     assert "a checkpoint write that a crash interrupted" in resumed.stdout
-    assert f"resumed from {folder / 'step-00000002'}: epoch 0, step 2" in resumed.stdout  # the folder `last` named
+    assert f"resumed from {folder / 'step-00000002'}: step 2, epochs done: 0" in resumed.stdout  # `last` named it
     straight, final = (checkpoint.load(tmp_path / name / "checkpoints" / "last") for name in ("straight", "killed"))
     assert straight["step"] == final["step"] == 12
     for name, weight in straight["model"].items():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import tqdm.std
-from conftest import REPO_DIR, cli_env
+from conftest import REPO_DIR, cli_command, cli_env
 
 from ddp_trainer import atomic
 from ddp_trainer.cli.train import main
@@ -67,20 +67,22 @@ def test_tensorboard_holds_epoch_values_at_their_step_and_running_values_under_s
 
 
 @pytest.mark.parametrize(
-    ("resumed_step", "running_loss", "val_loss"),
+    ("completed", "resumed_step", "running_loss", "val_loss"),
     [
-        (10, [(5, 2.0), (10, 1.5), (15, 1.0)], [(10, 1.75), (20, 1.25)]),  # resumed from epoch 1's checkpoint
-        (0, [(15, 1.0)], [(20, 1.25)]),  # no checkpoint yet: the run starts over, and so do its curves
+        (1, 10, [(5, 2.0), (10, 1.5), (15, 1.0)], [(10, 1.75), (20, 1.25)]),  # resumed from epoch 1's checkpoint
+        (0, 0, [(15, 1.0)], [(20, 1.25)]),  # no checkpoint yet: the run starts over, and so do its curves
+        # Stopped at max_steps=20 inside epoch 2, whose part-epoch line goes: so do its points, at the step resumed.
+        (1, 20, [(5, 2.0), (10, 1.5), (15, 1.0)], [(10, 1.75), (20, 1.25)]),
     ],
 )
 def test_tensorboard_of_a_restarted_run_drops_what_the_crashed_attempt_logged_after_the_checkpoint(
-    tmp_path, resumed_step, running_loss, val_loss
+    tmp_path, completed, resumed_step, running_loss, val_loss
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_run(RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=TENSORBOARD))  # crashed after step 20
     resumed = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=TENSORBOARD)
-    resumed.start("seed: 0\n", completed_epochs=resumed_step // 10, resumed_step=resumed_step)
+    resumed.start("seed: 0\n", completed_epochs=completed, resumed_step=resumed_step)
     resumed.show_running({"train/loss": 1.0, "train/accuracy": 0.6}, 15)
     resumed.log_epoch({**EPOCHS[1], "val/loss": 1.25}, epochs=2)
     resumed.finish()
@@ -324,6 +326,39 @@ def test_a_restart_never_truncates_metrics_in_place(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         RunLogger(tmp_path, is_main=True, progress_bar=False).start("seed: 0\n", completed_epochs=1)
     assert metrics.read_text() == before[1]  # every line, to be dropped by the next start
+
+
+def test_a_run_branched_into_a_folder_keeps_none_of_the_lines_a_crashed_attempt_left_there(tmp_path):
+    # The attempt's line is not the history of the run now resumed from elsewhere, whatever its epoch number.
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "logging.tensorboard=true"]
+    source, branch = tmp_path / "source", tmp_path / "branch"
+    assert main([*args, "trainer.epochs=2", f"output_dir={source}"]) == 0
+    crashed = {"epoch": 1, "step": 45, "lr": 0.05, "train/loss": 9.0}  # a branch attempt, killed before its checkpoint
+    branch.mkdir()
+    (branch / "metrics.jsonl").write_text(json.dumps(crashed) + "\n")
+    resume = [f"trainer.resume={source / 'checkpoints' / 'last.pt'}", "trainer.allow_changes=[trainer.epochs]"]
+    assert main([*args, "trainer.epochs=3", *resume, f"output_dir={branch}"]) == 0
+    per_epoch = json.loads((source / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    expected = [(3, 3 * per_epoch)]
+    assert [(line["epoch"], line["step"]) for line in map(json.loads, (branch / "metrics.jsonl").open())] == expected
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(branch / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [3 * per_epoch]
+
+
+def test_settings_wandb_refuses_end_every_rank_in_one_line_naming_them(tmp_path):
+    # Only rank 0 starts W&B: its refusal used to leave rank 1 saying rank 0 had stopped answering.
+    env = {**cli_env(), "WANDB_SILENT": "true", "WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "home")}
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "logging.wandb.mode=offline"]
+    command = cli_command([*args, "logging.wandb.project=team/digits", f"output_dir={tmp_path / 'run'}"], nproc=2)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=REPO_DIR)
+    said = "logging.wandb (mode='offline', project='team/digits'): W&B refused to start: Invalid project name"
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("ddp-train: error"))
+    assert [line.split(":", 2)[1] for line in errors] == [" error (rank 0)", " error (rank 1)"], result.stderr
+    assert all(said in line for line in errors), errors
+    assert "]: Traceback" not in result.stderr  # no rank's (torchrun's own, of its failed workers, is not ours)
 
 
 def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_off_it_starts_its_own(

@@ -149,6 +149,19 @@ def test_mid_epoch_resume_with_augmenting_workers_is_exact_with_per_sample_seeds
     assert same == per_sample_seed  # without a seed per sample, the workers' streams restart at the resume
 
 
+def test_an_epoch_finished_by_a_resumed_run_reports_its_whole_training_time(tmp_path):
+    # time/train_s counted only the resumed run's part: samples / time/train_s read 1.5x the real throughput here.
+    args = ["data._target_=factories.blobs", "model._target_=factories.SlowNet", "model.delay_s=0.1"]
+    args += ["trainer.device=cpu", "data.batch_size=8", "trainer.epochs=1", f"output_dir={tmp_path}"]  # 12 steps
+    assert main([*args, "trainer.max_steps=4"]) == 0
+    part = read_metrics(tmp_path)[0]["time/train_s"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch_train_s"] == part >= 0.4
+    assert main([*args, "trainer.max_steps=-1"]) == 0
+    (whole,) = read_metrics(tmp_path)  # the part epoch's line made way for the whole epoch's
+    assert whole["time/epoch_s"] >= whole["time/train_s"] >= part + 8 * 0.1
+    assert whole["time/train_s"] >= 12 * 0.1
+
+
 def test_corrupt_checkpoint_stops_the_run_and_is_left_as_it_was(tmp_path, capsys):
     last = tmp_path / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)

@@ -90,7 +90,7 @@ def test_unreadable_newest_folder_falls_back_and_unfinished_folders_are_removed(
     output = capsys.readouterr().out
     assert f"checkpoint {saved / 'step-00000045'}" in output and named in output
     assert f"removed {saved / '.step-00000060.tmp'}" in output
-    assert f"resumed from {saved / 'step-00000040'}: epoch 0, step 40" in output
+    assert f"resumed from {saved / 'step-00000040'}: step 40, epochs done: 0" in output
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2]  # epoch 1 written again, from step 40 on
 
 
@@ -176,7 +176,7 @@ def test_a_shard_damaged_inside_is_named_unreadable_and_the_run_goes_on_from_the
     out = capsys.readouterr().out
     # The shards are read only once the state file and .metadata have passed: the run goes on from the folder before.
     assert f"checkpoint {last} is unreadable (not a torch checkpoint file); trying" in out  # the folder `last` named
-    assert f"resumed from {before}: epoch 1, step 80" in out  # mid-epoch 2: checkpoint.every_n_steps=20
+    assert f"resumed from {before}: step 80, epochs done: 1" in out  # mid-epoch 2: checkpoint.every_n_steps=20
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
 
 
