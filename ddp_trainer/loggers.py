@@ -9,6 +9,7 @@ import importlib.util
 import json
 import numbers
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ Item = TypeVar("Item")
 STEP_KEY = "step"
 # Running metrics get their own names so they never mix with the epoch values of the same quantity.
 RUNNING_PREFIX = "step/"
+WANDB_RUN_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]{1,64})")  # (start time, run id)
 
 
 class RunLogger:
@@ -97,8 +99,9 @@ class RunLogger:
     def _start_wandb(self, run_id: str | None) -> Run:
         settings = self.logging_cfg.wandb
         wandb = _import_optional("wandb", f"logging.wandb.mode={settings.mode}")
-        # resume="allow" with the checkpoint's id: a resumed or requeued job appends to the same run;
-        # without an id W&B makes a fresh one (or takes WANDB_RUN_ID).
+        # resume="allow" with the checkpoint's id: a resumed or requeued job appends to the same run. Without one, the
+        # run an attempt that crashed before its first checkpoint began here, else a fresh one (or WANDB_RUN_ID's).
+        run_id = run_id or _attempt_run_id(self.output_dir / "wandb")
         try:
             run = wandb.init(  # logging.wandb's keys (mode, project, name, entity) are wandb.init's
                 **dataclasses.asdict(settings),
@@ -221,6 +224,12 @@ def require_packages(cfg: LoggingConfig) -> None:
     for package, key in needed.items():
         if importlib.util.find_spec(package) is None:
             raise UsageError(f"{key} needs the {package} package: pip install 'ddp-trainer[logging]'")
+
+
+def _attempt_run_id(wandb_dir: Path) -> str | None:
+    """The id of the newest W&B run whose folder (`[offline-]run-<time>-<id>`) is in `wandb_dir`; None: none is."""
+    found = (WANDB_RUN_FOLDER.fullmatch(path.name) for path in wandb_dir.glob("*run-*"))
+    return max(((match[1], match[2]) for match in found if match), default=(None, None))[1]
 
 
 def _import_optional(module: str, key: str) -> ModuleType:

@@ -162,6 +162,21 @@ def test_wandb_run_that_failed_is_marked_with_its_exit_code(tmp_path, wandb_offl
     assert [record.exit.exit_code for record in finished_run_records(run_file) if record.HasField("exit")] == [3]
 
 
+def test_wandb_restart_after_an_attempt_that_crashed_before_its_first_checkpoint_continues_its_run(
+    tmp_path, wandb_offline_env
+):
+    # The attempt's id was only ever stored in checkpoints: the restart began a second run, which `wandb sync` uploads.
+    crashed = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    crashed.start("seed: 0\n", completed_epochs=0)
+    crashed.finish(exit_code=1)
+    restarted = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    log_run(restarted)
+    assert crashed.wandb_run_id and restarted.wandb_run_id == crashed.wandb_run_id
+    assert {path.name for path in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")} == {
+        f"run-{crashed.wandb_run_id}.wandb"
+    }
+
+
 def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
     first = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
     log_run(first)
