@@ -142,6 +142,9 @@ def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
     assert "--nproc-per-node=1 train.py" in pinned.stdout  # one core of the machine's os.cpu_count()
     allocation = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"}  # SLURM gave the task 1 CPU, pinned or not
     assert "--nproc-per-node=1" in torchrun_arguments(["--standalone", "train.py"], allocation)
+    # No --cpus-per-task: the node's CPUs, shared by the step's two agents on it (each started 2 ranks, on 2 CPUs).
+    shared = {"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "2", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_NODEID": "0"}
+    assert "--nproc-per-node=1" in torchrun_arguments(["--standalone", "train.py"], shared)
 
 
 def test_ddp_launch_flags_after_the_script_are_the_scripts_own():

@@ -33,9 +33,18 @@ def default_nproc_per_node(environ: Mapping[str, str]) -> int:
     if torch.cuda.is_available():
         return torch.cuda.device_count()
     usable = len(os.sched_getaffinity(0))  # a cpuset, cgroup or taskset narrows it
-    # SLURM pins tasks to their cores only with an affinity task plugin; its count holds either way.
-    given = environ.get("SLURM_CPUS_PER_TASK") if "SLURM_JOB_ID" in environ else None
-    return min(usable, int(given)) if given and given.isdigit() else usable
+    if "SLURM_JOB_ID" not in environ:
+        return usable
+    # SLURM pins tasks to their cores only with an affinity task plugin; its counts hold either way. Without
+    # --cpus-per-task, this node's CPUs are shared by the step's tasks on it (agents, two on a node).
+    per_task, on_node = environ.get("SLURM_CPUS_PER_TASK", ""), environ.get("SLURM_CPUS_ON_NODE", "")
+    if per_task.isdigit():
+        return min(usable, int(per_task))
+    if on_node.isdigit():
+        tasks = slurm.expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+        node = int(environ.get("SLURM_NODEID", "0"))
+        return max(1, min(usable, int(on_node) // tasks[node if node < len(tasks) else 0]))
+    return usable
 
 
 def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
