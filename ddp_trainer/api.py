@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -79,19 +80,27 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     array_task = distributed.slurm_array_task()
     cfg = for_array_task(cfg, array_task)
     _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
-    caller_streams = rng.capture()  # fit() seeds its own: the caller's draws go on as if it had not run
-    stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
-    logger = claim = None
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
-    try:
+    # Each clean-up is registered once what it undoes exists, and runs even when one before it fails (a second
+    # Ctrl-C while W&B finishes): the folder's claim, the signal handlers and the caller's streams are always back.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(_only_run_in_process())
+        cleanup.callback(rng.restore, rng.capture())  # fit() seeds its own: the caller's draws go on unaffected
+        stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
+        cleanup.callback(stop.restore)
         if distributed.detect_launcher().launcher == "torchrun":
             stop_when_orphaned()
+        cleanup.callback(distributed.teardown)
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
+        if claim is not None:
+            cleanup.callback(claim.release)
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
+        cleanup.callback(lambda: logger.finish(exit_code))  # the exit code as it stands then
+        cleanup.callback(stop_loader_workers)  # a traceback that holds the loaders must not keep their workers alive
         _announce(logger, array_task, cfg.output_dir, stop.active)
         bundle, parts = _assemble(cfg, env, build, task, logger)
         with _naming_unused_parameters():
@@ -99,16 +108,24 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
         with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
-    finally:
-        stop_loader_workers()  # a traceback that holds the loaders must not keep their workers alive
-        if logger is not None:
-            logger.finish(exit_code)
-        if claim is not None:
-            claim.release()
-        distributed.teardown()
-        stop.restore()
-        rng.restore(caller_streams)
     return exit_code, record if finished else {}
+
+
+_ONE_RUN = threading.Lock()
+
+
+@contextlib.contextmanager
+def _only_run_in_process() -> Iterator[None]:
+    """Refuse a second run while one is going in this process: they would share its RNG, folder locks and workers."""
+    if not _ONE_RUN.acquire(blocking=False):
+        raise UsageError(
+            "fit() is already running in this process (in another thread, or fit() called from inside a run): one "
+            "run at a time per process; start concurrent runs as processes of their own"
+        )
+    try:
+        yield
+    finally:
+        _ONE_RUN.release()
 
 
 def _announce(logger: RunLogger, array_task: int | None, output_dir: str, catching: bool) -> None:

@@ -130,13 +130,22 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
         parts.history_here = False
     _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
+    logger.info(f"resumed from {path}: step {parts.progress.step}, epochs done: {parts.progress.epoch}")
+    _say_if_finished(parts, path, cfg, logger)
+
+
+def _say_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) -> None:
+    """Say that a run resumed in its folder has nothing left to train; refuse a finished run's checkpoint elsewhere."""
     progress = parts.progress
-    logger.info(f"resumed from {path}: step {progress.step}, epochs done: {progress.epoch}")
-    if progress.epoch >= cfg.trainer.epochs or 0 < cfg.trainer.max_steps <= progress.step:
-        logger.info(
-            f"this run is finished ({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}): nothing "
-            "to train; to train again, use another output_dir"
+    if progress.epoch < cfg.trainer.epochs and not 0 < cfg.trainer.max_steps <= progress.step:
+        return
+    done = f"({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step})"
+    if not parts.history_here:  # here nothing was trained, nor will be: no record to report
+        raise UsageError(
+            f"trainer.resume={path} is a finished run {done}: nothing to train from it; to train on, raise "
+            "trainer.epochs (or trainer.max_steps) and list it in trainer.allow_changes"
         )
+    logger.info(f"this run is finished {done}: nothing to train; to train again, use another output_dir")
 
 
 def _restore_streams(rng_states: list[Any], path: Path, fresh_seed: int, env: DistEnv, logger: RunLogger) -> None:

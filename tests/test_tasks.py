@@ -527,6 +527,75 @@ def test_fit_trains_in_a_thread_that_is_not_the_main_one_without_stop_signals(tm
     assert "not in the main thread: SIGTERM and SLURM's USR2 are not caught" in capsys.readouterr().out
 
 
+class Gate(nn.Module):
+    """A linear model whose first training forward says it has started, then waits until it is let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.started, self.go = nn.Linear(3, 2), threading.Event(), threading.Event()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Hold the first training step until `go` is set."""
+        if self.training and not self.started.is_set():
+            self.started.set()
+            self.go.wait(timeout=60)
+        return self.linear(inputs)
+
+
+def test_a_second_fit_while_one_runs_in_the_process_is_refused_and_the_first_is_untouched(tmp_path):
+    # Two runs in one process shared its RNG streams (results changed silently) and one stopped the other's workers.
+    data, results = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,))), []
+    gate = Gate()
+    first = threading.Thread(target=lambda: results.append(fit_gate(gate, data, tmp_path / "first")))
+    first.start()
+    try:
+        assert gate.started.wait(timeout=60)
+        with pytest.raises(UsageError, match=r"^fit\(\) is already running in this process .* one run at a time"):
+            ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, f"output_dir={tmp_path / 'second'}"])
+    finally:
+        gate.go.set()
+        first.join()
+    assert [record["epoch"] for record in results] == [1]
+    assert not (tmp_path / "second").exists()
+    after = [*CPU, "trainer.epochs=1", f"output_dir={tmp_path / 'next'}"]
+    assert ddp_trainer.fit(nn.Linear(3, 2), data, overrides=after)["epoch"] == 1  # the process runs the next one
+
+
+def fit_gate(gate: Gate, data: Dataset, output_dir: Path) -> dict:
+    """One epoch of `gate` on `data` into `output_dir`."""
+    return ddp_trainer.fit(gate, data, overrides=[*CPU, "trainer.epochs=1", f"output_dir={output_dir}"])
+
+
+def test_a_clean_up_interrupted_by_a_second_ctrl_c_still_frees_the_folder_and_the_handlers(tmp_path, monkeypatch):
+    # A second Ctrl-C while W&B finished skipped the rest: the folder stayed "in use by another run in this process"
+    # and SIGTERM kept the dead run's handler.
+    data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    overrides = [*CPU, "trainer.epochs=2", f"output_dir={tmp_path}"]
+    model = nn.Linear(3, 2)
+    before, draws = signal.getsignal(signal.SIGTERM), torch.get_rng_state()
+
+    def interrupted(self, exit_code: int = 0) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ddp_trainer.loggers.RunLogger, "finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ddp_trainer.fit(model, data, overrides=overrides)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert torch.equal(torch.get_rng_state(), draws)
+    assert ddp_trainer.fit(nn.Linear(3, 2), data, overrides=overrides)["epoch"] == 2  # the folder is free again
+
+
+def test_fit_refuses_a_finished_runs_checkpoint_in_a_new_folder_rather_than_exiting(tmp_path):
+    # It raised SystemExit(0): nothing trained, no record, and a sweep's `except Exception` did not see it.
+    data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*CPU, "trainer.epochs=1", f"output_dir={tmp_path / 'done'}"])
+    last = tmp_path / "done" / "checkpoints" / "last.pt"
+    again = [*CPU, "trainer.epochs=1", f"trainer.resume={last}", f"output_dir={tmp_path / 'branch'}"]
+    with pytest.raises(UsageError, match=rf"^trainer.resume={re.escape(str(last))} is a finished run \(1 of 1 epochs"):
+        ddp_trainer.fit(nn.Linear(3, 2), data, overrides=again)
+
+
 def test_fit_refuses_a_model_an_earlier_fit_checkpointed_in_place_instead_of_failing_inside_torch(tmp_path):
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
     data = TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
