@@ -217,6 +217,7 @@ class LanguageModel:
     def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy per token, and which targets count (a fresh bool tensor: the batch may be reused)."""
         inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
+        inputs, targets = _token_ids(inputs), targets.long()  # NumPy's uint16 ids: no embedding or loss takes them
         logits = _model_output("language_model", model, inputs)
         counted = targets != self.ignore_index
         loss_sum = F.cross_entropy(
@@ -253,6 +254,14 @@ class LanguageModel:
             f"{prefix}/perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
             f"{prefix}/samples": int(round(totals["samples"])),
         }
+
+
+NARROW_IDS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _token_ids(inputs: Any) -> Any:
+    """Integer token ids as int64 when their type is one `nn.Embedding` refuses (uint8, uint16, int16...)."""
+    return inputs.long() if torch.is_tensor(inputs) and inputs.dtype in NARROW_IDS else inputs
 
 
 def _sequence_pair(sample: Any) -> tuple[Any, Any] | None:

@@ -80,6 +80,12 @@ def test_language_model_pads_sequences_of_different_lengths_and_sums_them_as_if_
     numpy = [sequence.numpy().astype("uint16") for sequence in sequences]  # token ids as tokenizers store them
     for layout in (numpy, [{"inputs": a, "targets": b} for a, b in pairs]):
         assert [part.tolist() for part in task.collate(layout)] == [inputs.tolist(), targets.tolist()]
+    # uint16 ids reach the model as int64, which nn.Embedding takes: padded, and as one length in their own layout.
+    torch.testing.assert_close(task.forward(model, task.collate(numpy))[1], padded)
+    same_length = task.collate([numpy[0], numpy[0]])
+    assert same_length.dtype == torch.uint16  # the loader's batch is left as it is; the task reads it as ids
+    twice = task.forward(model, sequences[0].repeat(2, 1))[1]
+    torch.testing.assert_close(task.forward(model, same_length)[1], twice)
 
 
 class RaggedStream(torch.utils.data.IterableDataset):
