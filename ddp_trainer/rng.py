@@ -40,8 +40,9 @@ def restore(state: dict[str, Any]) -> None:
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])  # onto the current device, which setup() chose
+    # Onto the current device, which setup() chose; a CPU run resuming a GPU checkpoint must not start CUDA for it.
+    if "cuda" in state and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextlib.contextmanager

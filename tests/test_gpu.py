@@ -222,8 +222,11 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu(digits_run, tmp_path):
     resumed = tmp_path / "resumed"
     args = [*DIGITS[:2], "trainer.device=cpu", "trainer.epochs=11", "trainer.allow_changes=[trainer.epochs]"]
     args.append(f"output_dir={resumed}")
-    assert main([*args, f"trainer.resume={digits_run / 'checkpoints' / 'last.pt'}"]) == 0
+    # In a process of its own: this one has CUDA started. Restoring the checkpoint's GPU stream started CUDA too.
+    result = run_cli([*args, f"trainer.resume={digits_run / 'checkpoints' / 'last.pt'}"])
+    assert result.returncode == 0, result.stderr
     assert [line["epoch"] for line in read_metrics(resumed)] == [11]
+    assert "cuda" not in checkpoint.load(resumed / "checkpoints" / "last.pt")["rng"][0]  # CUDA never started
 
 
 def test_the_streaming_recipe_trains_on_the_gpu(tmp_path):
