@@ -232,17 +232,17 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_last(state: dict[str, Any], directory: Path, keep_last: int) -> None:
-    """Write last.pt; with keep_last > 0 it is also step-<step>.pt (one file, two names), newest keep_last kept."""
-    last = directory / "last.pt"
-    if keep_last == 0:
-        atomic.save_atomic(state, last)
-        return
-    step_file = directory / f"step-{state['step']:08d}.pt"
-    atomic.save_atomic(state, step_file)
-    atomic.link_atomic(step_file, last)
-    for old in [path for path in _step_checkpoints(directory) if path.suffix == ".pt"][:-keep_last]:
-        old.unlink()
+def save_last(state: dict[str, Any], directory: Path, keep_last: int, written: Path | None = None) -> None:
+    """Write last.pt (a link to `written`, where `state` is saved already); keep_last > 0: as step-<step>.pt too."""
+    first = directory / (f"step-{state['step']:08d}.pt" if keep_last else "last.pt")  # one file, two names
+    if written is None:
+        atomic.save_atomic(state, first)
+    else:
+        atomic.link_atomic(written, first)
+    if keep_last:  # the newest keep_last step files are kept
+        atomic.link_atomic(first, directory / "last.pt")
+        for old in [path for path in _step_checkpoints(directory) if path.suffix == ".pt"][:-keep_last]:
+            old.unlink()
 
 
 _STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSaver name a step's checkpoint
@@ -273,7 +273,7 @@ def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: 
         shutil.rmtree(replaced)
     else:
         os.replace(written, final)
-    for name in names:
+    for name in sorted(names, key="last".__eq__):  # last is named last: see saving.Saver._write
         atomic.symlink_atomic(directory, name, final)
     atomic.fsync_directory(directory)
     kept = {(directory / name).resolve() for name in ("last", "best") if (directory / name).exists()}

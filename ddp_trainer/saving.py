@@ -104,7 +104,7 @@ class Saver:
             self.save({**model_state(model, optimizer), **state}, names)
 
     def save(self, state: dict[str, Any], names: Sequence[str]) -> None:
-        """Write `state` as each of `names` ("last", "best"), in order; with async_save return once it is staged."""
+        """Write `state` as each of `names` ("last", "best"; last.pt last); with async_save return once it is staged."""
         # One write in flight: memory for one staged copy, and files land in the order they were saved.
         self.wait()
         if self.writer is None:
@@ -129,15 +129,16 @@ class Saver:
 
     def _write(self, state: dict[str, Any], names: Sequence[str]) -> None:
         # One write, the other names hard links to it: a second write failing (a full disk) would leave best.pt
-        # behind the last.pt that records it as the best, for good.
+        # behind the last.pt that records it as the best, for good. For the same reason last.pt is named last: a
+        # kill between the names leaves the older last.pt, whose resume redoes the epoch and names best.pt again.
         written = None
-        for name in names:
+        for name in sorted(names, key="last".__eq__):
             path = self.directory / f"{name}.pt"
             with failures_named(path):
-                if written is not None:
+                if name == "last":
+                    checkpoint.save_last(state, self.directory, self.keep_last, written)
+                elif written is not None:
                     atomic.link_atomic(written, path)
-                elif name == "last":
-                    checkpoint.save_last(state, self.directory, self.keep_last)
                 else:
                     atomic.save_atomic(state, path)
             written = path

@@ -179,3 +179,31 @@ def test_last_and_best_saved_together_are_one_write_so_best_never_lags_behind_la
     saver.save({"model": {}, "optimizer": {}, "epoch": 2, "step": 10, "config": {}}, ["last", "best"])
     assert [checkpoint.load(tmp_path / name)["step"] for name in ("last.pt", "best.pt")] == [10, 10]
     assert len(writes) == 1 and os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+
+
+@pytest.mark.parametrize("keep_last", [0, 2])
+def test_a_save_killed_between_its_names_leaves_last_behind_best_never_best_behind_last(
+    tmp_path, monkeypatch, keep_last
+):
+    # Killed after last.pt named the new state, best.pt still held an older one that last.pt no longer called the
+    # best, for good. Killed before last.pt, the older last.pt resumes and redoes the epoch, which names best again.
+    saver = saving.Saver(tmp_path, keep_last=keep_last, async_save=False)
+    state = {"model": {}, "optimizer": {}, "epoch": 1, "step": 5, "config": {}}
+    saver.save(state, ["last", "best"])
+    named = []
+
+    def killed_at_the_second_name(publish):
+        def publishing(source, target) -> None:
+            if target.name in ("last.pt", "best.pt"):
+                named.append(target.name)
+                if len(named) == 2:
+                    raise KeyboardInterrupt
+            publish(source, target)
+
+        return publishing
+
+    monkeypatch.setattr(atomic, "save_atomic", killed_at_the_second_name(atomic.save_atomic))
+    monkeypatch.setattr(atomic, "link_atomic", killed_at_the_second_name(atomic.link_atomic))
+    with pytest.raises(KeyboardInterrupt):
+        saver.save({**state, "epoch": 2, "step": 10}, ["last", "best"])
+    assert [checkpoint.load(tmp_path / name)["step"] for name in ("last.pt", "best.pt")] == [5, 10]
