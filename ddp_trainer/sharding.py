@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import pickle
 import warnings
@@ -63,9 +64,8 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
     # Innermost first: a block's parameters belong to the innermost unit holding them, never to its parent.
     blocks = [module for module in reversed(list(model.modules())) if type(module).__name__ in wrap]
     found = sorted({type(block).__name__ for block in blocks})  # before fully_shard renames them (FSDPLinear)
-    if (
-        shard
-    ):  # as DDP's wrapper does: every rank starts from rank 0's weights, whether the user seeded them alike or not
+    # As DDP's wrapper does: every rank starts from rank 0's weights, whether the user seeded them alike or not.
+    if shard:
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             dist.broadcast(tensor.detach(), src=0)
     if dtype is not None and shard:
@@ -84,8 +84,9 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
             checkpoint(block)  # recompute the block's activations in backward instead of keeping them
         if shard:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-    if shard:
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+    if shard:  # the root hands its outputs on in fp32, as autocast does: the loss and metrics are not taken in bf16
+        root = dataclasses.replace(policy, output_dtype=torch.float32 if dtype else None)
+        fully_shard(model, mesh=mesh, mp_policy=root)
     return found
 
 

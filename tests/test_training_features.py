@@ -254,6 +254,20 @@ def test_fsdp_units_that_would_split_a_tied_weight_are_refused_in_one_line():
     assert shard_model(TiedLanguageModel(), cfg, None) == ["Embedding"]  # one process: nothing sharded, nothing split
 
 
+def test_a_sharded_bf16_model_hands_the_loss_fp32_outputs_as_autocast_does():
+    # Sharded, a run has no autocast: its outputs were bf16, so its val/loss (the monitor of best.pt under regression
+    # and language_model) differed from what `evaluate` measures under autocast, by 0.006 on digits at 2 ranks.
+    cfg = config.load(None, ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.precision=bf16"]).trainer
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = small_net()
+        shard_model(model, cfg, torch.device("cpu"))
+        assert model(torch.randn(4, 8)).dtype == torch.float32
+        assert model[0](torch.randn(4, 8)).dtype == torch.bfloat16  # the blocks inside still compute in bf16
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_model_and_optimizer_keys_reach_what_they_build():
     cfg = config.load(None, ["model.hidden_sizes=[24,12]", "model.dropout=0.3", "optim.name=sgd", "optim.momentum=0.5"])
     model = models.build(cfg.model, (64,), 10)
