@@ -90,11 +90,11 @@ class RunLogger:
             return float("inf")
         # A crash between writing an epoch's line and its checkpoint would otherwise repeat that epoch's line.
         text = self.metrics_path.read_text()
-        kept = "".join(line + "\n" for line in text.splitlines() if _epoch_of(line) <= completed_epochs)
+        lines = [(line, _epoch_of(line) <= completed_epochs) for line in text.splitlines()]
+        kept = "".join(line + "\n" for line, keep in lines if keep)
         if kept != text:  # also a last line the crash cut before its newline: the next line must not join it
             atomic.write_atomic(self.metrics_path, lambda file: file.write(kept.encode()))
-        dropped = (line for line in text.splitlines() if _epoch_of(line) > completed_epochs)
-        return min(map(_step_of, dropped), default=float("inf"))
+        return min((_step_of(line) for line, keep in lines if not keep), default=float("inf"))
 
     def _start_wandb(self, run_id: str | None) -> Run:
         settings = self.logging_cfg.wandb
