@@ -46,6 +46,8 @@ HARMLESS = (
 )
 # A longer or shorter run continues the same one, unless the schedule is stretched over the run's length.
 LENGTH = ("trainer.epochs", "trainer.max_steps")
+# What the rate of the next step is computed from: the restored optimizer holds the saved schedule's rate instead.
+SCHEDULE = (*LENGTH, "optim.lr", "optim.min_lr")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,4 +120,5 @@ def apply(accepted: list[str], cfg: Config, optimizer: torch.optim.Optimizer, sc
         scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.optim.lr
+    if any(key in accepted for key in SCHEDULE):
         set_current_lrs(scheduler)

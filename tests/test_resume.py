@@ -267,6 +267,23 @@ def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_
     assert read_metrics(tmp_path)[2]["lr"] == pytest.approx(3e-4 * multiplier(134), rel=1e-12)
 
 
+@pytest.mark.parametrize("floor", [[], ["optim.min_lr=1e-4"]])
+def test_a_schedule_changed_on_resume_sets_the_rate_of_the_very_next_step(tmp_path, floor):
+    # The saved run ended its cosine at 0 and its optimizer holds that rate: one step more, then the run ends.
+    args = [*DIGITS, f"output_dir={tmp_path}"]
+    assert main([*args, "trainer.epochs=1"]) == 0
+    keys = ",".join(["trainer.epochs", "trainer.max_steps", *[key.split("=")[0] for key in floor]])
+    longer = ["trainer.epochs=2", "trainer.max_steps=46", *floor, f"trainer.allow_changes=[{keys}]"]
+    assert main([*args, *longer]) == 0
+    cfg = config.load("configs/digits_mlp.yaml", [*DIGITS[2:], *longer])
+    first, resumed = read_metrics(tmp_path)
+    assert first["lr"] > 0 and resumed["step"] == 46
+    # Step 46 trained with the new schedule's factor after 45 steps, not with the 0 the saved schedule had reached.
+    multiplier = optim.lr_multiplier(cfg.optim, steps_per_epoch=45, total_steps=46)
+    assert resumed["lr"] == pytest.approx(1e-3 * multiplier(45), rel=1e-12) and resumed["lr"] > 0
+    assert resumed["val/loss"] != first["val/loss"]
+
+
 def test_a_run_resumed_on_more_ranks_lays_its_cosine_over_the_steps_it_will_take(tmp_path):
     # 45 steps of 32 on one rank, then 23 an epoch on two: the schedule spans 45 + 2 x 23 = 91 steps. Laid over
     # 3 x 23 = 69 steps, as if every epoch had run on two ranks, the rate reached 0 with an epoch still to train.
