@@ -353,6 +353,11 @@ def _validate(raw: DictConfig, written: DictConfig) -> Config:
         if settings._target_ is not None:
             factory = locate(settings._target_, f"{section}._target_")
             factory_args.route(section, factory, settings, written_keys[section])
+        elif settings.kwargs:  # the built-in datasets and models take their keys by name
+            raise UsageError(
+                f"config key '{section}.kwargs.{next(iter(settings.kwargs))}' does nothing: {section}.kwargs are the "
+                f"keyword arguments of a {section}._target_ factory, and none is set"
+            )
     return config
 
 

@@ -218,6 +218,17 @@ def test_key_the_factory_does_not_take_is_refused_naming_key_and_factory(overrid
     )
 
 
+@pytest.mark.parametrize(("override", "section"), [("model.kwargs.width=3", "model"), ("data.kwargs.path=/x", "data")])
+def test_kwargs_without_a_factory_are_refused_not_dropped(override, section):
+    # The built-in MLP and digits would have trained, the key recorded in config.yaml as if it had been used.
+    with pytest.raises(UsageError) as raised:
+        config.load("configs/digits_mlp.yaml", [override])
+    assert str(raised.value) == (
+        f"config key '{override.split('=')[0]}' does nothing: {section}.kwargs are the keyword arguments of a "
+        f"{section}._target_ factory, and none is set"
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
