@@ -144,6 +144,11 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
             f"({timeout_name}={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
         ) from None
     except dist.DistNetworkError as error:
+        if "timed out" in str(error):  # a rank other than 0 found no store to join
+            raise RankLost(
+                f"rank 0 never opened the rendezvous at {launch.master_addr}:{launch.master_port} "
+                f"({timeout_name}={timeout_s:g}): {first_line(error)} See rank 0's output"
+            ) from None
         if "EADDRINUSE" not in str(error):
             raise
         raise UsageError(  # srun's port comes from the job and step ids: two jobs on a node may draw the same one

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,10 +37,10 @@ def free_port() -> int:
 
 
 def plain_ranks(
-    args: list[str], world_size: int = 2, started: int | None = None, port: int = 0
+    args: list[str], world_size: int = 2, started: Sequence[int] | None = None, port: int = 0
 ) -> list[subprocess.Popen]:
-    """The CLI in plain processes with the rank variables set, as srun would start them: the first `started` ranks
-    (all by default) of `world_size`, meeting at `port` (a free one by default).
+    """The CLI in plain processes with the rank variables set, as srun would start them: the ranks `started` (all
+    by default) of `world_size`, meeting at `port` (a free one by default).
 
     Not torchrun: torchrun ends the other ranks as soon as one exits, which would hide what each rank does alone.
     """
@@ -59,7 +59,7 @@ def plain_ranks(
             text=True,
             cwd=REPO_DIR,
         )  # fmt: skip
-        for rank in range(world_size if started is None else started)
+        for rank in (range(world_size) if started is None else started)
     ]
 
 

@@ -266,7 +266,7 @@ def listening(port: int) -> bool:
 
 
 def test_a_rank_waiting_for_one_that_never_started_ends_in_one_line_or_on_sigterm(tmp_path):
-    alone = plain_ranks(["--config", DIGITS, "trainer.startup_timeout_s=3", f"output_dir={tmp_path}"], started=1)[0]
+    alone = plain_ranks(["--config", DIGITS, "trainer.startup_timeout_s=3", f"output_dir={tmp_path}"], started=[0])[0]
     _, stderr = alone.communicate(timeout=60)
     assert alone.returncode == 4
     assert re.fullmatch(
@@ -274,9 +274,19 @@ def test_a_rank_waiting_for_one_that_never_started_ends_in_one_line_or_on_sigter
         r"Timed out after \d+ seconds waiting for clients. 1/2 clients joined. A rank failed to start: see its output",
         stderr.strip(),
     )
+    # srun started rank 1, and rank 0 never came up (or died before it opened the rendezvous).
+    orphan = plain_ranks(["--config", DIGITS, "trainer.startup_timeout_s=3", f"output_dir={tmp_path}"], started=[1])[0]
+    _, stderr = orphan.communicate(timeout=60)
+    assert orphan.returncode == 4 and "Traceback" not in stderr
+    assert re.fullmatch(  # the last line: c10d logs its own before it
+        r"ddp-train: error \(rank 1\): rank 0 never opened the rendezvous at 127.0.0.1:\d+ "
+        r"\(trainer.startup_timeout_s=3\): The client socket has timed out after 3000ms while trying to connect to "
+        r"\(127.0.0.1, \d+\). See rank 0's output",
+        stderr.strip().splitlines()[-1],
+    )
     # torchrun SIGTERMs the ranks left when one fails: one waiting in the rendezvous must end, not wait 30 minutes.
     port = free_port()
-    waiting = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=1, port=port)[0]
+    waiting = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=[0], port=port)[0]
     deadline = time.monotonic() + 60
     while not listening(port) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -292,7 +302,7 @@ def test_a_rendezvous_port_another_job_holds_is_named_in_one_line(tmp_path):
     port = free_port()
     held = dist.TCPStore("127.0.0.1", port, 1, True)  # another job's store, on the port srun derived from a job id
     try:
-        rank0 = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=1, port=port)[0]
+        rank0 = plain_ranks(["--config", DIGITS, f"output_dir={tmp_path}"], started=[0], port=port)[0]
         _, stderr = rank0.communicate(timeout=60)
     finally:
         del held
