@@ -53,17 +53,19 @@ def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# About 31 years: far larger values overflow the timedelta torch's process groups take. The text is for messages.
-MAX_TIMEOUT_S, MAX_TIMEOUT_TEXT = 1e9, "1e9"
+# About 31 years: far larger values overflow the timedelta torch's process groups take; below a millisecond, torch's
+# timeouts (whole milliseconds) are 0, and every collective fails at once. The text is for messages.
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1e-3, 1e9
+TIMEOUT_RANGE = "seconds, at least 0.001 and at most 1e9"
 
 
 def timeout_ok(seconds: float) -> bool:
-    """Whether `seconds` is a timeout torch can hold: above 0, at most MAX_TIMEOUT_S (NaN is not)."""
-    return 0 < seconds <= MAX_TIMEOUT_S
+    """Whether `seconds` is a timeout torch can hold: from MIN_TIMEOUT_S to MAX_TIMEOUT_S (NaN is not)."""
+    return MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S
 
 
 def _timeout(default: float) -> Any:
-    return _checked(default, timeout_ok, f"seconds, above 0 and at most {MAX_TIMEOUT_TEXT}")
+    return _checked(default, timeout_ok, TIMEOUT_RANGE)
 
 
 # The data.name and model.name of a fit() run, whose datasets and model were Python objects: no key rebuilds them.

@@ -59,6 +59,7 @@ def test_overrides_are_converted_to_the_schema_types():
         ("optim.min_lr=-1e-5", "'optim.min_lr'"),
         ("trainer.startup_timeout_s=1e300", "'trainer.startup_timeout_s'"),  # was an OverflowError on every rank
         ("trainer.dist_timeout_s=.nan", "'trainer.dist_timeout_s'"),
+        ("trainer.startup_timeout_s=1e-300", "'trainer.startup_timeout_s'"),  # 0 ms: every collective failed at once
         # A value of another shape than the schema's or the file's: OmegaConf's merge names no key for these.
         ("trainer=5", "config key 'trainer' is a section of keys, not 5"),
         ("data=[1]", "config key 'data' is a section of keys, not [1]"),

@@ -179,12 +179,12 @@ def test_doctor_reports_every_rank_and_times_an_all_reduce():
     assert "doctor: all_reduce over 2 ranks (gloo) took" in result.stdout
 
 
-@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1"])
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "1e-300"])
 def test_doctor_refuses_a_timeout_torch_cannot_hold(timeout, capsys):
     with pytest.raises(SystemExit) as exited:
         doctor.main(["--timeout", timeout])
     assert exited.value.code == 2
-    assert f"argument --timeout: {timeout} is not seconds above 0 and at most 1e9" in capsys.readouterr().err
+    assert f"argument --timeout: {timeout} is not seconds, at least 0.001 and at most 1e9" in capsys.readouterr().err
 
 
 def test_doctor_names_an_unreachable_master_in_one_line():

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import distributed
-from ddp_trainer.config import MAX_TIMEOUT_TEXT, timeout_ok
+from ddp_trainer.config import TIMEOUT_RANGE, timeout_ok
 from ddp_trainer.errors import CliError, UsageError, first_line, say
 
 SIOCGIFADDR = 0x8915
@@ -83,7 +83,7 @@ def seconds(text: str) -> float:
     """A --timeout value: a timeout torch can hold (as the config's), else refused in argparse's one line."""
     value = float(text)
     if not timeout_ok(value):
-        raise argparse.ArgumentTypeError(f"{text} is not seconds above 0 and at most {MAX_TIMEOUT_TEXT}")
+        raise argparse.ArgumentTypeError(f"{text} is not {TIMEOUT_RANGE}")
     return value
 
 
