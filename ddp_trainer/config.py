@@ -182,11 +182,11 @@ class OptimConfig(_Section):
     name: str = _one_of("adamw", ("sgd", "adamw", "adam"))
     lr: float = _positive(1e-3, "a positive number")
     weight_decay: float = _not_negative(0.01, "0 or more")
-    momentum: float = _not_negative(0.9, "0 or more")
+    momentum: float = _checked(0.9, lambda value: 0.0 <= value < 1.0, "a fraction in [0, 1)")
     scheduler: str = _one_of("none", ("none", "cosine", "step"))
     warmup_steps: int = _not_negative(0, "0 or more")
     step_epochs: int = _positive(30)
-    gamma: float = _positive(0.1, "a positive factor")
+    gamma: float = _checked(0.1, lambda value: 0.0 < value <= 1.0, "a factor in (0, 1]: the rate decays")
     min_lr: float = _not_negative(0.0, "0 or more")
 
 

@@ -56,6 +56,8 @@ def test_overrides_are_converted_to_the_schema_types():
         ("optim.weight_decay=-1", "'optim.weight_decay'"),
         ("optim.momentum=-0.9", "'optim.momentum'"),
         ("optim.gamma=-1", "'optim.gamma'"),
+        ("optim.momentum=5", "'optim.momentum'"),  # the loss went non-finite at step 20
+        ("optim.gamma=5", "'optim.gamma'"),  # a "decay" that multiplied the rate by 5 every step_epochs
         ("optim.min_lr=-1e-5", "'optim.min_lr'"),
         ("trainer.startup_timeout_s=1e300", "'trainer.startup_timeout_s'"),  # was an OverflowError on every rank
         ("trainer.dist_timeout_s=.nan", "'trainer.dist_timeout_s'"),
