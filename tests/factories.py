@@ -65,10 +65,10 @@ class Augmented(Dataset):
         return inputs + noise, label
 
 
-def augmented_blobs() -> tuple[Dataset, Dataset]:
-    """`blobs` with random augmentation of the training split."""
+def augmented_blobs(augment: bool = True) -> tuple[Dataset, Dataset]:
+    """`blobs` with random augmentation of the training split (with `augment`, as a factory of the user's might)."""
     train, val = blobs()
-    return Augmented(train), val
+    return (Augmented(train) if augment else train), val
 
 
 def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -> tuple[Dataset, Dataset]:

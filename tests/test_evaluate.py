@@ -290,3 +290,15 @@ def test_a_checkpoint_saved_for_gpus_is_evaluated_and_predicted_on_this_cpu(trai
     output = tmp_path / "val.jsonl"
     assert main(["predict", "--checkpoint", str(gpu_file), "--split", "val", "--output", str(output)]) == 0
     assert f"top-1 accuracy {100 * expected['val/accuracy']:.2f}%" in capsys.readouterr().out
+
+
+def test_predict_on_the_training_split_turns_off_a_factorys_augmentation(tmp_path, capsys):
+    # The factory was passed augment=true: its training split adds fresh noise to each sample it hands out.
+    args = ["data._target_=factories.augmented_blobs", "data.augment=true", "trainer.device=cpu", "trainer.epochs=1"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
+    last, outputs = tmp_path / "checkpoints" / "last.pt", [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    for output in outputs:
+        named = ["data._target_=factories.augmented_blobs"]  # a checkpoint's factory runs only when named again
+        assert main(["predict", "--checkpoint", str(last), "--split", "train", "--output", str(output), *named]) == 0
+    first, second = ([json.loads(line) for line in output.read_text().splitlines()] for output in outputs)
+    assert len(first) == 96 and first == second

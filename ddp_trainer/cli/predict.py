@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import tempfile
@@ -99,7 +98,7 @@ def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dat
         if isinstance(dataset, IterableDataset):  # a stream: it yields whole batches, as its own loader reads them
             return dataset, iter(restored.data.val_loader)
     else:  # the train split again, without augmentation: predictions use the validation preprocessing
-        dataset = data.map_datasets(dataclasses.replace(restored.cfg.data, augment=False))[0]
+        dataset = data.map_datasets(data.unaugmented(restored.cfg.data))[0]
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 

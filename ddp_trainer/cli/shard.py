@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddp_trainer import config
-from ddp_trainer.data import map_datasets
+from ddp_trainer.data import map_datasets, unaugmented
 from ddp_trainer.data.stream_formats import INDEX_FILE
 from ddp_trainer.errors import UsageError
 
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--out {args.out} is not an empty folder; shards are never written over existing files")
         # Shards hold the images as they are: a random crop baked in would be the same every epoch, and differ
         # from one shard run to the next. (A stream's augmentation belongs in its reader.)
-        train, val = map_datasets(dataclasses.replace(config.load(args.config, args.overrides).data, augment=False))
+        train, val = map_datasets(unaugmented(config.load(args.config, args.overrides).data))
         if args.shards > len(train):  # every shard holds a record at least: no folder of empty files
             raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
         if len(val) == 0:  # before train/ is written: a refused run leaves --out empty, to be run again

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +93,12 @@ def build_datasets(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[Dataset, D
             map_datasets(cfg)
         barrier(env)
     return map_datasets(cfg)
+
+
+def unaugmented(cfg: DataConfig) -> DataConfig:
+    """`cfg` with augmentation off: for the built-in datasets, and for a `_target_` factory that was passed augment."""
+    kwargs = {**cfg.kwargs, "augment": False} if "augment" in cfg.kwargs else cfg.kwargs
+    return replace(cfg, augment=False, kwargs=kwargs)
 
 
 def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
