@@ -156,7 +156,9 @@ class ModelConfig(_Section):
 
     section = "model"
     name: str = "mlp"
-    hidden_sizes: list[int] = _checked([512, 256], lambda sizes: all(size > 0 for size in sizes), "positive widths")
+    hidden_sizes: list[int] = _checked(
+        [512, 256], lambda sizes: all(is_count(size) and size > 0 for size in sizes), "positive widths"
+    )
     dropout: float = _checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
     num_classes: int | None = _checked(None, lambda value: value is None or value > 0, "a positive count")
     cifar_stem: bool = False
