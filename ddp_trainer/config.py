@@ -173,6 +173,10 @@ class ModelConfig(_Section):
 
             if self.name not in torchvision.models.list_models():
                 raise _invalid("model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
+        if self._target_ is None and self.cifar_stem and not self.name.startswith("resnet"):
+            raise _invalid(
+                "model.cifar_stem", True, f"false: the CIFAR stem is a resnet's, not model.name={self.name}'s"
+            )
         super().__post_init__()
 
 

@@ -83,9 +83,7 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
     import torchvision  # lazy: heavy, and only needed for these names
 
     model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
-    if cfg.cifar_stem:
-        if not cfg.name.startswith("resnet"):
-            raise UsageError(f"model.cifar_stem=true applies to resnet models, not model.name={cfg.name}")
+    if cfg.cifar_stem:  # a resnet: the config refuses the stem for other models
         # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
         model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

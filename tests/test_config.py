@@ -52,6 +52,7 @@ def test_overrides_are_converted_to_the_schema_types():
         ("trainer.max_steps=0", "'trainer.max_steps'"),
         ("trainer.max_steps=-5", "'trainer.max_steps'"),
         ("model.hidden_sizes=[64,0]", "'model.hidden_sizes'"),
+        ("model.cifar_stem=true", "config key 'model.cifar_stem' has invalid value True"),  # the mlp took it silently
         ("model.hidden_sizes=[[1]]", "config key 'model.hidden_sizes' has invalid value [[1]]"),  # named 'model'
         ("model.num_classes=0", "'model.num_classes'"),
         ("optim.weight_decay=-1", "'optim.weight_decay'"),
