@@ -192,6 +192,7 @@ def hand_written_epoch(
 def ddp_trainer_recipe(model_name: str, mode: Mode, settings: Settings, output_dir: Path) -> list[str]:
     """`ddp-train` arguments: the CIFAR-10 resnet recipe on synthetic images with this mode's config keys."""
     recipe = ["--config", "configs/cifar10_resnet18.yaml", "data.name=synthetic", f"model.name={model_name}"]
+    recipe.append(f"model.cifar_stem={str(model_name.startswith('resnet')).lower()}")  # the recipe's, for its resnet
     recipe += [f"data.synthetic.train_size={settings.batch_size * settings.steps}", "data.synthetic.val_size=64"]
     recipe += [f"data.batch_size={settings.batch_size}", "optim.scheduler=none", "optim.warmup_steps=0"]
     recipe += [

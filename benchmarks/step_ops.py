@@ -149,7 +149,7 @@ def measure_both(
     """Both loops side by side in this process: op counts over one epoch each, after a warm-up epoch; then the
     seconds of `timed_epochs` epochs of each, alternating which goes first, and their phases."""
     device = torch.device(settings.device)
-    model_cfg = ModelConfig(name=model, hidden_sizes=MLP_HIDDEN, cifar_stem=True)
+    model_cfg = ModelConfig(name=model, hidden_sizes=MLP_HIDDEN, cifar_stem=model.startswith("resnet"))
     hand_epoch = hand_written_epoch(model_cfg, mode, settings.batch_size, settings.steps, device, workers, LR)
     stopwatch = Stopwatch()
     pairs = SideBySide(stopwatch.timing("hand", hand_epoch))
