@@ -244,8 +244,19 @@ def for_array_task(config: Config, task_id: int | None) -> Config:
     if task_id is None or not config.output_dir_per_array_task:
         return config
     # Saved as it ran: the task's config.yaml, given again as --config in the same array task, runs in that folder.
-    folder = str(Path(config.output_dir) / f"array_task_{task_id}")
-    return dataclasses.replace(config, output_dir=folder, output_dir_per_array_task=False)
+    folder = Path(config.output_dir) / f"array_task_{task_id}"
+    if _holds_files(Path(config.output_dir) / "checkpoints") and not _holds_files(folder / "checkpoints"):
+        # A release before the per-task folders saved there: the task would start over beside its checkpoints.
+        raise UsageError(
+            f"output_dir {config.output_dir} holds checkpoints of a run not split per array task (a release before "
+            f"array_task_<index> folders, or a run outside the array): to resume it, set "
+            f"output_dir_per_array_task=false; to train array task {task_id} anew, use another output_dir"
+        )
+    return dataclasses.replace(config, output_dir=str(folder), output_dir_per_array_task=False)
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _last_record(metrics_path: Path) -> dict[str, Any]:

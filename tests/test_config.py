@@ -335,6 +335,27 @@ def test_array_tasks_of_one_command_write_apart_and_a_requeued_task_resumes_its_
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_array_task_refuses_to_start_over_beside_checkpoints_saved_in_output_dir(tmp_path, capsys, monkeypatch):
+    # Releases before the per-task folders saved each task's checkpoints in output_dir itself.
+    args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    saved = {path: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()}
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    capsys.readouterr()
+    assert main([*args, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]"]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train: error: output_dir {tmp_path} holds checkpoints of a run not split per array task (a release "
+        "before array_task_<index> folders, or a run outside the array): to resume it, set "
+        "output_dir_per_array_task=false; to train array task 3 anew, use another output_dir\n"
+    )
+    assert not (tmp_path / "array_task_3").exists()
+    assert {path: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()} == saved
+    more = [*args, "trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]", "output_dir_per_array_task=false"]
+    assert main(more) == 0
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2]
+
+
 def test_an_array_tasks_saved_config_runs_in_its_folder_again(tmp_path):
     saved = tmp_path / "config.yaml"
     saved.write_text(config.to_yaml(api.for_array_task(config.load(None, [f"output_dir={tmp_path}"]), 3)))
