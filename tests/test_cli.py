@@ -22,6 +22,20 @@ from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError, say
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "consolidate", "plot"])
+def test_each_command_runs_as_its_own_module_too(command, tmp_path):
+    # `python -m ddp_trainer.cli.evaluate` imported the module, did nothing and exited 0.
+    missing = tmp_path / "missing.pt"
+    args = {"evaluate": ["--checkpoint", str(missing)], "predict": ["--checkpoint", str(missing), "--split", "val"]}
+    args["consolidate"] = ["--checkpoint", str(missing), "--output", str(tmp_path / "out.pt")]
+    args["plot"] = [str(missing)]
+    module = [sys.executable, "-m", f"ddp_trainer.cli.{command}", *args[command]]
+    result = subprocess.run(module, capture_output=True, text=True, timeout=60, env=cli_env(), cwd=REPO_DIR)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"ddp-train {command}: error: ") and str(missing) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_misspelt_key_exits_2_with_one_line_naming_it(tmp_path, capsys):
     assert main(["--config", "configs/digits_mlp.yaml", f"output_dir={tmp_path}", "trainer.epochz=3"]) == 2
     error = capsys.readouterr().err

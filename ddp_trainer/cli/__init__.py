@@ -22,3 +22,10 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
     # collected again: this is for a process that is about to end, never for main() called from Python.
     gc.freeze()
     sys.exit(code)
+
+
+def run_as(command: str) -> NoReturn:
+    """`python -m ddp_trainer.cli.COMMAND ARGS` as the program: the same as `ddp-train COMMAND ARGS`."""
+    from ddp_trainer.cli import train  # lazy: it imports the commands' modules
+
+    exit_after(lambda: train.main([command, *sys.argv[1:]]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ddp_trainer import atomic, checkpoint
+from ddp_trainer.cli import run_as
 from ddp_trainer.errors import UsageError
 
 
@@ -52,3 +53,7 @@ def main(argv: Sequence[str]) -> int:
         f"in {len(tensors)} tensors, with the optimizer state ({args.output.stat().st_size / 2**20:.1f} MiB)"
     )
     return 0
+
+
+if __name__ == "__main__":
+    run_as("consolidate")

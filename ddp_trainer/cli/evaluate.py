@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ddp_trainer import checkpoint, config, data, distributed, models, task_checks
+from ddp_trainer.cli import run_as
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv
@@ -152,3 +153,7 @@ def main(argv: Sequence[str]) -> int:
     if env.is_main:
         print(report(args.checkpoint, state, cfg, metrics, args.json), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    run_as("evaluate")

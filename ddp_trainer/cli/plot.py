@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddp_trainer.atomic import write_atomic
+from ddp_trainer.cli import run_as
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import is_number
 
@@ -135,3 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_figure(plot_metrics(read_epochs(file), title=str(file.parent)), output)
     print(f"wrote {output}")
     return 0
+
+
+if __name__ == "__main__":
+    run_as("plot")

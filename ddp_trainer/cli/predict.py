@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed
 from ddp_trainer.atomic import chmod_as_open
+from ddp_trainer.cli import run_as
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.data import to_device
 from ddp_trainer.errors import UsageError
@@ -214,3 +215,7 @@ def main(argv: Sequence[str]) -> int:
         distributed.teardown()
     print(summary, flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    run_as("predict")
