@@ -291,18 +291,6 @@ class Config(_Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _collect_factory_kwargs(raw: DictConfig, section: str, schema: type) -> None:
-    """With `_target_`, keys the schema does not know are the factory's keyword arguments (Hydra style)."""
-    node = raw.get(section)
-    if not isinstance(node, DictConfig) or node.get("_target_") is None:
-        return
-    known = {f.name for f in dataclasses.fields(schema)}
-    extra = [key for key in node.keys() if key not in known]
-    node["kwargs"] = OmegaConf.merge(node.get("kwargs") or {}, {key: node[key] for key in extra})
-    for key in extra:
-        del node[key]
-
-
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
     merged = sources.merge(sources.read(path), sources.parse_overrides(overrides))
@@ -354,18 +342,12 @@ def _written_keys(written: DictConfig, section: str) -> list[str]:
 def _validate(raw: DictConfig, written: DictConfig) -> Config:
     written_keys = {section: _written_keys(written, section) for section in ("data", "model")}  # raw changes below
     raw = sources.resolved(dataclasses.asdict(Config()), raw)  # `${model.width}` before width moves to kwargs
-    _collect_factory_kwargs(raw, "data", DataConfig)
-    _collect_factory_kwargs(raw, "model", ModelConfig)
+    factory_args.collect(raw, "data", DataConfig)
+    factory_args.collect(raw, "model", ModelConfig)
     config = sources.to_object(sources.merge(OmegaConf.structured(Config), raw))
     for section, settings in (("data", config.data), ("model", config.model)):
-        if settings._target_ is not None:
-            factory = locate(settings._target_, f"{section}._target_")
-            factory_args.route(section, factory, settings, written_keys[section])
-        elif settings.kwargs:  # the built-in datasets and models take their keys by name
-            raise UsageError(
-                f"config key '{section}.kwargs.{next(iter(settings.kwargs))}' does nothing: {section}.kwargs are the "
-                f"keyword arguments of a {section}._target_ factory, and none is set"
-            )
+        factory = None if settings._target_ is None else locate(settings._target_, f"{section}._target_")
+        factory_args.route(section, factory, settings, written_keys[section])
     return config
 
 

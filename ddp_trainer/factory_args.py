@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from ddp_trainer.errors import UsageError
 
 if TYPE_CHECKING:  # config imports this module
@@ -33,8 +35,29 @@ def _parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool
     return [p.name for p in keywords], required, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def route(section: str, factory: Callable[..., Any], cfg: DataConfig | ModelConfig, written: Sequence[str]) -> None:
+def collect(raw: DictConfig, section: str, schema: type) -> None:
+    """With `_target_`, keys the schema does not know are the factory's keyword arguments (Hydra style)."""
+    node = raw.get(section)
+    if not isinstance(node, DictConfig) or node.get("_target_") is None:
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    extra = [key for key in node.keys() if key not in known]
+    node["kwargs"] = OmegaConf.merge(node.get("kwargs") or {}, {key: node[key] for key in extra})
+    for key in extra:
+        del node[key]
+
+
+def route(
+    section: str, factory: Callable[..., Any] | None, cfg: DataConfig | ModelConfig, written: Sequence[str]
+) -> None:
     """Add each schema key in `written` that `factory` takes to `cfg.kwargs`; refuse a key that would reach nothing."""
+    if factory is None:
+        if cfg.kwargs:  # the built-in datasets and models take their keys by name
+            raise UsageError(
+                f"config key '{section}.kwargs.{next(iter(cfg.kwargs))}' does nothing: {section}.kwargs are the "
+                f"keyword arguments of a {section}._target_ factory, and none is set"
+            )
+        return
     names, required, takes_any = _parameters(factory)
     refusal = f"is not a parameter of {cfg._target_} (it takes {', '.join(names) or 'no keyword arguments'})"
     for key in cfg.kwargs:
