@@ -13,8 +13,10 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -91,6 +93,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         if distributed.detect_launcher().launcher == "torchrun":
             stop_when_orphaned()
         cleanup.callback(distributed.teardown)
+        cleanup.push(_release_failed_frames)  # before teardown: its callbacks run last in, first out
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
@@ -102,9 +105,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         cleanup.callback(lambda: logger.finish(exit_code))  # the exit code as it stands then
         cleanup.callback(stop_loader_workers)  # a traceback that holds the loaders must not keep their workers alive
         _announce(logger, array_task, cfg.output_dir, stop.active)
-        bundle, parts = _assemble(cfg, env, build, task, logger)
-        with _naming_unused_parameters():
-            exit_code, finished = Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
+        exit_code, finished = _train(cfg, env, build, task, logger, stop, clock)
         # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
         with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
@@ -139,6 +140,37 @@ def _announce(logger: RunLogger, array_task: int | None, output_dir: str, catchi
 def _claim(output_dir: Path, env: DistEnv) -> FolderClaim | None:
     """Rank 0's hold on output_dir, before anything in it is read or written; None on the other ranks."""
     return FolderClaim(output_dir) if env.is_main else None
+
+
+def _train(
+    cfg: Config,
+    env: DistEnv,
+    build: Build,
+    task: Task,
+    logger: RunLogger,
+    stop: StopSignals,
+    clock: Callable[[], float],
+) -> tuple[int, bool]:
+    """Assemble the run and fit it: (exit code, finished). Its parts go with this frame, the process group still up.
+
+    DDP's reducer shares gloo's group: freed after the group was destroyed, it takes the group down while holding the
+    GIL, which gloo's worker thread may need to free the last collective's tensors. The process hung at exit (twice in
+    70 runs on torch 2.11).
+    """
+    bundle, parts = _assemble(cfg, env, build, task, logger)
+    with _naming_unused_parameters():
+        return Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
+
+
+def _release_failed_frames(
+    kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+) -> None:
+    """On a failure, free what its frames hold (the parts, DDP's reducer) before the process group is destroyed."""
+    seen = set()
+    while error is not None and id(error) not in seen and torch.distributed.is_initialized():
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # the running frames stay: a traceback prints as before
+        error = error.__cause__ or error.__context__
 
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import multiprocessing
 import os
@@ -176,6 +177,25 @@ def train_counting_all_reduce(rank: int, world_size: int, port: int, args: list[
     finally:
         dist.all_reduce = original
     Path(out_dir, f"all_reduce_rank{rank}.txt").write_text(str(len(calls)))
+
+
+def train_noting_ddp_at_teardown(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:
+    """Run the CLI on this rank; write how it ended and how many DDP modules lived as the group was destroyed."""
+    _join_as(rank, world_size, port)
+    original, alive = dist.destroy_process_group, []
+
+    def noting(*call_args, **call_kwargs):  # noqa: ANN002, ANN003, ANN202 - mirrors destroy_process_group
+        alive.append(sum(isinstance(thing, DistributedDataParallel) for thing in gc.get_objects()))
+        return original(*call_args, **call_kwargs)
+
+    dist.destroy_process_group = noting
+    try:
+        ended = str(train.main(args))
+    except Exception as error:  # noqa: BLE001 - a rank's own failure leaves main() as an exception
+        ended = type(error).__name__
+    finally:
+        dist.destroy_process_group = original
+    Path(out_dir, f"teardown_rank{rank}.txt").write_text(f"{ended} {alive}")
 
 
 def evaluate_checkpoint(rank: int, world_size: int, port: int, path: str, overrides: list[str], out_file: str) -> None:
