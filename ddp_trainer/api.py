@@ -166,11 +166,17 @@ def _release_failed_frames(
     kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
 ) -> None:
     """On a failure, free what its frames hold (the parts, DDP's reducer) before the process group is destroyed."""
-    seen = set()
-    while error is not None and id(error) not in seen and torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():
+        return
+    # Every branch: a checkpoint write that failed while stopping has the stop as __context__, its OSError as __cause__.
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)  # the running frames stay: a traceback prints as before
-        error = error.__cause__ or error.__context__
+        pending += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
 
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:

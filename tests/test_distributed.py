@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
 import signal
 import subprocess
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from dist_helpers import (
 )
 
 from ddp_trainer import checkpoint, config
+from ddp_trainer.api import _release_failed_frames
 from ddp_trainer.cli.train import main
 
 DIGITS = "configs/digits_mlp.yaml"
@@ -150,6 +153,38 @@ def test_the_ddp_model_is_freed_before_the_process_group_is_destroyed(tmp_path, 
     args = [*data, *BLOBS[1:], "trainer.epochs=1", "data.batch_size=8", f"output_dir={tmp_path}"]
     spawn(2, train_noting_ddp_at_teardown, [*args, "trainer.dist_timeout_s=20"], str(tmp_path))
     assert [(tmp_path / f"teardown_rank{rank}.txt").read_text() for rank in (0, 1)] == [f"{end} [0]" for end in ended]
+
+
+class _Held:
+    """Stands for what a failed step's frames hold: the DDP model and its reducer."""
+
+
+def _fail_holding(held: _Held) -> None:
+    raise RuntimeError("stopped at step 5")
+
+
+def test_a_failure_frees_what_every_branch_of_its_exception_chain_holds():
+    # A stop whose checkpoint write then failed in the writer thread: the failure's __cause__ is the OSError, and only
+    # its __context__ leads to the frames that held the model.
+    held = _Held()
+    alive = weakref.ref(held)
+    write_error = OSError("No space left on device")
+    try:
+        try:
+            _fail_holding(held)
+        except RuntimeError:
+            raise RuntimeError("the stop checkpoint was not written") from write_error
+    except RuntimeError as error:
+        failure = error
+    del held
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _release_failed_frames(type(failure), failure, failure.__traceback__)
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert alive() is None
+    assert isinstance(failure.__context__, RuntimeError)  # the chain itself stays whole: a traceback prints as before
 
 
 def test_a_crash_on_one_rank_ends_the_whole_job_promptly(tmp_path):
