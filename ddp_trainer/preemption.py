@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+import ddp_trainer
 from ddp_trainer.slurm import EarlyWarning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -78,8 +79,10 @@ def stop_when_orphaned(interval_s: float = 1.0) -> None:
     torchrun starts its workers in sessions of their own: SIGKILLed, it leaves them training, unwatched, where a
     restarted job would start a second set writing into the same output_dir.
     """
-    launcher = os.getppid()
-    if launcher == 1:  # started without a parent to outlive
+    process, launcher = ddp_trainer.STARTED_BY
+    if process != os.getpid():  # forked since the import: its launcher is the process that forked it
+        launcher = os.getppid()
+    if launcher == 1:  # started without a parent to outlive (torchrun as a container's init)
         return
 
     def watch() -> None:

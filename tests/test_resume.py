@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -386,6 +387,34 @@ def test_ranks_whose_torchrun_was_killed_save_and_stop_and_the_run_resumes_exact
     resumed = run_ranks(args)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path, uninterrupted_two_ranks)
+
+
+def importing_torch(pid: int) -> bool:
+    """Whether rank `pid` has mapped torch's library, so it is past `import ddp_trainer` and into torch's imports."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ranks_whose_torchrun_was_killed_while_they_imported_torch_end_at_once(tmp_path):
+    # Orphaned before fit() started its watcher, they found PID 1 as their parent and nothing to watch: with torchrun's
+    # store gone, they waited in the rendezvous for trainer.startup_timeout_s (30 minutes by default).
+    launcher = launch_cli([*DIGITS, "trainer.startup_timeout_s=600", f"output_dir={tmp_path}"], nproc=2)
+    ranks, deadline = {}, time.monotonic() + 60
+    while not (len(ranks) == 2 and all(map(importing_torch, ranks.values()))) and time.monotonic() < deadline:
+        ranks = worker_pids(launcher.pid)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    try:
+        while not all(map(dead, ranks.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ranks) == 2 and all(map(dead, ranks.values())), "the orphaned ranks waited on"
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def two_agents_with_one_restart(args: list[str]) -> list[subprocess.Popen]:
