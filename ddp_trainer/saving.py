@@ -62,29 +62,37 @@ def stage(state: Any, reuse: Any = None) -> Any:
     Reusing the previous save's copy (its write finished) skips a page fault per page of fresh memory, and under CUDA
     the cost of pinning it again.
     """
-    copied = _copy_to_cpu(state, reuse)
+    copied = _copy_to_cpu(state, reuse, {})
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()  # one wait for every non_blocking device-to-host copy above
     return copied
 
 
-def _copy_to_cpu(value: Any, reuse: Any) -> Any:
+def _copy_to_cpu(value: Any, reuse: Any, copies: dict[tuple, torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
-        fits = isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (value.shape, value.dtype)
-        if value.device.type == "cpu":
-            # A CPU state dict aliases the live weights and optimizer buffers, which the next step updates in place.
-            return reuse.copy_(value.detach()) if fits else value.detach().clone()
-        # Pinned: the copy can run asynchronously.
-        pinned = reuse if fits and reuse.is_pinned() else torch.empty_like(value, device="cpu", pin_memory=True)
-        return pinned.copy_(value.detach(), non_blocking=True)
+        # Tied weights (an embedding shared with the output layer) are one copy, as torch.save writes them: not two.
+        view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.stride(), value.dtype)
+        if (view, value.shape) not in copies:
+            copies[view, value.shape] = _copy_tensor(value, reuse)
+        return copies[view, value.shape]
     if isinstance(value, dict):
         old = reuse if isinstance(reuse, dict) else {}
-        return {key: _copy_to_cpu(item, old.get(key)) for key, item in value.items()}
+        return {key: _copy_to_cpu(item, old.get(key), copies) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         old = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(value) else [None] * len(value)
-        items = [_copy_to_cpu(item, previous) for item, previous in zip(value, old, strict=True)]
+        items = [_copy_to_cpu(item, previous, copies) for item, previous in zip(value, old, strict=True)]
         return items if isinstance(value, list) else tuple(items)
     return value  # numbers, strings, None: immutable
+
+
+def _copy_tensor(value: torch.Tensor, reuse: Any) -> torch.Tensor:
+    fits = isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (value.shape, value.dtype)
+    if value.device.type == "cpu":
+        # A CPU state dict aliases the live weights and optimizer buffers, which the next step updates in place.
+        return reuse.copy_(value.detach()) if fits else value.detach().clone()
+    # Pinned: the copy can run asynchronously.
+    pinned = reuse if fits and reuse.is_pinned() else torch.empty_like(value, device="cpu", pin_memory=True)
+    return pinned.copy_(value.detach(), non_blocking=True)
 
 
 class Saver:

@@ -99,6 +99,23 @@ def test_the_next_async_save_copies_into_the_previous_copy_once_its_write_is_don
     assert torch.equal(written["optimizer"]["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
 
 
+def test_an_async_save_writes_a_tied_weight_once_as_a_sync_save_does(tmp_path):
+    embedding = nn.Embedding(1000, 64)
+    model = nn.Sequential(embedding, nn.Linear(64, 1000, bias=False))
+    model[1].weight = embedding.weight  # tied, as a language model's input and output embeddings often are
+    sizes = {}
+    for async_save in (False, True):
+        (tmp_path / str(async_save)).mkdir()
+        saver = saving.Saver(tmp_path / str(async_save), keep_last=0, async_save=async_save)
+        state = {**saving.model_state(model, torch.optim.SGD(model.parameters())), "epoch": 0, "step": 1, "config": {}}
+        saver.save(state, ["last"])
+        saver.close()
+        sizes[async_save] = (tmp_path / str(async_save) / "last.pt").stat().st_size
+        written = checkpoint.load(tmp_path / str(async_save) / "last.pt")["model"]
+        assert written["0.weight"].untyped_storage().data_ptr() == written["1.weight"].untyped_storage().data_ptr()
+    assert max(sizes.values()) < 1000 * 64 * 4 * 1.1  # one copy of the 256 KB matrix each, not two
+
+
 def test_kill_during_a_background_write_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path):
     args = [*RUN, "model.dropout=0.2"]  # dropout: the resumed run needs its RNG streams back
     straight = run_cli([*args, f"output_dir={tmp_path / 'straight'}"])
