@@ -92,6 +92,7 @@ class _CheckedTask:
             )
         if torch.is_grad_enabled() and not loss.requires_grad:  # training: backward would fail far from here
             raise UsageError(f"task {type(self.task).__name__}: forward's loss is detached from the model's weights")
+        self._on_device(sums, loss.device, "forward")
         return result
 
     def sums_of(self, losses: torch.Tensor, outputs: list[Any]) -> torch.Tensor:
@@ -102,7 +103,16 @@ class _CheckedTask:
                 f"task {type(self.task).__name__}: sums_of must return a tensor of {len(outputs)} rows (one per step) "
                 f"of {self.size} sums in the order of sum_names, not {describe(sums)}"
             )
+        self._on_device(sums, losses.device, "sums_of")
         return sums
+
+    def _on_device(self, sums: torch.Tensor, device: torch.device, method: str) -> None:
+        # A CPU sum beside a CUDA loss (a torch.full without device=) fails only on a GPU, far from here, at the sum.
+        if sums.device != device:
+            raise UsageError(
+                f"task {type(self.task).__name__}: {method} returned its sums on {sums.device}, not on the loss's "
+                f"device {device}: create them there (device=loss.device)"
+            )
 
 
 def _defined_below(task: Task, name: str, other: str) -> bool:

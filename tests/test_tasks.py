@@ -240,7 +240,7 @@ class Ranking:
         query, positive, negative = (model(batch[key]) for key in ("query", "positive", "negative"))
         good, bad = (query * positive).sum(1), (query * negative).sum(1)
         loss = torch.relu(1 - good + bad).mean()
-        samples = torch.full((), float(len(good)), dtype=torch.float64)
+        samples = torch.full((), float(len(good)), dtype=torch.float64, device=good.device)  # no device=: CPU only
         return loss, torch.stack([loss.detach().double() * samples, (good > bad).sum(dtype=torch.float64), samples])
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
@@ -328,13 +328,15 @@ class TwoSums(Ranking):
 
 
 class OddLoss(Ranking):
-    """A loss given as a float (`.item()`), per sample, or detached: each failed later with a bare traceback."""
+    """A loss given as a float (`.item()`), per sample, or detached, or sums on another device than the loss's."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
     def forward(self, model: nn.Module, batch: dict) -> tuple[Any, torch.Tensor]:
         loss, sums = super().forward(model, batch)
+        if self.kind == "sums elsewhere":  # meta stands for the CPU beside a CUDA loss: failed only on a GPU
+            return loss, sums.to("meta")
         odd = {"float": loss.item(), "per sample": loss.expand(4), "detached": loss.detach()}[self.kind]
         return odd, sums
 
@@ -351,6 +353,11 @@ class ShortSumsOf(Ranking):
 
     def sums_of(self, losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(outputs)[:, :2]
+
+
+class CpuSumsOf(ShortSumsOf):
+    def sums_of(self, losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(outputs)  # on the CPU, whatever device the losses are on
 
 
 class Flagged(Ranking):
@@ -428,10 +435,15 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         resolve(OddLoss("detached")).forward(nn.Linear(6, 6), batch)
     with torch.no_grad():  # evaluation: no gradient to ask for
         resolve(OddLoss("detached")).forward(nn.Linear(6, 6), batch)
+    elsewhere = "returned its sums on {}, not on the loss's device {}: create them there \\(device=loss.device\\)$"
+    with pytest.raises(UsageError, match="^task OddLoss: forward " + elsewhere.format("meta", "cpu")):
+        resolve(OddLoss("sums elsewhere")).forward(nn.Linear(6, 6), batch)
     deferred = resolve(ShortSumsOf())
     loss, outputs = deferred.step_outputs(nn.Linear(6, 6), batch)
     with pytest.raises(UsageError, match="sums_of must return a tensor of 2 rows .* of 3 sums .* not a tensor of "):
         deferred.sums_of(torch.stack([loss, loss]), [outputs, outputs])
+    with pytest.raises(UsageError, match="^task CpuSumsOf: sums_of " + elsewhere.format("cpu", "meta")):
+        resolve(CpuSumsOf()).sums_of(torch.stack([loss, loss]).to("meta"), [outputs, outputs])
 
 
 class Smoothed(Classification):
