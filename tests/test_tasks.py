@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import random
 import re
@@ -212,6 +213,36 @@ def test_batches_of_tuples_and_dicts_move_to_the_device_at_any_depth():
     Pair = collections.namedtuple("Pair", ["x", "y"])  # a dataset's namedtuple: type(batch)(generator) raised
     pair = to_device([Pair(torch.zeros(2), torch.ones(2))], torch.device("meta"), channels_last=False)[0]
     assert type(pair) is Pair and pair.x.device.type == "meta" and pair.y.device.type == "meta"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """A task's own collate's batch: a dataclass of tensors, with a field the constructor does not take."""
+
+    ids: torch.Tensor
+    lengths: list[int]
+    mask: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", self.ids != 0)
+
+
+class Graph:
+    """A batch type with a `.to` of its own, as a graph library's are."""
+
+    def __init__(self, edges: torch.Tensor) -> None:
+        self.edges = edges
+
+    def to(self, device: torch.device) -> Graph:
+        return Graph(self.edges.to(device))
+
+
+def test_dataclass_batches_and_batches_with_their_own_to_move_to_the_device():
+    # Returned as they were, their tensors stayed on the CPU: a task's collate may make them (a GPU run failed).
+    tokens = to_device(Tokens(torch.tensor([[3, 0]]), [1]), torch.device("meta"), channels_last=False)
+    assert tokens.ids.device.type == "meta" and tokens.mask.device.type == "meta" and tokens.lengths == [1]
+    graph = to_device({"graph": Graph(torch.zeros(2, 5))}, torch.device("meta"), channels_last=False)["graph"]
+    assert isinstance(graph, Graph) and graph.edges.device.type == "meta"
 
 
 def test_a_dict_batch_and_a_pair_give_the_same_classification_sums():

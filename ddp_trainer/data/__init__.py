@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
+from dataclasses import fields as dataclass_fields
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,7 +51,7 @@ class DataBundle:
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
-    """The batch (tensors in tuples, lists and dicts at any depth) on `device`; images NHWC if `channels_last`."""
+    """The batch (tensors in tuples, lists, dicts and dataclasses, or objects with `.to`) on `device`, NHWC images."""
     if torch.is_tensor(batch):
         # From pinned memory, the copy overlaps compute; NHWC images are laid out by that same copy, not a second one.
         nhwc = channels_last and batch.dim() == 4 and batch.is_floating_point()
@@ -61,6 +62,13 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     if isinstance(batch, list | tuple):
         moved = [to_device(value, device, channels_last) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple takes fields
+    # A task's own collate may make either: left as they were, their tensors stayed on the CPU beside a CUDA model.
+    if is_dataclass(batch) and not isinstance(batch, type):
+        fields = {field.name: getattr(batch, field.name) for field in dataclass_fields(batch) if field.init}
+        return replace(batch, **{name: to_device(value, device, channels_last) for name, value in fields.items()})
+    if callable(getattr(batch, "to", None)):  # a batch type of its own (a graph library's, say)
+        moved = batch.to(device)
+        return batch if moved is None else moved  # some move in place
     return batch
 
 
