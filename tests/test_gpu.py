@@ -4,13 +4,15 @@ CPU runs cannot see a tensor left on the wrong device or a host sync that starve
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
 SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
 the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
-under DDP (compiled), under FSDP with sharded checkpoints, and with a user IterableDataset.
+under DDP (compiled), under FSDP with sharded checkpoints, and with a user IterableDataset; on a host with 2 GPUs,
+2 ranks over NCCL too.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import time
 
@@ -63,6 +65,13 @@ def evaluate_json(capsys, path, *overrides: str) -> dict:
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(path), "--json", *overrides]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """Child processes see one GPU, which their ranks share over gloo: on a host with more, they would take NCCL."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", first)
 
 
 @pytest.fixture(scope="module")
@@ -237,21 +246,34 @@ def test_the_streaming_recipe_trains_on_the_gpu(tmp_path):
     assert line["val/accuracy"] > 0.95 and line["train/samples"] == 1438 and line["val/samples"] == 359
 
 
-def test_two_ranks_share_one_gpu_over_gloo_with_exact_metrics(tmp_path, capsys):
-    # auto picks gloo: more processes than GPUs. Metric sums, buffers, the RNG gather and DDP's gradient
-    # all-reduce all run on CUDA tensors; the model is compiled inside DDP, whose DDPOptimizer splits its graphs.
-    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=3", "model.dropout=0.1", "trainer.compile=true"]
-    args += [f"output_dir={tmp_path}"]
-    result = run_cli(args, nproc=2)
+TWO_RANKS = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=3", "model.dropout=0.1"]
+
+
+def assert_two_ranks_measure_what_one_process_does(tmp_path, capsys, args: list[str], backend: str) -> None:
+    """Train the digits recipe on 2 ranks over `backend`: global metrics, and evaluate's val/loss from one process."""
+    result = run_cli([*TWO_RANKS, *args, f"output_dir={tmp_path}"], nproc=2)
     assert result.returncode == 0, result.stderr
-    assert "world size 2 (gloo, cuda:0)" in result.stdout
+    assert f"world size 2 ({backend}, cuda:0)" in result.stdout
     line = last_line(tmp_path)
     assert line["val/samples"] == 359 and line["train/samples"] == 1438
     single = evaluate_json(capsys, tmp_path / "checkpoints" / "last.pt")["metrics"]
     assert single["val/loss"] == pytest.approx(line["val/loss"], rel=1e-6)
 
 
-def test_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path):
+def test_two_ranks_share_one_gpu_over_gloo_with_exact_metrics(tmp_path, capsys, one_gpu):
+    # auto picks gloo: more processes than GPUs. Metric sums, buffers, the RNG gather and DDP's gradient
+    # all-reduce all run on CUDA tensors; the model is compiled inside DDP, whose DDPOptimizer splits its graphs.
+    assert_two_ranks_measure_what_one_process_does(tmp_path, capsys, ["trainer.compile=true"], "gloo")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank")
+def test_two_ranks_on_two_gpus_over_nccl_with_exact_metrics(tmp_path, capsys):
+    # Every other test of 2 ranks shares one GPU over gloo: here NCCL carries DDP's gradients, the metric sums, the
+    # buffers' broadcast and the RNG gather, each rank on its own GPU.
+    assert_two_ranks_measure_what_one_process_does(tmp_path, capsys, ["trainer.dist_backend=nccl"], "nccl")
+
+
+def test_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path, one_gpu):
     args = ["data._target_=factories.blobs", "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true"]
     result = run_cli([*args, "data.batch_size=8", "trainer.device=cuda", f"output_dir={tmp_path}"], nproc=2)
     assert result.returncode == 0, result.stderr
@@ -296,7 +318,7 @@ def test_async_save_on_cuda_writes_checkpoints_a_cpu_can_load(tmp_path):
     assert all(tensor.device.type == "cpu" for tensor in written["last.pt"]["model"].values())
 
 
-def test_fsdp_on_two_ranks_sharing_a_gpu_writes_shards_one_process_resumes(tmp_path):
+def test_fsdp_on_two_ranks_sharing_a_gpu_writes_shards_one_process_resumes(tmp_path, one_gpu):
     # FSDP2's all-gathers and reduce-scatters, DCP's shard writes and the async staging, all of CUDA tensors.
     args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cuda", "trainer.strategy=fsdp"]
     args += ["trainer.fsdp_wrap=[Linear]", "trainer.precision=bf16", "checkpoint.async_save=true", "trainer.epochs=2"]
@@ -333,7 +355,7 @@ def test_regression_and_language_model_measure_on_the_gpu_what_they_measure_on_t
         assert gpu[key] == pytest.approx(cpu[key], rel=0.02), key
 
 
-def test_a_user_stream_on_two_uneven_ranks_sharing_a_gpu_trains_every_image_once(tmp_path):
+def test_a_user_stream_on_two_uneven_ranks_sharing_a_gpu_trains_every_image_once(tmp_path, one_gpu):
     # 4 readers of 360, 360, 360, 357 images in batches of 7: one rank holds 104 batches, the other 103, and joins
     # the last step with a stand-in batch on the GPU.
     args = ["trainer.device=cuda", "trainer.epochs=1", "data.batch_size=7", "data.num_workers=2"]
