@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from conftest import REPO_DIR, cli_env
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import assembly, atomic, checkpoint, claim, saving
-from ddp_trainer.cli import train
+from ddp_trainer import assembly, atomic, checkpoint, claim, distributed, saving
+from ddp_trainer.cli import doctor, train
 
 
 def free_port() -> int:
@@ -290,6 +291,16 @@ def sharded_saver_group_timeout(rank: int, world_size: int, port: int, folder: s
         saver.close()
     finally:
         dist.destroy_process_group()
+
+
+def doctor_under_nccl(rank: int, world_size: int, port: int, folder: str) -> None:
+    """The doctor's collectives as an NCCL run's would be (gloo standing in for NCCL), its lines to `folder`."""
+    _join_as(rank, world_size, port)
+    env = distributed.setup("cpu", 60)
+    try:
+        Path(folder, f"rank{rank}.txt").write_text("\n".join(doctor.check_collectives(replace(env, backend="nccl"))))
+    finally:
+        distributed.teardown()
 
 
 def read_while_replaced(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO_DIR, cli_env, read_metrics
-from dist_helpers import free_port
+from dist_helpers import doctor_under_nccl, free_port, spawn
 
 from ddp_trainer import distributed, slurm
 from ddp_trainer.cli import doctor
@@ -177,6 +178,16 @@ def test_doctor_reports_every_rank_and_times_an_all_reduce():
     ]
     assert "launcher=torchrun device=cpu" in result.stdout and "interface=lo" in result.stdout
     assert "doctor: all_reduce over 2 ranks (gloo) took" in result.stdout
+
+
+def test_the_doctor_of_an_nccl_run_checks_the_gloo_group_training_uses_beside_it(tmp_path):
+    # A host whose gloo picks an unreachable interface passed the doctor, then failed at training's first stop check.
+    spawn(2, doctor_under_nccl, str(tmp_path))
+    lines = (tmp_path / "rank0.txt").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("all_reduce over 2 ranks (nccl) took")
+    assert re.fullmatch(
+        r"all_reduce over 2 ranks \(gloo beside it: stop agreement, async saves\) took [\d.]+ ms: ok", lines[1]
+    )
 
 
 @pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "1e-300"])

@@ -1,6 +1,7 @@
 """`python -m ddp_trainer.cli.doctor` (or `ddp-launch --doctor`): check a launch before it burns GPU hours.
 
-Every rank prints what it detected, then all ranks time one all_reduce. A failure is named in one line.
+Every rank prints what it detected, then all ranks time one all_reduce (and, under NCCL, one over the gloo group that
+training also uses). A failure is named in one line.
 """
 
 from __future__ import annotations
@@ -67,16 +68,28 @@ def reach_master(launch: distributed.Launch, timeout_s: float) -> None:
     raise UsageError(f"cannot reach the master {launch.master_addr}:{launch.master_port} in {timeout_s:g} s ({reason})")
 
 
-def check_all_reduce(env: distributed.DistEnv) -> str:
-    """Time one all_reduce over all ranks and check its sum."""
-    tensor = torch.ones(1, device=env.device)
+def check_all_reduce(env: distributed.DistEnv, side: dist.ProcessGroup | None = None) -> str:
+    """Time one all_reduce over all ranks (of CPU tensors over `side`, a gloo group, if given) and check its sum."""
+    tensor = torch.ones(1, device=env.device if side is None else "cpu")
     started = time.perf_counter()
-    distributed.all_reduce_sum(tensor, env)
+    if side is None:
+        distributed.all_reduce_sum(tensor, env)
+    else:
+        dist.all_reduce(tensor, group=side)
     total = tensor.item()  # waits for the collective to finish
     elapsed_ms = 1000 * (time.perf_counter() - started)
     if total != env.world_size:
         raise RuntimeError(f"all_reduce summed to {total:g}, expected {env.world_size}: ranks disagree on the job")
-    return f"all_reduce over {env.world_size} ranks ({env.backend or 'no backend'}) took {elapsed_ms:.1f} ms: ok"
+    over = (env.backend or "no backend") if side is None else "gloo beside it: stop agreement, async saves"
+    return f"all_reduce over {env.world_size} ranks ({over}) took {elapsed_ms:.1f} ms: ok"
+
+
+def check_collectives(env: distributed.DistEnv) -> list[str]:
+    """The lines of each all_reduce training runs: over the run's backend and, beside NCCL, over a gloo group."""
+    lines = [check_all_reduce(env)]
+    if env.backend == "nccl":  # gloo picks its own network interface: one that NCCL's working says nothing about
+        lines.append(check_all_reduce(env, dist.new_group(backend="gloo")))
+    return lines
 
 
 def seconds(text: str) -> float:
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         reach_master(launch, timeout_s)
         env = distributed.setup("auto", timeout_s, timeout_name="--timeout")
         try:
-            line = check_all_reduce(env)
+            lines = check_collectives(env)
         finally:
             distributed.teardown()
     except CliError as error:  # a bad setting, or a rendezvous that timed out
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = first_line(error)
         say(f"doctor: FAIL{distributed.rank_label()}: rendezvous with master {where}: {reason}", sys.stderr)
         return 1
-    if env.is_main:
+    for line in lines if env.is_main else ():
         say(f"doctor: {line}")
     return 0
 
