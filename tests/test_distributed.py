@@ -282,6 +282,14 @@ def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
     assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
 
 
+def test_fsdp_with_channels_last_convolutions_is_refused_on_every_rank_in_one_line(tmp_path):
+    args = ["data.name=synthetic", "data.synthetic.input_shape=[3,16,16]", "model.name=cnn", "model.channels_last=true"]
+    args += ["trainer.strategy=fsdp", "trainer.device=cpu", f"output_dir={tmp_path}"]
+    for rank, error in enumerate(refusals(args)):
+        assert error.startswith(f"ddp-train: error (rank {rank}): trainer.strategy=fsdp shards contiguous parameters ")
+        assert error.endswith("set model.channels_last=false") and "\n" not in error
+
+
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):
     # Unequal lengths would split unequal index ranges: a hang in training, or validation counted wrongly.
     args = ["data._target_=factories.blobs_differing_on", "data.rank=1", "data.difference=shorter", *BLOBS[1:]]
