@@ -222,6 +222,7 @@ class Tokens:
     ids: torch.Tensor
     lengths: list[int]
     mask: torch.Tensor = dataclasses.field(init=False)
+    weights: torch.Tensor = dataclasses.field(init=False, default_factory=lambda: torch.ones(1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask", self.ids != 0)
@@ -241,6 +242,7 @@ def test_dataclass_batches_and_batches_with_their_own_to_move_to_the_device():
     # Returned as they were, their tensors stayed on the CPU: a task's collate may make them (a GPU run failed).
     tokens = to_device(Tokens(torch.tensor([[3, 0]]), [1]), torch.device("meta"), channels_last=False)
     assert tokens.ids.device.type == "meta" and tokens.mask.device.type == "meta" and tokens.lengths == [1]
+    assert tokens.weights.device.type == "meta"  # not given to __init__, nor made from what was
     graph = to_device({"graph": Graph(torch.zeros(2, 5))}, torch.device("meta"), channels_last=False)["graph"]
     assert isinstance(graph, Graph) and graph.edges.device.type == "meta"
 

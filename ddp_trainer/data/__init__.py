@@ -64,8 +64,12 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple takes fields
     # A task's own collate may make either: left as they were, their tensors stayed on the CPU beside a CUDA model.
     if is_dataclass(batch) and not isinstance(batch, type):
-        fields = {field.name: getattr(batch, field.name) for field in dataclass_fields(batch) if field.init}
-        return replace(batch, **{name: to_device(value, device, channels_last) for name, value in fields.items()})
+        given = {field.name: getattr(batch, field.name) for field in dataclass_fields(batch) if field.init}
+        moved = replace(batch, **{name: to_device(value, device, channels_last) for name, value in given.items()})
+        for field in dataclass_fields(batch):  # those __init__ does not take (object.__setattr__: frozen ones too)
+            if not field.init and hasattr(moved, field.name):
+                object.__setattr__(moved, field.name, to_device(getattr(moved, field.name), device, channels_last))
+        return moved
     if callable(getattr(batch, "to", None)):  # a batch type of its own (a graph library's, say)
         moved = batch.to(device)
         return batch if moved is None else moved  # some move in place
