@@ -212,6 +212,11 @@ def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: distri
     read = distributed.gather_objects(None if state is None else (state["epoch"], state["step"]), env)
     if len(set(read)) > 1:
         seen = ", ".join(f"rank {rank} {'none' if got is None else f'step {got[1]}'}" for rank, got in enumerate(read))
+        if None in read:  # more likely than a first save landing between the ranks' looks
+            raise UsageError(
+                f"the ranks found different checkpoints at {where} ({seen}): a rank that found none sees another "
+                "folder there; output_dir must be on a filesystem every node shares"
+            )
         raise UsageError(
             f"the ranks read different checkpoints at {where} ({seen}): one was saved as they read (a run still "
             "saving there?); name a step file or folder (step-*), or read once that run stopped"

@@ -326,6 +326,13 @@ def read_while_replaced(
     _main_captured(rank, args, out)
 
 
+def train_in_a_folder_per_rank(rank: int, world_size: int, port: int, args: list[str], out: str) -> None:
+    """The CLI with `args` on this rank, run from `out`/node<rank>, as on nodes that share no filesystem."""
+    _join_as(rank, world_size, port)
+    os.chdir(Path(out, f"node{rank}"))
+    _main_captured(rank, args, out)
+
+
 def train_waiting_briefly_for_the_folder(
     rank: int, world_size: int, port: int, args: list[str], wait_s: float, out: str
 ) -> None:

@@ -27,6 +27,7 @@ from dist_helpers import (
     train_counting_all_reduce,
     train_counting_gradient_allreduces,
     train_counting_graphs,
+    train_in_a_folder_per_rank,
     train_noting_ddp_at_teardown,
     train_rank,
     train_with_slow_saves,
@@ -288,6 +289,19 @@ def test_fsdp_with_channels_last_convolutions_is_refused_on_every_rank_in_one_li
     for rank, error in enumerate(refusals(args)):
         assert error.startswith(f"ddp-train: error (rank {rank}): trainer.strategy=fsdp shards contiguous parameters ")
         assert error.endswith("set model.channels_last=false") and "\n" not in error
+
+
+def test_a_resume_where_only_one_node_sees_the_checkpoints_says_output_dir_must_be_shared(tmp_path):
+    args = ["--config", str(REPO_DIR / DIGITS), "trainer.device=cpu", "trainer.epochs=1", "output_dir=run"]
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    assert main([*args, f"output_dir={tmp_path / 'node0' / 'run'}"]) == 0  # node 0's disk alone holds the checkpoints
+    spawn(2, train_in_a_folder_per_rank, [*args, "trainer.epochs=2"], str(tmp_path))
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}").read_text()
+        assert said.startswith(f"2\nddp-train: error (rank {rank}): the ranks found different checkpoints at ")
+        assert "(rank 0 step 45, rank 1 none)" in said and said.endswith("every node shares\n")
+    assert not (tmp_path / "node1" / "run" / "checkpoints").exists()
 
 
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):
