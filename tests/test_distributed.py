@@ -368,6 +368,31 @@ def test_a_rank_waiting_for_one_that_never_started_ends_in_one_line_or_on_sigter
     assert waiting.returncode == -signal.SIGTERM
 
 
+def joined(port: int) -> int:
+    """How many connections to `port` of this machine are established (the ranks that reached rank 0's store)."""
+    tables = [Path(f"/proc/net/{name}").read_text() for name in ("tcp", "tcp6")]
+    rows = [line.split() for table in tables for line in table.splitlines()[1:]]
+    return sum(row[2].endswith(f":{port:04X}") and row[3] == "01" for row in rows)
+
+
+def test_a_rank_whose_rendezvous_host_dies_as_it_waits_ends_in_one_line(tmp_path):
+    # Rank 2 never starts: ranks 0 and 1 wait in rank 0's store, then rank 0 is killed under rank 1.
+    port = free_port()
+    args = ["--config", DIGITS, "trainer.startup_timeout_s=60", f"output_dir={tmp_path}"]
+    rank0, rank1 = plain_ranks(args, world_size=3, started=[0, 1], port=port)
+    deadline = time.monotonic() + 60
+    while joined(port) < 2 and time.monotonic() < deadline:  # rank 0's own client, and rank 1's
+        time.sleep(0.1)
+    rank0.kill()
+    rank0.wait()
+    _, stderr = rank1.communicate(timeout=30)
+    assert rank1.returncode == 4, stderr
+    said = stderr.strip().splitlines()[-1]
+    assert said.startswith(f"ddp-train: error (rank 1): the rendezvous store at 127.0.0.1:{port} is gone as this rank ")
+    assert said.endswith("its host (rank 0, or the launcher of rank 0's node) stopped; see its output")
+    assert "Traceback" not in stderr
+
+
 def test_a_rendezvous_port_another_job_holds_is_named_in_one_line(tmp_path):
     port = free_port()
     held = dist.TCPStore("127.0.0.1", port, 1, True)  # another job's store, on the port srun derived from a job id
