@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
-from ddp_trainer.claim import FolderClaim, refused_on_every_rank
+from ddp_trainer.claim import FolderClaim, refusal_of, refused_if_any, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -78,10 +78,10 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
 
     `clock` (seconds) times `checkpoint.every_n_minutes`; tests pass their own to leave the wall clock out.
     """
-    require_packages(cfg.logging)
     array_task = distributed.slurm_array_task()
     cfg = for_array_task(cfg, array_task)
-    _check_output_dir(Path(cfg.output_dir))  # every rank, before any waits for the others
+    # Every rank checks, and all refuse once they meet: one on another node refusing alone would leave the rest waiting.
+    refusal = refusal_of(lambda: (require_packages(cfg.logging), _check_output_dir(Path(cfg.output_dir))))
     exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
     # Each clean-up is registered once what it undoes exists, and runs even when one before it fails (a second
     # Ctrl-C while W&B finishes): the folder's claim, the signal handlers and the caller's streams are always back.
@@ -98,6 +98,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
+        refused_if_any(env, refusal)
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
         if claim is not None:
             cleanup.callback(claim.release)

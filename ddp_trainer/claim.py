@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TypeVar
 
-from ddp_trainer.distributed import DistEnv, broadcast_object
+from ddp_trainer.distributed import DistEnv, broadcast_object, gather_objects
 from ddp_trainer.errors import UsageError, say
 
 Result = TypeVar("Result")
@@ -124,3 +124,26 @@ def refused_on_every_rank(
     if refusal is not None:
         raise UsageError(refusal)
     return result
+
+
+def refusal_of(check: Callable[[], object]) -> str | None:
+    """The message of the UsageError `check` raises (None if it passes), to be told to the other ranks."""
+    try:
+        check()
+    except UsageError as error:
+        return str(error)
+    return None
+
+
+def refused_if_any(env: DistEnv, refusal: str | None) -> None:
+    """Raise on every rank when any rank refused: in its own words, or naming the first rank that did.
+
+    A rank on another node that refused alone before the ranks met left rank 0's node waiting for it until
+    trainer.startup_timeout_s: torchrun ends the ranks of its own node only.
+    """
+    refusals = gather_objects(refusal, env)
+    if refusal is not None:
+        raise UsageError(refusal)
+    first = next(((rank, said) for rank, said in enumerate(refusals) if said is not None), None)
+    if first is not None:
+        raise UsageError(f"rank {first[0]} cannot start: {first[1]}")

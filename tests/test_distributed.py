@@ -304,6 +304,21 @@ def test_a_resume_where_only_one_node_sees_the_checkpoints_says_output_dir_must_
     assert not (tmp_path / "node1" / "run" / "checkpoints").exists()
 
 
+def test_a_rank_on_another_node_that_cannot_write_output_dir_stops_every_rank_at_once(tmp_path):
+    # Refused on rank 1 alone, before the ranks met, it left rank 0 waiting for it for trainer.startup_timeout_s.
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    (tmp_path / "node1" / "run").write_text("a file, where node 1 would see the run's folder")
+    args = ["--config", str(REPO_DIR / DIGITS), "trainer.device=cpu", "trainer.startup_timeout_s=60", "output_dir=run"]
+    started = time.monotonic()
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    assert time.monotonic() - started < 45
+    said = "output_dir=run cannot be written: run is a file"
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
+    assert not (tmp_path / "node0" / "run").exists()
+
+
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):
     # Unequal lengths would split unequal index ranges: a hang in training, or validation counted wrongly.
     args = ["data._target_=factories.blobs_differing_on", "data.rank=1", "data.difference=shorter", *BLOBS[1:]]
