@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import changes, checkpoint, rng
+from ddp_trainer import changes, checkpoint, claim, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv, barrier
@@ -88,7 +88,7 @@ def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
     while True:
         resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info, unreadable)
         # Every rank, one that found nothing too: a rank on its own would train from another step, or start over.
-        checkpoint.same_on_every_rank(resumed and resumed[0], resumed[1] if resumed else Path(cfg.output_dir), env)
+        claim.same_on_every_rank(resumed and resumed[0], resumed[1] if resumed else Path(cfg.output_dir), env)
         if resumed is None:
             return
         state, path = resumed

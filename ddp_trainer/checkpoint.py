@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import atomic, distributed
+from ddp_trainer import atomic
 from ddp_trainer.errors import UsageError, first_line
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
@@ -205,22 +205,6 @@ def _refuse_a_folder_of_checkpoints(folder: Path) -> None:
 def pinned(path: Path) -> Path:
     """The folder a sharded `last` or `best` link names now: read through the link, each file may be another save's."""
     return path.resolve() if path.is_symlink() else path
-
-
-def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: distributed.DistEnv) -> None:
-    """Refuse a checkpoint that the ranks read at different steps (or some found none): it was replaced as they read."""
-    read = distributed.gather_objects(None if state is None else (state["epoch"], state["step"]), env)
-    if len(set(read)) > 1:
-        seen = ", ".join(f"rank {rank} {'none' if got is None else f'step {got[1]}'}" for rank, got in enumerate(read))
-        if None in read:  # more likely than a first save landing between the ranks' looks
-            raise UsageError(
-                f"the ranks found different checkpoints at {where} ({seen}): a rank that found none sees another "
-                "folder there; output_dir must be on a filesystem every node shares"
-            )
-        raise UsageError(
-            f"the ranks read different checkpoints at {where} ({seen}): one was saved as they read (a run still "
-            "saving there?); name a step file or folder (step-*), or read once that run stopped"
-        )
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -11,9 +11,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 from ddp_trainer.distributed import DistEnv, broadcast_object, gather_objects
 from ddp_trainer.errors import UsageError, say
@@ -147,3 +147,19 @@ def refused_if_any(env: DistEnv, refusal: str | None) -> None:
     first = next(((rank, said) for rank, said in enumerate(refusals) if said is not None), None)
     if first is not None:
         raise UsageError(f"rank {first[0]} cannot start: {first[1]}")
+
+
+def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: DistEnv) -> None:
+    """Refuse a checkpoint that the ranks read at different steps (or some found none): it was replaced as they read."""
+    read = gather_objects(None if state is None else (state["epoch"], state["step"]), env)
+    if len(set(read)) > 1:
+        seen = ", ".join(f"rank {rank} {'none' if got is None else f'step {got[1]}'}" for rank, got in enumerate(read))
+        if None in read:  # more likely another disk than a first save landing between the ranks' looks
+            raise UsageError(
+                f"the ranks read different checkpoints at {where} ({seen}): a rank that found none sees another "
+                "folder there; output_dir must be on a filesystem every node shares"
+            )
+        raise UsageError(
+            f"the ranks read different checkpoints at {where} ({seen}): one was saved as they read (a run still "
+            "saving there?); name a step file or folder (step-*), or read once that run stopped"
+        )

@@ -144,22 +144,11 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
             f"({timeout_name}={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
         ) from None
     except dist.DistNetworkError as error:
-        if "timed out" in str(error):  # a rank other than 0 found no store to join
-            raise RankLost(
-                f"rank 0 never opened the rendezvous at {launch.master_addr}:{launch.master_port} "
-                f"({timeout_name}={timeout_s:g}): {first_line(error)} See rank 0's output"
-            ) from None
-        if any(marker in str(error) for marker in STORE_GONE_MARKERS):  # its host died as this rank waited there
-            raise RankLost(
-                f"the rendezvous store at {launch.master_addr}:{launch.master_port} is gone as this rank waited in it "
-                f"({first_line(error)}): its host (rank 0, or the launcher of rank 0's node) stopped; see its output"
-            ) from None
-        if "EADDRINUSE" not in str(error):
+        address, timeout_set = f"{launch.master_addr}:{launch.master_port}", f"{timeout_name}={timeout_s:g}"
+        failure = rendezvous.named_failure(error, address, timeout_set)
+        if failure is None:
             raise
-        raise UsageError(  # srun's port comes from the job and step ids: two jobs on a node may draw the same one
-            f"the rendezvous port {launch.master_port} on {launch.master_addr} is in use (another job?): set "
-            f"MASTER_PORT to a free port ({first_line(error)})"
-        ) from None
+        raise failure from None
 
 
 def setup(
@@ -182,9 +171,6 @@ def setup(
         _join(launch, backend, timeout_s, timeout_name)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
-
-# How a TCPStore client words its server's going away.
-STORE_GONE_MARKERS = ("Connection was likely closed", "Connection reset by peer", "Broken pipe")
 
 # Markers of a collective that failed because a peer is gone or late, as gloo and NCCL word them.
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")

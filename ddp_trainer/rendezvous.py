@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import CliError, RankLost, UsageError, first_line
 
 # An elastic agent keeps its store for the whole job, so a restarted attempt finds the keys (gloo's peer addresses,
 # NCCL's ids) that a failed attempt left. torchrun's TORCHELASTIC_RESTART_COUNT cannot name attempts apart: each
@@ -19,6 +19,30 @@ _ROOT = "ddp_trainer/rounds"
 _OWNER = "ddp_trainer/owner"  # the launch (an srun step's name) whose rank 0 opened the store: "" when unnamed
 _POLL_S = 0.05
 _FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
+
+
+# How a TCPStore client words its server's going away.
+STORE_GONE_MARKERS = ("Connection was likely closed", "Connection reset by peer", "Broken pipe")
+
+
+def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str) -> CliError | None:
+    """A rendezvous's network error as one line naming its cause; None for one that says nothing known."""
+    if "timed out" in str(error):  # a rank other than 0 found no store to join
+        return RankLost(
+            f"rank 0 never opened the rendezvous at {address} ({timeout_set}): {first_line(error)} See rank 0's output"
+        )
+    if any(marker in str(error) for marker in STORE_GONE_MARKERS):  # its host died as this rank waited there
+        return RankLost(
+            f"the rendezvous store at {address} is gone as this rank waited in it ({first_line(error)}): its host "
+            "(rank 0, or the launcher of rank 0's node) stopped; see its output"
+        )
+    if "EADDRINUSE" in str(error):  # srun's port comes from the job and step ids: two jobs on a node may draw the same
+        host, port = address.rsplit(":", 1)
+        return UsageError(
+            f"the rendezvous port {port} on {host} is in use (another job?): set MASTER_PORT to a free port "
+            f"({first_line(error)})"
+        )
+    return None
 
 
 def open_store(

@@ -52,15 +52,21 @@ def _refuse_split_parameters(model: nn.Module, blocks: list[nn.Module], wrap: li
                     )
 
 
-def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
-    """Shard `model` in place per `trainer.fsdp_wrap` block, then the root (device None: one process, no shards)."""
-    shard = device is not None
+def _refuse_non_contiguous(model: nn.Module) -> None:
+    """Refuse what fully_shard cannot shard, before any collective: FSDP's own error was a traceback on every rank."""
     laid_out = next((name for name, parameter in model.named_parameters() if not parameter.is_contiguous()), None)
-    if shard and laid_out is not None:  # FSDP's own error came from inside fully_shard, on every rank
+    if laid_out is not None:
         raise UsageError(
             f"trainer.strategy=fsdp shards contiguous parameters only, and {laid_out} is not (model.channels_last=true "
             "lays convolution weights out NHWC): set model.channels_last=false"
         )
+
+
+def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
+    """Shard `model` in place per `trainer.fsdp_wrap` block, then the root (device None: one process, no shards)."""
+    shard = device is not None
+    if shard:
+        _refuse_non_contiguous(model)
     # FSDP's default mesh is CUDA whenever a GPU exists: trainer.device=cpu on a GPU machine needs its own.
     mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if shard else None
     dtype = AUTOCAST_DTYPES.get(cfg.precision)

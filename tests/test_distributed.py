@@ -299,7 +299,7 @@ def test_a_resume_where_only_one_node_sees_the_checkpoints_says_output_dir_must_
     spawn(2, train_in_a_folder_per_rank, [*args, "trainer.epochs=2"], str(tmp_path))
     for rank in (0, 1):
         said = (tmp_path / f"rank{rank}").read_text()
-        assert said.startswith(f"2\nddp-train: error (rank {rank}): the ranks found different checkpoints at ")
+        assert said.startswith(f"2\nddp-train: error (rank {rank}): the ranks read different checkpoints at ")
         assert "(rank 0 step 45, rank 1 none)" in said and said.endswith("every node shares\n")
     assert not (tmp_path / "node1" / "run" / "checkpoints").exists()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ddp_trainer import checkpoint, config, data, distributed, models, task_checks
+from ddp_trainer import checkpoint, claim, config, data, distributed, models, task_checks
 from ddp_trainer.cli import run_as
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
@@ -85,7 +85,7 @@ def _children(node: Any) -> list[tuple[Any, Any]]:
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
-    checkpoint.same_on_every_rank(state, path, env)  # a live run's last.pt may change between two ranks' reads
+    claim.same_on_every_rank(state, path, env)  # a live run's last.pt may change between two ranks' reads
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
     task = task_checks.resolve(cfg.task)
     if val_set is None:
