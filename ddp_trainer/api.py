@@ -25,7 +25,7 @@ from torch.distributed._composable.contract import _get_registry
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ddp_trainer import data, distributed, rng, task_checks, tasks
+from ddp_trainer import changes, data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.claim import FolderClaim, refusal_of, refused_if_any, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
@@ -95,7 +95,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         cleanup.callback(distributed.teardown)
         cleanup.push(_release_failed_frames)  # before teardown: its callbacks run last in, first out
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
-        env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
+        env = changes.join_run(cfg)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
         refused_if_any(env, refusal)

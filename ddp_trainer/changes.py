@@ -1,4 +1,7 @@
-"""What a resumed run may change: its config is compared with the checkpoint's before anything is restored."""
+"""What a resumed run may change: its config is compared with the checkpoint's before anything is restored.
+
+Also: what the ranks of one run may set each for themselves.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ddp_trainer import distributed
 from ddp_trainer.config import CONTINUABLE, GIVEN, Config, to_container
+from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.optim import set_current_lrs
 
@@ -44,6 +49,8 @@ HARMLESS = (
     "data.prefetch_factor",
     "model.channels_last",
 )
+# Read by rank 0 alone (what it logs and shows), or a node's own copy of the data, which the datasets' checks compare.
+PER_NODE = ("logging.", "trainer.progress_bar", "data.root")
 # A longer or shorter run continues the same one, unless the schedule is stretched over the run's length.
 LENGTH = ("trainer.epochs", "trainer.max_steps")
 # What the rate of the next step is computed from: the restored optimizer holds the saved schedule's rate instead.
@@ -59,6 +66,21 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def across_ranks(cfg: Config) -> dict[str, Any]:
+    """The config as dotted keys, less those a node may set for itself: every rank of a run must hold the same."""
+    return {key: value for key, value in flatten(to_container(cfg)).items() if not key.startswith(PER_NODE)}
+
+
+def join_run(cfg: Config) -> DistEnv:
+    """distributed.setup() with `cfg`'s device, backend and start-up timeout; every rank must hold the same `cfg`."""
+    return distributed.setup(
+        cfg.trainer.device,
+        cfg.trainer.startup_timeout_s,
+        cfg.trainer.dist_backend,
+        same_on_every_rank=across_ranks(cfg),
+    )
 
 
 def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any]) -> dict[str, tuple]:

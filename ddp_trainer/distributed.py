@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp_trainer import rendezvous, slurm
+from ddp_trainer import __version__, rendezvous, slurm
 from ddp_trainer.errors import RankLost, UsageError, first_line
 
 
@@ -127,8 +127,9 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
     return "gloo" if requested == "gloo" or shared else "nccl"
 
 
-def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> None:
-    """Join the process group; a rendezvous that times out (a rank never started) is one line, not a traceback."""
+def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str, facts: dict[str, Any]) -> None:
+    """Join the process group once every rank runs the same `facts`; a rendezvous that times out (a rank never
+    started) is one line, not a traceback."""
     timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
     if launch.master_addr is None or launch.master_port is None:
         raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
@@ -137,6 +138,8 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str) -> 
         store = rendezvous.open_store(
             launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout, launch.job
         )
+        same = {"torch": torch.__version__, "ddp_trainer": __version__, "backend": backend, **facts}
+        rendezvous.refuse_differences(store, launch.rank, launch.world_size, same)
         dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     except dist.DistStoreError as error:
         raise RankLost(
@@ -156,10 +159,12 @@ def setup(
     timeout_s: float,
     requested_backend: str = "auto",
     timeout_name: str = "trainer.startup_timeout_s",
+    same_on_every_rank: dict[str, Any] | None = None,
 ) -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv.
 
-    `timeout_name` is what the user set `timeout_s` with, for the line a rendezvous that times out ends with.
+    `timeout_name` is what the user set `timeout_s` with, for the line a rendezvous that times out ends with. Every
+    rank must run the same packages, backend and `same_on_every_rank` (a run's config): all refuse otherwise.
     """
     launch = detect_launcher()
     gpu_count = visible_gpus()
@@ -168,7 +173,7 @@ def setup(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        _join(launch, backend, timeout_s, timeout_name)
+        _join(launch, backend, timeout_s, timeout_name, same_on_every_rank or {})
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import socket
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -16,9 +19,12 @@ from ddp_trainer.errors import CliError, RankLost, UsageError, first_line
 # and rank 0 numbers a round from a store counter; a rank takes a round only if its own token is in it, so a
 # stale token (or a stale round) is never taken, and rank 0 numbers new rounds until every rank has taken one.
 _ROOT = "ddp_trainer/rounds"
+_SAME = "ddp_trainer/same"  # in the round's prefix: what each rank runs, and rank 0's verdict on it
 _OWNER = "ddp_trainer/owner"  # the launch (an srun step's name) whose rank 0 opened the store: "" when unnamed
 _POLL_S = 0.05
 _FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
+_VERDICT_READ_S = 30.0  # how long rank 0, which may host the store, keeps it for the others to read a refusal
+_SHOWN_KEYS = 4
 
 
 # How a TCPStore client words its server's going away.
@@ -117,6 +123,49 @@ def _follow(store: dist.Store, rank: int, token: str, deadline: float) -> int | 
             return None
         time.sleep(_POLL_S)
     return None
+
+
+def refuse_differences(store: dist.Store, rank: int, world_size: int, facts: dict[str, Any]) -> None:
+    """Raise UsageError on every rank alike when any rank's `facts` (versions, backend, config) differ from rank 0's.
+
+    Through the store, before any collective: ranks of different backends or run lengths would hang in one.
+    """
+    store.set(f"{_SAME}/{rank}", json.dumps([socket.gethostname(), facts], default=repr))
+    if rank == 0:
+        told = [json.loads(raw) for raw in store.multi_get([f"{_SAME}/{peer}" for peer in range(world_size)])]
+        verdict = _differences(told)
+        store.set(f"{_SAME}/verdict", verdict)
+        if verdict:  # the others must read it before rank 0 ends, and with it the store it may host
+            _appears(
+                store, [f"{_SAME}/read/{peer}" for peer in range(1, world_size)], time.monotonic() + _VERDICT_READ_S
+            )
+    else:
+        verdict = store.get(f"{_SAME}/verdict").decode()
+        if verdict:
+            store.set(f"{_SAME}/read/{rank}", "1")
+    if verdict:
+        raise UsageError(verdict)
+
+
+def _differences(told: list[list[Any]]) -> str:
+    """The first rank that runs otherwise than rank 0, in one line; "" when every rank runs the same."""
+    first_host, first = told[0]
+    differing = [(rank, *said) for rank, said in enumerate(told) if said[1] != first]
+    if not differing:
+        return ""
+    rank, host, facts = differing[0]
+    keys = sorted(key for key in first.keys() | facts.keys() if first.get(key, "absent") != facts.get(key, "absent"))
+    shown = keys[:_SHOWN_KEYS]
+    more = f" (and {len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
+    others = f" ({len(differing)} of {len(told)} ranks differ)" if len(differing) > 1 else ""
+
+    def values(said: dict[str, Any]) -> str:
+        return ", ".join(f"{key}={said.get(key, 'absent')}" for key in shown)
+
+    return (
+        f"the ranks do not run the same: rank {rank} (on {host}) has {values(facts)}{more} where rank 0 (on "
+        f"{first_host}) has {values(first)}{others}; give every node the same config, overrides and packages"
+    )
 
 
 def _appears(store: dist.Store, keys: list[str], until: float) -> bool:

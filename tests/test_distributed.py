@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import weakref
@@ -315,6 +316,33 @@ def test_a_rank_on_another_node_that_cannot_write_output_dir_stops_every_rank_at
     assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
     assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
     assert not (tmp_path / "node0" / "run").exists()
+
+
+def test_nodes_whose_config_files_differ_are_refused_on_every_rank_before_training(tmp_path):
+    # Nothing compared them: another optim.lr on node 1 trained diverged replicas and exited 0, another
+    # trainer.epochs left rank 0 waiting for rank 1's last epoch until trainer.startup_timeout_s.
+    recipe = (REPO_DIR / DIGITS).read_text()
+    assert "  lr: 1.0e-3\n" in recipe and "  epochs: 10\n" in recipe
+    node1 = recipe.replace("  lr: 1.0e-3\n", "  lr: 1.0e-2\n").replace("  epochs: 10\n", "  epochs: 11\n")
+    for rank, text in enumerate((recipe, node1)):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "recipe.yaml").write_text(text)
+    args = [
+        "--config",
+        "recipe.yaml",
+        "trainer.device=cpu",
+        "trainer.startup_timeout_s=60",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    host = socket.gethostname()
+    said = (
+        f"the ranks do not run the same: rank 1 (on {host}) has optim.lr=0.01, trainer.epochs=11 where rank 0 (on "
+        f"{host}) has optim.lr=0.001, trainer.epochs=10; give every node the same config, overrides and packages"
+    )
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == f"2\nddp-train: error (rank {rank}): {said}\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -15,6 +17,15 @@ from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
 
 TIMEOUT = timedelta(seconds=30)
+
+
+def in_threads(rank_main: Callable[[int], None], world_size: int) -> None:
+    """rank_main(rank) for every rank at once, each in a thread of its own, until all ended (60 s at most)."""
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
 
 
 def attempt(port: int, start_delays_s: list[float]) -> list[int]:
@@ -29,11 +40,7 @@ def attempt(port: int, start_delays_s: list[float]) -> list[int]:
         store.wait([f"joined_{other}" for other in range(len(start_delays_s))])
         members[rank] = store.add("members", 0)
 
-    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(len(start_delays_s))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    in_threads(rank_main, len(start_delays_s))
     return members
 
 
@@ -65,11 +72,7 @@ def test_a_rank_refuses_the_store_that_another_srun_step_holds_its_port_with():
     def rank_main(rank: int) -> None:
         stores[rank] = rendezvous.open_store("127.0.0.1", port, 2, rank, agent_hosts=False, timeout=TIMEOUT, job=ours)
 
-    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    in_threads(rank_main, 2)
     assert sorted(stores) == [0, 1]  # the step that holds the port met as ever
     started = time.monotonic()
     with pytest.raises(UsageError) as refused:
@@ -79,3 +82,46 @@ def test_a_rank_refuses_the_store_that_another_srun_step_holds_its_port_with():
         "set MASTER_PORT to a free port"
     )
     assert time.monotonic() - started < TIMEOUT.total_seconds() / 2  # at once, not at the timeout
+
+
+def meet_and_compare(facts: list[dict]) -> list[str]:
+    """Each rank (a thread, rank 0 hosting the store) compares its `facts`: what each was told, "" where it went on."""
+    port, said, stores = free_port(), [""] * len(facts), [None] * len(facts)
+
+    def rank_main(rank: int) -> None:
+        # Kept: rank 0's store must outlive the others' reading, as it does in a run that goes on to train.
+        stores[rank] = rendezvous.open_store("127.0.0.1", port, len(facts), rank, agent_hosts=False, timeout=TIMEOUT)
+        try:
+            rendezvous.refuse_differences(stores[rank], rank, len(facts), facts[rank])
+        except UsageError as error:
+            said[rank] = str(error)
+
+    in_threads(rank_main, len(facts))
+    return said
+
+
+def test_ranks_that_run_the_same_go_on_and_every_rank_refuses_when_one_differs():
+    same = {"torch": "2.14.1", "backend": "gloo", "optim.lr": 0.001, "data.hidden": [16]}
+    assert meet_and_compare([same, dict(same), dict(same)]) == ["", "", ""]
+    other_torch = {**same, "torch": "2.11.0"}
+    said = meet_and_compare([same, same, other_torch])
+    host = socket.gethostname()
+    assert said == 3 * [  # rank 1, which runs what rank 0 does, refuses too: the others would wait for it forever
+        f"the ranks do not run the same: rank 2 (on {host}) has torch=2.11.0 where rank 0 (on {host}) has "
+        "torch=2.14.1; give every node the same config, overrides and packages"
+    ]
+
+
+def test_a_refusal_names_the_first_differing_rank_a_few_of_its_keys_and_how_many_ranks_differ():
+    first = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "backend": "gloo"}
+    said = meet_and_compare([first, {**first, "backend": "nccl"}, {"a": 0, "b": 0, "c": 0, "f": 6, "backend": "gloo"}])
+    host = socket.gethostname()
+    assert set(said) == {
+        f"the ranks do not run the same: rank 1 (on {host}) has backend=nccl where rank 0 (on {host}) has "
+        "backend=gloo (2 of 3 ranks differ); give every node the same config, overrides and packages"
+    }
+    said = meet_and_compare([first, {"a": 0, "b": 0, "c": 0, "f": 6, "backend": "gloo"}])
+    assert set(said) == {
+        f"the ranks do not run the same: rank 1 (on {host}) has a=0, b=0, c=0, d=absent (and 2 more) where rank 0 (on "
+        f"{host}) has a=1, b=2, c=3, d=4; give every node the same config, overrides and packages"
+    }

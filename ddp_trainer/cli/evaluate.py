@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ddp_trainer import checkpoint, claim, config, data, distributed, models, task_checks
+from ddp_trainer import changes, checkpoint, claim, config, data, distributed, models, task_checks
 from ddp_trainer.cli import run_as
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
@@ -142,7 +142,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     # Read before joining the others, so a missing or malicious file fails on every rank alike.
     state, cfg = load_config(args.checkpoint, args.overrides)
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
+    env = changes.join_run(cfg)
     try:
         restored = restore(args.checkpoint, state, cfg, env)
         precision = MixedPrecision(cfg.trainer.precision, env.device)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ddp_trainer import data, distributed
+from ddp_trainer import changes, data, distributed
 from ddp_trainer.atomic import chmod_as_open
 from ddp_trainer.cli import run_as
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
@@ -201,7 +201,7 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
     args = parse_args(argv)
     state, cfg = load_config(args.checkpoint, args.overrides)
-    env = distributed.setup(cfg.trainer.device, cfg.trainer.startup_timeout_s, cfg.trainer.dist_backend)
+    env = changes.join_run(cfg)
     try:
         if env.distributed:
             raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
