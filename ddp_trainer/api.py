@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import changes, data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
-from ddp_trainer.claim import FolderClaim, refusal_of, refused_if_any, refused_on_every_rank
+from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_if_any, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -102,6 +102,8 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
         if claim is not None:
             cleanup.callback(claim.release)
+        if cfg.trainer.strategy == "fsdp" and env.distributed:
+            refuse_unshared(Path(cfg.output_dir), env)
         logger = RunLogger(Path(cfg.output_dir), env.is_main, cfg.trainer.progress_bar, cfg.logging, to_container(cfg))
         cleanup.callback(lambda: logger.finish(exit_code))  # the exit code as it stands then
         cleanup.callback(stop_loader_workers)  # a traceback that holds the loaders must not keep their workers alive

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import socket
 import sys
 import time
@@ -147,6 +148,29 @@ def refused_if_any(env: DistEnv, refusal: str | None) -> None:
     first = next(((rank, said) for rank, said in enumerate(refusals) if said is not None), None)
     if first is not None:
         raise UsageError(f"rank {first[0]} cannot start: {first[1]}")
+
+
+def refuse_unshared(output_dir: Path, env: DistEnv) -> None:
+    """Refuse on every rank alike an output_dir that some rank does not share with rank 0, which claimed it.
+
+    Under FSDP every rank writes its shard there: rank 0 would publish checkpoints that lack the others' shards.
+    """
+    probe = output_dir / f".shared-{secrets.token_hex(8)}"  # a name no node looked up before: none cached it missing
+    if env.is_main:
+        probe.touch()
+    try:
+        name, host = broadcast_object((probe.name, socket.gethostname()), env)
+        refusal = None
+        if not (output_dir / name).exists():
+            refusal = (
+                f"output_dir {output_dir.resolve()} on {socket.gethostname()} is not the folder rank 0 writes on "
+                f"{host}: trainer.strategy=fsdp writes every rank's shard there, so it must be on a filesystem every "
+                "node shares"
+            )
+        refused_if_any(env, refusal)
+    finally:
+        if env.is_main:
+            probe.unlink()
 
 
 def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: DistEnv) -> None:

@@ -318,6 +318,22 @@ def test_a_rank_on_another_node_that_cannot_write_output_dir_stops_every_rank_at
     assert not (tmp_path / "node0" / "run").exists()
 
 
+def test_fsdp_into_an_output_dir_that_only_rank_0_sees_is_refused_before_a_shard_is_written(tmp_path):
+    # Each rank wrote its shard on its own node: rank 0 published checkpoints lacking rank 1's, and exited 0.
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    args = ["--config", str(REPO_DIR / DIGITS), "trainer.device=cpu", "trainer.strategy=fsdp", "output_dir=run"]
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    said = (
+        f"output_dir {tmp_path / 'node1' / 'run'} on {socket.gethostname()} is not the folder rank 0 writes on "
+        f"{socket.gethostname()}: trainer.strategy=fsdp writes every rank's shard there, so it must be on a filesystem "
+        "every node shares"
+    )
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["rank0", "rank1"]
+
+
 def test_nodes_whose_config_files_differ_are_refused_on_every_rank_before_training(tmp_path):
     # Nothing compared them: another optim.lr on node 1 trained diverged replicas and exited 0, another
     # trainer.epochs left rank 0 waiting for rank 1's last epoch until trainer.startup_timeout_s.
