@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_job, launch_cli, read_metrics
-from dist_helpers import run_ranks
+from dist_helpers import run_ranks, spawn, train_in_a_folder_per_rank
 
 from ddp_trainer.cli.shard import main as shard_main
 from ddp_trainer.cli.train import main as train_main
@@ -108,6 +108,23 @@ def test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trai
     assert sorted(trained_before + recorded_ids(tmp_path / "ids")) == list(range(sum(SHARD_SIZES)))
     [line] = read_metrics(tmp_path / "run")
     assert line["train/samples"] == sum(SHARD_SIZES)
+
+
+def test_nodes_that_hold_other_shard_files_are_refused_on_every_rank(tmp_path):
+    # Each rank planned the epoch from its own node's index: with the same records cut into other files, some were
+    # trained on twice an epoch and others never, and the run exited 0.
+    for rank, sizes in ((0, SHARD_SIZES), (1, [50, 52])):
+        write_jsonl_shards(tmp_path / f"node{rank}" / "shards" / "train", sizes)
+        write_jsonl_shards(tmp_path / f"node{rank}" / "shards" / "val", VAL_SIZES, first_id=1000)
+    spawn(2, train_in_a_folder_per_rank, stream_args(Path("shards"), tmp_path / "ids", tmp_path / "run"), str(tmp_path))
+    said = (
+        "the ranks read different shard files in data.root (train / val, rank 0: 4 files of 102 records / 3 files of "
+        "17 records, rank 1: 2 files of 102 records / 3 files of 17 records): give every node the same shards, as "
+        "`ddp-train shard` wrote them"
+    )
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == f"2\nddp-train: error (rank {rank}): {said}\n"
+    assert recorded_ids(tmp_path / "ids") == []  # not a record trained on
 
 
 def test_digits_from_shards_reach_the_accuracy_of_the_map_style_recipe(tmp_path):

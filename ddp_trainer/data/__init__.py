@@ -196,13 +196,13 @@ def build_loaders(
     """Loaders for this rank: a seeded, padded DistributedSampler for training, an unpadded one for validation;
     shard streams; or a user's IterableDataset split over ranks x workers. `collate` makes a batch of samples (a
     task's, for sequences of different lengths), torch's `default_collate` if None."""
+    _check_same_on_every_rank(train_set, val_set, env)
     if isinstance(train_set, ShardedIterableDataset):
         # Workers copy the dataset when an epoch's iteration starts; persistent workers would keep the first epoch.
         train_loader = _loader(train_set, cfg, env, seed, batch_size=None)
         val_loader = None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None)
         val_size = 0 if val_set is None else sum(val_set.counts)
         return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
-    _check_same_on_every_rank(train_set, val_set, env)
     refuse_empty(train_set, val_set, cfg)
     val_loader = _val_loader(val_set, cfg, env, seed, collate)
     val_size = None if isinstance(val_set, IterableDataset) else len(val_set or ())
@@ -226,15 +226,34 @@ def refuse_empty(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig) -
 
 
 def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: DistEnv) -> None:
-    """Refuse, on every rank alike, map-style datasets whose lengths differ between ranks (each must get them all)."""
-    # The samplers split one dataset by index: unequal lengths would hang training or count validation wrongly.
-    sizes = [
-        None if isinstance(split, IterableDataset) or split is None else len(split) for split in (train_set, val_set)
-    ]
-    by_rank = gather_objects(tuple(sizes), env)
-    if len(set(by_rank)) > 1:
-        listed = ", ".join(f"rank {rank}: {train} / {val}" for rank, (train, val) in enumerate(by_rank))
-        raise UsageError(
-            f"the ranks were given datasets of different lengths (train / val samples, {listed}): give every rank "
-            "the whole datasets, the samplers split them"
+    """Refuse, on every rank alike, datasets that differ between ranks: each must get them all, the same."""
+    # The samplers split one dataset by index, and every rank plans a stream's epoch from its own shard list: unequal
+    # ones would hang training, count validation wrongly, or train some records twice and others never.
+    by_rank = gather_objects(tuple(_layout(split) for split in (train_set, val_set)), env)
+    if len(set(by_rank)) <= 1:
+        return
+    if isinstance(train_set, ShardedIterableDataset):
+        listed = ", ".join(
+            f"rank {rank}: {_shards(train)} / {_shards(val)}" for rank, (train, val) in enumerate(by_rank)
         )
+        raise UsageError(
+            f"the ranks read different shard files in data.root (train / val, {listed}): give every node the same "
+            "shards, as `ddp-train shard` wrote them"
+        )
+    listed = ", ".join(f"rank {rank}: {train} / {val}" for rank, (train, val) in enumerate(by_rank))
+    raise UsageError(
+        f"the ranks were given datasets of different lengths (train / val samples, {listed}): give every rank "
+        "the whole datasets, the samplers split them"
+    )
+
+
+def _layout(split: Dataset | None) -> int | tuple[tuple[str, int], ...] | None:
+    """What every rank must be given alike: a map-style split's length, or a stream's shard files and their records."""
+    if isinstance(split, ShardedIterableDataset):
+        return tuple(zip((path.name for path in split.shards), split.counts, strict=True))
+    return None if split is None or isinstance(split, IterableDataset) else len(split)
+
+
+def _shards(layout: tuple[tuple[str, int], ...] | None) -> str:
+    """A stream split's shard files in a few words: how many, with how many records."""
+    return "none" if layout is None else f"{len(layout)} files of {sum(count for _, count in layout)} records"
