@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 from conftest import REPO_DIR, cli_env, read_metrics
 from dist_helpers import doctor_under_nccl, free_port, spawn
 
@@ -93,6 +95,56 @@ def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
     assert sum(token.startswith("--nproc") for token in arguments) == 1
     # Without --rdzv-id, each step of the job is a run of its own: two steps side by side never join one rendezvous.
     assert "--rdzv-id=77.3" in torchrun_arguments(["-m", "ddp_trainer.train"], task)
+
+
+def test_ddp_launch_tells_torchrun_which_agent_hosts_the_store_the_first_task_on_the_first_node():
+    step = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "3", "SLURM_STEP_NODELIST": "gpu[3-4]", "SLURM_STEP_NUM_TASKS": "3"}
+    tasks = [("gpu3", "0", "0"), ("gpu3", "1", "1"), ("gpu4", "2", "0")]  # (node, rank, rank on the node)
+    hosting = [
+        torchrun_arguments(
+            ["train.py"], {**step, "SLURMD_NODENAME": node, "SLURM_PROCID": rank, "SLURM_LOCALID": local}
+        )
+        for node, rank, local in tasks
+    ]
+    assert [[token for token in arguments if token.startswith("--rdzv-conf")] for arguments in hosting] == [
+        ["--rdzv-conf=is_host=true"],
+        ["--rdzv-conf=is_host=false"],
+        ["--rdzv-conf=is_host=false"],
+    ]
+    own_endpoint = torchrun_arguments(["--rdzv-endpoint=gpu9:29400", "train.py"], {**step, "SLURMD_NODENAME": "gpu3"})
+    assert not any(token.startswith("--rdzv-conf") for token in own_endpoint)  # gpu3 does not host the user's
+
+
+def test_ddp_launch_whose_rendezvous_port_another_job_holds_says_so_rather_than_train_in_its_store(tmp_path):
+    # torchrun's own guess fell back to joining the store that held the port: the run trained in another job's store
+    # and ended, torn down, when that job did. Job ids 10000 apart draw one port.
+    job = next(job for job in range(4243, 4300) if port_is_free(slurm.step_port({"SLURM_JOB_ID": str(job)})))
+    port = slurm.step_port({"SLURM_JOB_ID": str(job)})
+    other_jobs_store = dist.TCPStore("0.0.0.0", port, 1, True, wait_for_workers=False)
+    task = {"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
+    task |= {"SLURM_LOCALID": "0", "SLURMD_NODENAME": "localhost", "SLURM_STEP_NODELIST": "localhost"}
+    train = ["-m", "ddp_trainer.train", "trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    command = [sys.executable, "-m", "ddp_trainer.cli.launch", "--nproc-per-node=1", *train]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**cli_env(), **task}, cwd=REPO_DIR
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        f"ddp-launch: error: the rendezvous port of localhost:{port}, which this agent hosts, is in use (another "
+        "job's store?): pass --rdzv-endpoint=HOST:PORT with a free port"
+    ]
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+    del other_jobs_store
+
+
+def port_is_free(port: int) -> bool:
+    """Whether this host could listen on `port` now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_ddp_launch_keeps_a_master_the_user_names_instead_of_the_slurm_rendezvous():
@@ -255,6 +307,18 @@ def test_multi_node_script_names_the_missing_variable():
     env = {key: value for key, value in cli_env().items() if key not in ("MASTER_ADDR", "NNODES", "NODE_RANK")}
     result = subprocess.run(["bash", "launch/multi_node.sh"], capture_output=True, text=True, env=env, cwd=REPO_DIR)
     assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
+
+
+def test_multi_node_script_on_node_0_refuses_a_port_another_jobs_store_holds(tmp_path):
+    port = free_port()
+    other_jobs_store = dist.TCPStore("0.0.0.0", port, 1, True, wait_for_workers=False)
+    node_0 = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NNODES": "2", "NODE_RANK": "0"}
+    env = {**cli_env(), **node_0, "PYTHON": sys.executable}
+    args = ["launch/multi_node.sh", "trainer.device=cpu", f"output_dir={tmp_path}"]
+    result = subprocess.run(["bash", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO_DIR)
+    assert result.returncode == 2, result.stderr
+    assert f"error: the rendezvous port of 127.0.0.1:{port}, which this agent hosts, is in use" in result.stderr
+    del other_jobs_store
 
 
 def test_doctor_names_missing_ranks_when_the_world_size_is_wrong():

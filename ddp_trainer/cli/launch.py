@@ -14,6 +14,7 @@ import torch
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from ddp_trainer import slurm
 from ddp_trainer.cli import exit_after
@@ -60,15 +61,20 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
             "with srun (one task per node), or give --standalone to train on this host"
         )
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
-    job_id = environ["SLURM_JOB_ID"]
-    return {
+    first = slurm.expand_nodelist(nodes)[0]
+    flags = {
         "--nnodes": environ["SLURM_STEP_NUM_TASKS"] if step else "1",
         "--node-rank": environ["SLURM_PROCID"] if step else "0",
         "--rdzv-backend": "c10d",
-        # On the step's first node; when several agents share that node, the first to bind hosts the store.
-        "--rdzv-endpoint": f"{slurm.expand_nodelist(nodes)[0]}:{slurm.step_port(environ)}",
-        "--rdzv-id": f"{job_id}.{environ.get('SLURM_STEP_ID', 'batch')}",  # two steps of a job are two runs
+        "--rdzv-endpoint": f"{first}:{slurm.step_port(environ)}",  # on the step's first node
+        "--rdzv-id": f"{environ['SLURM_JOB_ID']}.{environ.get('SLURM_STEP_ID', 'batch')}",  # a job's steps: two runs
     }
+    if "SLURMD_NODENAME" in environ:
+        # Told, not guessed: torchrun's guess, failing to bind the port, joins whatever store holds it (another job's,
+        # whose end then ends this one). The first task on the first node hosts the store.
+        hosts = environ["SLURMD_NODENAME"] == first and environ.get("SLURM_LOCALID", "0") == "0"
+        flags["--rdzv-conf"] = f"is_host={str(hosts).lower()}"
+    return flags
 
 
 def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
@@ -85,7 +91,9 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     if not args.standalone:
         for flag, value in slurm_flags(environ).items():
             left_out = not _given(flags, options[flag.lstrip("-").replace("-", "_")])
-            if left_out and not (own_master and flag.startswith("--rdzv")):
+            # Whether this agent hosts the store holds for the endpoint filled in, not for one the user named.
+            own_endpoint = flag == "--rdzv-conf" and _given(flags, options["rdzv_endpoint"])
+            if left_out and not own_endpoint and not (own_master and flag.startswith("--rdzv")):
                 added.append(f"{flag}={value}")
     # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
     # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
@@ -138,6 +146,16 @@ def run_agent(arguments: Sequence[str]) -> int:
         return exit_code
     except SignalException as error:
         return 128 + error.sigval
+    except RendezvousConnectionError as error:
+        if "EADDRINUSE" not in str(error.__cause__):
+            raise
+        endpoint = torchrun.get_args_parser().parse_args(list(arguments)).rdzv_endpoint
+        say(
+            f"ddp-launch: error: the rendezvous port of {endpoint}, which this agent hosts, is in use (another job's "
+            "store?): pass --rdzv-endpoint=HOST:PORT with a free port",
+            sys.stderr,
+        )
+        return 2
     return 0
 
 
