@@ -309,6 +309,24 @@ def test_multi_node_script_names_the_missing_variable():
     assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
 
 
+def test_multi_node_script_passes_launch_flags_to_torchrun_before_the_script():
+    node_1 = {"MASTER_ADDR": "10.0.0.1", "NNODES": "2", "NODE_RANK": "1", "PYTHON": sys.executable}
+    node_1["LAUNCH_FLAGS"] = "--nproc-per-node=3 --max-restarts=2 --dry-run"
+    args = ["launch/multi_node.sh", "--config", "configs/digits_mlp.yaml"]
+    result = subprocess.run(["bash", *args], capture_output=True, text=True, env={**cli_env(), **node_1}, cwd=REPO_DIR)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split()
+    assert command[command.index("--nproc-per-node=3") :] == [
+        "--nproc-per-node=3",
+        "--max-restarts=2",
+        "-m",
+        "ddp_trainer.train",
+        "--config",
+        "configs/digits_mlp.yaml",
+    ]
+    assert "--rdzv-conf=is_host=false" in command and "--rdzv-endpoint=10.0.0.1:29500" in command
+
+
 def test_multi_node_script_on_node_0_refuses_a_port_another_jobs_store_holds(tmp_path):
     port = free_port()
     other_jobs_store = dist.TCPStore("0.0.0.0", port, 1, True, wait_for_workers=False)
