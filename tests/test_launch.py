@@ -171,6 +171,25 @@ def test_ddp_launch_in_a_batch_script_outside_srun_is_the_only_agent():
     assert "--rdzv-endpoint" not in " ".join(torchrun_arguments(["--standalone", "train.py"], batch_script))
 
 
+def test_ddp_launch_in_a_batch_script_of_several_nodes_warns_that_it_trains_on_one(srun_task, capsys):
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_STEP_NODELIST", "SLURM_LOCALID"):
+        srun_task.delenv(name)
+    srun_task.setenv("SLURM_PROCID", "0")
+    srun_task.setenv("SLURMD_NODENAME", "node07")
+    srun_task.setenv("SLURM_JOB_NUM_NODES", "2")
+    assert launch_main(["--dry-run", "-m", "ddp_trainer.train", "--nnodes=2"]) == 0  # the script's own --nnodes
+    assert capsys.readouterr().err == (
+        "ddp-launch: warning: SLURM job 4242 holds 2 nodes, but outside srun this agent trains on this one alone, the "
+        "others idle: start ddp-launch with srun, one task per node (slurm/multinode.sbatch)\n"
+    )
+    for chosen in ("--standalone", "--nnodes=1"):
+        assert launch_main(["--dry-run", chosen, "-m", "ddp_trainer.train"]) == 0
+        assert capsys.readouterr().err == ""
+    srun_task.setenv("SLURM_JOB_NUM_NODES", "1")
+    assert launch_main(["--dry-run", "-m", "ddp_trainer.train"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the_workers_code():
     # The worker signals its agent, as SLURM signals every process of the step, then stops as a rank not requeued does.
     step = {**cli_env(), "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}

@@ -77,6 +77,19 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
     return flags
 
 
+def _unused_nodes(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
+    """What a job's other nodes are left doing when ddp-launch runs outside srun and nothing names the node count."""
+    nodes = environ.get("SLURM_JOB_NUM_NODES", "1")
+    if slurm.in_srun_step(environ) or not nodes.isdigit() or int(nodes) < 2:
+        return None
+    if _given(argv[: len(argv) - _script_length(argv)], ("--nnodes", "--standalone")):
+        return None
+    return (
+        f"SLURM job {environ.get('SLURM_JOB_ID')} holds {nodes} nodes, but outside srun this agent trains on this one "
+        "alone, the others idle: start ddp-launch with srun, one task per node (slurm/multinode.sbatch)"
+    )
+
+
 def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     """torchrun's arguments for `argv` (torchrun's own syntax), with what the user left out filled in."""
     parser = torchrun.get_args_parser()
@@ -168,11 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if doctor:
         arguments += ["-m", "ddp_trainer.cli.doctor"]
+    unused = _unused_nodes(arguments, os.environ)
     try:
         arguments = torchrun_arguments(arguments, os.environ)
     except UsageError as error:
         print(f"ddp-launch: error: {error}", file=sys.stderr)
         return 2
+    if unused:
+        say(f"ddp-launch: warning: {unused}", sys.stderr)
     if dry_run:
         print(shlex.join([*TORCHRUN, *arguments]))
         return 0
