@@ -133,7 +133,7 @@ def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str, fac
     timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
     if launch.master_addr is None or launch.master_port is None:
         raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
-    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    agent_hosts = rendezvous.agent_hosts_store()
     try:
         store = rendezvous.open_store(
             launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout, launch.job
@@ -215,7 +215,7 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
     late = [rank for rank, mark in (marks or {}).items() if mark == "closed"]
     waited = [rank for rank, mark in (marks or {}).items() if mark == "timeout"]
     if missing is None:
-        culprit = "rank 0, which hosts the rendezvous store, is gone"
+        culprit = f"{rendezvous.store_host()}, which hosts the rendezvous store, is gone"
     elif missing:
         culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
     elif late and waited:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import time
@@ -31,6 +32,16 @@ _SHOWN_KEYS = 4
 STORE_GONE_MARKERS = ("Connection was likely closed", "Connection reset by peer", "Broken pipe")
 
 
+def agent_hosts_store() -> bool:
+    """Whether torchrun's agent hosts the job's store (an elastic launch), rather than rank 0."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def store_host() -> str:
+    """Who hosts the job's store, in the words of an error line."""
+    return "the torchrun agent on the rendezvous endpoint's node" if agent_hosts_store() else "rank 0"
+
+
 def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str) -> CliError | None:
     """A rendezvous's network error as one line naming its cause; None for one that says nothing known."""
     if "timed out" in str(error):  # a rank other than 0 found no store to join
@@ -40,7 +51,7 @@ def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str) 
     if any(marker in str(error) for marker in STORE_GONE_MARKERS):  # its host died as this rank waited there
         return RankLost(
             f"the rendezvous store at {address} is gone as this rank waited in it ({first_line(error)}): its host "
-            "(rank 0, or the launcher of rank 0's node) stopped; see its output"
+            f"({store_host()}) stopped; see its output"
         )
     if "EADDRINUSE" in str(error):  # srun's port comes from the job and step ids: two jobs on a node may draw the same
         host, port = address.rsplit(":", 1)

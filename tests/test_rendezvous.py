@@ -125,3 +125,14 @@ def test_a_refusal_names_the_first_differing_rank_a_few_of_its_keys_and_how_many
         f"the ranks do not run the same: rank 1 (on {host}) has a=0, b=0, c=0, d=absent (and 2 more) where rank 0 (on "
         f"{host}) has a=1, b=2, c=3, d=4; give every node the same config, overrides and packages"
     }
+
+
+def test_a_store_gone_under_torchrun_is_blamed_on_its_agent_not_rank_0(monkeypatch):
+    # Under torchrun the agent on the rendezvous endpoint's node hosts the store: rank 0 may run on another node.
+    gone = dist.DistNetworkError("Connection reset by peer")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60"))
+    assert said.endswith("its host (the torchrun agent on the rendezvous endpoint's node) stopped; see its output")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60"))
+    assert said.endswith("its host (rank 0) stopped; see its output")
