@@ -343,8 +343,11 @@ def _refuse_orphaned_metrics(metrics: Path) -> None:
 def _newest_readable(
     saved: list[Path], directory: Path, report: Callable[[str], None], unreadable: Mapping[Path, str]
 ) -> tuple[dict[str, Any], Path]:
-    problems = []
+    problems, tried = [], set()
     for path in saved:
+        if path.resolve() in tried:  # a sharded `last` names a step folder that is also in the list
+            continue
+        tried.add(path.resolve())
         if path.resolve() in unreadable:  # read before, and reported then
             problems.append(unreadable[path.resolve()])
             continue
