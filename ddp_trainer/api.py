@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer import changes, data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
-from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_if_any, refused_on_every_rank
+from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -95,10 +95,9 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         cleanup.callback(distributed.teardown)
         cleanup.push(_release_failed_frames)  # before teardown: its callbacks run last in, first out
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
-        env = changes.join_run(cfg)
+        env = changes.join_run(cfg, refusal)
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
-        refused_if_any(env, refusal)
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
         if claim is not None:
             cleanup.callback(claim.release)

@@ -73,13 +73,15 @@ def across_ranks(cfg: Config) -> dict[str, Any]:
     return {key: value for key, value in flatten(to_container(cfg)).items() if not key.startswith(PER_NODE)}
 
 
-def join_run(cfg: Config) -> DistEnv:
-    """distributed.setup() with `cfg`'s device, backend and start-up timeout; every rank must hold the same `cfg`."""
+def join_run(cfg: Config, refusal: str | None = None) -> DistEnv:
+    """distributed.setup() with `cfg`'s device, backend and start-up timeout: every rank must hold the same `cfg`, and
+    a `refusal` (why this rank cannot start) stops every rank."""
     return distributed.setup(
         cfg.trainer.device,
         cfg.trainer.startup_timeout_s,
         cfg.trainer.dist_backend,
         same_on_every_rank=across_ranks(cfg),
+        refusal=refusal,
     )
 
 

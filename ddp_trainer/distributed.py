@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp_trainer import __version__, rendezvous, slurm
+from ddp_trainer import rendezvous, slurm
 from ddp_trainer.errors import RankLost, UsageError, first_line
 
 
@@ -127,44 +127,19 @@ def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_cou
     return "gloo" if requested == "gloo" or shared else "nccl"
 
 
-def _join(launch: Launch, backend: str, timeout_s: float, timeout_name: str, facts: dict[str, Any]) -> None:
-    """Join the process group once every rank runs the same `facts`; a rendezvous that times out (a rank never
-    started) is one line, not a traceback."""
-    timeout = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a 10-30 minute hang
-    if launch.master_addr is None or launch.master_port is None:
-        raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
-    agent_hosts = rendezvous.agent_hosts_store()
-    try:
-        store = rendezvous.open_store(
-            launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts, timeout, launch.job
-        )
-        same = {"torch": torch.__version__, "ddp_trainer": __version__, "backend": backend, **facts}
-        rendezvous.refuse_differences(store, launch.rank, launch.world_size, same)
-        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
-    except dist.DistStoreError as error:
-        raise RankLost(
-            f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out "
-            f"({timeout_name}={timeout_s:g}): {first_line(error)} A rank failed to start: see its output"
-        ) from None
-    except dist.DistNetworkError as error:
-        address, timeout_set = f"{launch.master_addr}:{launch.master_port}", f"{timeout_name}={timeout_s:g}"
-        failure = rendezvous.named_failure(error, address, timeout_set)
-        if failure is None:
-            raise
-        raise failure from None
-
-
 def setup(
     requested_device: str,
     timeout_s: float,
     requested_backend: str = "auto",
     timeout_name: str = "trainer.startup_timeout_s",
     same_on_every_rank: dict[str, Any] | None = None,
+    refusal: str | None = None,
 ) -> DistEnv:
     """Join the process group when launched with more than one rank; return this rank's DistEnv.
 
     `timeout_name` is what the user set `timeout_s` with, for the line a rendezvous that times out ends with. Every
-    rank must run the same packages, backend and `same_on_every_rank` (a run's config): all refuse otherwise.
+    rank must run the same packages, backend and `same_on_every_rank` (a run's config), and none may bring a
+    `refusal` (why it cannot start): all refuse otherwise, once they met.
     """
     launch = detect_launcher()
     gpu_count = visible_gpus()
@@ -173,7 +148,9 @@ def setup(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        _join(launch, backend, timeout_s, timeout_name, same_on_every_rank or {})
+        rendezvous.join(launch, backend, (timeout_name, timeout_s), same_on_every_rank or {}, refusal)
+    elif refusal is not None:
+        raise UsageError(refusal)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 

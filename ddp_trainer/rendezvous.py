@@ -1,18 +1,25 @@
-"""A key space in the launcher's store that this attempt's ranks agree on, and that no earlier attempt wrote in."""
+"""A key space in the launcher's store that this attempt's ranks agree on, and that no earlier attempt wrote in; there,
+before the process group exists, they agree that every rank can start and runs the same."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
+from ddp_trainer import __version__
 from ddp_trainer.errors import CliError, RankLost, UsageError, first_line
+
+if TYPE_CHECKING:
+    from ddp_trainer.distributed import Launch
 
 # An elastic agent keeps its store for the whole job, so a restarted attempt finds the keys (gloo's peer addresses,
 # NCCL's ids) that a failed attempt left. torchrun's TORCHELASTIC_RESTART_COUNT cannot name attempts apart: each
@@ -136,15 +143,59 @@ def _follow(store: dist.Store, rank: int, token: str, deadline: float) -> int | 
     return None
 
 
-def refuse_differences(store: dist.Store, rank: int, world_size: int, facts: dict[str, Any]) -> None:
-    """Raise UsageError on every rank alike when any rank's `facts` (versions, backend, config) differ from rank 0's.
+def join(launch: Launch, backend: str, timeout: tuple[str, float], facts: dict[str, Any], refusal: str | None) -> None:
+    """Join the process group once every rank can start and runs the same `facts`; a rendezvous that times out (a rank
+    never started) is one line, not a traceback. `timeout` is (the key that set it, seconds)."""
+    key, timeout_s = timeout
+    try:
+        store = _store(launch, timedelta(seconds=timeout_s))  # turns a dead or stuck peer into an error, not a hang
+        same = {"torch": torch.__version__, "ddp_trainer": __version__, "backend": backend, **facts}
+        refused = agree(store, launch.rank, launch.world_size, same, refusal)
+        if refused is not None:
+            raise UsageError(refused)
+        dist.init_process_group(
+            backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s)
+        )
+    except dist.DistStoreError as error:
+        raise RankLost(
+            f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out ({key}={timeout_s:g}): "
+            f"{first_line(error)} A rank failed to start: see its output"
+        ) from None
+    except dist.DistNetworkError as error:
+        failure = named_failure(error, f"{launch.master_addr}:{launch.master_port}", f"{key}={timeout_s:g}")
+        if failure is None:
+            raise
+        raise failure from None
 
-    Through the store, before any collective: ranks of different backends or run lengths would hang in one.
+
+def tell_others(launch: Launch, refusal: str, timeout_s: float) -> None:
+    """Meet the other ranks only to tell them that this one cannot start: they stop with it, not wait for it."""
+    if launch.world_size > 1:
+        with contextlib.suppress(CliError, dist.DistError):  # not told (no master, a peer gone): this rank's own error
+            agree(_store(launch, timedelta(seconds=timeout_s)), launch.rank, launch.world_size, {}, refusal)
+
+
+def _store(launch: Launch, timeout: timedelta) -> dist.Store:
+    if launch.master_addr is None or launch.master_port is None:
+        raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
+    return open_store(
+        launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts_store(), timeout, launch.job
+    )
+
+
+def agree(
+    store: dist.Store, rank: int, world_size: int, facts: dict[str, Any], refusal: str | None = None
+) -> str | None:
+    """What this rank must refuse with, the same on every rank: its own `refusal`, another rank's, or `facts`
+    (versions, backend, config) that differ from rank 0's; None when every rank can start and runs the same.
+
+    Through the store, before any collective: ranks of different backends or run lengths would hang in one, and a
+    rank refusing alone, on a node of its own, would leave the others waiting for it.
     """
-    store.set(f"{_SAME}/{rank}", json.dumps([socket.gethostname(), facts], default=repr))
+    store.set(f"{_SAME}/{rank}", json.dumps([socket.gethostname(), facts, refusal], default=repr))
     if rank == 0:
         told = [json.loads(raw) for raw in store.multi_get([f"{_SAME}/{peer}" for peer in range(world_size)])]
-        verdict = _differences(told)
+        verdict = _verdict(told)
         store.set(f"{_SAME}/verdict", verdict)
         if verdict:  # the others must read it before rank 0 ends, and with it the store it may host
             _appears(
@@ -154,8 +205,15 @@ def refuse_differences(store: dist.Store, rank: int, world_size: int, facts: dic
         verdict = store.get(f"{_SAME}/verdict").decode()
         if verdict:
             store.set(f"{_SAME}/read/{rank}", "1")
-    if verdict:
-        raise UsageError(verdict)
+    return refusal or verdict or None
+
+
+def _verdict(told: list[list[Any]]) -> str:
+    """The first rank that cannot start, or else that runs otherwise than rank 0, in one line; "" when none."""
+    refused = next(((rank, said[2]) for rank, said in enumerate(told) if said[2] is not None), None)
+    if refused is not None:
+        return f"rank {refused[0]} cannot start: {refused[1]}"
+    return _differences([said[:2] for said in told])
 
 
 def _differences(told: list[list[Any]]) -> str:

@@ -361,6 +361,19 @@ def test_nodes_whose_config_files_differ_are_refused_on_every_rank_before_traini
     assert not (tmp_path / "run").exists()
 
 
+def test_a_node_without_the_config_file_stops_every_rank_at_once(tmp_path):
+    # Refused alone before the ranks met, rank 1 left rank 0 waiting for it until trainer.startup_timeout_s (30 min).
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    (tmp_path / "node0" / "recipe.yaml").write_text((REPO_DIR / DIGITS).read_text())
+    args = ["--config", "recipe.yaml", "trainer.device=cpu", "trainer.startup_timeout_s=60", "output_dir=run"]
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    said = "config file recipe.yaml does not exist"
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
+    assert not (tmp_path / "node0" / "run").exists()
+
+
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):
     # Unequal lengths would split unequal index ranges: a hang in training, or validation counted wrongly.
     args = ["data._target_=factories.blobs_differing_on", "data.rank=1", "data.difference=shorter", *BLOBS[1:]]

@@ -11,7 +11,7 @@ import stat
 import pytest
 import torch
 from conftest import FullDisk, read_metrics, run_cli
-from dist_helpers import read_while_replaced, spawn
+from dist_helpers import read_while_replaced, spawn, train_in_a_folder_per_rank
 from PIL import Image
 
 from ddp_trainer import atomic, checkpoint, distributed
@@ -92,6 +92,18 @@ def test_evaluate_and_predict_join_the_other_ranks_under_the_start_up_timeout(tr
     output = ["--output", str(tmp_path / "val.jsonl")]
     assert main(["predict", "--checkpoint", last, "--split", "val", *output, *timeouts]) == 0
     assert joined == [77, 77]  # was training's 3 s, a rank that starts late failing, and named as start-up's
+
+
+def test_evaluate_where_one_node_lacks_the_checkpoint_stops_every_rank_at_once(trained, tmp_path):
+    # Refused alone before the ranks met, rank 1 left rank 0 waiting for it until trainer.startup_timeout_s.
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    shutil.copy(trained / "checkpoints" / "last.pt", tmp_path / "node0" / "last.pt")
+    args = ["evaluate", "--checkpoint", "last.pt", "trainer.startup_timeout_s=60"]
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    said = "checkpoint last.pt does not exist"
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train evaluate: error (rank 1): {said}\n"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train evaluate: error (rank 0): rank 1 cannot start: {said}\n"
 
 
 def test_evaluate_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
+from ddp_trainer.errors import CliError
 from ddp_trainer.slurm import note_early_warnings
+
+Loaded = TypeVar("Loaded")
+TELL_TIMEOUT_S = 300.0  # how long a rank that cannot start waits for the others to meet it: it read no timeout
 
 # Importing this package starts a command: from here on a rank or agent that SLURM warns (USR2) while torch still
 # imports notes it for the run, instead of dying of USR2's default action.
@@ -29,3 +34,16 @@ def run_as(command: str) -> NoReturn:
     from ddp_trainer.cli import train  # lazy: it imports the commands' modules
 
     exit_after(lambda: train.main([command, *sys.argv[1:]]))
+
+
+def told_to_the_others(load: Callable[[], Loaded]) -> Loaded:
+    """`load()`'s result; a rank where it fails (a node without the file) first meets the others to tell them."""
+    try:
+        return load()
+    except CliError as error:
+        from ddp_trainer import distributed, rendezvous  # lazy: the launcher imports this package without torch
+
+        # Alone, it would leave them waiting for it at the rendezvous for trainer.startup_timeout_s.
+        with contextlib.suppress(CliError):  # launch variables it cannot read: there is nobody to tell
+            rendezvous.tell_others(distributed.detect_launcher(), str(error), TELL_TIMEOUT_S)
+        raise
