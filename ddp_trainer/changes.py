@@ -49,8 +49,9 @@ HARMLESS = (
     "data.prefetch_factor",
     "model.channels_last",
 )
-# Read by rank 0 alone (what it logs and shows), or a node's own copy of the data, which the datasets' checks compare.
-PER_NODE = ("logging.", "trainer.progress_bar", "data.root")
+# Read by rank 0 alone (what it logs and shows), or a node's own copy of the data (also as a factory's `root`), which
+# the datasets' checks compare.
+PER_NODE = ("logging.", "trainer.progress_bar", "data.root", "data.kwargs.root")
 # A longer or shorter run continues the same one, unless the schedule is stretched over the run's length.
 LENGTH = ("trainer.epochs", "trainer.max_steps")
 # What the rate of the next step is computed from: the restored optimizer holds the saved schedule's rate instead.

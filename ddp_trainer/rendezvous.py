@@ -219,11 +219,10 @@ def _verdict(told: list[list[Any]]) -> str:
 def _differences(told: list[list[Any]]) -> str:
     """The first rank that runs otherwise than rank 0, in one line; "" when every rank runs the same."""
     first_host, first = told[0]
-    differing = [(rank, *said) for rank, said in enumerate(told) if said[1] != first]
+    differing = [(rank, host, facts, keys) for rank, (host, facts) in enumerate(told) if (keys := _keys(first, facts))]
     if not differing:
         return ""
-    rank, host, facts = differing[0]
-    keys = sorted(key for key in first.keys() | facts.keys() if first.get(key, "absent") != facts.get(key, "absent"))
+    rank, host, facts, keys = differing[0]
     shown = keys[:_SHOWN_KEYS]
     more = f" (and {len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
     others = f" ({len(differing)} of {len(told)} ranks differ)" if len(differing) > 1 else ""
@@ -235,6 +234,12 @@ def _differences(told: list[list[Any]]) -> str:
         f"the ranks do not run the same: rank {rank} (on {host}) has {values(facts)}{more} where rank 0 (on "
         f"{first_host}) has {values(first)}{others}; give every node the same config, overrides and packages"
     )
+
+
+def _keys(first: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two ranks' facts, compared as sent: in JSON a NaN equals a NaN."""
+    sent = [{key: json.dumps(value, sort_keys=True) for key, value in said.items()} for said in (first, facts)]
+    return sorted(key for key in first.keys() | facts.keys() if sent[0].get(key) != sent[1].get(key))
 
 
 def _appears(store: dist.Store, keys: list[str], until: float) -> bool:

@@ -9,7 +9,7 @@ import numpy
 import pytest
 from conftest import read_metrics
 
-from ddp_trainer import api, config, data, models
+from ddp_trainer import api, changes, config, data, models
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
 
@@ -186,6 +186,15 @@ def test_data_root_reaches_a_dataset_factory_that_takes_it():
     cfg = config.load(None, ["data._target_=factories.folder_blobs", "data.root=/datasets/mine"])
     train, val = data.map_datasets(cfg.data)
     assert train.root == val.root == "/datasets/mine"
+
+
+def test_the_ranks_compare_every_key_but_a_nodes_own_data_root_and_rank_0s_logging():
+    # A node's own copy of the data may sit elsewhere; a factory that takes `root` gets it in data.kwargs too.
+    cfg = config.load(None, ["data._target_=factories.folder_blobs", "data.root=/scratch/node7", "optim.lr=0.5"])
+    assert cfg.data.kwargs["root"] == "/scratch/node7"
+    compared = changes.across_ranks(cfg)
+    assert [key for key in compared if "root" in key or key.startswith(("logging.", "trainer.progress_bar"))] == []
+    assert (compared["optim.lr"], compared["data._target_"]) == (0.5, "factories.folder_blobs")
 
 
 def test_trainer_key_the_factory_does_not_take_stays_with_the_trainer_only():

@@ -124,6 +124,16 @@ def test_a_refusal_names_the_first_differing_rank_a_few_of_its_keys_and_how_many
     }
 
 
+def test_a_nan_both_ranks_hold_is_the_same_value_not_a_difference():
+    first = {"model.kwargs.scale": float("nan"), "optim.lr": 0.001}
+    assert meet_and_compare([first, {**first}]) == ["", ""]
+    said = meet_and_compare([first, {**first, "optim.lr": 0.5}])
+    assert set(said) == {
+        f"the ranks do not run the same: rank 1 (on {socket.gethostname()}) has optim.lr=0.5 where rank 0 (on "
+        f"{socket.gethostname()}) has optim.lr=0.001; give every node the same config, overrides and packages"
+    }
+
+
 def test_a_store_gone_under_torchrun_is_blamed_on_its_agent_not_rank_0(monkeypatch):
     # Under torchrun the agent on the rendezvous endpoint's node hosts the store: rank 0 may run on another node.
     gone = dist.DistNetworkError("Connection reset by peer")
