@@ -156,12 +156,15 @@ def refuse_unshared(output_dir: Path, env: DistEnv) -> None:
     Under FSDP every rank writes its shard there: rank 0 would publish checkpoints that lack the others' shards.
     """
     probe = output_dir / f".shared-{secrets.token_hex(8)}"  # a name no node looked up before: none cached it missing
+    refusal = None
     if env.is_main:
-        probe.touch()
+        try:
+            probe.touch()
+        except OSError as error:  # a full disk, a quota: the others must not wait for a probe that never came
+            refusal, probe = f"output_dir {output_dir} cannot be written ({error.strerror})", None
     try:
-        name, host = broadcast_object((probe.name, socket.gethostname()), env)
-        refusal = None
-        if not (output_dir / name).exists():
+        name, host = broadcast_object((probe and probe.name, socket.gethostname()), env)
+        if name is not None and not (output_dir / name).exists():
             refusal = (
                 f"output_dir {output_dir.resolve()} on {socket.gethostname()} is not the folder rank 0 writes on "
                 f"{host}: trainer.strategy=fsdp writes every rank's shard there, so it must be on a filesystem every "
@@ -169,8 +172,8 @@ def refuse_unshared(output_dir: Path, env: DistEnv) -> None:
             )
         refused_if_any(env, refusal)
     finally:
-        if env.is_main:
-            probe.unlink()
+        if env.is_main and probe is not None:
+            probe.unlink(missing_ok=True)
 
 
 def same_on_every_rank(state: Mapping[str, Any] | None, where: Path, env: DistEnv) -> None:

@@ -9,7 +9,7 @@
 set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}" "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}"
 hosts=false
-[ "${NODE_RANK}" = 0 ] && hosts=true
+[ "$((10#${NODE_RANK}))" -eq 0 ] && hosts=true
 exec "${PYTHON:-python3}" -m ddp_trainer.cli.launch --nnodes="${NNODES}" --node-rank="${NODE_RANK}" \
   --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv-id="${RUN_ID:-ddp-trainer}" \
   --rdzv-conf="is_host=${hosts}" ${LAUNCH_FLAGS:-} -m ddp_trainer.train "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import io
 import multiprocessing
@@ -330,6 +331,20 @@ def train_in_a_folder_per_rank(rank: int, world_size: int, port: int, args: list
     """The CLI with `args` on this rank, run from `out`/node<rank>, as on nodes that share no filesystem."""
     _join_as(rank, world_size, port)
     os.chdir(Path(out, f"node{rank}"))
+    _main_captured(rank, args, out)
+
+
+def train_on_a_disk_too_full_for_the_probe(rank: int, world_size: int, port: int, args: list[str], out: str) -> None:
+    """The CLI with `args` on this rank, where creating the shared-folder probe fails as on a full disk."""
+    _join_as(rank, world_size, port)
+    real_touch = Path.touch
+
+    def touch(path: Path, *call_args: object, **call_kwargs: object) -> None:
+        if path.name.startswith(".shared-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_touch(path, *call_args, **call_kwargs)
+
+    Path.touch = touch
     _main_captured(rank, args, out)
 
 

@@ -30,6 +30,7 @@ from dist_helpers import (
     train_counting_graphs,
     train_in_a_folder_per_rank,
     train_noting_ddp_at_teardown,
+    train_on_a_disk_too_full_for_the_probe,
     train_rank,
     train_with_slow_saves,
 )
@@ -332,6 +333,16 @@ def test_fsdp_into_an_output_dir_that_only_rank_0_sees_is_refused_before_a_shard
     assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
     assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
     assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["rank0", "rank1"]
+
+
+def test_fsdp_whose_shared_folder_probe_cannot_be_written_stops_every_rank_at_once(tmp_path):
+    # Rank 0 raised alone, the others waiting for its probe's name until trainer.startup_timeout_s.
+    args = [*BLOBS, "trainer.strategy=fsdp", "trainer.startup_timeout_s=60", f"output_dir={tmp_path / 'run'}"]
+    spawn(2, train_on_a_disk_too_full_for_the_probe, args, str(tmp_path))
+    said = f"output_dir {tmp_path / 'run'} cannot be written (No space left on device)"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): {said}\n"
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): rank 0 cannot start: {said}\n"
+    assert not (tmp_path / "run").exists()  # the folder the claim made is gone with it
 
 
 def test_nodes_whose_config_files_differ_are_refused_on_every_rank_before_training(tmp_path):

@@ -100,12 +100,8 @@ def test_ddp_launch_makes_each_srun_task_an_agent_and_keeps_what_was_given():
 def test_ddp_launch_tells_torchrun_which_agent_hosts_the_store_the_first_task_on_the_first_node():
     step = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "3", "SLURM_STEP_NODELIST": "gpu[3-4]", "SLURM_STEP_NUM_TASKS": "3"}
     tasks = [("gpu3", "0", "0"), ("gpu3", "1", "1"), ("gpu4", "2", "0")]  # (node, rank, rank on the node)
-    hosting = [
-        torchrun_arguments(
-            ["train.py"], {**step, "SLURMD_NODENAME": node, "SLURM_PROCID": rank, "SLURM_LOCALID": local}
-        )
-        for node, rank, local in tasks
-    ]
+    tasks = [{"SLURMD_NODENAME": node, "SLURM_PROCID": rank, "SLURM_LOCALID": local} for node, rank, local in tasks]
+    hosting = [torchrun_arguments(["train.py"], {**step, **task}) for task in tasks]
     assert [[token for token in arguments if token.startswith("--rdzv-conf")] for arguments in hosting] == [
         ["--rdzv-conf=is_host=true"],
         ["--rdzv-conf=is_host=false"],
@@ -113,6 +109,28 @@ def test_ddp_launch_tells_torchrun_which_agent_hosts_the_store_the_first_task_on
     ]
     own_endpoint = torchrun_arguments(["--rdzv-endpoint=gpu9:29400", "train.py"], {**step, "SLURMD_NODENAME": "gpu3"})
     assert not any(token.startswith("--rdzv-conf") for token in own_endpoint)  # gpu3 does not host the user's
+    first_task = {**step, **tasks[0]}
+    tuned = torchrun_arguments(["--rdzv-conf", "join_timeout=900,is_host=false", "train.py"], first_task)
+    assert [token for token in tuned if token.startswith("--rdzv")][-1] == "--rdzv-conf=is_host=false,join_timeout=900"
+    tuned = torchrun_arguments(["--rdzv_conf=join_timeout=900", "train.py"], first_task)
+    assert [token for token in tuned if token.startswith("--rdzv")][-1] == "--rdzv-conf=is_host=true,join_timeout=900"
+    # A node list that names the nodes otherwise than slurmd does (a domain, another case): torchrun's own guess.
+    for elsewhere in ({**first_task, "SLURMD_NODENAME": "gpu3.cluster"}, {**first_task, "SLURM_LOCALID": None}):
+        arguments = torchrun_arguments(["train.py"], {key: value for key, value in elsewhere.items() if value})
+        assert not any(token.startswith("--rdzv-conf") for token in arguments)
+
+
+def test_ddp_launch_that_cannot_reach_the_rendezvous_store_says_so_in_one_line():
+    endpoint = f"127.0.0.1:{free_port()}"  # nobody hosts a store there
+    flags = ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+    flags += ["--rdzv-conf=is_host=false,read_timeout=2", "--nproc-per-node=1"]
+    command = [sys.executable, "-m", "ddp_trainer.cli.launch", *flags, "-m", "ddp_trainer.train"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO_DIR)
+    assert result.returncode == 1, result.stderr
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"ddp-launch: error: the rendezvous store at {endpoint} cannot be reached or went away (")
+    assert said.endswith("): the agent that hosts it is not running or stopped")
+    assert "Traceback" not in result.stderr
 
 
 def test_ddp_launch_whose_rendezvous_port_another_job_holds_says_so_rather_than_train_in_its_store(tmp_path):
@@ -131,7 +149,7 @@ def test_ddp_launch_whose_rendezvous_port_another_job_holds_says_so_rather_than_
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[1:] == [
         f"ddp-launch: error: the rendezvous port of localhost:{port}, which this agent hosts, is in use (another "
-        "job's store?): pass --rdzv-endpoint=HOST:PORT with a free port"
+        "job's store, or another agent told to host it): pass --rdzv-endpoint=HOST:PORT with a free port"
     ]
     assert not tmp_path.joinpath("metrics.jsonl").exists()
     del other_jobs_store
@@ -330,7 +348,7 @@ def test_multi_node_script_names_the_missing_variable():
 
 def test_multi_node_script_passes_launch_flags_to_torchrun_before_the_script():
     node_1 = {"MASTER_ADDR": "10.0.0.1", "NNODES": "2", "NODE_RANK": "1", "PYTHON": sys.executable}
-    node_1["LAUNCH_FLAGS"] = "--nproc-per-node=3 --max-restarts=2 --dry-run"
+    node_1["LAUNCH_FLAGS"] = "--nproc-per-node=3 --max-restarts=2 --rdzv-conf=join_timeout=900 --dry-run"
     args = ["launch/multi_node.sh", "--config", "configs/digits_mlp.yaml"]
     result = subprocess.run(["bash", *args], capture_output=True, text=True, env={**cli_env(), **node_1}, cwd=REPO_DIR)
     assert result.returncode == 0, result.stderr
@@ -343,7 +361,11 @@ def test_multi_node_script_passes_launch_flags_to_torchrun_before_the_script():
         "--config",
         "configs/digits_mlp.yaml",
     ]
-    assert "--rdzv-conf=is_host=false" in command and "--rdzv-endpoint=10.0.0.1:29500" in command
+    # Merged into one option: torchrun keeps the last --rdzv-conf alone, which lost is_host.
+    assert [token for token in command if token.startswith("--rdzv-conf")] == [
+        "--rdzv-conf=is_host=false,join_timeout=900"
+    ]
+    assert "--rdzv-endpoint=10.0.0.1:29500" in command
 
 
 def test_multi_node_script_on_node_0_refuses_a_port_another_jobs_store_holds(tmp_path):

@@ -18,7 +18,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
 from ddp_trainer import slurm
 from ddp_trainer.cli import exit_after
-from ddp_trainer.errors import UsageError, say
+from ddp_trainer.errors import UsageError, first_line, say
 from ddp_trainer.preemption import STOP_SIGNALS
 
 OWN_FLAGS = ("--dry-run", "--doctor")
@@ -61,7 +61,8 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
             "with srun (one task per node), or give --standalone to train on this host"
         )
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
-    first = slurm.expand_nodelist(nodes)[0]
+    names = slurm.expand_nodelist(nodes)
+    first = names[0]
     flags = {
         "--nnodes": environ["SLURM_STEP_NUM_TASKS"] if step else "1",
         "--node-rank": environ["SLURM_PROCID"] if step else "0",
@@ -69,11 +70,11 @@ def slurm_flags(environ: Mapping[str, str]) -> dict[str, str]:
         "--rdzv-endpoint": f"{first}:{slurm.step_port(environ)}",  # on the step's first node
         "--rdzv-id": f"{environ['SLURM_JOB_ID']}.{environ.get('SLURM_STEP_ID', 'batch')}",  # a job's steps: two runs
     }
-    if "SLURMD_NODENAME" in environ:
+    node, local = environ.get("SLURMD_NODENAME"), environ.get("SLURM_LOCALID", None if step else "0")
+    if node in names and local is not None:  # else torchrun guesses (a node list that names nodes otherwise)
         # Told, not guessed: torchrun's guess, failing to bind the port, joins whatever store holds it (another job's,
         # whose end then ends this one). The first task on the first node hosts the store.
-        hosts = environ["SLURMD_NODENAME"] == first and environ.get("SLURM_LOCALID", "0") == "0"
-        flags["--rdzv-conf"] = f"is_host={str(hosts).lower()}"
+        flags["--rdzv-conf"] = f"is_host={str(node == first and local == '0').lower()}"
     return flags
 
 
@@ -101,19 +102,40 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
         added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
     # A master the user names (the static rendezvous) is theirs: torchrun would take a --rdzv-endpoint over it.
     own_master = any(_given(flags, options[name]) for name in ("master_addr", "master_port"))
+    flags, conf = _rdzv_conf(flags, options["rdzv_conf"])
     if not args.standalone:
         for flag, value in slurm_flags(environ).items():
-            left_out = not _given(flags, options[flag.lstrip("-").replace("-", "_")])
-            # Whether this agent hosts the store holds for the endpoint filled in, not for one the user named.
-            own_endpoint = flag == "--rdzv-conf" and _given(flags, options["rdzv_endpoint"])
-            if left_out and not own_endpoint and not (own_master and flag.startswith("--rdzv")):
+            if flag == "--rdzv-conf":
+                # Whether this agent hosts the store holds for the endpoint filled in, not for one the user named.
+                if not (own_master or _given(flags, options["rdzv_endpoint"])):
+                    conf = {"is_host": value.partition("=")[2], **conf}
+            elif not _given(flags, options[flag.lstrip("-").replace("-", "_")]) and not (
+                own_master and flag.startswith("--rdzv")
+            ):
                 added.append(f"{flag}={value}")
+    if conf:  # one option: torchrun keeps the last --rdzv-conf alone
+        added.append("--rdzv-conf=" + ",".join(f"{key}={value}" for key, value in conf.items()))
     # SLURM signals every process of a step, the workers too: torchrun passing SIGTERM on to them a second time would
     # make them stop at once, before their checkpoint. (An older torchrun, without the flag, always does.)
     handled = options.get("signals_to_handle")
     if slurm.in_srun_step(environ) and handled and not _given(flags, handled):
         added.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
-    return [*added, *argv]
+    return [*added, *flags, *list(argv)[len(argv) - len(args.training_script_args) - 1 :]]
+
+
+def _rdzv_conf(flags: Sequence[str], names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """`flags` without their --rdzv-conf options, and those options' key=value pairs, a later one winning."""
+    kept, conf, tokens = [], {}, iter(flags)
+    for token in tokens:
+        name, inline, value = token.partition("=")
+        if name not in names:
+            kept.append(token)
+            continue
+        for pair in (value if inline else next(tokens, "")).split(","):
+            key, _, setting = pair.partition("=")
+            if key.strip():
+                conf[key.strip()] = setting.strip()
+    return kept, conf
 
 
 def own_flags(argv: Sequence[str]) -> tuple[set[str], list[str]]:
@@ -160,15 +182,20 @@ def run_agent(arguments: Sequence[str]) -> int:
     except SignalException as error:
         return 128 + error.sigval
     except RendezvousConnectionError as error:
-        if "EADDRINUSE" not in str(error.__cause__):
-            raise
         endpoint = torchrun.get_args_parser().parse_args(list(arguments)).rdzv_endpoint
+        if "EADDRINUSE" in str(error.__cause__):
+            say(
+                f"ddp-launch: error: the rendezvous port of {endpoint}, which this agent hosts, is in use (another "
+                "job's store, or another agent told to host it): pass --rdzv-endpoint=HOST:PORT with a free port",
+                sys.stderr,
+            )
+            return 2
         say(
-            f"ddp-launch: error: the rendezvous port of {endpoint}, which this agent hosts, is in use (another job's "
-            "store?): pass --rdzv-endpoint=HOST:PORT with a free port",
+            f"ddp-launch: error: the rendezvous store at {endpoint} cannot be reached or went away "
+            f"({first_line(error.__cause__ or error)}): the agent that hosts it is not running or stopped",
             sys.stderr,
         )
-        return 2
+        return 1
     return 0
 
 
