@@ -118,9 +118,8 @@ def test_nodes_that_hold_other_shard_files_are_refused_on_every_rank(tmp_path):
         write_jsonl_shards(tmp_path / f"node{rank}" / "shards" / "val", VAL_SIZES, first_id=1000)
     spawn(2, train_in_a_folder_per_rank, stream_args(Path("shards"), tmp_path / "ids", tmp_path / "run"), str(tmp_path))
     said = (
-        "the ranks read different shard files in data.root (train / val, rank 0: 4 files of 102 records / 3 files of "
-        "17 records, rank 1: 2 files of 102 records / 3 files of 17 records): give every node the same shards, as "
-        "`ddp-train shard` wrote them"
+        "the ranks read different shard files in data.root: rank 1's train shard 0 is part-0.jsonl (50 records) where "
+        "rank 0's is part-0.jsonl (0 records); give every node the same shards, as `ddp-train shard` wrote them"
     )
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == f"2\nddp-train: error (rank {rank}): {said}\n"

@@ -233,12 +233,9 @@ def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: 
     if len(set(by_rank)) <= 1:
         return
     if isinstance(train_set, ShardedIterableDataset):
-        listed = ", ".join(
-            f"rank {rank}: {_shards(train)} / {_shards(val)}" for rank, (train, val) in enumerate(by_rank)
-        )
         raise UsageError(
-            f"the ranks read different shard files in data.root (train / val, {listed}): give every node the same "
-            "shards, as `ddp-train shard` wrote them"
+            f"the ranks read different shard files in data.root: {_first_difference(by_rank)}; give every node the "
+            "same shards, as `ddp-train shard` wrote them"
         )
     listed = ", ".join(f"rank {rank}: {train} / {val}" for rank, (train, val) in enumerate(by_rank))
     raise UsageError(
@@ -254,6 +251,19 @@ def _layout(split: Dataset | None) -> int | tuple[tuple[str, int], ...] | None:
     return None if split is None or isinstance(split, IterableDataset) else len(split)
 
 
-def _shards(layout: tuple[tuple[str, int], ...] | None) -> str:
-    """A stream split's shard files in a few words: how many, with how many records."""
-    return "none" if layout is None else f"{len(layout)} files of {sum(count for _, count in layout)} records"
+def _first_difference(by_rank: list[tuple[Any, Any]]) -> str:
+    """The first shard file in which a rank's streams differ from rank 0's, in words."""
+    rank = next(rank for rank, layout in enumerate(by_rank) if layout != by_rank[0])
+    splits = zip(("train", "val"), by_rank[rank], by_rank[0], strict=True)
+    split, theirs, ours = next((name, *layouts) for name, *layouts in splits if layouts[0] != layouts[1])
+    files = range(max(len(theirs or ()), len(ours or ())))
+    index = next(index for index in files if _file(theirs, index) != _file(ours, index))
+    return f"rank {rank}'s {split} shard {index} is {_file(theirs, index)} where rank 0's is {_file(ours, index)}"
+
+
+def _file(layout: tuple[tuple[str, int], ...] | None, index: int) -> str:
+    """A stream's `index`th shard file and its record count, in words."""
+    if layout is None or index >= len(layout):
+        return "missing"
+    name, count = layout[index]
+    return f"{name} ({count} records)"
