@@ -120,6 +120,15 @@ def test_ddp_launch_tells_torchrun_which_agent_hosts_the_store_the_first_task_on
         assert not any(token.startswith("--rdzv-conf") for token in arguments)
 
 
+def test_ddp_launch_refuses_abbreviated_flags_and_a_rdzv_conf_without_a_key():
+    # torchrun takes `--rdzv-c` for --rdzv-conf: ddp-launch, not seeing it, added its own, and torchrun kept the last.
+    task = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu3", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}
+    with pytest.raises(UsageError, match="^--rdzv-c stands for --rdzv-conf: write torchrun's flags out in full"):
+        torchrun_arguments(["--rdzv-c=join_timeout=600", "train.py"], task)
+    with pytest.raises(UsageError, match="^--rdzv-conf: '=5' names no key"):
+        torchrun_arguments(["--rdzv-conf==5", "--standalone", "train.py"], {})
+
+
 def test_ddp_launch_that_cannot_reach_the_rendezvous_store_says_so_in_one_line():
     endpoint = f"127.0.0.1:{free_port()}"  # nobody hosts a store there
     flags = ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]

@@ -97,6 +97,7 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     args = parser.parse_args(list(argv))
     flags = list(argv)[: len(argv) - len(args.training_script_args) - 1]
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
+    _refuse_abbreviations(flags, [name for names in options.values() for name in names])
     added = []
     if not _given(flags, options["nproc_per_node"]):
         added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
@@ -123,6 +124,15 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     return [*added, *flags, *list(argv)[len(argv) - len(args.training_script_args) - 1 :]]
 
 
+def _refuse_abbreviations(flags: Sequence[str], names: Sequence[str]) -> None:
+    """UsageError for a flag torchrun would take abbreviated: what ddp-launch fills in must see every flag given."""
+    for token in flags:
+        name = token.partition("=")[0]
+        if name.startswith("--") and name not in names:  # torchrun's parser already refused a flag it does not know
+            whole = " or ".join(sorted(option for option in names if option.startswith(name)))
+            raise UsageError(f"{name} stands for {whole}: write torchrun's flags out in full for ddp-launch")
+
+
 def _rdzv_conf(flags: Sequence[str], names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """`flags` without their --rdzv-conf options, and those options' key=value pairs, a later one winning."""
     kept, conf, tokens = [], {}, iter(flags)
@@ -131,10 +141,11 @@ def _rdzv_conf(flags: Sequence[str], names: Sequence[str]) -> tuple[list[str], d
         if name not in names:
             kept.append(token)
             continue
-        for pair in (value if inline else next(tokens, "")).split(","):
+        for pair in filter(str.strip, (value if inline else next(tokens, "")).split(",")):
             key, _, setting = pair.partition("=")
-            if key.strip():
-                conf[key.strip()] = setting.strip()
+            if not key.strip():
+                raise UsageError(f"--rdzv-conf: {pair.strip()!r} names no key (write key=value, comma-separated)")
+            conf[key.strip()] = setting.strip()
     return kept, conf
 
 
