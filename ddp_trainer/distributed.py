@@ -143,8 +143,12 @@ def setup(
     """
     launch = detect_launcher()
     gpu_count = visible_gpus()
-    device = resolve_device(requested_device, launch, gpu_count)
-    backend = choose_backend(requested_backend, device, launch, gpu_count)  # raises before any rank waits
+    try:
+        device = resolve_device(requested_device, launch, gpu_count)
+        backend = choose_backend(requested_backend, device, launch, gpu_count)
+    except UsageError as error:  # this node's GPUs, which the others do not know of
+        error.before_meeting = True
+        raise
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:

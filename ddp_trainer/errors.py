@@ -8,6 +8,9 @@ class CliError(Exception):
     """An error `ddp-train` reports in one line on the rank that meets it, exiting with `exit_code`."""
 
     exit_code = 1
+    # Met before this rank met the others (a node without the config file, or its GPUs): once it has said so, the CLI
+    # meets them to tell them, or they would wait for it until trainer.startup_timeout_s.
+    before_meeting = False
 
     def __init__(self, message: str = "") -> None:
         # Raised in a DataLoader worker, it comes back with the worker's traceback as its message ("Caught ... in

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import select
 import shutil
 import signal
 import socket
@@ -383,6 +384,39 @@ def test_a_node_without_the_config_file_stops_every_rank_at_once(tmp_path):
     assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
     assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
     assert not (tmp_path / "node0" / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a node without CUDA")
+def test_a_node_without_the_gpus_its_config_asks_for_stops_every_rank_at_once(tmp_path):
+    # Its device was refused before the ranks met: rank 0 waited for it until trainer.startup_timeout_s.
+    recipe = (REPO_DIR / DIGITS).read_text()
+    assert len(re.findall(r"\n  device: \w+\n", recipe)) == 1
+    for rank, device in ((0, "cpu"), (1, "cuda")):
+        (tmp_path / f"node{rank}").mkdir()
+        node_recipe = re.sub(r"\n  device: \w+\n", f"\n  device: {device}\n", recipe)
+        (tmp_path / f"node{rank}" / "recipe.yaml").write_text(node_recipe)
+    args = ["--config", "recipe.yaml", "trainer.startup_timeout_s=60", "output_dir=run"]
+    spawn(2, train_in_a_folder_per_rank, args, str(tmp_path))
+    said = "trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)"
+    assert (tmp_path / "rank1").read_text() == f"2\nddp-train: error (rank 1): {said}\n"
+    assert (tmp_path / "rank0").read_text() == f"2\nddp-train: error (rank 0): rank 1 cannot start: {said}\n"
+
+
+def test_a_rank_that_cannot_load_its_config_says_so_before_it_waits_for_the_others(tmp_path):
+    # It waited up to 5 minutes to tell ranks that were never started, silent, and Ctrl-C then lost its error.
+    (rank0,) = plain_ranks(["--config", str(tmp_path / "missing.yaml")], world_size=2, started=[0])
+    try:
+        ready, _, _ = select.select([rank0.stderr], [], [], 60)
+        assert ready, "no line within 60 s"
+        said = f"ddp-train: error (rank 0): config file {tmp_path / 'missing.yaml'} does not exist\n"
+        assert rank0.stderr.readline() == said
+        assert rank0.poll() is None  # waiting for rank 1, to tell it
+        rank0.send_signal(signal.SIGINT)
+        _, rest = rank0.communicate(timeout=60)
+        assert (rank0.returncode, rest) == (-signal.SIGINT, "")  # no traceback over its line
+    finally:
+        rank0.kill()
+        rank0.communicate()
 
 
 def test_datasets_of_other_lengths_on_one_rank_are_refused_on_every_rank(tmp_path):

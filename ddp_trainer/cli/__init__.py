@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -36,14 +38,26 @@ def run_as(command: str) -> NoReturn:
     exit_after(lambda: train.main([command, *sys.argv[1:]]))
 
 
-def told_to_the_others(load: Callable[[], Loaded]) -> Loaded:
-    """`load()`'s result; a rank where it fails (a node without the file) first meets the others to tell them."""
+def loaded_before_meeting(load: Callable[[], Loaded]) -> Loaded:
+    """`load()`'s result; a CliError it raises (a node without the file) is marked as met before the ranks met."""
     try:
         return load()
     except CliError as error:
-        from ddp_trainer import distributed, rendezvous  # lazy: the launcher imports this package without torch
+        error.before_meeting = True
+        raise
 
-        # Alone, it would leave them waiting for it at the rendezvous for trainer.startup_timeout_s.
+
+def tell_the_others(error: CliError) -> None:
+    """Meet the other ranks to tell them `error`, met before they met, which this rank has said: they stop with it."""
+    from ddp_trainer import distributed, rendezvous  # lazy: the launcher imports this package without torch
+
+    # Ctrl-C ends the wait at once, which the store's C++ calls would hold up: the error is said already.
+    interrupt = (
+        signal.signal(signal.SIGINT, signal.SIG_DFL) if threading.current_thread() is threading.main_thread() else None
+    )
+    try:
         with contextlib.suppress(CliError):  # launch variables it cannot read: there is nobody to tell
             rendezvous.tell_others(distributed.detect_launcher(), str(error), TELL_TIMEOUT_S)
-        raise
+    finally:
+        if interrupt is not None:
+            signal.signal(signal.SIGINT, interrupt)

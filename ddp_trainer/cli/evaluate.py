@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ddp_trainer import changes, checkpoint, claim, config, data, distributed, models, task_checks
-from ddp_trainer.cli import run_as, told_to_the_others
+from ddp_trainer.cli import loaded_before_meeting, run_as
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv
@@ -141,7 +141,7 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train evaluate`; returns 0 (errors are raised as UsageError to the caller)."""
     args = parse_args(argv)
     # Read before joining the others, so a missing or malicious file fails on every rank alike.
-    state, cfg = told_to_the_others(lambda: load_config(args.checkpoint, args.overrides))
+    state, cfg = loaded_before_meeting(lambda: load_config(args.checkpoint, args.overrides))
     env = changes.join_run(cfg)
     try:
         restored = restore(args.checkpoint, state, cfg, env)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_trainer import api, config, data, distributed, models, task_checks
-from ddp_trainer.cli import exit_after, told_to_the_others
+from ddp_trainer.cli import exit_after, loaded_before_meeting, tell_the_others
 from ddp_trainer.config import Config
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import CliError, say
@@ -64,11 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command is not None:
             return importlib.import_module(COMMANDS[command]).main(argv[1:])
         args = parse_args(argv)
-        return run(told_to_the_others(lambda: config.load(args.config, args.overrides)))
+        return run(loaded_before_meeting(lambda: config.load(args.config, args.overrides)))
     except CliError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
         say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
+        if error.before_meeting:
+            tell_the_others(error)
         return error.exit_code
 
 
