@@ -7,6 +7,7 @@ fails) the module's tests when the cluster cannot be started: not root, no apt-g
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -85,7 +86,7 @@ class SlurmCluster:
             raise RuntimeError(f"scancel --signal={signal} {job_id} failed: {result.stderr.strip()}")
 
     def requeue(self, job_id: int, release: bool = True) -> None:
-        """`scontrol requeue ID`; with release, let it start again at once instead of after the requeue delay."""
+        """`scontrol requeue ID`; with release, let it start again 2 s later instead of after the requeue delay."""
         result = _run(["scontrol", "requeue", str(job_id)])
         if result.returncode != 0:
             raise RuntimeError(f"scontrol requeue {job_id} failed: {result.stderr.strip()}")
@@ -93,9 +94,17 @@ class SlurmCluster:
             self.release(job_id)
 
     def release(self, job_id: int, timeout: float = 30.0) -> None:
-        """Once a requeued job is back to PENDING, clear its BeginTime delay so it is scheduled right away."""
+        """Once a requeued job is back to PENDING, cut its BeginTime delay to 2 s so it is scheduled almost at once."""
         self.wait_state(job_id, {"PENDING"}, timeout)
-        _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+        # Not now: slurmd refuses a credential made in the same second it killed the old run ("already killed, do not
+        # launch batch job") and the job ends FAILED; the cred_expire + 1 s delay this cuts exists to avoid that.
+        _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
+
+    def slurmd_errors(self, job_id: int) -> str:
+        """The slurmd log's error lines about the job: why a run failed that never wrote to the job's own log."""
+        log = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/ddp-slurm")) / "log" / "slurmd.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        return "\n".join(line for line in lines if "error" in line and re.search(rf"\b{job_id}\b", line))
 
     def cancel(self, job_id: int) -> None:
         """`scancel ID`, ignoring errors (the job may already be gone)."""

@@ -53,8 +53,8 @@ def preempt_and_finish(cluster, job: int, output_dir: Path, log: Path) -> str:
         time.sleep(0.1)
     cluster.signal(job, "USR2", batch_only=True)  # what --signal=B:USR2@120 sends before the time limit
     cluster.wait_state(job, {"PENDING"}, timeout=60)
-    cluster.release(job)  # skip the requeue start delay
-    assert cluster.wait(job, timeout=240) == "COMPLETED", log.read_text()
+    cluster.release(job)  # cut the requeue start delay
+    assert cluster.wait(job, timeout=240) == "COMPLETED", log.read_text() + cluster.slurmd_errors(job)
     assert cluster.job_info(job)["Restarts"] == "1"
     return log.read_text()
 
