@@ -87,7 +87,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     # Ctrl-C while W&B finishes): the folder's claim, the signal handlers and the caller's streams are always back.
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(_only_run_in_process())
-        cleanup.callback(rng.restore, rng.capture())  # fit() seeds its own: the caller's draws go on unaffected
+        cleanup.callback(rng.restore_process, rng.capture_process())  # fit() seeds its own: the caller's go on
         stop = StopSignals((signal.SIGUSR2,))  # SLURM's warning, from the start: acted on at the first step
         cleanup.callback(stop.restore)
         if distributed.detect_launcher().launcher == "torchrun":

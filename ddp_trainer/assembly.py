@@ -156,6 +156,6 @@ def _restore_streams(rng_states: list[Any], path: Path, fresh_seed: int, env: Di
         logger.info(f"{path} holds RNG streams of {len(rng_states)} ranks, not {env.world_size}: reseeded")
         return
     try:
-        rng.restore(rng_states[env.rank])  # dropout and augmentation continue as if never stopped
+        rng.restore(rng_states[env.rank], fresh_seed)  # dropout and augmentation continue as if never stopped
     except (TypeError, ValueError, KeyError, IndexError) as error:  # a file made by hand, not by a save
         raise UsageError(f"checkpoint {path} holds RNG states no run could restore ({first_line(error)})") from None

@@ -33,16 +33,44 @@ def capture() -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any]) -> None:
-    """Put back what `capture` returned, so random draws continue exactly where they stopped."""
+def restore(state: dict[str, Any], cuda_seed: int) -> None:
+    """Put back what `capture` returned, so random draws continue exactly where they stopped.
+
+    A state without a GPU stream (a CPU run's) seeds this GPU's from `cuda_seed`: left as the start seeded it, it
+    would replay the run's first dropout masks.
+    """
+    _restore_host(state)
+    # Onto the current device, which setup() chose; a CPU run resuming a GPU checkpoint must not start CUDA for it.
+    if torch.cuda.is_initialized():
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            torch.cuda.manual_seed(cuda_seed)
+
+
+def capture_process() -> dict[str, Any]:
+    """Every stream of this process, each GPU's included: what a caller of fit() had, to put back after it."""
+    host = {key: value for key, value in capture().items() if key != "cuda"}
+    return {**host, "cuda_all": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def restore_process(state: dict[str, Any]) -> None:
+    """Put back what `capture_process` returned; GPU streams it found unstarted are left as a fresh process has them."""
+    _restore_host(state)
+    if state["cuda_all"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_all"])  # each to its own GPU, whichever is current now
+    elif torch.cuda.is_initialized():
+        # A new generator's seed is the one each GPU's starts from unseeded (c10's default_rng_seed_val).
+        torch.cuda.manual_seed_all(torch.Generator().initial_seed())
+
+
+def _restore_host(state: dict[str, Any]) -> None:
+    """Put back the Python, NumPy and torch CPU streams of a `capture`."""
     random.setstate(state["python"])
     numpy = state["numpy"]
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
-    # Onto the current device, which setup() chose; a CPU run resuming a GPU checkpoint must not start CUDA for it.
-    if "cuda" in state and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 CPU runs cannot see a tensor left on the wrong device or a host sync that starves the GPU, so these run the
 same features on `cuda`: precisions, compile, channels_last, accumulation with clipping, non-finite steps, a
-SIGTERM and resume, async checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
+SIGTERM and resume, a CPU checkpoint resumed on the GPU, the GPU streams fit() gives its caller back, async
+checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
 the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
 under DDP (compiled), under FSDP with sharded checkpoints, and with a user IterableDataset; on a host with 2 GPUs,
 2 ranks over NCCL too.
@@ -236,6 +237,47 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu(digits_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [line["epoch"] for line in read_metrics(resumed)] == [11]
     assert "cuda" not in checkpoint.load(resumed / "checkpoints" / "last.pt")["rng"][0]  # CUDA never started
+
+
+def test_a_cpu_checkpoint_resumes_on_the_gpu_with_new_dropout_masks(tmp_path):
+    args = [*DIGITS, "model.dropout=0.2", "trainer.epochs=1"]
+    cpu, gpu, resumed = tmp_path / "cpu", tmp_path / "gpu", tmp_path / "resumed"
+    results = [run_cli([*args, "trainer.device=cpu", f"output_dir={cpu}"]), run_cli([*args, f"output_dir={gpu}"])]
+    more = ["trainer.epochs=2", "trainer.allow_changes=[trainer.epochs]", f"output_dir={resumed}"]
+    results.append(run_cli([*args, *more, f"trainer.resume={cpu / 'checkpoints' / 'last.pt'}"]))
+    assert [result.returncode for result in results] == [0, 0, 0], [result.stderr for result in results]
+    streams = [checkpoint.load(path / "checkpoints" / "last.pt")["rng"][0]["cuda"] for path in (gpu, resumed)]
+    # Its epoch on the GPU drew as many masks as the GPU run's first: from the start's seed, the same ones.
+    assert not torch.equal(*streams)
+
+
+FIT_BETWEEN_DRAWS = """import sys
+import torch
+import ddp_trainer
+from torch.utils.data import TensorDataset
+if sys.argv[1] == "drew":  # on every GPU, before fit() made one of them current
+    torch.cuda.manual_seed_all(5)
+    torch.rand(3, device="cuda")
+before = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+ddp_trainer.fit(model, data, overrides=sys.argv[2:])
+print(before is None or all(map(torch.equal, torch.cuda.get_rng_state_all(), before)))
+print(torch.rand(4, device="cuda").tolist())
+"""
+
+
+def test_fit_gives_the_caller_back_its_gpu_streams(tmp_path):
+    script, fresh = tmp_path / "fit_between_draws.py", tmp_path / "fresh.py"
+    script.write_text(FIT_BETWEEN_DRAWS)
+    fresh.write_text("import torch\nprint(torch.rand(4, device='cuda').tolist())\n")
+    overrides = ["trainer.device=cuda", "trainer.epochs=1", "trainer.progress_bar=false"]
+    runs = [run_script(script, [drew, *overrides, f"output_dir={tmp_path / drew}"]) for drew in ("drew", "fresh")]
+    results = [*runs, run_script(fresh, [])]
+    assert [result.returncode for result in results] == [0, 0, 0], [result.stderr for result in results]
+    assert runs[0].stdout.splitlines()[-2] == "True"
+    # In a process that had not used CUDA, a sweep's next trial drew the GPU randoms the trained run left.
+    assert runs[1].stdout.splitlines()[-1] == results[2].stdout.splitlines()[-1]
 
 
 def test_the_streaming_recipe_trains_on_the_gpu(tmp_path):
