@@ -57,7 +57,6 @@ class Launch:
     world_size: int
     master_addr: str | None
     master_port: int | None
-    local_world_size: int  # processes on this node (the largest count over nodes under srun)
     job: str | None = None  # the srun step ("SLURM job 42, step 1"): a store another step opened is refused
 
 
@@ -68,9 +67,7 @@ def detect_launcher() -> Launch:
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else None
-        # Ranks started by hand without LOCAL_WORLD_SIZE are taken to share one node.
-        local_world_size = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world_size
-        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port, local_world_size)
+        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port)
     # A batch script alone has SLURM_NTASKS=N too and must not wait for N-1 ranks that were never started.
     if slurm.in_srun_step(os.environ):
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
@@ -79,11 +76,8 @@ def detect_launcher() -> Launch:
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else slurm.step_port(os.environ)
         world_size, rank = _int_env("SLURM_STEP_NUM_TASKS"), _int_env("SLURM_PROCID")
         local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
-        # Every rank must pick the same backend, so every node judges by the busiest node's task count.
-        per_node = slurm.expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", str(world_size)))
-        step = slurm.step_name(os.environ)
-        return Launch("srun", rank, local_rank, world_size, master_addr, port, max(per_node), step)
-    return Launch("single", 0, 0, 1, None, None, 1)
+        return Launch("srun", rank, local_rank, world_size, master_addr, port, slurm.step_name(os.environ))
+    return Launch("single", 0, 0, 1, None, None)
 
 
 def slurm_array_task() -> int | None:
@@ -102,29 +96,27 @@ def resolve_device(requested: str, launch: Launch, gpu_count: int) -> torch.devi
         return torch.device("cpu")
     if gpu_count == 0:
         raise UsageError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
-    if launch.launcher == "srun" and gpu_count == 1:
-        return torch.device("cuda", 0)  # SLURM's --gpus-per-task shows each task only its own GPU
     return torch.device("cuda", launch.local_rank % gpu_count)
 
 
-def choose_backend(requested: str, device: torch.device, launch: Launch, gpu_count: int) -> str | None:
-    """trainer.dist_backend (auto|nccl|gloo) for this job, the same on every rank; None for a single process."""
+def choose_backends(requested: str, device: torch.device, launch: Launch) -> tuple[str, ...]:
+    """The backends trainer.dist_backend (auto|nccl|gloo) lets this rank take, preferred first; () for one process.
+
+    NCCL refuses two ranks on one GPU, and only the GPUs' ids tell whether ranks share one (srun may show each task
+    its own GPU, or one to all): rank 0 takes the first backend that suits every rank once they met.
+    """
     if launch.world_size == 1:
-        return None
+        return ()
     if device.type != "cuda":
         if requested == "nccl":
             raise UsageError(f"trainer.dist_backend=nccl needs CUDA GPUs, but this run is on the {device}; use gloo")
-        return "gloo"
-    bound = launch.launcher == "srun" and gpu_count == 1
-    # NCCL refuses two ranks on one GPU; gloo's ranks may share one, so `auto` takes it when GPUs are too few.
-    shared = not bound and launch.local_world_size > gpu_count
-    if requested == "nccl" and shared:
-        raise UsageError(
-            f"trainer.dist_backend=nccl needs {launch.local_world_size} GPUs per node, one per process, but "
-            f"{gpu_count} {'is' if gpu_count == 1 else 'are'} visible; start at most {gpu_count} processes per node, "
-            "or set trainer.dist_backend=gloo (or auto) to let ranks share GPUs"
-        )
-    return "gloo" if requested == "gloo" or shared else "nccl"
+        return ("gloo",)
+    return ("nccl", "gloo") if requested == "auto" else (requested,)
+
+
+def gpu_id(device: torch.device) -> str | None:
+    """The id of the GPU `device` is, unique across hosts; None for a CPU."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
 
 
 def setup(
@@ -142,17 +134,18 @@ def setup(
     `refusal` (why it cannot start): all refuse otherwise, once they met.
     """
     launch = detect_launcher()
-    gpu_count = visible_gpus()
     try:
-        device = resolve_device(requested_device, launch, gpu_count)
-        backend = choose_backend(requested_backend, device, launch, gpu_count)
+        device = resolve_device(requested_device, launch, visible_gpus())
+        backends = choose_backends(requested_backend, device, launch)
     except UsageError as error:  # this node's GPUs, which the others do not know of
         error.before_meeting = True
         raise
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if backend is not None:
-        rendezvous.join(launch, backend, (timeout_name, timeout_s), same_on_every_rank or {}, refusal)
+    backend = None
+    if backends:
+        timeout = (timeout_name, timeout_s)
+        backend = rendezvous.join(launch, backends, gpu_id(device), timeout, same_on_every_rank or {}, refusal)
     elif refusal is not None:
         raise UsageError(refusal)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)

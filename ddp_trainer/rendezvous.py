@@ -143,19 +143,28 @@ def _follow(store: dist.Store, rank: int, token: str, deadline: float) -> int | 
     return None
 
 
-def join(launch: Launch, backend: str, timeout: tuple[str, float], facts: dict[str, Any], refusal: str | None) -> None:
-    """Join the process group once every rank can start and runs the same `facts`; a rendezvous that times out (a rank
-    never started) is one line, not a traceback. `timeout` is (the key that set it, seconds)."""
+def join(
+    launch: Launch,
+    backends: tuple[str, ...],
+    gpu: str | None,
+    timeout: tuple[str, float],
+    facts: dict[str, Any],
+    refusal: str | None,
+) -> str:
+    """Join the process group once every rank can start and runs the same `facts`; returns the backend taken, the
+    first of `backends` that suits every rank's `gpu` (its id). A rendezvous that times out (a rank never started) is
+    one line, not a traceback. `timeout` is (the key that set it, seconds)."""
     key, timeout_s = timeout
     try:
         store = _store(launch, timedelta(seconds=timeout_s))  # turns a dead or stuck peer into an error, not a hang
-        same = {"torch": torch.__version__, "ddp_trainer": __version__, "backend": backend, **facts}
-        refused = agree(store, launch.rank, launch.world_size, same, refusal)
+        same = {"torch": torch.__version__, "ddp_trainer": __version__, "backends": list(backends), **facts}
+        refused, backend = agree(store, launch.rank, launch.world_size, same, refusal, gpu)
         if refused is not None:
             raise UsageError(refused)
         dist.init_process_group(
             backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s)
         )
+        return backend
     except dist.DistStoreError as error:
         raise RankLost(
             f"the rendezvous at {launch.master_addr}:{launch.master_port} timed out ({key}={timeout_s:g}): "
@@ -184,36 +193,69 @@ def _store(launch: Launch, timeout: timedelta) -> dist.Store:
 
 
 def agree(
-    store: dist.Store, rank: int, world_size: int, facts: dict[str, Any], refusal: str | None = None
-) -> str | None:
-    """What this rank must refuse with, the same on every rank: its own `refusal`, another rank's, or `facts`
-    (versions, backend, config) that differ from rank 0's; None when every rank can start and runs the same.
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    facts: dict[str, Any],
+    refusal: str | None = None,
+    gpu: str | None = None,
+) -> tuple[str | None, str]:
+    """(what this rank must refuse with, the backend every rank takes), the same on every rank.
 
+    The refusal is this rank's own `refusal`, another rank's, or `facts` (versions, config) that differ from rank 0's;
+    None when every rank can start and runs the same. The backend is the first of `facts["backends"]` (preferred
+    first) that suits every rank's `gpu`, the id of its GPU: NCCL refuses two ranks on one; "" when none is.
     Through the store, before any collective: ranks of different backends or run lengths would hang in one, and a
     rank refusing alone, on a node of its own, would leave the others waiting for it.
     """
-    store.set(f"{_SAME}/{rank}", json.dumps([socket.gethostname(), facts, refusal], default=repr))
+    store.set(f"{_SAME}/{rank}", json.dumps([socket.gethostname(), facts, refusal, gpu], default=repr))
     if rank == 0:
         told = [json.loads(raw) for raw in store.multi_get([f"{_SAME}/{peer}" for peer in range(world_size)])]
-        verdict = _verdict(told)
-        store.set(f"{_SAME}/verdict", verdict)
+        verdict, backend = _verdict(told)
+        store.set(f"{_SAME}/verdict", json.dumps([verdict, backend]))
         if verdict:  # the others must read it before rank 0 ends, and with it the store it may host
             _appears(
                 store, [f"{_SAME}/read/{peer}" for peer in range(1, world_size)], time.monotonic() + _VERDICT_READ_S
             )
     else:
-        verdict = store.get(f"{_SAME}/verdict").decode()
+        verdict, backend = json.loads(store.get(f"{_SAME}/verdict"))
         if verdict:
             store.set(f"{_SAME}/read/{rank}", "1")
-    return refusal or verdict or None
+    return refusal or verdict or None, backend
 
 
-def _verdict(told: list[list[Any]]) -> str:
-    """The first rank that cannot start, or else that runs otherwise than rank 0, in one line; "" when none."""
+def _verdict(told: list[list[Any]]) -> tuple[str, str]:
+    """(the first rank that cannot start, or runs otherwise than rank 0, in one line, or ""; the backend taken)."""
     refused = next(((rank, said[2]) for rank, said in enumerate(told) if said[2] is not None), None)
     if refused is not None:
-        return f"rank {refused[0]} cannot start: {refused[1]}"
-    return _differences([said[:2] for said in told])
+        return f"rank {refused[0]} cannot start: {refused[1]}", ""
+    differences = _differences([said[:2] for said in told])
+    return (differences, "") if differences else _backend(told)
+
+
+def _backend(told: list[list[Any]]) -> tuple[str, str]:
+    """("", the first of rank 0's backends that suits every rank's GPU, "" for none asked), or (why none does, "")."""
+    shared = _shared_gpu(told)
+    backends = told[0][1].get("backends", [])
+    usable = [backend for backend in backends if backend != "nccl" or shared is None]
+    if usable or not backends:
+        return "", next(iter(usable), "")
+    first, second, host = shared
+    return (
+        f"trainer.dist_backend=nccl needs a GPU per rank, but ranks {first} and {second} (on {host}) share one; start "
+        "one process per GPU, or set trainer.dist_backend=auto (or gloo) to let ranks share GPUs"
+    ), ""
+
+
+def _shared_gpu(told: list[list[Any]]) -> tuple[int, int, str] | None:
+    """The first two ranks told on one GPU, and its host; None when each GPU has one rank (or there are none)."""
+    first_on: dict[str, int] = {}
+    for rank, (host, _, _, gpu) in enumerate(told):
+        if gpu in first_on:
+            return first_on[gpu], rank, host
+        if gpu is not None:
+            first_on[gpu] = rank
+    return None
 
 
 def _differences(told: list[list[Any]]) -> str:

@@ -323,7 +323,7 @@ def test_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path, one_gpu):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer GPUs than ranks")
-def test_nccl_on_too_few_gpus_stops_every_rank_in_one_line(tmp_path):
+def test_nccl_on_a_shared_gpu_stops_every_rank_in_one_line(tmp_path):
     args = [
         "data._target_=factories.blobs",
         "trainer.device=cuda",
@@ -332,7 +332,9 @@ def test_nccl_on_too_few_gpus_stops_every_rank_in_one_line(tmp_path):
     ]
     # Plain processes, not torchrun: torchrun SIGTERMs rank 1 as soon as rank 0 exits, at times before rank 1 printed.
     for rank, error in enumerate(refusals(args)):
-        assert error.startswith(f"ddp-train: error (rank {rank}): trainer.dist_backend=nccl needs 2 GPUs per node")
+        assert error.startswith(
+            f"ddp-train: error (rank {rank}): trainer.dist_backend=nccl needs a GPU per rank, but ranks 0 and 1 (on "
+        )
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -84,17 +84,39 @@ def test_a_rank_refuses_the_store_that_another_srun_step_holds_its_port_with():
     assert time.monotonic() - started < TIMEOUT.total_seconds() / 2  # at once, not at the timeout
 
 
-def meet_and_compare(facts: list[dict]) -> list[str]:
-    """Each rank (a thread, rank 0 hosting the store) compares its `facts`: what each was told, "" where it went on."""
-    port, said, stores = free_port(), [""] * len(facts), [None] * len(facts)
+def meet(facts: list[dict], gpus: list[str | None] | None = None) -> list[tuple[str, str]]:
+    """Each rank (a thread, rank 0 hosting the store) tells its `facts` and GPU id: what each was told ("" where it
+    went on), and the backend it was given."""
+    port, told, stores = free_port(), [("", "")] * len(facts), [None] * len(facts)
 
     def rank_main(rank: int) -> None:
         # Kept: rank 0's store must outlive the others' reading, as it does in a run that goes on to train.
         stores[rank] = rendezvous.open_store("127.0.0.1", port, len(facts), rank, agent_hosts=False, timeout=TIMEOUT)
-        said[rank] = rendezvous.agree(stores[rank], rank, len(facts), facts[rank]) or ""
+        said, backend = rendezvous.agree(stores[rank], rank, len(facts), facts[rank], gpu=gpus[rank] if gpus else None)
+        told[rank] = (said or "", backend)
 
     in_threads(rank_main, len(facts))
-    return said
+    return told
+
+
+def meet_and_compare(facts: list[dict]) -> list[str]:
+    """Each rank (a thread, rank 0 hosting the store) compares its `facts`: what each was told, "" where it went on."""
+    return [said for said, _ in meet(facts)]
+
+
+def test_ranks_sharing_a_gpu_take_gloo_and_are_refused_nccl_and_ranks_on_gpus_of_their_own_take_nccl():
+    auto, nccl, host = {"backends": ["nccl", "gloo"]}, {"backends": ["nccl"]}, socket.gethostname()
+    assert meet(3 * [auto], ["GPU-a", "GPU-b", "GPU-c"]) == 3 * [("", "nccl")]
+    # srun tasks shown one GPU each cannot tell whether it is the same one: only the ids can.
+    assert meet(3 * [auto], ["GPU-a", "GPU-b", "GPU-a"]) == 3 * [("", "gloo")]
+    assert meet(3 * [nccl], ["GPU-a", "GPU-b", "GPU-b"]) == 3 * [
+        (
+            f"trainer.dist_backend=nccl needs a GPU per rank, but ranks 1 and 2 (on {host}) share one; start one "
+            "process per GPU, or set trainer.dist_backend=auto (or gloo) to let ranks share GPUs",
+            "",
+        )
+    ]
+    assert meet(2 * [{"backends": ["gloo"]}], [None, None]) == 2 * [("", "gloo")]  # CPU ranks
 
 
 def test_ranks_that_run_the_same_go_on_and_every_rank_refuses_when_one_differs():
