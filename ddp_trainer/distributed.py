@@ -155,14 +155,21 @@ def setup(
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")
 
 
+# NCCL's words for failures of this rank's own (its GPU, its memory, a GPU two ranks share), which no peer caused.
+LOCAL_NCCL_FAILURES = ("invalid usage", "unhandled cuda error", "out of memory")
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether `error` is a collective failing on a missing peer, rather than a bug on this rank."""
-    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_FAILURE_MARKERS)
+    text = str(error)
+    if any(marker in text for marker in LOCAL_NCCL_FAILURES):
+        return False
+    return isinstance(error, dist.DistError) or any(marker in text for marker in PEER_FAILURE_MARKERS)
 
 
 def _failure_marks(env: DistEnv, error: RuntimeError, wait_s: float) -> dict[int, str] | None:
     """How each rank's collective failed ("timeout", "closed"), told in the store within `wait_s`; None: rank 0 died."""
-    timed_out = any(word in str(error) for word in ("Timed out", "timed out", "timeout"))
+    timed_out = any(word in str(error) for word in ("Timed out", "timed out", "timeout", "timing out"))  # gloo, NCCL
     try:
         store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())
         store.set(str(env.rank), "timeout" if timed_out else "closed")

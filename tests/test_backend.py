@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from dist_helpers import refusals
 
 from ddp_trainer import slurm
-from ddp_trainer.distributed import Launch, choose_backends, resolve_device
+from ddp_trainer.distributed import Launch, choose_backends, is_peer_failure, resolve_device
 from ddp_trainer.errors import UsageError
 
 
@@ -63,3 +64,13 @@ def test_nccl_on_cpu_ranks_stops_every_rank_in_one_line(tmp_path):
     for rank, error in enumerate(refusals(args)):
         assert error.startswith(f"ddp-train: error (rank {rank}): trainer.dist_backend=nccl needs CUDA GPUs")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_nccl_failures_of_the_rank_itself_are_not_blamed_on_a_lost_peer():
+    where = "NCCL error in: ProcessGroupNCCL.cpp:3353, "
+    duplicate = f"{where}invalid usage, NCCL version 2.28.9\nLast error:\nDuplicate GPU detected : rank 1 and rank 0"
+    memory = f"{where}unhandled cuda error, NCCL version 2.28.9\nLast error:\nCuda failure 'out of memory'"
+    lost = f"{where}remote process exited or there was a network error, NCCL version 2.28.9"
+    errors = [dist.DistBackendError(text) for text in (duplicate, memory, lost)]
+    assert [is_peer_failure(error) for error in errors] == [False, False, True]
+    assert is_peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
