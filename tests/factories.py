@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from ddp_trainer.data.datasets import TensorClassification
+from ddp_trainer.data.datasets import TensorClassification, digits
 from ddp_trainer.errors import UsageError
 
 
@@ -176,6 +176,19 @@ def folder_blobs(root: str, val_size: int = 37) -> tuple[Dataset, Dataset]:
     train, val = blobs(val_size=val_size)
     train.root = val.root = root
     return train, val
+
+
+def fetched_digits(root: str) -> tuple[Dataset, Dataset]:
+    """The digits, fetched into the folder `root` first where it lacks them, as a download is: a line in
+    `root/fetches` for each fetch."""
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "digits.fetched").exists():
+        with (folder / "fetches").open("a") as fetches:
+            fetches.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # a download takes a while: ranks that found the folder empty together all fetch
+        (folder / "digits.fetched").touch()
+    return digits(0.2)
 
 
 def rank_seeded_mlp(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:

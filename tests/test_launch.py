@@ -306,9 +306,11 @@ def test_doctor_names_an_unreachable_master_in_one_line():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
+def test_two_torchrun_nodes_on_loopback_train_with_world_size_4_each_fetching_its_data_once(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
-    args = ["--config", "configs/digits_mlp.yaml", "trainer.epochs=2", "trainer.device=cpu", f"output_dir={tmp_path}"]
+    args = ["trainer.epochs=2", "trainer.device=cpu", "trainer.progress_bar=false", f"output_dir={tmp_path}"]
+    # Each node's own data folder, as on nodes that share no filesystem: its two ranks fetched into it at once.
+    args += ["data._target_=factories.fetched_digits", "data.download=true"]
     nodes = [
         subprocess.Popen(
             [
@@ -324,6 +326,7 @@ def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
                 "-m",
                 "ddp_trainer.train",
                 *args,
+                f"data.root={tmp_path / f'node{node}'}",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -339,6 +342,7 @@ def test_two_torchrun_nodes_on_loopback_train_with_world_size_4(tmp_path):
     assert [line["world_size"] for line in lines] == [4, 4]
     assert [line["val/samples"] for line in lines] == [359, 359]
     assert [line["train/samples"] for line in lines] == [1440, 1440]  # 1,438 padded to a multiple of 4 ranks
+    assert [len((tmp_path / f"node{node}" / "fetches").read_text().split()) for node in (0, 1)] == [1, 1]
 
 
 def test_local_cpu_script_trains_on_two_ranks(tmp_path):

@@ -100,10 +100,12 @@ def build_datasets(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[Dataset, D
     if cfg.name == "stream" and cfg._target_ is None:
         return _open_streams(cfg, env, seed)
     if cfg.download and env.distributed:
-        # One download per job: rank 0 fetches while the others wait, then every rank reads its files.
-        if env.is_main:
-            map_datasets(cfg)
-        barrier(env)
+        # One download per node: rank 0 fetches while the others wait, then each other node's first rank fetches what
+        # its data.root lacks (a folder the nodes do not share), then every rank reads its files.
+        for fetches in (env.is_main, env.local_rank == 0 and not env.is_main):
+            if fetches:
+                map_datasets(cfg)
+            barrier(env)
     return map_datasets(cfg)
 
 
