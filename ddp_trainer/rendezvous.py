@@ -155,15 +155,14 @@ def join(
     first of `backends` that suits every rank's `gpu` (its id). A rendezvous that times out (a rank never started) is
     one line, not a traceback. `timeout` is (the key that set it, seconds)."""
     key, timeout_s = timeout
+    limit = timedelta(seconds=timeout_s)  # turns a dead or stuck peer into an error, not a hang
     try:
-        store = _store(launch, timedelta(seconds=timeout_s))  # turns a dead or stuck peer into an error, not a hang
+        store = _store(launch, limit)
         same = {"torch": torch.__version__, "ddp_trainer": __version__, "backends": list(backends), **facts}
         refused, backend = agree(store, launch.rank, launch.world_size, same, refusal, gpu)
         if refused is not None:
             raise UsageError(refused)
-        dist.init_process_group(
-            backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=limit)
         return backend
     except dist.DistStoreError as error:
         raise RankLost(
