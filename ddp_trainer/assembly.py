@@ -125,9 +125,10 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.progress.schedule_offset = state["step"] - state["epoch"] * parts.steps_per_epoch
     if parts.progress.schedule_offset:
         relay_schedule(parts.scheduler, cfg, parts.steps_per_epoch, parts.progress.schedule_offset)
-    parts.monitor.load_state_dict(state)
-    if path.resolve().parent != (Path(cfg.output_dir) / "checkpoints").resolve():
-        parts.progress.wandb_run_id = None  # a run branched off another's checkpoint is a W&B run of its own
+    if path.resolve().parent == (Path(cfg.output_dir) / "checkpoints").resolve():
+        parts.monitor.load_state_dict(state)
+    else:  # a run branched off another's checkpoint: a W&B run, and a best.pt, of its own, as Lightning's are
+        parts.progress.wandb_run_id = None
         parts.history_here = False
     _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
     logger.info(f"resumed from {path}: step {parts.progress.step}, epochs done: {parts.progress.epoch}")

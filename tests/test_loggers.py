@@ -17,7 +17,7 @@ import torch
 import tqdm.std
 from conftest import REPO_DIR, cli_command, cli_env
 
-from ddp_trainer import atomic
+from ddp_trainer import atomic, checkpoint
 from ddp_trainer.cli.train import main
 from ddp_trainer.config import LoggingConfig, WandbConfig
 from ddp_trainer.errors import UsageError
@@ -343,9 +343,10 @@ def test_a_restart_never_truncates_metrics_in_place(tmp_path, monkeypatch):
     assert metrics.read_text() == before[1]  # every line, to be dropped by the next start
 
 
-def test_a_run_branched_into_a_folder_keeps_none_of_the_lines_a_crashed_attempt_left_there(tmp_path):
+def test_a_run_branched_into_a_folder_keeps_none_of_the_lines_a_crashed_attempt_left_there_and_has_its_best(tmp_path):
     # The attempt's line is not the history of the run now resumed from elsewhere, whatever its epoch number.
     args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "logging.tensorboard=true"]
+    args.append("trainer.early_stopping_min_delta=1.0")  # no epoch after the first is best: the source's first is
     source, branch = tmp_path / "source", tmp_path / "branch"
     assert main([*args, "trainer.epochs=2", f"output_dir={source}"]) == 0
     crashed = {"epoch": 1, "step": 45, "lr": 0.05, "train/loss": 9.0}  # a branch attempt, killed before its checkpoint
@@ -361,6 +362,8 @@ def test_a_run_branched_into_a_folder_keeps_none_of_the_lines_a_crashed_attempt_
     events = EventAccumulator(str(branch / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [3 * per_epoch]
+    # Its own best epoch, not the source's: the folder had no best.pt, though the last line named one.
+    assert checkpoint.load(branch / "checkpoints" / "best.pt")["step"] == 3 * per_epoch
 
 
 def test_settings_wandb_refuses_end_every_rank_in_one_line_naming_them(tmp_path):
