@@ -32,6 +32,7 @@ STEP_KEY = "step"
 # Running metrics get their own names so they never mix with the epoch values of the same quantity.
 RUNNING_PREFIX = "step/"
 WANDB_RUN_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]{1,64})")  # (start time, run id)
+FINISHED_PREFIX = "finished-"  # beside the runs' folders, a file per run that finished: no restart continues it
 
 
 class RunLogger:
@@ -195,6 +196,8 @@ class RunLogger:
             self.tensorboard = None
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
+            if exit_code == 0:  # a run started afresh here later is a W&B run of its own, not this one continued
+                (self.output_dir / "wandb" / f"{FINISHED_PREFIX}{self.wandb_run.id}").touch()
             self.wandb_run = None
 
 
@@ -227,9 +230,10 @@ def require_packages(cfg: LoggingConfig) -> None:
 
 
 def _attempt_run_id(wandb_dir: Path) -> str | None:
-    """The id of the newest W&B run whose folder (`[offline-]run-<time>-<id>`) is in `wandb_dir`; None: none is."""
-    found = (WANDB_RUN_FOLDER.fullmatch(path.name) for path in wandb_dir.glob("*run-*"))
-    return max(((match[1], match[2]) for match in found if match), default=(None, None))[1]
+    """The id of the newest W&B run in `wandb_dir` (a folder `[offline-]run-<time>-<id>`) that did not finish; None."""
+    found = [match.groups() for path in wandb_dir.glob("*run-*") if (match := WANDB_RUN_FOLDER.fullmatch(path.name))]
+    unfinished = [(start, run) for start, run in found if not (wandb_dir / f"{FINISHED_PREFIX}{run}").exists()]
+    return max(unfinished, default=(None, None))[1]
 
 
 def _import_optional(module: str, key: str) -> ModuleType:

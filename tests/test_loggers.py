@@ -177,6 +177,15 @@ def test_wandb_restart_after_an_attempt_that_crashed_before_its_first_checkpoint
     }
 
 
+def test_wandb_run_started_afresh_where_one_finished_is_a_run_of_its_own(tmp_path, wandb_offline_env):
+    # Its checkpoints deleted, or trainer.resume=none: the new training was appended to the finished one.
+    finished = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    log_run(finished)
+    fresh = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
+    log_run(fresh)
+    assert fresh.wandb_run_id not in (None, finished.wandb_run_id)
+
+
 def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
     first = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
     log_run(first)
