@@ -160,6 +160,8 @@ def _train(
     70 runs on torch 2.11).
     """
     bundle, parts = _assemble(cfg, env, build, task, logger)
+    if parts.finished:  # opened, TensorBoard and W&B would add an empty event file and an empty part of the run
+        return 0, True
     with _naming_unused_parameters():
         return Trainer(cfg, env, parts, bundle, task, logger, stop, clock).fit()
 

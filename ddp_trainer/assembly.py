@@ -41,6 +41,7 @@ class Parts:
     data_sizes: list[int | None]  # train and validation samples (None: a stream's), checked on resume
     # False once resumed from another folder's checkpoint: this folder's metrics lines and events are not its history.
     history_here: bool = True
+    finished: bool = False  # resumed in its folder with nothing left to train: no logger opens, nothing is written
 
 
 def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
@@ -147,6 +148,7 @@ def _say_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) -
             "trainer.epochs (or trainer.max_steps) and list it in trainer.allow_changes"
         )
     logger.info(f"this run is finished {done}: nothing to train; to train again, use another output_dir")
+    parts.finished = True
 
 
 def _restore_streams(rng_states: list[Any], path: Path, fresh_seed: int, env: DistEnv, logger: RunLogger) -> None:

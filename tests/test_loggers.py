@@ -186,6 +186,15 @@ def test_wandb_run_started_afresh_where_one_finished_is_a_run_of_its_own(tmp_pat
     assert fresh.wandb_run_id not in (None, finished.wandb_run_id)
 
 
+def test_a_finished_run_run_again_adds_no_file(tmp_path, wandb_offline_env):
+    args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    args += ["logging.tensorboard=true", "logging.wandb.mode=offline"]
+    assert main(args) == 0
+    files = set(tmp_path.rglob("*"))
+    assert main(args) == 0  # nothing to train: it said so, and opened no logger (an empty event file, W&B run part)
+    assert set(tmp_path.rglob("*")) == files
+
+
 def test_wandb_restart_with_the_stored_id_continues_the_same_run(tmp_path, wandb_offline_env):
     first = RunLogger(tmp_path, is_main=True, progress_bar=False, logging_cfg=WANDB_OFFLINE)
     log_run(first)
