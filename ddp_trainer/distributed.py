@@ -115,8 +115,12 @@ def choose_backends(requested: str, device: torch.device, launch: Launch) -> tup
 
 
 def gpu_id(device: torch.device) -> str | None:
-    """The id of the GPU `device` is, unique across hosts; None for a CPU."""
-    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+    """The id of the GPU `device` is, unique across hosts; None for a CPU, or a GPU whose driver gives none."""
+    if device.type != "cuda":
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    # All zeros is no id: it would make every GPU look like one.
+    return uuid if uuid.removeprefix("GPU-").strip("0-") else None
 
 
 def setup(
