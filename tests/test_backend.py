@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.distributed as dist
 from dist_helpers import refusals
 
 from ddp_trainer import slurm
-from ddp_trainer.distributed import Launch, choose_backends, is_peer_failure, resolve_device
+from ddp_trainer.distributed import Launch, choose_backends, gpu_id, is_peer_failure, resolve_device
 from ddp_trainer.errors import UsageError
 
 
@@ -74,3 +76,11 @@ def test_nccl_failures_of_the_rank_itself_are_not_blamed_on_a_lost_peer():
     errors = [dist.DistBackendError(text) for text in (duplicate, memory, lost)]
     assert [is_peer_failure(error) for error in errors] == [False, False, True]
     assert is_peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+
+
+def test_a_gpu_whose_driver_gives_no_id_is_not_taken_for_one_that_ranks_share(monkeypatch):
+    given = ["GPU-00000000-0000-0000-0000-000000000000", "00000000-0000-0000-0000-000000000000", "GPU-58d9a1c0-7e1f"]
+    ids = iter(given)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid=next(ids)))
+    assert [gpu_id(torch.device("cuda", 0)) for _ in given] == [None, None, "GPU-58d9a1c0-7e1f"]
+    assert gpu_id(torch.device("cpu")) is None
