@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from unittest.mock import ANY
 
@@ -46,6 +47,21 @@ class Unaware(IterableDataset):
         return iter(range(self.count))
 
 
+class Narrowing(IterableDataset):
+    """The PyTorch docs' worker_init_fn split, done in __iter__: it narrows its own start..end to its reader's part."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+
+    def __iter__(self):  # noqa: ANN204
+        info = get_worker_info()
+        if info is not None:
+            per_worker = math.ceil((self.end - self.start) / info.num_workers)
+            self.start += info.id * per_worker
+            self.end = min(self.start + per_worker, self.end)
+        return iter(range(self.start, self.end))
+
+
 def records_of(dataset: IterableDataset, world_size: int, workers: int) -> list[list[int]]:
     """Every rank's records, read through real DataLoader workers."""
     ranks = []
@@ -61,6 +77,13 @@ def test_every_record_is_read_once_across_ranks_and_workers(dataset):
     ranks = records_of(dataset, world_size=2, workers=2)
     assert sorted(ranks[0] + ranks[1]) == list(range(37))
     assert len(ranks[0]) != len(ranks[1])  # 10 + 10 against 10 + 7: the ranks' batch counts differ
+
+
+def test_a_dataset_that_narrows_itself_as_it_is_iterated_reads_all_its_records_every_pass():
+    # Without workers each pass read the user's own object, narrowed by the pass before: half the data, then a quarter.
+    dataset = Narrowing(0, 37)
+    for _ in range(2):
+        assert sorted(itertools.chain(*records_of(dataset, world_size=2, workers=0))) == list(range(37))
 
 
 def test_a_dataset_that_knows_nothing_is_split_here_and_told_so():
@@ -80,14 +103,13 @@ def test_an_empty_stream_and_a_schedule_that_needs_a_length_are_refused(tmp_path
 
 
 class Spent(IterableDataset):
-    """(value, label) records on its first `passes` passes, then none: a generator handed out again."""
+    """(value, label) records on its first `passes` passes, then none: generators made once, handed out again."""
 
     def __init__(self, count: int, passes: int) -> None:
-        self.count, self.passes = count, passes
+        self.passes = iter([((torch.tensor([float(i)]), i % 2) for i in range(count)) for _ in range(passes)])
 
     def __iter__(self):  # noqa: ANN204
-        self.passes -= 1
-        return ((torch.tensor([float(i)]), i % 2) for i in range(self.count if self.passes >= 0 else 0))
+        return next(self.passes, iter(()))
 
 
 def test_a_stream_spent_after_its_first_pass_is_refused_not_trained_or_scored_as_empty(tmp_path):

@@ -9,6 +9,7 @@ Readers batch their own records; ranks may end up with different batch counts, w
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
@@ -112,7 +113,9 @@ class RankShardedStream(IterableDataset):
         slot = (local + self.first_slot) % self.workers
         reader, readers = self.rank * self.workers + slot, self.world_size * self.workers
         seed = ((self.seed * 1_000_003 + self.epoch) * 65_537 + reader) % 2**64  # torch.manual_seed takes it
-        info = ReaderInfo(reader, readers, seed, self.dataset)
+        # A copy per pass, as a new DataLoader worker has: a dataset that narrows its own range in __iter__ (the
+        # PyTorch docs' worker_init_fn split, moved there) would narrow further each pass in this process.
+        info = ReaderInfo(reader, readers, seed, copy.copy(self.dataset))
         skip, spare, yielded = self.skipped[slot], None, False
         for records in self._batches(info):
             if skip:  # trained before the resume
@@ -131,7 +134,7 @@ class RankShardedStream(IterableDataset):
     def _records(self, info: ReaderInfo) -> Iterator[Any]:
         """The records of reader `info.id`: split by the dataset if it asked who it is, else every readers-th one."""
         with presenting(info):
-            source = iter(self.dataset)
+            source = iter(info.dataset)
         for index in itertools.count():
             with presenting(info):
                 record = next(source, _END)
