@@ -148,6 +148,7 @@ class Classification:
                 f"({targets.dtype}); it needs (batch, classes) logits and (batch,) integer class indices "
                 "(pass a task object for other layouts)"
             )
+        targets = targets.long()  # cross_entropy takes int64 alone; int32 labels come from NumPy arrays
         return F.cross_entropy(logits, targets), logits.argmax(dim=1) == targets
 
     def sums_of(self, losses: torch.Tensor, hits: list[torch.Tensor]) -> torch.Tensor:

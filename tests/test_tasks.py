@@ -247,13 +247,13 @@ def test_dataclass_batches_and_batches_with_their_own_to_move_to_the_device():
     assert isinstance(graph, Graph) and graph.edges.device.type == "meta"
 
 
-def test_a_dict_batch_and_a_pair_give_the_same_classification_sums():
+def test_a_dict_batch_and_a_pair_give_the_same_classification_sums_and_labels_of_any_integer_type_too():
     model = nn.Linear(4, 3)
     inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    assert torch.equal(
-        Classification().forward(model, {"inputs": inputs, "targets": targets})[1],
-        Classification().forward(model, (inputs, targets))[1],
-    )
+    sums = Classification().forward(model, (inputs, targets))[1]
+    assert torch.equal(Classification().forward(model, {"inputs": inputs, "targets": targets})[1], sums)
+    for labels in (torch.int32, torch.uint8):  # int32: torch.from_numpy of a label array; cross_entropy refused it
+        assert torch.equal(Classification().forward(model, (inputs, targets.to(labels)))[1], sums)
 
 
 def test_a_batch_of_another_layout_names_what_it_is():
