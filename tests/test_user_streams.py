@@ -8,6 +8,7 @@ from unittest.mock import ANY
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO_DIR, read_metrics, run_script
 from dist_helpers import run_ranks
 from torch import nn
@@ -62,6 +63,16 @@ class Narrowing(IterableDataset):
         return iter(range(self.start, self.end))
 
 
+class RankSplit(IterableDataset):
+    """Splits 0..count by torch.distributed's rank, as many a blog post's dataset does."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(range(dist.get_rank(), self.count, dist.get_world_size()))
+
+
 def records_of(dataset: IterableDataset, world_size: int, workers: int) -> list[list[int]]:
     """Every rank's records, read through real DataLoader workers."""
     ranks = []
@@ -84,6 +95,17 @@ def test_a_dataset_that_narrows_itself_as_it_is_iterated_reads_all_its_records_e
     dataset = Narrowing(0, 37)
     for _ in range(2):
         assert sorted(itertools.chain(*records_of(dataset, world_size=2, workers=0))) == list(range(37))
+
+
+def test_a_dataset_that_splits_by_rank_too_is_refused_saying_what_to_split_by(tmp_path):
+    # It trained on 1/N of its records, and validated on 1/N, without a word.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UsageError, match=r"^RankSplit asks torch.distributed for its rank: get_worker_info\(\) "):
+            records_of(RankSplit(37), world_size=2, workers=0)
+        assert sorted(itertools.chain(*records_of(Range(0, 37), world_size=2, workers=0))) == list(range(37))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_dataset_that_knows_nothing_is_split_here_and_told_so():

@@ -11,12 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch.distributed as dist
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as worker_module
+
+from ddp_trainer.errors import UsageError
 
 # The slot of a batch that is not for training: a stand-in for a rank whose part of a resumed epoch is empty.
 SPARE = -1
@@ -28,6 +32,7 @@ class ReaderInfo:
     def __init__(self, reader: int, readers: int, seed: int, dataset: IterableDataset) -> None:
         self._id, self._num_workers, self.seed, self.dataset = reader, readers, seed, dataset
         self.read = False  # whether the dataset asked who it is, i.e. splits its records itself
+        self.asked_rank = False  # whether it asked torch.distributed for its rank, to split by rank too
 
     @property
     def id(self) -> int:
@@ -44,11 +49,20 @@ class ReaderInfo:
 
 @contextlib.contextmanager
 def presenting(info: ReaderInfo) -> Iterator[None]:
-    """Make `get_worker_info()` return `info` inside the block (the DataLoader's own info outside it)."""
+    """Make `get_worker_info()` return `info` inside the block (the DataLoader's own info outside it), and note in
+    `info` a call of `torch.distributed.get_rank()` from this thread."""
     previous, worker_module._worker_info = worker_module._worker_info, info
+    get_rank, reading = dist.get_rank, threading.get_ident()
+
+    def noted(*args: Any, **kwargs: Any) -> int:
+        info.asked_rank = info.asked_rank or threading.get_ident() == reading  # not another thread's (a save's)
+        return get_rank(*args, **kwargs)
+
+    dist.get_rank = noted
     try:
         yield
     finally:
+        dist.get_rank = get_rank
         worker_module._worker_info = previous
 
 
@@ -138,6 +152,12 @@ class RankShardedStream(IterableDataset):
         for index in itertools.count():
             with presenting(info):
                 record = next(source, _END)
+            if info.asked_rank and self.world_size > 1:  # also where its split left this reader no record
+                raise UsageError(
+                    f"{type(self.dataset).__name__} asks torch.distributed for its rank: get_worker_info() already "
+                    f"names one of all {info._num_workers} readers (ranks x workers), so a split by rank too drops "
+                    "records; split by get_worker_info().id and .num_workers alone"
+                )
             if record is _END:
                 return
             if index == 0 and not info.read and info._num_workers > 1 and info._id == 0:
