@@ -133,11 +133,11 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.history_here = False
     _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
     logger.info(f"resumed from {path}: step {parts.progress.step}, epochs done: {parts.progress.epoch}")
-    _say_if_finished(parts, path, cfg, logger)
+    _mark_if_finished(parts, path, cfg, logger)
 
 
-def _say_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) -> None:
-    """Say that a run resumed in its folder has nothing left to train; refuse a finished run's checkpoint elsewhere."""
+def _mark_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) -> None:
+    """Mark and say that a run resumed in its folder has nothing left to train; refuse a finished run's elsewhere."""
     progress = parts.progress
     if progress.epoch < cfg.trainer.epochs and not 0 < cfg.trainer.max_steps <= progress.step:
         return
