@@ -148,7 +148,8 @@ class Classification:
                 f"({targets.dtype}); it needs (batch, classes) logits and (batch,) integer class indices "
                 "(pass a task object for other layouts)"
             )
-        targets = targets.long()  # cross_entropy takes int64 alone; int32 labels come from NumPy arrays
+        if targets.dtype != torch.int64:  # cross_entropy takes int64 alone; int32 labels come from NumPy arrays
+            targets = targets.long()  # not always: a call dispatches an op each step even where it copies nothing
         return F.cross_entropy(logits, targets), logits.argmax(dim=1) == targets
 
     def sums_of(self, losses: torch.Tensor, hits: list[torch.Tensor]) -> torch.Tensor:
