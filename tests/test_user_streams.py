@@ -108,6 +108,20 @@ def test_a_dataset_that_splits_by_rank_too_is_refused_saying_what_to_split_by(tm
         dist.destroy_process_group()
 
 
+class SeededById(IterableDataset):
+    """Every record, in an order seeded by get_worker_info().id: it reads the id, yet splits nothing."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(torch.randperm(10, generator=torch.Generator().manual_seed(get_worker_info().id)).tolist())
+
+
+def test_a_dataset_that_reads_only_its_reader_id_is_warned_that_every_reader_may_read_it_all():
+    # Taken as splitting itself, it was trained once per reader each epoch: without a word.
+    with pytest.warns(UserWarning, match=r"SeededById reads get_worker_info\(\).id alone: .* each of the 2 readers"):
+        ranks = records_of(SeededById(), world_size=2, workers=0)
+    assert sorted(ranks[0]) == sorted(ranks[1]) == list(range(10))
+
+
 def test_a_dataset_that_knows_nothing_is_split_here_and_told_so():
     with pytest.warns(UserWarning, match="Unaware does not read get_worker_info"):
         first = records_of(Unaware(10), world_size=3, workers=0)[0]  # in this process, where warnings are seen

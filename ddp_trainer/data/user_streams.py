@@ -32,6 +32,7 @@ class ReaderInfo:
     def __init__(self, reader: int, readers: int, seed: int, dataset: IterableDataset) -> None:
         self._id, self._num_workers, self.seed, self.dataset = reader, readers, seed, dataset
         self.read = False  # whether the dataset asked who it is, i.e. splits its records itself
+        self.read_count = False  # whether it asked how many readers there are: a split needs that, a seed does not
         self.asked_rank = False  # whether it asked torch.distributed for its rank, to split by rank too
 
     @property
@@ -43,7 +44,7 @@ class ReaderInfo:
     @property
     def num_workers(self) -> int:
         """How many readers share the stream: ranks x DataLoader workers."""
-        self.read = True
+        self.read = self.read_count = True
         return self._num_workers
 
 
@@ -160,14 +161,21 @@ class RankShardedStream(IterableDataset):
                 )
             if record is _END:
                 return
-            if index == 0 and not info.read and info._num_workers > 1 and info._id == 0:
-                warnings.warn(
-                    f"{type(self.dataset).__name__} does not read get_worker_info(): each of the {info._num_workers} "
-                    "readers (ranks x workers) reads all records and keeps every one of theirs",
-                    stacklevel=1,
-                )
+            if index == 0 and not info.read_count and info._num_workers > 1 and info._id == 0:
+                warnings.warn(_unsplit(type(self.dataset).__name__, info), stacklevel=1)
             if info.read or index % info._num_workers == info._id:
                 yield record
+
+
+def _unsplit(name: str, info: ReaderInfo) -> str:
+    """The warning for a dataset that never asked how many readers there are: it may not split its records."""
+    readers = f"each of the {info._num_workers} readers (ranks x workers)"
+    if info.read:  # `id` alone: a split that keeps reader 0's records only, or a seed
+        return (
+            f"{name} reads get_worker_info().id alone: taken as splitting its records itself; if it only seeds from "
+            f"id, {readers} trains on all of them"
+        )
+    return f"{name} does not read get_worker_info(): {readers} reads all records and keeps every one of theirs"
 
 
 _END = object()
