@@ -20,17 +20,22 @@ def seed_everything(seed: int) -> None:
 
 def capture() -> dict[str, Any]:
     """This process's Python, NumPy, torch and (its current GPU's) CUDA RNG states, as weights_only-safe types."""
+    state = _capture_host()
+    # Only this process's GPU, as a resumed rank may see other GPUs (or none); a CPU run never initialised CUDA.
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _capture_host() -> dict[str, Any]:
+    """The Python, NumPy and torch CPU streams, as weights_only-safe types."""
     _, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    state = {
+    return {
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": position, "has_gauss": has_gauss},
         "numpy_gauss": gauss,
         "torch": torch.get_rng_state(),
     }
-    # Only this process's GPU, as a resumed rank may see other GPUs (or none); a CPU run never initialised CUDA.
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def restore(state: dict[str, Any], cuda_seed: int) -> None:
@@ -50,8 +55,7 @@ def restore(state: dict[str, Any], cuda_seed: int) -> None:
 
 def capture_process() -> dict[str, Any]:
     """Every stream of this process, each GPU's included: what a caller of fit() had, to put back after it."""
-    host = {key: value for key, value in capture().items() if key != "cuda"}
-    return {**host, "cuda_all": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+    return {**_capture_host(), "cuda_all": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def restore_process(state: dict[str, Any]) -> None:
