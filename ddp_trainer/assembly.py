@@ -46,9 +46,10 @@ class Parts:
 
 def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task: Task, logger: RunLogger) -> Parts:
     """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
-    model = prepare_model(model, cfg.model, env)
     fsdp = cfg.trainer.strategy == "fsdp"
     sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
+    # Sharded, fully_shard moves the model to the GPU a unit at a time: moved whole, all of it must fit on each GPU.
+    model = prepare_model(model, cfg.model, env, move=not sharded)
     if fsdp:  # before the optimizer is built: it must hold the sharded (DTensor) parameters
         blocks = shard_model(model, cfg.trainer, env.device if sharded else None)
         found = ", ".join(blocks) or "nothing: no trainer.fsdp_wrap class is in the model"

@@ -107,8 +107,9 @@ def _check_takes(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> N
         model.train()
 
 
-def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module:
-    """The model on this rank's device, in the configured memory format, with SyncBatchNorm if asked for."""
+def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv, move: bool = True) -> nn.Module:
+    """The model on this rank's device (where it is, unless `move`), in the configured memory format, with
+    SyncBatchNorm if asked for."""
     lazy = [name for name, parameter in model.named_parameters() if isinstance(parameter, nn.UninitializedParameter)]
     if lazy:  # the optimizer, DDP and the checkpoint all need their shapes
         raise UsageError(
@@ -122,7 +123,8 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, env: DistEnv) -> nn.Module
                 "set model.sync_batchnorm=false for CPU runs"
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(env.device)
+    if move:
+        model = model.to(env.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # conv kernels run NHWC on tensor cores
     return model

@@ -63,7 +63,8 @@ def _refuse_non_contiguous(model: nn.Module) -> None:
 
 
 def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
-    """Shard `model` in place per `trainer.fsdp_wrap` block, then the root (device None: one process, no shards)."""
+    """Shard `model` in place per `trainer.fsdp_wrap` block, then the root, onto `device` unit by unit (None: one
+    process, no shards)."""
     shard = device is not None
     if shard:
         _refuse_non_contiguous(model)
@@ -79,7 +80,10 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
     # As DDP's wrapper does: every rank starts from rank 0's weights, whether the user seeded them alike or not.
     if shard:
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            dist.broadcast(tensor.detach(), src=0)
+            local = tensor.detach()
+            staged = local.to(device)  # NCCL sends device tensors only; staged one at a time, as fully_shard moves them
+            dist.broadcast(staged, src=0)
+            local.copy_(staged)
     if dtype is not None and shard:
         # BatchNorm keeps fp32 weights beside its fp32 running statistics (the kernel needs one dtype): each is a unit
         # that computes in fp32 and hands bf16 on.

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import gc
 import io
+import json
 import multiprocessing
 import os
 import runpy
@@ -179,6 +180,25 @@ def train_counting_all_reduce(rank: int, world_size: int, port: int, args: list[
     finally:
         dist.all_reduce = original
     Path(out_dir, f"all_reduce_rank{rank}.txt").write_text(str(len(calls)))
+
+
+def train_noting_gpu_memory_at_sharding(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:
+    """Run the CLI on this rank; write the model's bytes and the GPU's peak allocation once it is sharded."""
+    _join_as(rank, world_size, port)
+    original, noted = assembly.shard_model, []
+
+    def noting(model: torch.nn.Module, *shard_args: object) -> list[str]:
+        size = sum(tensor.nbytes for tensor in (*model.parameters(), *model.buffers()))
+        found = original(model, *shard_args)
+        noted.append([size, torch.cuda.max_memory_allocated()])
+        return found
+
+    assembly.shard_model = noting
+    try:
+        assert train.main(args) == 0
+    finally:
+        assembly.shard_model = original
+    Path(out_dir, f"memory_rank{rank}.json").write_text(json.dumps(noted[0]))
 
 
 def train_noting_ddp_at_teardown(rank: int, world_size: int, port: int, args: list[str], out_dir: str) -> None:

@@ -198,6 +198,12 @@ def rank_seeded_mlp(features: int = 8, hidden: int = 16, classes: int = 3) -> nn
     return nn.Sequential(nn.Flatten(), *layers)
 
 
+def deep_mlp(features: int = 8, width: int = 1024, depth: int = 12, classes: int = 3) -> nn.Module:
+    """An MLP of `depth` equal hidden Linear layers: as many FSDP units of 4 MB each (at width 1024)."""
+    hidden = [layer for _ in range(depth) for layer in (nn.Linear(width, width), nn.ReLU())]
+    return nn.Sequential(nn.Linear(features, width), nn.ReLU(), *hidden, nn.Linear(width, classes))
+
+
 def batchnorm_net(features: int = 8, hidden: int = 16, classes: int = 3, dropout: float = 0.0) -> nn.Module:
     """A model with buffers (BatchNorm running statistics) that drift apart on each rank during training."""
     layers = [nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)]

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 from conftest import REPO_DIR, launch_cli, read_metrics, run_cli, run_script
-from dist_helpers import refusals
+from dist_helpers import refusals, spawn, train_noting_gpu_memory_at_sharding
 
 from ddp_trainer import checkpoint, rng, saving
 from ddp_trainer.cli.shard import main as shard_main
@@ -379,6 +379,18 @@ def test_fsdp_on_two_ranks_sharing_a_gpu_writes_shards_one_process_resumes(tmp_p
     assert main([*args, "trainer.epochs=3", "trainer.allow_changes=[world_size,trainer.epochs]"]) == 0
     assert checkpoint.load(tmp_path / "checkpoints" / "last")["step"] == two_rank_steps + 45
     assert last_line(tmp_path)["val/accuracy"] > 0.9
+
+
+def test_fsdp_moves_the_model_to_the_gpu_one_unit_at_a_time(tmp_path):
+    # 12 Linear units of 4 MB and a small root, built on the CPU: each rank's GPU holds its half of every unit and one
+    # unit in transit, never the whole model (on two GPUs over NCCL too: each rank notes its own GPU).
+    args = ["data._target_=factories.blobs", "model._target_=factories.deep_mlp", "trainer.device=cuda"]
+    args += ["trainer.strategy=fsdp", "trainer.fsdp_wrap=[Linear]", "trainer.epochs=1", "trainer.progress_bar=false"]
+    spawn(2, train_noting_gpu_memory_at_sharding, [*args, f"output_dir={tmp_path}"], str(tmp_path))
+    for rank in (0, 1):
+        size, peak = json.loads((tmp_path / f"memory_rank{rank}.json").read_text())
+        assert size > 45e6 and peak < 0.7 * size, (rank, size, peak)
+    assert last_line(tmp_path)["val/samples"] == 37
 
 
 @pytest.mark.parametrize(
