@@ -178,12 +178,14 @@ def folder_blobs(root: str, val_size: int = 37) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def fetched_digits(root: str) -> tuple[Dataset, Dataset]:
+def fetched_digits(root: str, offline: bool = False) -> tuple[Dataset, Dataset]:
     """The digits, fetched into the folder `root` first where it lacks them, as a download is: a line in
-    `root/fetches` for each fetch."""
+    `root/fetches` for each fetch. `offline`: the fetch fails, as a download without network does."""
     folder = Path(root)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "digits.fetched").exists():
+        if offline:
+            raise UsageError(f"the digits could not be downloaded into {root} (no network)")
         with (folder / "fetches").open("a") as fetches:
             fetches.write(f"{os.getpid()}\n")
         time.sleep(1.0)  # a download takes a while: ranks that found the folder empty together all fetch

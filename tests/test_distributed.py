@@ -286,6 +286,17 @@ def test_bad_input_stops_every_rank_with_one_line_each(tmp_path, fault):
     assert list(tmp_path.iterdir()) == [taken] and taken.read_text().startswith("a file")
 
 
+def test_a_failed_download_stops_every_rank_in_the_fetchers_words(tmp_path):
+    # Rank 0 fetches while rank 1 waits for it: rank 1 used to end saying rank 0 was gone (exit 4), not why.
+    args = ["data._target_=factories.fetched_digits", f"data.kwargs.root={tmp_path / 'data'}"]
+    args += ["data.kwargs.offline=true", "data.download=true", "trainer.device=cpu", f"output_dir={tmp_path / 'run'}"]
+    cause = f"the digits could not be downloaded into {tmp_path / 'data'} (no network)"
+    errors = refusals(args)
+    assert errors[0] == f"ddp-train: error (rank 0): {cause}"
+    assert errors[1] == f"ddp-train: error (rank 1): rank 0 cannot start: {cause}"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_fsdp_with_channels_last_convolutions_is_refused_on_every_rank_in_one_line(tmp_path):
     args = ["data.name=synthetic", "data.synthetic.input_shape=[3,16,16]", "model.name=cnn", "model.channels_last=true"]
     args += ["trainer.strategy=fsdp", "trainer.device=cpu", f"output_dir={tmp_path}"]

@@ -12,13 +12,14 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from ddp_trainer.claim import refusal_of, refused_if_any
 from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.datasets import digits, synthetic
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream
-from ddp_trainer.distributed import DistEnv, barrier, gather_objects
+from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
 
@@ -101,11 +102,10 @@ def build_datasets(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[Dataset, D
         return _open_streams(cfg, env, seed)
     if cfg.download and env.distributed:
         # One download per node: rank 0 fetches while the others wait, then each other node's first rank fetches what
-        # its data.root lacks (a folder the nodes do not share), then every rank reads its files.
+        # its data.root lacks (a folder the nodes do not share), then every rank reads its files. A fetch that fails
+        # stops every rank in its words: the others would wait for the fetcher, then blame it as lost.
         for fetches in (env.is_main, env.local_rank == 0 and not env.is_main):
-            if fetches:
-                map_datasets(cfg)
-            barrier(env)
+            refused_if_any(env, refusal_of(lambda: map_datasets(cfg)) if fetches else None)
     return map_datasets(cfg)
 
 
