@@ -109,7 +109,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         _announce(logger, array_task, cfg.output_dir, stop.active)
         exit_code, finished = _train(cfg, env, build, task, logger, stop, clock)
         # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
-        with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "as the run ended"):
+        with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     return exit_code, record if finished else {}
 
@@ -185,22 +185,11 @@ def _release_failed_frames(
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:
     """This rank's data and parts; a peer that failed meanwhile (a missing file on its node) is named in one line."""
-    with _naming_lost_ranks(env, ("trainer.startup_timeout_s", cfg.trainer.startup_timeout_s), "during start-up"):
+    with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "during start-up"):
         model, train_set, val_set = build(env)
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)
         return bundle, assemble(cfg, env, model, bundle, task, logger)
-
-
-@contextlib.contextmanager
-def _naming_lost_ranks(env: DistEnv, timeout: tuple[str, float], where: str) -> Iterator[None]:
-    # Outside the training loop (which names them itself): DDP's first broadcast, a download's barrier, the last record.
-    try:
-        yield
-    except RuntimeError as error:
-        if not (env.distributed and distributed.is_peer_failure(error)):
-            raise
-        raise distributed.rank_lost(error, env, timeout, where) from error
 
 
 @contextlib.contextmanager

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -209,6 +210,18 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
     else:
         culprit = "every rank's collective failed (network?)"
     return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {first_line(error)}")
+
+
+@contextlib.contextmanager
+def naming_lost_ranks(env: DistEnv, startup_timeout_s: float, where: str) -> Iterator[None]:
+    """A collective failed on a peer inside the block (start-up's timeout in force) is raised as `rank_lost`'s line."""
+    # Outside the training loop (which names them itself): DDP's first broadcast, the last record, evaluate's sums.
+    try:
+        yield
+    except RuntimeError as error:
+        if not (env.distributed and is_peer_failure(error)):
+            raise
+        raise rank_lost(error, env, ("trainer.startup_timeout_s", startup_timeout_s), where) from error
 
 
 class PhaseTimeouts:

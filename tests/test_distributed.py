@@ -455,6 +455,21 @@ def test_a_rank_that_fails_while_the_run_is_assembled_is_named_by_the_others(tmp
     assert "a collective failed during start-up (trainer.startup_timeout_s=1800)" in error
 
 
+def test_evaluate_on_two_ranks_names_the_rank_that_failed_alone(tmp_path):
+    trained = ["data._target_=factories.blobs_differing_on", "data.rank=9", "data.difference=missing", *BLOBS[1:]]
+    assert main([*trained, "trainer.epochs=1", f"output_dir={tmp_path}"]) == 0
+    named = ["data._target_=factories.blobs_differing_on", "data.rank=1"]  # only rank 1's node lacks the files
+    rank0, rank1 = plain_ranks(["evaluate", "--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), *named])
+    (_, stderr0), (_, stderr1) = rank0.communicate(timeout=120), rank1.communicate(timeout=120)
+    assert (rank0.returncode, rank1.returncode) == (4, 2), stderr0
+    assert stderr1.strip() == (
+        "ddp-train evaluate: error (rank 1): data.root=/data is missing the blobs files (on this rank's node only)"
+    )
+    error = stderr0.strip()  # was a traceback of gloo's "Connection closed by peer"
+    assert error.startswith("ddp-train evaluate: error (rank 0): rank 1 stopped answering") and "\n" not in error
+    assert "a collective failed while evaluating (trainer.startup_timeout_s=1800)" in error
+
+
 def listening(port: int) -> bool:
     """Whether a socket of this machine listens on `port` (the rendezvous store that rank 0 hosts)."""
     tables = [Path(f"/proc/net/{name}").read_text() for name in ("tcp", "tcp6")]

@@ -143,11 +143,13 @@ def main(argv: Sequence[str]) -> int:
     # Read before joining the others, so a missing or malicious file fails on every rank alike.
     state, cfg = loaded_before_meeting(lambda: load_config(args.checkpoint, args.overrides))
     env = changes.join_run(cfg)
+    # A rank that fails alone (a node without the data) is named on the others, which wait for it in a collective.
     try:
-        restored = restore(args.checkpoint, state, cfg, env)
-        precision = MixedPrecision(cfg.trainer.precision, env.device)
-        loader, channels_last = restored.data.val_loader, cfg.model.channels_last
-        metrics = evaluate_model(restored.model, loader, env, precision, restored.task, channels_last)
+        with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "while evaluating"):
+            restored = restore(args.checkpoint, state, cfg, env)
+            precision = MixedPrecision(cfg.trainer.precision, env.device)
+            loader, channels_last = restored.data.val_loader, cfg.model.channels_last
+            metrics = evaluate_model(restored.model, loader, env, precision, restored.task, channels_last)
     finally:
         distributed.teardown()
     if env.is_main:
