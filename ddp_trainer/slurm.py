@@ -76,7 +76,10 @@ def requeue(environ: Mapping[str, str]) -> tuple[bool, str]:
     job_id = environ.get("SLURM_JOB_ID")
     if job_id is None:
         return False, "not a SLURM job: nothing to requeue"
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    except OSError as error:  # a container image without SLURM's tools: the stop's checkpoint is saved all the same
+        return False, f"scontrol requeue {job_id} could not run ({error.strerror}): requeue the job yourself"
     if result.returncode != 0:
         return False, f"scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
     return True, f"SLURM job {job_id} requeued"

@@ -60,6 +60,12 @@ def test_slurm_tasks_per_node_expand(spec, counts):
     assert slurm.expand_tasks_per_node(spec) == counts
 
 
+def test_a_requeue_without_scontrol_on_the_path_is_an_outcome_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a container image without SLURM's tools
+    said = "scontrol requeue 42 could not run (No such file or directory): requeue the job yourself"
+    assert slurm.requeue({"SLURM_JOB_ID": "42"}) == (False, said)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_nccl_on_cpu_ranks_stops_every_rank_in_one_line(tmp_path):
     args = ["data._target_=factories.blobs", "trainer.dist_backend=nccl", f"output_dir={tmp_path}"]
