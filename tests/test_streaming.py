@@ -162,8 +162,13 @@ def test_a_broken_npz_shard_or_index_is_named_in_one_line(tmp_path):
         said = f"^{tmp_path / name}: not an .npz shard with arrays 'x' and 'y' .{reason}"
         with pytest.raises(UsageError, match=said):
             NpzShards([tmp_path / name], input_shape=None, **options)
-    for text in ('{"format": "npz", "shards": [', "[" * 100_000):  # the second: a RecursionError traceback, before
-        (tmp_path / "index.json").write_text(text)
+    # The second was a RecursionError traceback, the third (a Latin-1 file name) a UnicodeDecodeError one.
+    for text in (
+        b'{"format": "npz", "shards": [',
+        b"[" * 100_000,
+        '{"shards": [{"file": "\xe9.npz"}]}'.encode("latin-1"),
+    ):
+        (tmp_path / "index.json").write_bytes(text)
         with pytest.raises(UsageError, match=f"^{tmp_path / 'index.json'} is not valid JSON"):
             read_index(tmp_path)
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")

@@ -99,8 +99,12 @@ def read_index(folder: Path) -> dict[str, Any]:
     index_file = folder / INDEX_FILE
     if index_file.is_file():
         try:
-            return _checked_index(json.loads(index_file.read_text()), index_file)
-        except (json.JSONDecodeError, RecursionError) as error:  # nested past the parser's depth: made to fail
+            raw = index_file.read_bytes()
+        except OSError as error:
+            raise UsageError(f"{index_file} cannot be read ({error.strerror})") from None
+        try:
+            return _checked_index(json.loads(raw), index_file)
+        except (ValueError, RecursionError) as error:  # not JSON, not text; nested past the parser's depth to fail
             raise UsageError(f"{index_file} is not valid JSON: {error}") from None
     files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
     if not files:
