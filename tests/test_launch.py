@@ -416,3 +416,9 @@ def test_the_doctor_runs_under_python_oo_which_drops_docstrings():
     result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), cwd=REPO_DIR, timeout=60)
     assert result.returncode == 0, result.stderr  # was an AttributeError: its description read __doc__
     assert "check a launch before it burns GPU hours" in result.stdout
+
+
+def test_the_relay_of_a_command_that_cannot_run_says_so_in_one_line():
+    command = [sys.executable, "-m", "ddp_trainer.cli.relay", "srn", "python", "train.py"]  # srun, mistyped
+    result = subprocess.run(command, env={**cli_env(), "SLURM_JOB_ID": "42"}, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (127, "relay: error: srn cannot run (No such file or directory)\n")
