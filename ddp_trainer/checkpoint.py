@@ -234,18 +234,20 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int, written: P
             old.unlink()
 
 
-_STEP_NAME = re.compile(r"step-\d{8,}(?:\.pt)?")  # what save_last and ShardedSaver name a step's checkpoint
+_STEP = r"step-\d{8,}"  # what save_last and ShardedSaver name a step's checkpoint: 9 digits from step 100,000,000
+_STEP_NAME = re.compile(rf"{_STEP}(?:\.pt)?")
 
 
 def _step_checkpoints(directory: Path) -> list[Path]:
     """The step files and folders saves wrote into `directory`, oldest first: never a copy the user put beside them."""
-    return sorted(path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name))
+    named = [path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name)]
+    return sorted(named, key=lambda path: (int(path.name.split(".")[0][len("step-") :]), path.name))  # 9 digits after 8
 
 
 REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
 # What saves write before renaming (atomic.write_atomic, link_atomic, symlink_atomic, a sharded step's folder): only
 # these are removed after a crash, never another `.*.tmp` a user keeps beside the checkpoints.
-UNFINISHED = re.compile(r"\.(?:(?:last|best|step-\d{8})(?:\.pt)?\.[^/]+\.(?:tmp|link)|step-\d{8}\.tmp)")
+UNFINISHED = re.compile(rf"\.(?:(?:last|best|{_STEP})(?:\.pt)?\.[^/]+\.(?:tmp|link)|{_STEP}\.tmp)")
 
 
 def publish_folder(written: Path, final: Path, names: Sequence[str], keep_last: int) -> None:

@@ -169,6 +169,14 @@ def test_last_is_also_the_newest_step_file_and_only_keep_last_are_kept(tmp_path)
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 25
 
 
+def test_steps_past_eight_digits_are_kept_in_step_order(tmp_path):
+    for step in (99_999_999, 100_000_000):  # "step-100000000.pt" sorts before "step-99999999.pt" as text
+        checkpoint.save_last(step_state(step), tmp_path, keep_last=1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt", "step-100000000.pt"]
+    (tmp_path / ".step-100000005.pt.x1y2.tmp").write_bytes(b"PK\x03\x04 half")
+    assert checkpoint.remove_unfinished_writes(tmp_path) == [tmp_path / ".step-100000005.pt.x1y2.tmp"]
+
+
 def test_files_and_folders_the_user_put_beside_the_checkpoints_are_never_deleted_or_resumed(tmp_path):
     directory = tmp_path / "checkpoints"
     checkpoint.save_last(step_state(5), directory, keep_last=1)
