@@ -1,4 +1,4 @@
-"""A run assembled in reading order: model (FSDP-sharded), optimizer, schedule, precision, checkpoint, DDP, compile."""
+"""A run assembled in reading order: model (FSDP-sharded), optimizer, schedule, precision, checkpoint, compile, DDP."""
 
 from __future__ import annotations
 

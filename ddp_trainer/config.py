@@ -212,7 +212,7 @@ class TrainerConfig(_Section):
     progress_bar: bool = True
     stop_check_every_n_steps: int = _positive(1)
     requeue: bool = True
-    nonfinite_loss: str = _checked("stop", lambda value: value in ("stop", "skip"), "stop or skip")
+    nonfinite_loss: str = _one_of("stop", ("stop", "skip"))
     precision: str = _one_of("32", ("32", "bf16", "fp16"))
     accumulate_grad_batches: int = _positive(1)
     grad_clip_norm: float = _not_negative(0.0, "0 (off) or a positive norm")

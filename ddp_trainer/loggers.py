@@ -209,9 +209,9 @@ def _silence_stdout() -> None:
     os.close(devnull)  # stdout's descriptor now refers to /dev/null itself
 
 
-def format_metrics(record: dict[str, Any], prefix: str = "val") -> str:
-    """`val/loss 0.1234 | val/accuracy 97.21%`: a record's metrics under `prefix`, counts left out."""
-    shown = [(name, value) for name, value in record.items() if name.startswith(f"{prefix}/") and is_number(value)]
+def format_metrics(record: dict[str, Any]) -> str:
+    """`val/loss 0.1234 | val/accuracy 97.21%`: a record's validation metrics, counts left out."""
+    shown = [(name, value) for name, value in record.items() if name.startswith("val/") and is_number(value)]
     return " | ".join(f"{name} {_format(name, value)}" for name, value in shown if not name.endswith("/samples"))
 
 

@@ -1,4 +1,5 @@
-"""Exact global metrics: per-rank sums kept on the device, one all_reduce and one host sync per synchronisation."""
+"""Exact global metrics: per-rank sums kept on the device, summed over ranks with one host sync per synchronisation
+(one all_reduce, and one more of the skip flags where fp16's scaler may skip steps)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,6 @@ class Task(Protocol):
 
     sum_names: tuple[str, ...]
     default_monitor: str
-    higher_is_better: tuple[str, ...]
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean loss to backpropagate and this batch's sums, in the order of `sum_names`."""
