@@ -1,4 +1,5 @@
-"""Process-group plumbing: the only module that reads launcher environment variables or picks a backend."""
+"""Process-group plumbing: the only module that reads launcher environment variables; it offers the backends that
+rendezvous.py picks from once every rank has said which GPU it holds."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Launch:
     master_addr: str | None
     master_port: int | None
     job: str | None = None  # the srun step ("SLURM job 42, step 1"): a store another step opened is refused
+    agent_store: bool = False  # torchrun's agent hosts the job's store (an elastic launch), not rank 0
 
 
 def detect_launcher() -> Launch:
@@ -68,7 +70,8 @@ def detect_launcher() -> Launch:
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in os.environ else None
-        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        return Launch(launcher, rank, local_rank, world_size, os.environ.get("MASTER_ADDR"), port, None, agent_store)
     # A batch script alone has SLURM_NTASKS=N too and must not wait for N-1 ranks that were never started.
     if slurm.in_srun_step(os.environ):
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
@@ -201,7 +204,7 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
     late = [rank for rank, mark in (marks or {}).items() if mark == "closed"]
     waited = [rank for rank, mark in (marks or {}).items() if mark == "timeout"]
     if missing is None:
-        culprit = f"{rendezvous.store_host()}, which hosts the rendezvous store, is gone"
+        culprit = f"{rendezvous.store_host(detect_launcher().agent_store)}, which hosts the rendezvous store, is gone"
     elif missing:
         culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
     elif late and waited:

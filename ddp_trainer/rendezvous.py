@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import socket
 import time
@@ -39,17 +38,12 @@ _SHOWN_KEYS = 4
 STORE_GONE_MARKERS = ("Connection was likely closed", "Connection reset by peer", "Broken pipe")
 
 
-def agent_hosts_store() -> bool:
-    """Whether torchrun's agent hosts the job's store (an elastic launch), rather than rank 0."""
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+def store_host(agent_store: bool) -> str:
+    """Who hosts the job's store (torchrun's agent where `agent_store`, else rank 0), in the words of an error line."""
+    return "the torchrun agent on the rendezvous endpoint's node" if agent_store else "rank 0"
 
 
-def store_host() -> str:
-    """Who hosts the job's store, in the words of an error line."""
-    return "the torchrun agent on the rendezvous endpoint's node" if agent_hosts_store() else "rank 0"
-
-
-def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str) -> CliError | None:
+def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str, agent_store: bool) -> CliError | None:
     """A rendezvous's network error as one line naming its cause; None for one that says nothing known."""
     if "timed out" in str(error):  # a rank other than 0 found no store to join
         return RankLost(
@@ -58,7 +52,7 @@ def named_failure(error: dist.DistNetworkError, address: str, timeout_set: str) 
     if any(marker in str(error) for marker in STORE_GONE_MARKERS):  # its host died as this rank waited there
         return RankLost(
             f"the rendezvous store at {address} is gone as this rank waited in it ({first_line(error)}): its host "
-            f"({store_host()}) stopped; see its output"
+            f"({store_host(agent_store)}) stopped; see its output"
         )
     if "EADDRINUSE" in str(error):  # srun's port comes from the job and step ids: two jobs on a node may draw the same
         host, port = address.rsplit(":", 1)
@@ -170,7 +164,8 @@ def join(
             f"{first_line(error)} A rank failed to start: see its output"
         ) from None
     except dist.DistNetworkError as error:
-        failure = named_failure(error, f"{launch.master_addr}:{launch.master_port}", f"{key}={timeout_s:g}")
+        address = f"{launch.master_addr}:{launch.master_port}"
+        failure = named_failure(error, address, f"{key}={timeout_s:g}", launch.agent_store)
         if failure is None:
             raise
         raise failure from None
@@ -187,7 +182,7 @@ def _store(launch: Launch, timeout: timedelta) -> dist.Store:
     if launch.master_addr is None or launch.master_port is None:
         raise UsageError("RANK and WORLD_SIZE are set, MASTER_ADDR or MASTER_PORT is not: set both, or use torchrun")
     return open_store(
-        launch.master_addr, launch.master_port, launch.world_size, launch.rank, agent_hosts_store(), timeout, launch.job
+        launch.master_addr, launch.master_port, launch.world_size, launch.rank, launch.agent_store, timeout, launch.job
     )
 
 
@@ -284,7 +279,8 @@ def _keys(first: dict[str, Any], facts: dict[str, Any]) -> list[str]:
 
 
 def _appears(store: dist.Store, keys: list[str], until: float) -> bool:
-    """Whether every key is in the store by the time.monotonic() `until`; polled: a timed-out wait logs a warning."""
+    """Whether every key is in the store by the time.monotonic() `until`; polled, where the store's own wait for a
+    key would end in a timeout error (and a warning in the log)."""
     while not store.check(keys):
         if time.monotonic() > until:
             return False

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 from dist_helpers import free_port
 
-from ddp_trainer import rendezvous
+from ddp_trainer import distributed, rendezvous
 from ddp_trainer.cli.train import main
 from ddp_trainer.errors import UsageError
 
@@ -159,9 +159,12 @@ def test_a_nan_both_ranks_hold_is_the_same_value_not_a_difference():
 def test_a_store_gone_under_torchrun_is_blamed_on_its_agent_not_rank_0(monkeypatch):
     # Under torchrun the agent on the rendezvous endpoint's node hosts the store: rank 0 may run on another node.
     gone = dist.DistNetworkError("Connection reset by peer")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60"))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    launch = distributed.detect_launcher()
+    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60", launch.agent_store))
     assert said.endswith("its host (the torchrun agent on the rendezvous endpoint's node) stopped; see its output")
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
-    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60"))
+    launch = distributed.detect_launcher()
+    said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60", launch.agent_store))
     assert said.endswith("its host (rank 0) stopped; see its output")
