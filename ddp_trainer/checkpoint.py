@@ -241,7 +241,8 @@ _STEP_NAME = re.compile(rf"{_STEP}(?:\.pt)?")
 def _step_checkpoints(directory: Path) -> list[Path]:
     """The step files and folders saves wrote into `directory`, oldest first: never a copy the user put beside them."""
     named = [path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name)]
-    return sorted(named, key=lambda path: (int(path.name.split(".")[0][len("step-") :]), path.name))  # 9 digits after 8
+    # By step: as text, step-100000000 would sort before step-99999999.
+    return sorted(named, key=lambda path: (int(path.name.split(".")[0][len("step-") :]), path.name))
 
 
 REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
