@@ -21,6 +21,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 import ddp_trainer
+from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.slurm import EarlyWarning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -93,6 +94,17 @@ def stop_when_orphaned(interval_s: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def stop_origin(stop: StopSignals | None, env: DistEnv) -> str:
+    """Which ranks had the stop signal, where some had none (a node's launcher gone); empty when every rank had it.
+
+    A collective: every rank calls it, after the stop's save, which gave a signal sent to all time to arrive.
+    """
+    had = gather_objects(stop.received if stop is not None else 0, env)
+    if all(had):
+        return ""
+    return f" (sent to rank {', '.join(str(rank) for rank, signum in enumerate(had) if signum)} only: see its output)"
 
 
 def ignore_stop_signals(worker_id: int) -> None:

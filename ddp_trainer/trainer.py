@@ -23,13 +23,12 @@ from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums, StepLedger
-from ddp_trainer.preemption import StopSignals
+from ddp_trainer.preemption import StopSignals, stop_origin
 from ddp_trainer.saving import build_saver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import CLIP_SUMS, STEP_SUMS, Task, training_measure
 
-# STEP_SUMS and CLIP_SUMS, beside the task's sums, hold the same values on every rank: rank 0 alone adds them, so each
-# step counts once.
+# STEP_SUMS and CLIP_SUMS (beside the task's sums) are the same on every rank: rank 0 alone adds them, once a step.
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
 
@@ -118,7 +117,8 @@ class Trainer:
             # Requeued by SLURM, the job goes on later: a success. Otherwise the shell's 128 + signal convention.
             exit_code = 0 if requeued else 128 + stop.signum
             saved, step = self.checkpoint_dir / self.saver.LAST, self.progress.step
-            self.logger.info(f"stopped by {stop} at step {step}: {saved} saved; {outcome}; exit code {exit_code}")
+            stopped_by = f"{stop}{stop_origin(self.stop, self.env)}"  # a gather, on every rank
+            self.logger.info(f"stopped by {stopped_by} at step {step}: {saved} saved; {outcome}; exit code {exit_code}")
             return exit_code, False
         self.logger.info(f"done at step {self.progress.step}: {self.monitor.describe()}; {self.checkpoint_dir}")
         return 0, True

@@ -363,6 +363,7 @@ def test_torchrun_restarts_a_rank_stopped_by_sigterm_and_ends_with_the_same_weig
     os.kill(worker_pids(process.pid)[1], signal.SIGTERM)
     output = process.communicate(timeout=180)[0].decode()
     assert process.returncode == 0, output
+    assert "stopped by SIGTERM (sent to rank 1 only: see its output) at step " in output  # rank 0's line
     assert "resumed from" in output
     assert_same_run(tmp_path, uninterrupted_two_ranks)
 
