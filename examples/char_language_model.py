@@ -1,7 +1,7 @@
 """A character-level language model with the Python API, on text that ships with scikit-learn (no download).
 
-    python examples/char_language_model.py
-    torchrun --standalone --nproc-per-node=2 examples/char_language_model.py trainer.epochs=5
+    python examples/char_language_model.py                        # into runs/char_lm
+    torchrun --standalone --nproc-per-node=2 examples/char_language_model.py trainer.epochs=5 output_dir=runs/char_lm_2
 
 The text is the documentation of scikit-learn's bundled datasets (sklearn/datasets/descr/*.rst, about 43,000
 characters). Each sample is a window of `context + 1` characters: the task "language_model" reads it as inputs

@@ -1,7 +1,7 @@
 """A user IterableDataset, written as the PyTorch tutorial writes it, trained on several ranks and workers.
 
-    python examples/digits_stream.py                              # one process
-    torchrun --standalone --nproc-per-node=2 examples/digits_stream.py data.num_workers=2
+    python examples/digits_stream.py                              # one process, into runs/digits_stream_example
+    torchrun --standalone --nproc-per-node=2 examples/digits_stream.py data.num_workers=2 output_dir=runs/stream_2
 
 `DigitsRange` streams a range of scikit-learn's bundled digit images and splits its range across DataLoader
 workers with `get_worker_info()`, exactly the tutorial's pattern. It knows nothing of ranks: under ddp_trainer,
@@ -46,7 +46,7 @@ def main(overrides: list[str]) -> dict:
     """Train an MLP on images 0..1436, validate on 1437..1796; returns the last epoch's record."""
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    defaults = ["output_dir=runs/digits_stream", "trainer.epochs=10", "data.batch_size=32", "optim.lr=3e-3"]
+    defaults = ["output_dir=runs/digits_stream_example", "trainer.epochs=10", "data.batch_size=32", "optim.lr=3e-3"]
     return ddp_trainer.fit(model, DigitsRange(0, 1437), DigitsRange(1437, 1797), overrides=[*defaults, *overrides])
 
 

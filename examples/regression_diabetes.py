@@ -1,8 +1,10 @@
 """Regression with the Python API on scikit-learn's bundled diabetes data (442 patients, 10 features).
 
-    python examples/regression_diabetes.py                       # one process
-    torchrun --standalone --nproc-per-node=2 examples/regression_diabetes.py
-    python examples/regression_diabetes.py trainer.epochs=50 output_dir=runs/diabetes   # any key=value override
+    python examples/regression_diabetes.py                       # one process, into runs/diabetes
+    torchrun --standalone --nproc-per-node=2 examples/regression_diabetes.py output_dir=runs/diabetes_2
+    python examples/regression_diabetes.py trainer.epochs=50 output_dir=runs/diabetes_50   # any key=value override
+
+Each line trains into a folder of its own: started again, a folder's run resumes (and refuses another world size).
 
 The model is defined here, in the script; ddp_trainer.fit runs it on however many ranks launched the script.
 """
