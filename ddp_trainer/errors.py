@@ -38,6 +38,10 @@ class RankLost(CliError):
     exit_code = 4
 
 
+class CheckpointWriteFailed(CliError):
+    """A checkpoint file could not be written (no permission, disk full): one line naming the file, exit code 1."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type's name): what fits in a one-line error."""
     lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]

@@ -22,15 +22,11 @@ from torch.torch_version import TorchVersion
 from ddp_trainer import atomic, checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
-from ddp_trainer.errors import CliError, first_line
+from ddp_trainer.errors import CheckpointWriteFailed, first_line
 from ddp_trainer.sharding import sharded_state_dicts
 
 STAGER_KEEPS_BUFFERS = TorchVersion(torch.__version__) >= "2.13"
 State = dict[str, Any] | None  # a checkpoint's entries but the model and optimizer: rank 0's, None on the others
-
-
-class CheckpointWriteFailed(CliError):
-    """A checkpoint file could not be written (no permission, disk full): one line naming the file, exit code 1."""
 
 
 def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

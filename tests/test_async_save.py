@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_DIR, cli_env, read_metrics, run_cli
 from torch import nn
 
-from ddp_trainer import atomic, checkpoint, saving
+from ddp_trainer import atomic, checkpoint, errors, saving
 from ddp_trainer.cli.train import main
 
 DIGITS = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]"]
@@ -176,7 +176,7 @@ def test_a_save_failure_names_the_file_in_either_mode(tmp_path, monkeypatch, asy
     failing = saver.close if async_save else functools.partial(saver.save, state, ["best"])
     if async_save:
         saver.save(state, ["best"])
-    with pytest.raises(saving.CheckpointWriteFailed, match=f"could not write checkpoint {tmp_path / 'best.pt'}"):
+    with pytest.raises(errors.CheckpointWriteFailed, match=f"could not write checkpoint {tmp_path / 'best.pt'}"):
         failing()
     assert list(tmp_path.iterdir()) == []
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from conftest import cli_env
 
+from ddp_trainer import errors
 from ddp_trainer.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,14 @@ def broken_links(page: Path) -> list[str]:
         if not linked.is_file() or (anchor and anchor not in heading_anchors(linked.read_text())):
             broken.append(f"{page.relative_to(REPO)}: {target}")
     return broken
+
+
+def test_the_errors_the_readme_names_are_cli_errors_in_ddp_trainer_errors():
+    text = " ".join(README.read_text().split())
+    said = text.split("A diverged loss raises", 1)[1].split("each is in `ddp_trainer.errors`", 1)[0]
+    names = re.findall(r"`(\w+)`", said)
+    assert names == ["TrainingDiverged", "RankLost", "CheckpointWriteFailed"]
+    assert all(issubclass(getattr(errors, name), errors.CliError) for name in names)
 
 
 def test_the_readme_links_every_docs_page_and_only_pages_that_exist():
