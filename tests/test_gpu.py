@@ -5,8 +5,8 @@ same features on `cuda`: precisions, compile, channels_last, accumulation with c
 SIGTERM and resume, a CPU checkpoint resumed on the GPU, the GPU streams fit() gives its caller back, async
 checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
 the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
-under DDP (compiled), under FSDP with sharded checkpoints, and with a user IterableDataset; on a host with 2 GPUs,
-2 ranks over NCCL too.
+under DDP (compiled), under FSDP with sharded checkpoints (the model moved to the GPU unit by unit), and with a
+user IterableDataset; on a host with 2 GPUs, 2 ranks over NCCL too.
 """
 
 from __future__ import annotations

@@ -422,3 +422,12 @@ def test_the_relay_of_a_command_that_cannot_run_says_so_in_one_line():
     command = [sys.executable, "-m", "ddp_trainer.cli.relay", "srn", "python", "train.py"]  # srun, mistyped
     result = subprocess.run(command, env={**cli_env(), "SLURM_JOB_ID": "42"}, capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (127, "relay: error: srn cannot run (No such file or directory)\n")
+
+
+def test_the_help_describes_ddp_launchs_own_flags(capsys):
+    with pytest.raises(SystemExit) as ended:
+        launch_main(["--help"])
+    assert ended.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert shown.startswith("usage: ddp-launch ")
+    assert "--dry-run print the torchrun command" in shown and "--doctor check that every rank" in shown

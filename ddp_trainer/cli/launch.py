@@ -21,7 +21,10 @@ from ddp_trainer.cli import exit_after
 from ddp_trainer.errors import UsageError, first_line, say
 from ddp_trainer.preemption import STOP_SIGNALS
 
-OWN_FLAGS = ("--dry-run", "--doctor")
+OWN_FLAGS = {  # ddp-launch's own flags, beside torchrun's, with their --help
+    "--dry-run": "print the torchrun command, with what SLURM knows filled in, and exit",
+    "--doctor": "check that every rank of the job meets and can talk (give the launch flags only, no script)",
+}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what --dry-run prints; the agent runs in this process
 
 
@@ -160,8 +163,9 @@ def own_flags(argv: Sequence[str]) -> tuple[set[str], list[str]]:
 def _script_length(argv: Sequence[str]) -> int:
     """How many of `argv`'s last tokens are the training script and its arguments (0: no script)."""
     parser = torchrun.get_args_parser()
-    for flag in OWN_FLAGS:
-        parser.add_argument(flag, action="store_true")
+    parser.prog = "ddp-launch"
+    for flag, said in OWN_FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=said)
     stand_in = "ddp-launch-no-script"  # the --doctor form names no script: torchrun's parser needs one to finish
     args = parser.parse_args([*argv, "-m", stand_in])
     return 0 if args.training_script == stand_in else len(args.training_script_args) - 1  # -m, stand-in
