@@ -28,6 +28,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 REPEAT_WINDOW_S = 1.0  # a signal sent again within it is the same stop, not a second one
 
 
+class Stopped(Exception):
+    """Raised out of the step loop once every rank agreed to stop on a signal; the checkpoint is written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignals:
     """Installs handlers that remember the first stop signal received; `restore()` puts the old ones back.
 

@@ -23,7 +23,7 @@ from ddp_trainer.evaluation import evaluate_model
 from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums, StepLedger
-from ddp_trainer.preemption import StopSignals, stop_origin
+from ddp_trainer.preemption import Stopped, StopSignals, stop_origin
 from ddp_trainer.saving import build_saver, build_state
 from ddp_trainer.sharding import gradient_sync
 from ddp_trainer.tasks import CLIP_SUMS, STEP_SUMS, Task, training_measure
@@ -31,14 +31,6 @@ from ddp_trainer.tasks import CLIP_SUMS, STEP_SUMS, Task, training_measure
 # STEP_SUMS and CLIP_SUMS (beside the task's sums) are the same on every rank: rank 0 alone adds them, once a step.
 # What ranks agree on between steps: a stop signal, and whether rank 0's clock says a checkpoint is due.
 SIGNAL, SAVE_DUE = 0, 1
-
-
-class Stopped(Exception):
-    """Raised out of the step loop once every rank agreed to stop on a signal; the checkpoint is written."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class Trainer:
@@ -230,11 +222,13 @@ class Trainer:
         # Ranks act on what they agreed at the previous check, and send their flags for the next one.
         check = step % self.cfg.trainer.stop_check_every_n_steps == 0
         agreed = self.agreement.receive() if check else [0, 0]
-        every = self.cfg.checkpoint.every_n_steps
-        if agreed[SIGNAL] or agreed[SAVE_DUE] or (every and step % every == 0):
+        every, ending = self.cfg.checkpoint.every_n_steps, self._reached_max_steps()
+        # At max_steps the part epoch's end follows at once (its evaluation, line and save): saved here instead, a run
+        # resumed at max_steps would have neither line nor best.pt. A signal now finds the run ending anyway.
+        if not ending and (agreed[SIGNAL] or agreed[SAVE_DUE] or (every and step % every == 0)):
             self.progress.epoch_train_s = self._trained_s()
             self._save(("last",), partial_totals=self._reduce(sums))
-        if agreed[SIGNAL]:
+        if agreed[SIGNAL] and not ending:
             raise Stopped(agreed[SIGNAL])
         if check:
             self.agreement.send(self._local_flags())

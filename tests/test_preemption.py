@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_DIR, cli_command, cli_env
+from conftest import REPO_DIR, cli_command, cli_env, read_metrics
 from torch.utils.data import Dataset
 from torch.utils.data._utils import signal_handling
 
@@ -215,6 +215,21 @@ def test_a_stop_not_requeued_saves_and_exits_128_plus_the_signal(
     assert f"{last} saved; {said}; exit code {128 + signum}" in capsys.readouterr().out
     # Noted while batch 3 loads (samples 17-24), acted on at the next step's agreement: saved after step 4 of 12.
     assert checkpoint.load(last)["step"] == 4
+
+
+@pytest.mark.parametrize("every_n_steps", [0, 4])
+def test_a_stop_at_max_steps_ends_the_part_epoch_as_an_uninterrupted_run_does(tmp_path, monkeypatch, every_n_steps):
+    # The signal is acted on at step 4, which is max_steps, of a 12-step epoch (a step's save too, with every_n_steps).
+    # Saved there and stopped, the run left no part epoch's line and no best.pt, and resumed it was already finished.
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    data = ["data._target_=factories.faulty_blobs", "data.fault=term", "data.fault_rank=0", "data.after=20"]
+    args = [*data, "model._target_=factories.small_net", "trainer.device=cpu", "trainer.max_steps=4"]
+    args += [f"checkpoint.every_n_steps={every_n_steps}", "data.batch_size=8", f"output_dir={tmp_path}"]
+    assert main(args) == 0  # the signal finds the run ending: nothing is left to stop
+    (line,) = read_metrics(tmp_path)
+    assert (line["epoch"], line["step"], line["train/samples"], line["val/samples"]) == (1, 4, 32, 37)
+    best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 4 and best["part_epoch_best"] == line["val/accuracy"]
 
 
 def test_ranks_agree_on_a_stop_every_stop_check_every_n_steps(tmp_path, monkeypatch):
