@@ -21,7 +21,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 import ddp_trainer
-from ddp_trainer.distributed import DistEnv, gather_objects
+from ddp_trainer.distributed import DistEnv, gather_objects, is_peer_failure
 from ddp_trainer.slurm import EarlyWarning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -109,7 +109,12 @@ def stop_origin(stop: StopSignals | None, env: DistEnv) -> str:
 
     A collective: every rank calls it, after the stop's save, which gave a signal sent to all time to arrive.
     """
-    had = gather_objects(stop.received if stop is not None else 0, env)
+    try:
+        had = gather_objects(stop.received if stop is not None else 0, env)
+    except RuntimeError as error:
+        if not is_peer_failure(error):
+            raise
+        return ""  # a rank lost as the run stopped (its save failed): the run's last exchange names it in one line
     if all(had):
         return ""
     return f" (sent to rank {', '.join(str(rank) for rank, signum in enumerate(had) if signum)} only: see its output)"

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 from conftest import REPO_DIR, cli_env, read_metrics, run_cli
+from dist_helpers import run_ranks
 from torch import nn
 
 from ddp_trainer import atomic, checkpoint, errors, saving
@@ -224,3 +225,28 @@ def test_a_save_killed_between_its_names_leaves_last_behind_best_never_best_behi
     with pytest.raises(KeyboardInterrupt):
         saver.save({**state, "epoch": 2, "step": 10}, ["last", "best"])
     assert [checkpoint.load(tmp_path / name)["step"] for name in ("last.pt", "best.pt")] == [5, 10]
+
+
+FAILING_SAVES_ON_RANK_0 = """
+import errno, sys
+from ddp_trainer import checkpoint, distributed
+from ddp_trainer.cli import train
+if distributed.detect_launcher().rank == 0:
+    def failing(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    checkpoint.save_last = failing
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_stops_save_failing_on_rank_0_is_named_on_the_others_in_one_line(tmp_path):
+    # The background write fails as the stop waits for it: rank 0 says so, and rank 1, meeting the others to say who
+    # had the signal, must name rank 0 as lost, not print gloo's traceback.
+    script = tmp_path / "failing_saves.py"
+    script.write_text(FAILING_SAVES_ON_RANK_0)
+    args = ["data._target_=factories.faulty_blobs", "data.fault=term", "data.fault_rank=0", "data.after=20"]
+    args += ["model._target_=factories.small_net", "trainer.device=cpu", ASYNC, "data.batch_size=8"]
+    result = run_ranks([*args, f"output_dir={tmp_path / 'run'}"], script=script)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "ddp-train: error (rank 0): could not write checkpoint" in result.stderr
+    assert "ddp-train: error (rank 1): rank 0, which hosts the rendezvous store, is gone" in result.stderr
