@@ -62,6 +62,18 @@ def _refuse_non_contiguous(model: nn.Module) -> None:
         )
 
 
+def _broadcast_from_rank_zero(model: nn.Module, device: torch.device) -> None:
+    """Every rank takes rank 0's weights and buffers, as DDP's wrapper does, whether the user seeded them alike or not.
+
+    NCCL sends device tensors only: each is staged there alone, as fully_shard moves them, and freed with this frame.
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        local = tensor.detach()
+        staged = local.to(device)
+        dist.broadcast(staged, src=0)
+        local.copy_(staged)
+
+
 def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
     """Shard `model` in place per `trainer.fsdp_wrap` block, then the root, onto `device` unit by unit (None: one
     process, no shards)."""
@@ -77,13 +89,8 @@ def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | Non
     # Innermost first: a block's parameters belong to the innermost unit holding them, never to its parent.
     blocks = [module for module in reversed(list(model.modules())) if type(module).__name__ in wrap]
     found = sorted({type(block).__name__ for block in blocks})  # before fully_shard renames them (FSDPLinear)
-    # As DDP's wrapper does: every rank starts from rank 0's weights, whether the user seeded them alike or not.
     if shard:
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            local = tensor.detach()
-            staged = local.to(device)  # NCCL sends device tensors only; staged one at a time, as fully_shard moves them
-            dist.broadcast(staged, src=0)
-            local.copy_(staged)
+        _broadcast_from_rank_zero(model, device)
     if dtype is not None and shard:
         # BatchNorm keeps fp32 weights beside its fp32 running statistics (the kernel needs one dtype): each is a unit
         # that computes in fp32 and hands bf16 on.

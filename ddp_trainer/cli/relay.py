@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = subprocess.call(command)
     except OSError as error:  # a mistyped command: one line in the job's log, the shell's code for it
         say(f"relay: error: {command[0]} cannot run ({error.strerror})", sys.stderr)
-        return 127
+        return 126 if isinstance(error, PermissionError) else 127
     return exit_code if exit_code >= 0 else 128 - exit_code  # srun killed by a signal: the shell's 128 + signal
 
 

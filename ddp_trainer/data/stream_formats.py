@@ -103,9 +103,10 @@ def read_index(folder: Path) -> dict[str, Any]:
         except OSError as error:
             raise UsageError(f"{index_file} cannot be read ({error.strerror})") from None
         try:
-            return _checked_index(json.loads(raw), index_file)
+            index = json.loads(raw)
         except (ValueError, RecursionError) as error:  # not JSON, not text; nested past the parser's depth to fail
             raise UsageError(f"{index_file} is not valid JSON: {error}") from None
+        return _checked_index(index, index_file)
     files = sorted(path for path in folder.iterdir() if path.suffix in FORMATS) if folder.is_dir() else []
     if not files:
         raise UsageError(
