@@ -234,15 +234,14 @@ def save_last(state: dict[str, Any], directory: Path, keep_last: int, written: P
             old.unlink()
 
 
-_STEP = r"step-\d{8,}"  # what save_last and ShardedSaver name a step's checkpoint: 9 digits from step 100,000,000
+_STEP = r"step-(\d{8,})"  # what save_last and ShardedSaver name a step's checkpoint: 9 digits from step 100,000,000
 _STEP_NAME = re.compile(rf"{_STEP}(?:\.pt)?")
 
 
 def _step_checkpoints(directory: Path) -> list[Path]:
     """The step files and folders saves wrote into `directory`, oldest first: never a copy the user put beside them."""
-    named = [path for path in directory.glob("step-*") if _STEP_NAME.fullmatch(path.name)]
-    # By step: as text, step-100000000 would sort before step-99999999.
-    return sorted(named, key=lambda path: (int(path.name.split(".")[0][len("step-") :]), path.name))
+    named = [(int(match[1]), path) for path in directory.glob("step-*") if (match := _STEP_NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(named)]  # by step: as text, step-100000000 would sort before step-99999999
 
 
 REPLACED = ".replaced.tmp"  # a folder saved again at its step is set aside under its name and this suffix
