@@ -7,6 +7,7 @@ import contextlib
 import json
 import secrets
 import socket
+import threading
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ _POLL_S = 0.05
 _FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
 _VERDICT_READ_S = 30.0  # how long rank 0, which may host the store, keeps it for the others to read a refusal
 _SHOWN_KEYS = 4
+_ANSWER_GRACE_S = 5.0  # past the store's own timeout, which ends its connecting and rank 0's wait for the others
 
 
 # How a TCPStore client words its server's going away.
@@ -72,13 +74,39 @@ def open_store(
     """
     # multi_tenant: a script's second fit() opens the store again in the same process while the first may live on.
     host_store = rank == 0 and not agent_hosts
-    store = dist.TCPStore(host, port, world_size, host_store, timeout=timeout, multi_tenant=not agent_hosts)
+    store = _connect(host, port, timeout, world_size=world_size, is_master=host_store, multi_tenant=not agent_hosts)
     if host_store:
         store.set(_OWNER, job or "")
     elif job is not None and not agent_hosts:
         _refuse_another_jobs(store, job, f"{host}:{port}")
     deadline = time.monotonic() + timeout.total_seconds()
     return dist.PrefixStore(_agree_on_round(store, rank, world_size, deadline), store)
+
+
+def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.TCPStore:
+    """The TCPStore at host:port; UsageError if what listens there takes the connection and never answers as one."""
+    # TCPStore's client waits for its first answer without a deadline: a program that is not a store (under srun,
+    # one that took rank 0's port) would hold this rank for as long as it keeps the port open. So it waits in a
+    # thread, left behind (a daemon) if that answer never comes, as this rank ends.
+    made: list[dist.TCPStore | Exception] = []
+
+    def connect() -> None:
+        try:
+            made.append(dist.TCPStore(host, port, timeout=timeout, **options))
+        except Exception as error:  # raised again on the rank's own thread, below
+            made.append(error)
+
+    waiting = threading.Thread(target=connect, name="ddp-trainer rendezvous", daemon=True)
+    waiting.start()
+    waiting.join(timeout.total_seconds() + _ANSWER_GRACE_S)
+    if not made:
+        raise UsageError(
+            f"the rendezvous port {port} on {host} took this rank's connection but never answered as a store: another "
+            "program holds it; set MASTER_PORT to a free port"
+        )
+    if isinstance(made[0], Exception):
+        raise made[0]
+    return made[0]
 
 
 def _refuse_another_jobs(store: dist.Store, job: str, address: str) -> None:

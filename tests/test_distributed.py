@@ -548,6 +548,26 @@ def test_a_rendezvous_port_another_job_holds_is_named_in_one_line(tmp_path):
     )
 
 
+def test_a_rank_that_finds_another_program_on_the_rendezvous_port_ends_in_one_line(tmp_path):
+    # Under srun, a program that is not a store took the port rank 0 needed. It accepts and never answers: rank 1
+    # waited in TCPStore's first exchange for as long as that program kept the port (here 60 s), then printed C++
+    # frames and blamed rank 0 (exit 4).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        args = ["--config", DIGITS, "trainer.startup_timeout_s=2", f"output_dir={tmp_path}"]
+        rank1 = plain_ranks(args, started=[1], port=port)[0]
+        try:
+            _, stderr = rank1.communicate(timeout=60)
+        finally:
+            rank1.kill()
+    assert rank1.returncode == 2, stderr
+    assert stderr.splitlines() == [
+        f"ddp-train: error (rank 1): the rendezvous port {port} on 127.0.0.1 took this rank's connection but never "
+        "answered as a store: another program holds it; set MASTER_PORT to a free port"
+    ]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_model_with_unused_parameters_trains_on_two_ranks_once_ddp_is_told(tmp_path):
     args = ["data._target_=factories.blobs", "model._target_=factories.WithUnusedHead", "trainer.device=cpu"]
     args += ["trainer.epochs=1", "data.batch_size=8"]
