@@ -226,6 +226,7 @@ def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the
     assert result.returncode == 140, result.stderr  # killed by USR2: -12; torchrun acting on SIGTERM: 143
     assert "ddp-launch: SIGUSR2 reached this agent" in result.stderr
     assert "ddp-launch: SIGTERM reached this agent" in result.stderr
+    assert result.stderr.endswith("ddp-launch: exits with code 140, that of rank 0, which stopped on SIGUSR2\n")
 
 
 def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():

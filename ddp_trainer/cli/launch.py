@@ -192,7 +192,9 @@ def run_agent(arguments: Sequence[str]) -> int:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         exit_code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # the shell's 128 + signal
-        say(f"ddp-launch: exits with code {exit_code}, that of rank {rank}, the first to fail", sys.stderr)
+        # A rank that took a stop signal (SLURM's preemption or time limit) ends the run as asked: no failure.
+        how = {128 + signum: f"which stopped on {signum.name}" for signum in STOP_SIGNALS}.get(exit_code)
+        say(f"ddp-launch: exits with code {exit_code}, that of rank {rank}, {how or 'the first to fail'}", sys.stderr)
         return exit_code
     except SignalException as error:
         return 128 + error.sigval
