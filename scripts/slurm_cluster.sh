@@ -12,6 +12,8 @@
 # unchanged. SLURM drops a GPU without a device file, so each is a link to /dev/null: jobs get
 # CUDA_VISIBLE_DEVICES=0,...,7, which names nothing CUDA can open.
 # SLURM_TEST_CPUS=N declares N CPUs on the node instead of the real count (lets more small jobs run at once).
+# No accounting daemon runs, so `sacct` answers nothing: `scontrol show job ID` reads a job's state, exit code and
+# restart count, for 300 s after it ends (MinJobAge).
 set -euo pipefail
 
 DIR="${SLURM_TEST_DIR:-/tmp/ddp-slurm}"
