@@ -5,8 +5,8 @@ same features on `cuda`: precisions, compile, channels_last, accumulation with c
 SIGTERM and resume, a CPU checkpoint resumed on the GPU, the GPU streams fit() gives its caller back, async
 checkpoint saves, evaluate and predict (also of a CUDA checkpoint on the CPU), streams,
 the regression and language-model tasks, the step ledger's in-order sums, and 2 ranks sharing one GPU over gloo:
-under DDP (compiled), under FSDP with sharded checkpoints (the model moved to the GPU unit by unit), and with a
-user IterableDataset; on a host with 2 GPUs, 2 ranks over NCCL too.
+under DDP (compiled, also with SyncBatchNorm), under FSDP with sharded checkpoints (the model moved to the GPU unit
+by unit), and with a user IterableDataset; on a host with 2 GPUs, 2 ranks over NCCL too.
 """
 
 from __future__ import annotations
@@ -315,9 +315,11 @@ def test_two_ranks_on_two_gpus_over_nccl_with_exact_metrics(tmp_path, capsys):
     assert_two_ranks_measure_what_one_process_does(tmp_path, capsys, ["trainer.dist_backend=nccl"], "nccl")
 
 
-def test_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path, one_gpu):
+def test_compiled_sync_batchnorm_runs_on_two_ranks_sharing_a_gpu(tmp_path, one_gpu):
+    # Compiled too: SyncBatchNorm's gather inside the compiled DDP model is a path no CPU run can take.
     args = ["data._target_=factories.blobs", "model._target_=factories.batchnorm_net", "model.sync_batchnorm=true"]
-    result = run_cli([*args, "data.batch_size=8", "trainer.device=cuda", f"output_dir={tmp_path}"], nproc=2)
+    args += ["data.batch_size=8", "trainer.device=cuda", "trainer.compile=true", f"output_dir={tmp_path}"]
+    result = run_cli(args, nproc=2)
     assert result.returncode == 0, result.stderr
     assert last_line(tmp_path)["val/samples"] == 37
 
