@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,38 @@ def test_shuffle_buffer_bounds_how_far_a_record_moves_within_the_shard_order():
     for start in range(0, 100, 10):
         assert sorted(windowed[start : start + 10]) == sorted(unshuffled_within[start : start + 10])
     assert not np.array_equal(windowed, unshuffled_within)
+
+
+class Held(list):
+    """A shard's records, in a list that a weak reference can watch."""
+
+
+class CountedShards(InMemoryShards):
+    """Shards that count how many were read, and the most held at once."""
+
+    def __init__(self, sizes: list[int], **options) -> None:
+        self.loads, self.held, self.most_held = 0, 0, 0
+        super().__init__(sizes, **options)
+
+    def load_shard(self, path: Path) -> Held:
+        shard = Held(super().load_shard(path))
+        weakref.finalize(shard, self.dropped)
+        self.loads, self.held = self.loads + 1, self.held + 1
+        self.most_held = max(self.most_held, self.held)
+        return shard
+
+    def dropped(self) -> None:
+        self.held -= 1
+
+
+def test_a_small_remainder_shard_does_not_make_a_reader_hold_every_shard():
+    # A window of 1,000 records spans at most 7 shards of 200: its two ends and 5 whole ones. Sized by the 1-record
+    # shard alone, the cache held up to 1,002 shards: here all 21, in every DataLoader worker of every rank.
+    sizes = [200] * 20 + [1]
+    dataset = CountedShards(sizes, counts=sizes, batch_size=8, rank=0, world_size=1, shuffle_buffer=1000)
+    assert sorted(torch.cat(list(dataset)).tolist()) == list(range(4001))
+    assert dataset.loads == 21  # each shard read once: the cache still holds what a window needs
+    assert dataset.most_held <= 8
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])

@@ -94,7 +94,10 @@ class ShardedIterableDataset(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer, self.balanced = seed, shuffle, shuffle_buffer, balanced
         self.epoch, self.segments = 0, []
         self._plan_cache: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
-        self.cache_size = 2 + math.ceil(shuffle_buffer / max(1, min((c for c in self.counts if c), default=1)))
+        # The shards one shuffle window can span: its two ends, and as many whole shards as fit in it. Sized by the
+        # smallest shards together, not by the smallest alone: one remainder shard of a record would hold them all.
+        smallest_first = np.cumsum(sorted(count for count in self.counts if count))
+        self.cache_size = 3 + int(np.searchsorted(smallest_first, shuffle_buffer))
 
     def load_shard(self, path: Path) -> Sequence[Any]:
         """All samples of one shard, indexable by position."""
@@ -159,13 +162,13 @@ class ShardedIterableDataset(IterableDataset):
 
     def _shard(self, shard: int, cache: OrderedDict[int, Sequence[Any]]) -> Sequence[Any]:
         if shard not in cache:
+            if len(cache) == self.cache_size:  # before the next is read, so no more than cache_size are ever held
+                cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
             cache[shard] = self.load_shard(self.shards[shard])
             if len(cache[shard]) != self.counts[shard]:  # a record left out, or one read past the end
                 raise UsageError(
                     f"{self.shards[shard]} holds {len(cache[shard])} records, but its index says {self.counts[shard]}"
                 )
-            if len(cache) > self.cache_size:
-                cache.popitem(last=False)  # the shard read longest ago: windows move forward through the shard order
         return cache[shard]
 
     def first_sample(self) -> Any:
