@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed._composable.contract import _get_registry
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from ddp_trainer import changes, data, distributed, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
@@ -221,36 +221,14 @@ def _check_arguments(model: Any, train_data: Any, val_data: Any, config: Any, ov
             "fit() joins the process group itself and leaves it when it ends: call it without init_process_group()"
         )
     for name, dataset in (("train_data", train_data), ("val_data", val_data)):
-        _check_dataset(name, dataset)
+        if dataset is not None or name == "train_data":
+            data.check_dataset(dataset, f"fit(): {name}")
     if config is not None and not isinstance(config, str | Path | Mapping):
         raise UsageError(f"fit(): config must be a YAML path, a dict of keys or None, not {type(config).__name__}")
     if isinstance(overrides, str):  # its characters would be taken for overrides, one by one
         raise UsageError(f"fit(): overrides must be a list of key=value strings, not one string: [{overrides!r}]")
     if not isinstance(overrides, list | tuple) or not all(isinstance(item, str) for item in overrides):
         raise UsageError(f"fit(): overrides must be a list of key=value strings, not {overrides!r}")
-
-
-def _check_dataset(name: str, dataset: object) -> None:
-    if dataset is None and name == "val_data":
-        return
-    if isinstance(dataset, DataLoader):
-        raise UsageError(
-            f"fit(): {name} is a DataLoader; pass its dataset ({name}.dataset): every rank builds its own loader "
-            "from data.batch_size and data.num_workers (a collate_fn becomes a task's collate method)"
-        )
-    if isinstance(dataset, tuple | dict | torch.Tensor):  # indexable, but by field or row, not by sample
-        raise UsageError(
-            f"fit(): {name} is a {type(dataset).__name__}; pass a Dataset of samples, e.g. TensorDataset(inputs, "
-            "targets)"
-        )
-    map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")  # a Hugging Face Dataset, say
-    if not map_style and not isinstance(dataset, IterableDataset):
-        raise UsageError(
-            f"fit(): {name} must be a map-style Dataset (with __getitem__ and __len__) or an IterableDataset, "
-            f"not {type(dataset).__name__}"
-        )
-    if map_style and len(dataset) == 0:
-        raise UsageError(f"fit(): {name} is empty")
 
 
 # What a run writes into output_dir, and whether it is a folder.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ddp_trainer.data.datasets import TensorClassification, digits
 from ddp_trainer.errors import UsageError
@@ -33,6 +33,12 @@ def blobs(train_size: int = 96, val_size: int = 37, features: int = 8, classes: 
 def blobs_without_validation() -> tuple[Dataset, None]:
     """`blobs`' training split, and no validation split."""
     return blobs()[0], None
+
+
+def blob_loaders() -> tuple[DataLoader, DataLoader]:
+    """`blobs` in DataLoaders: what a script's loader code returns, where the datasets belong."""
+    train, val = blobs()
+    return DataLoader(train, batch_size=8), DataLoader(val, batch_size=8)
 
 
 class RecordingDataset(Dataset):

@@ -157,7 +157,13 @@ def test_shard_writer_refuses_to_write_over_existing_files_or_empty_shards(tmp_p
     assert "cannot write shards to --out /proc/shards" in capsys.readouterr().err
     no_val = ["data._target_=factories.blobs", "data.train_size=16", "data.val_size=0"]
     assert shard_main(["--out", str(tmp_path / "no_val"), *no_val]) == 2  # was a traceback, train/ already written
-    assert "the validation split is empty" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith("error: data: the validation split of factories.blobs is empty\n")
+    assert shard_main(["--out", str(tmp_path / "no_val"), "data._target_=factories.blobs_without_validation"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: the data has no validation split: a stream's val/ folder needs a record at least\n"
+    )
+    assert shard_main(["--out", str(tmp_path / "stream"), "data._target_=factories.blob_streams"]) == 2
+    assert capsys.readouterr().err.endswith("shards are written from map-style datasets\n")  # was a TypeError
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 

@@ -527,7 +527,7 @@ def test_fit_without_validation_data_writes_training_metrics_only(tmp_path):
 
 
 @pytest.mark.parametrize("model", [["model.hidden_sizes=[8]"], ["model._target_=factories.small_net"]])
-def test_the_cli_trains_a_factorys_data_without_validation_and_refuses_an_empty_split(tmp_path, capsys, model):
+def test_the_cli_trains_without_validation_and_refuses_an_empty_split_or_a_loader(tmp_path, capsys, model):
     args = [*CPU, *model, "trainer.epochs=1", f"output_dir={tmp_path / 'none'}"]
     assert main([*args, "data._target_=factories.blobs_without_validation"]) == 0  # was a TypeError traceback
     assert not [key for key in read_metrics(tmp_path / "none")[0] if key.startswith("val/")]
@@ -539,6 +539,11 @@ def test_the_cli_trains_a_factorys_data_without_validation_and_refuses_an_empty_
     empty = [*CPU, *model, "data._target_=factories.blobs", "data.val_size=0", f"output_dir={tmp_path / 'empty'}"]
     assert main(empty) == 2  # was an IndexError traceback, reading a sample to size the model
     assert capsys.readouterr().err == "ddp-train: error: data: the validation split of factories.blobs is empty\n"
+    loaders = [*CPU, *model, "data._target_=factories.blob_loaders", f"output_dir={tmp_path / 'loaders'}"]
+    assert main(loaders) == 2  # was a TypeError traceback, exit 1
+    assert capsys.readouterr().err.startswith(
+        "ddp-train: error: data: the training split of factories.blob_loaders is a DataLoader; give its dataset"
+    )
 
 
 def test_the_cli_refuses_an_empty_stream_it_would_size_a_built_in_model_from(tmp_path, capsys):
@@ -680,13 +685,13 @@ def test_fit_refuses_a_lazy_model_a_ddp_wrapped_one_and_a_process_group_it_did_n
 @pytest.mark.parametrize(
     ("train_data", "message"),
     [
-        (DataLoader(TensorDataset(torch.zeros(4, 3))), "train_data is a DataLoader; pass its dataset"),
+        (DataLoader(TensorDataset(torch.zeros(4, 3))), "train_data is a DataLoader; give its dataset"),
         (None, "train_data must be a map-style Dataset .* not NoneType"),
         ((row for row in torch.zeros(4, 3)), "train_data must be a map-style Dataset .* not generator"),
         (TensorDataset(torch.zeros(0, 3)), "train_data is empty$"),
-        ((torch.zeros(4, 3), torch.zeros(4)), "train_data is a tuple; pass a Dataset of samples, e.g. TensorDataset"),
-        ({"inputs": torch.zeros(4, 3)}, "train_data is a dict; pass a Dataset of samples"),
-        (torch.zeros(4, 3), "train_data is a Tensor; pass a Dataset of samples"),
+        ((torch.zeros(4, 3), torch.zeros(4)), "train_data is a tuple; give a Dataset of samples, e.g. TensorDataset"),
+        ({"inputs": torch.zeros(4, 3)}, "train_data is a dict; give a Dataset of samples"),
+        (torch.zeros(4, 3), "train_data is a Tensor; give a Dataset of samples"),
     ],
     ids=["loader", "none", "generator", "empty", "tuple", "dict", "tensor"],
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ddp_trainer import config
 from ddp_trainer.data import map_datasets, unaugmented
@@ -60,10 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Shards hold the images as they are: a random crop baked in would be the same every epoch, and differ
         # from one shard run to the next. (A stream's augmentation belongs in its reader.)
         train, val = map_datasets(unaugmented(config.load(args.config, args.overrides).data))
+        if isinstance(train, IterableDataset) or isinstance(val, IterableDataset):  # counted only as it is read
+            raise UsageError("the data is a stream (an IterableDataset): shards are written from map-style datasets")
         if args.shards > len(train):  # every shard holds a record at least: no folder of empty files
             raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
-        if len(val) == 0:  # before train/ is written: a refused run leaves --out empty, to be run again
-            raise UsageError("the validation split is empty: a stream's val/ folder needs a record at least")
+        if val is None:  # before train/ is written: a refused run leaves --out empty, to be run again
+            raise UsageError("the data has no validation split: a stream's val/ folder needs a record at least")
         try:
             train_counts = write_shards(train, args.out / "train", args.shards, args.format)
             val_counts = write_shards(val, args.out / "val", max(1, min(args.shards // 2, len(val))), args.format)

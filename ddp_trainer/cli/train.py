@@ -34,7 +34,6 @@ def run(cfg: Config, clock: Callable[[], float] = time.monotonic) -> int:
 
     def build(env: DistEnv) -> tuple[nn.Module, Dataset, Dataset | None]:
         train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
-        data.refuse_empty(train_set, val_set, cfg.data)  # before a sample is read from them
         seed_everything(cfg.seed)  # identical initial weights on every rank, whatever the world size
         return models.build_for(cfg.model, train_set, val_set), train_set, val_set
 

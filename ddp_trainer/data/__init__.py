@@ -121,6 +121,9 @@ def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         pair = locate(cfg._target_, "data._target_")(**cfg.kwargs)
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
             raise UsageError(f"data._target_={cfg._target_} must return (train_dataset, val_dataset)")
+        check_dataset(pair[0], f"data: the training split of {cfg._target_}")
+        if pair[1] is not None:  # a run without validation
+            check_dataset(pair[1], f"data: the validation split of {cfg._target_}")
         return pair[0], pair[1]
     if cfg.name == "stream":
         raise UsageError("data.name=stream is read as shards, not as a map-style dataset")
@@ -205,7 +208,6 @@ def build_loaders(
         val_loader = None if val_set is None else _loader(val_set, cfg, env, seed, batch_size=None)
         val_size = 0 if val_set is None else sum(val_set.counts)
         return DataBundle(train_loader, val_loader, train_set, sum(train_set.counts), val_size, len(train_set))
-    refuse_empty(train_set, val_set, cfg)
     val_loader = _val_loader(val_set, cfg, env, seed, collate)
     val_size = None if isinstance(val_set, IterableDataset) else len(val_set or ())
     if isinstance(train_set, IterableDataset):
@@ -220,11 +222,25 @@ def build_loaders(
     return DataBundle(train_loader, val_loader, sampler, len(train_set), val_size, len(train_loader))
 
 
-def refuse_empty(train_set: Dataset, val_set: Dataset | None, cfg: DataConfig) -> None:
-    """UsageError for a map-style split without a sample (a stream's length is only known as it is read)."""
-    for split, dataset in (("training", train_set), ("validation", val_set)):
-        if dataset is not None and not isinstance(dataset, IterableDataset) and len(dataset) == 0:
-            raise UsageError(f"data: the {split} split of {cfg._target_ or cfg.name} is empty")
+def check_dataset(dataset: object, said: str) -> None:
+    """UsageError unless `dataset` is an IterableDataset or a map-style dataset with a sample; `said` names it."""
+    if isinstance(dataset, DataLoader):
+        raise UsageError(
+            f"{said} is a DataLoader; give its dataset (.dataset): every rank builds its own loader from "
+            "data.batch_size and data.num_workers (a collate_fn becomes a task's collate method)"
+        )
+    if isinstance(dataset, tuple | dict | torch.Tensor):  # indexable, but by field or row, not by sample
+        raise UsageError(
+            f"{said} is a {type(dataset).__name__}; give a Dataset of samples, e.g. TensorDataset(inputs, targets)"
+        )
+    map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")  # a Hugging Face Dataset, say
+    if not map_style and not isinstance(dataset, IterableDataset):
+        raise UsageError(
+            f"{said} must be a map-style Dataset (with __getitem__ and __len__) or an IterableDataset, not "
+            f"{type(dataset).__name__}"
+        )
+    if map_style and len(dataset) == 0:  # a stream's length is known only as it is read
+        raise UsageError(f"{said} is empty")
 
 
 def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: DistEnv) -> None:
