@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import default_collate
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 
 # The trainer's own sums beside a task's: the epoch's skipped (non-finite) steps, and with clipping the (all-reduced)
 # gradient norms and the steps they cover. A task may not name its sums so.
@@ -149,7 +149,14 @@ class Classification:
             )
         if targets.dtype != torch.int64:  # cross_entropy takes int64 alone; int32 labels come from NumPy arrays
             targets = targets.long()  # not always: a call dispatches an op each step even where it copies nothing
-        return F.cross_entropy(logits, targets), logits.argmax(dim=1) == targets
+        try:
+            loss = F.cross_entropy(logits, targets)
+        except IndexError as error:  # raised on the CPU; on a GPU, CUDA's device-side assert stops the process
+            raise UsageError(
+                f"classification: a target is no class of the model's {logits.shape[1]} outputs ({first_line(error)}): "
+                "labels run from 0 to model.num_classes - 1; set model.num_classes, or check the data's labels"
+            ) from None
+        return loss, logits.argmax(dim=1) == targets
 
     def sums_of(self, losses: torch.Tensor, hits: list[torch.Tensor]) -> torch.Tensor:
         """(loss x samples, correct predictions, samples) of each step, from its loss and `step_outputs`."""

@@ -261,6 +261,16 @@ def test_a_batch_of_another_layout_names_what_it_is():
         Classification().forward(nn.Identity(), {"x": torch.zeros(1), "y": torch.zeros(1)})
 
 
+def test_a_label_past_the_models_outputs_is_named_in_one_line(tmp_path, capsys):
+    args = [*CPU, "data._target_=factories.blobs", "data.classes=5", "model._target_=factories.small_net"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 2  # was cross_entropy's IndexError traceback, exit 1
+    assert re.fullmatch(
+        r"ddp-train: error: classification: a target is no class of the model's 3 outputs \(Target [34] is out of "
+        r"bounds\.\): labels run from 0 to model.num_classes - 1; set model.num_classes, or check the data's labels\n",
+        capsys.readouterr().err,
+    )
+
+
 class Ranking:
     """A user's own task: margin loss on (query, positive, negative) triples, reporting how often it ranks right."""
 

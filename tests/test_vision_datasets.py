@@ -215,6 +215,12 @@ def _drop_five_labels(path: Path) -> None:
     write_idx_labels(path, labels[:-5])
 
 
+def _a_label_past_the_classes(path: Path) -> None:
+    labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8).copy()
+    labels[-1] = 12
+    write_idx_labels(path, labels)
+
+
 @pytest.mark.parametrize(
     ("recipe", "write", "damaged", "damage", "said"),
     [
@@ -228,6 +234,13 @@ def _drop_five_labels(path: Path) -> None:
             "t10k-labels-idx1-ubyte",
             _drop_five_labels,
             "100 images but 95",
+        ),
+        (
+            "fashion_mnist_mlp.yaml",
+            write_fashion_mnist,
+            "train-labels-idx1-ubyte",
+            _a_label_past_the_classes,
+            "hold label 12, but FashionMNIST has 10 classes (0 to 9)",  # was an IndexError traceback at its step
         ),
     ],
 )

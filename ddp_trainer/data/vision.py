@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from torchvision import datasets, transforms
 
 from ddp_trainer.errors import UsageError, first_line
@@ -74,6 +75,13 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
         raise UsageError(
             f"{dataset}'s {' and '.join(files)} in {where} hold {len(split.data)} images but {len(split.targets)} "
             "labels; copy them again"
+        )
+    labels = torch.as_tensor(split.targets)
+    outside = labels[(labels < 0) | (labels >= len(split.classes))]  # else the loss fails at that sample, mid-epoch
+    if len(outside):
+        raise UsageError(
+            f"{dataset}'s {' and '.join(files)} in {where} hold label {int(outside[0])}, but {dataset} has "
+            f"{len(split.classes)} classes (0 to {len(split.classes) - 1}): a foreign or damaged file; copy it again"
         )
     return split
 
