@@ -57,7 +57,8 @@ class GarmentClassifier(nn.Module):
 def build_for(cfg: ModelConfig, train_set: Dataset, val_set: Dataset | None) -> nn.Module:
     """`build` for these datasets: a built-in model is sized from one sample and takes their class count."""
     # The validation split's sample: reading it draws no random numbers (no augmentation). A factory needs none.
-    shape = () if cfg._target_ is not None else data.sample_shape(train_set if val_set is None else val_set)
+    split, sized_from = ("training", train_set) if val_set is None else ("validation", val_set)
+    shape = () if cfg._target_ is not None else data.sample_shape(sized_from, split)
     return build(cfg, shape, data.class_count(train_set))
 
 

@@ -559,7 +559,7 @@ def test_the_cli_trains_without_validation_and_refuses_an_empty_split_or_a_loade
 def test_the_cli_refuses_an_empty_stream_it_would_size_a_built_in_model_from(tmp_path, capsys):
     streams = ["data._target_=factories.blob_streams", "data.val_size=0", "model.hidden_sizes=[8]"]
     assert main([*CPU, *streams, "model.num_classes=3", f"output_dir={tmp_path}"]) == 2  # was a StopIteration traceback
-    error = "ddp-train: error: data: the stream yielded no sample to size the model's first layer from\n"
+    error = "ddp-train: error: data: the validation stream yielded no sample to size the model's first layer from\n"
     assert capsys.readouterr().err == error
 
 

@@ -77,14 +77,14 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     return batch
 
 
-def sample_shape(dataset: Dataset) -> tuple[int, ...]:
-    """The shape of one sample's inputs, for model builders that size their first layer from it."""
+def sample_shape(dataset: Dataset, split: str = "validation") -> tuple[int, ...]:
+    """The shape of one sample's inputs, for model builders that size their first layer from it; `split` names it."""
     if isinstance(dataset, ShardedIterableDataset):
         first = dataset.first_sample()
     elif isinstance(dataset, IterableDataset):
         first = next(iter(dataset), None)
         if first is None:
-            raise UsageError("data: the stream yielded no sample to size the model's first layer from")
+            raise UsageError(f"data: the {split} stream yielded no sample to size the model's first layer from")
     else:
         first = dataset[0]
     return tuple(first[0].shape)
