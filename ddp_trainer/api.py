@@ -241,11 +241,13 @@ def _check_output_dir(output_dir: Path) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         problem = "is not writable" if existing.is_dir() else "is a file"
         raise UsageError(f"output_dir={output_dir} cannot be written: {existing} {problem}")
-    for name, folder in OUTPUTS.items():  # else a traceback, the checkpoints' only after a whole epoch
+    for name, folder in OUTPUTS.items():  # else a traceback, or a write failing, the checkpoints' after a whole epoch
         path = output_dir / name
         if path.exists() and path.is_dir() != folder:
             kind = "a file" if folder else "a folder"
             raise UsageError(f"output_dir={output_dir} cannot be written: {path} is {kind}")
+        if folder and path.is_dir() and not os.access(path, os.W_OK):  # a read-only mount, another user's folder
+            raise UsageError(f"output_dir={output_dir} cannot be written: {path} is not writable")
 
 
 def for_array_task(config: Config, task_id: int | None) -> Config:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import REPO_DIR, cli_env, read_metrics
@@ -225,6 +226,34 @@ CLAIM_AND_WAIT = (
     "import sys, time; from pathlib import Path; from ddp_trainer.claim import FolderClaim; "
     "held = FolderClaim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)"
 )
+
+
+@pytest.fixture
+def read_only_mount():
+    """Makes a folder a read-only bind mount of itself (root alone may: else the test skips); unmounted after."""
+    mounted = []
+
+    def mount(folder: Path) -> None:
+        for options in (["--bind"], ["-o", "remount,ro,bind"]):
+            done = subprocess.run(["mount", *options, str(folder), str(folder)], capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+            mounted.append(folder)
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_read_only_checkpoints_folder_is_refused_before_training(tmp_path, capsys, read_only_mount):
+    # Root writes through any folder's mode bits, not through a read-only mount: the first save failed, an epoch in.
+    (tmp_path / "checkpoints").mkdir()
+    read_only_mount(tmp_path / "checkpoints")
+    assert main(["trainer.device=cpu", f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-train: error: output_dir={tmp_path} cannot be written: {tmp_path / 'checkpoints'} is not writable\n"
+    )
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize(("name", "folder"), [("metrics.jsonl", True), ("checkpoints", False), ("tensorboard", False)])
