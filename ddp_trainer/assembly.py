@@ -139,10 +139,11 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
 
 def _mark_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) -> None:
     """Mark and say that a run resumed in its folder has nothing left to train; refuse a finished run's elsewhere."""
-    progress = parts.progress
-    if progress.epoch < cfg.trainer.epochs and not 0 < cfg.trainer.max_steps <= progress.step:
+    progress, stopped_early = parts.progress, parts.monitor.should_stop()
+    if progress.epoch < cfg.trainer.epochs and not 0 < cfg.trainer.max_steps <= progress.step and not stopped_early:
         return
-    done = f"({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step})"
+    early = ", stopped early" if stopped_early else ""
+    done = f"({progress.epoch} of {cfg.trainer.epochs} epochs, step {progress.step}{early})"
     if not parts.history_here:  # here nothing was trained, nor will be: no record to report
         raise UsageError(
             f"trainer.resume={path} is a finished run {done}: nothing to train from it; to train on, raise "

@@ -134,8 +134,14 @@ def test_early_stopping_ends_the_run_when_the_monitor_stalls(tmp_path, capsys):
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
     assert "early stopping after epoch 3" in capsys.readouterr().out
     assert saved(tmp_path)["epochs_without_improvement"] == 2
-    assert main([*args, f"output_dir={tmp_path}"]) == 0  # resuming a stopped run does not train on
+    files = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    assert main([*args, "logging.tensorboard=true", f"output_dir={tmp_path}"]) == 0  # resumed, it does not train on
+    assert "this run is finished (3 of 10 epochs, step 6, stopped early): nothing to train" in capsys.readouterr().out
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == files  # nor opens its loggers
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
+    patient = ["trainer.early_stopping_patience=3", "trainer.allow_changes=[trainer.early_stopping_patience]"]
+    assert main([*args, *patient, f"output_dir={tmp_path}"]) == 0  # more patience: one more stalled epoch
+    assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
