@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import changes, checkpoint, claim, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv, barrier
+from ddp_trainer.distributed import DistEnv, barrier, is_peer_failure
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.models import prepare_model
@@ -119,6 +119,8 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.precision.load_state_dict(state.get("grad_scaler"))
         changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)
     except (RuntimeError, ValueError, KeyError) as error:
+        if isinstance(error, RuntimeError) and is_peer_failure(error):  # a rank died as the ranks read their shards
+            raise  # named as a rank lost during start-up: the checkpoint is not at fault
         reason = first_line(error)
         raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error
     parts.progress.load_state_dict(state)

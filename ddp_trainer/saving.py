@@ -22,6 +22,7 @@ from torch.torch_version import TorchVersion
 from ddp_trainer import atomic, checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
+from ddp_trainer.distributed import is_peer_failure
 from ddp_trainer.errors import CheckpointWriteFailed, first_line
 from ddp_trainer.sharding import sharded_state_dicts
 
@@ -240,6 +241,8 @@ def failures_named(path: Path) -> Iterator[None]:
         yield
     except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
         cause = checkpoint.dcp_cause(error)
+        if isinstance(cause, RuntimeError) and is_peer_failure(cause):  # a rank died in the write's collectives
+            raise cause from error  # named as a rank lost (exit 4), as elsewhere: this rank's write did not fail
         # The previous checkpoint stays in place: only a finished file or folder is renamed over or beside it.
         raise CheckpointWriteFailed(
             f"could not write checkpoint {path} ({type(cause).__name__}: {first_line(cause)}); "

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem
 from conftest import read_metrics
 from dist_helpers import record_resume_choice, spawn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager
 
 from ddp_trainer import checkpoint, saving
 from ddp_trainer.cli.train import main
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import CheckpointWriteFailed, UsageError
 
 FSDP = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "model.hidden_sizes=[64]", "trainer.strategy=fsdp"]
 RUN = [*FSDP, "trainer.fsdp_wrap=[Linear]", "checkpoint.every_n_steps=20", "optim.scheduler=none"]
@@ -178,6 +181,18 @@ def test_a_shard_damaged_inside_is_named_unreadable_and_the_run_goes_on_from_the
     assert f"checkpoint {last} is unreadable (not a torch checkpoint file); trying" in out  # the folder `last` named
     assert f"resumed from {before}: step 80, epochs done: 1" in out  # mid-epoch 2: checkpoint.every_n_steps=20
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_rank_lost_in_a_sharded_writes_collectives_is_not_called_a_failed_write(tmp_path):
+    # Rank 0 killed while the ranks saved: the others said "could not write checkpoint" and exited 1, not 4.
+    folder = tmp_path / "step-00000026"
+    lost = dist.DistNetworkError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:39211")
+    with pytest.raises(dist.DistNetworkError, match="Connection closed by peer"), saving.failures_named(folder):
+        raise CheckpointException("save failed", {1: (lost, None)})
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(CheckpointWriteFailed, match=f"^could not write checkpoint {folder} \\(OSError: .*No space"):
+        with saving.failures_named(folder):
+            raise CheckpointException("save failed", {0: (full, None)})
 
 
 def test_a_crash_while_a_step_is_saved_again_leaves_its_checkpoint_in_place(tmp_path):
