@@ -24,12 +24,19 @@ BUILT_INS = {"data": "datasets", "model": "models"}
 OBJECT_KEYS = {section: sorted(keys - {"download"}) for section, keys in TRAINER_KEYS.items()}
 
 
-def _parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool]:
-    """Keywords `factory` takes (a class: its `__init__`'s), those without a default, whether it takes `**kwargs`."""
+def _parameters(factory: Callable[..., Any], target: str) -> tuple[list[str], list[str], bool]:
+    """Keywords `factory` (`target`) takes (a class: its `__init__`'s), those without a default, whether it takes
+    `**kwargs`."""
     try:
         parameters = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # some builtins have no readable signature: the call itself will judge
         return [], [], True
+    by_position = [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if by_position:  # the factory is called with keywords alone
+        raise UsageError(
+            f"{target} takes {by_position[0]} by position only, which no config key can give: give it a default, "
+            "or let it be given by name"
+        )
     keywords = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = [p.name for p in keywords if p.default is p.empty]
     return [p.name for p in keywords], required, any(p.kind is p.VAR_KEYWORD for p in parameters)
@@ -40,11 +47,40 @@ def collect(raw: DictConfig, section: str, schema: type) -> None:
     node = raw.get(section)
     if not isinstance(node, DictConfig) or node.get("_target_") is None:
         return
+    if not isinstance(node.get("kwargs"), DictConfig | None):
+        raise UsageError(f"config key '{section}.kwargs' is a section of keys, not {node.get('kwargs')!r}")
     known = {f.name for f in dataclasses.fields(schema)}
     extra = [key for key in node.keys() if key not in known]
-    node["kwargs"] = OmegaConf.merge(node.get("kwargs") or {}, {key: node[key] for key in extra})
+    kwargs = node.get("kwargs") or {}
+    for key in (key for key in extra if key in kwargs and kwargs[key] != node[key]):
+        raise _given_twice(section, key, node[key], kwargs[key], node["_target_"])
+    node["kwargs"] = OmegaConf.merge(kwargs, {key: node[key] for key in extra})
     for key in extra:
         del node[key]
+
+
+def align(base: DictConfig, layer: DictConfig) -> None:
+    """Before `layer` is merged over `base`: a factory argument it gives, beside `_target_` or under `kwargs`, replaces
+    `base`'s value in the other spelling too, so the later layer wins (a file's `model.dropout` loses to an override's
+    `model.kwargs.dropout`, and the other way round)."""
+    for section in ("data", "model"):
+        old, new = base.get(section), layer.get(section)
+        if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):
+            continue
+        given = OmegaConf.to_container(new, resolve=False)  # interpolations kept as written: this layer may not hold
+        beside = {key: value for key, value in given.items() if key not in ("_target_", "kwargs")}
+        pairs = ((old.get("kwargs"), beside), (old, given.get("kwargs")))  # (where base has it, what layer gives)
+        for held, values in pairs:
+            if isinstance(held, DictConfig) and isinstance(values, dict):
+                for key in values.keys() & set(held.keys()) - {"_target_", "kwargs"}:
+                    held[key] = values[key]
+
+
+def _given_twice(section: str, key: str, beside: Any, under: Any, target: str) -> UsageError:
+    return UsageError(
+        f"config keys '{section}.{key}' ({beside!r}) and '{section}.kwargs.{key}' ({under!r}) both give {target} its "
+        f"{key}: set one"
+    )
 
 
 def route(
@@ -58,7 +94,7 @@ def route(
                 f"keyword arguments of a {section}._target_ factory, and none is set"
             )
         return
-    names, required, takes_any = _parameters(factory)
+    names, required, takes_any = _parameters(factory, cfg._target_)
     refusal = f"is not a parameter of {cfg._target_} (it takes {', '.join(names) or 'no keyword arguments'})"
     for key in cfg.kwargs:
         if not takes_any and key not in names:
@@ -66,6 +102,8 @@ def route(
             raise UsageError(f"config key '{dotted}' {refusal}")
     fields = {field.name for field in dataclasses.fields(cfg)} - {"_target_", "kwargs"}
     for key in (key for key in written if key in fields):
+        if key in cfg.kwargs and cfg.kwargs[key] != getattr(cfg, key):  # one of the two would be dropped
+            raise _given_twice(section, key, getattr(cfg, key), cfg.kwargs[key], cfg._target_)
         if takes_any or key in names:
             cfg.kwargs[key] = getattr(cfg, key)  # the schema keeps it too: the trainer may read it as well
         elif key not in TRAINER_KEYS[section]:

@@ -199,6 +199,11 @@ def fetched_digits(root: str, offline: bool = False) -> tuple[Dataset, Dataset]:
     return digits(0.2)
 
 
+def by_position(width: int, /, depth: int = 1) -> nn.Module:
+    """A factory whose first parameter only a position can give."""
+    return nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
+
+
 def rank_seeded_mlp(features: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
     """An MLP seeded by the rank that builds it, as a script that never seeds alike would: rank 0's must win."""
     torch.manual_seed(int(os.environ.get("RANK", "0")))

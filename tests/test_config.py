@@ -232,6 +232,54 @@ def test_key_the_factory_does_not_take_is_refused_naming_key_and_factory(overrid
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "refusal"),
+    [
+        # Both reached the schema, kwargs' value was overwritten: the factory ran with the other, silently.
+        (
+            ["model._target_=factories.classifier", "model.dropout=0.1", "model.kwargs.dropout=0.3"],
+            "config keys 'model.dropout' (0.1) and 'model.kwargs.dropout' (0.3) both give factories.classifier its "
+            "dropout: set one",
+        ),
+        (
+            ["data._target_=factories.folder_blobs", "data.root=/r", "data.kwargs.root=/k"],
+            "config keys 'data.root' ('/r') and 'data.kwargs.root' ('/k') both give factories.folder_blobs its root: "
+            "set one",
+        ),
+        # Raw OmegaConf and TypeError tracebacks.
+        (
+            ["model._target_=factories.small_net", "model.kwargs=5"],
+            "config key 'model.kwargs' is a section of keys, not 5",
+        ),
+        (
+            ["model._target_=factories.by_position"],
+            "factories.by_position takes width by position only, which no config key can give: give it a default, or "
+            "let it be given by name",
+        ),
+    ],
+    ids=["model-twice", "data-twice", "scalar-kwargs", "positional-only"],
+)
+def test_a_factory_argument_given_twice_or_that_no_key_can_give_is_refused(overrides, refusal):
+    with pytest.raises(UsageError) as refused:
+        config.load(None, overrides)
+    assert str(refused.value) == refusal
+    same = config.load(None, ["model._target_=factories.classifier", "model.dropout=0.3", "model.kwargs.dropout=0.3"])
+    assert same.model.kwargs == {"dropout": 0.3}
+
+
+def test_a_factory_argument_from_a_later_layer_wins_whichever_way_each_layer_spells_it(tmp_path):
+    # The file's value beside _target_ overwrote the override's under kwargs (and the other way round), silently.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  _target_: factories.classifier\n  dropout: 0.1\n  kwargs:\n    features: 8\n")
+    for overrides in (["model.kwargs.dropout=0.3"], ["model.dropout=0.3"]):
+        assert config.load(recipe, overrides).model.kwargs == {"features": 8, "dropout": 0.3}
+    assert config.load(recipe, ["model.features=4"]).model.kwargs == {"features": 4, "dropout": 0.1}
+    cfg = config.load(recipe, ["model.kwargs.dropout=0.3"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml(cfg))
+    assert config.load(saved) == cfg  # the value that won is the one saved
+
+
 @pytest.mark.parametrize(("override", "section"), [("model.kwargs.width=3", "model"), ("data.kwargs.path=/x", "data")])
 def test_kwargs_without_a_factory_are_refused_not_dropped(override, section):
     # The built-in MLP and digits would have trained, the key recorded in config.yaml as if it had been used.
