@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ddp_trainer.monitor import Monitor
+from ddp_trainer import config
+from ddp_trainer.monitor import Monitor, build_monitor
+from ddp_trainer.tasks import Classification
 
 
 def feed(monitor: Monitor, values: list[float]) -> list[bool]:
@@ -62,3 +64,10 @@ def test_a_nan_value_is_never_the_best_and_counts_as_a_stale_epoch():
     assert not monitor.update({"val/loss": float("nan")}, whole_epoch=False) and monitor.part_epoch_best is None
     assert feed(monitor, [float("nan"), 0.28, 0.25, float("nan")]) == [False, True, True, False]
     assert monitor.best == 0.25 and monitor.stale_epochs == 1
+
+
+def test_the_default_recipe_lets_a_monitor_set_alone_take_its_own_direction():
+    # The recipe pinned mode max: checkpoint.monitor=val/loss then kept the epoch of the highest loss as best.pt.
+    recipe = config.load("configs/digits_mlp.yaml", ["checkpoint.monitor=val/loss"])
+    assert build_monitor(recipe, Classification(), validates=True).mode == "min"
+    assert build_monitor(config.load("configs/digits_mlp.yaml"), Classification(), validates=True).mode == "max"
