@@ -237,7 +237,10 @@ OUTPUTS = {"config.yaml": False, "metrics.jsonl": False, "checkpoints": True, "t
 
 def _check_output_dir(output_dir: Path) -> None:
     # Checked, not created: a run refused later (a missing dataset, say) leaves no empty folder behind.
-    existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
+    try:
+        existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
+    except OSError as error:  # a name too long, a folder on the way this user may not enter
+        raise UsageError(f"output_dir={output_dir} cannot be written: {error.strerror or error}") from None
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         problem = "is not writable" if existing.is_dir() else "is a file"
         raise UsageError(f"output_dir={output_dir} cannot be written: {existing} {problem}")

@@ -28,6 +28,11 @@ def _checked(default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
     return field(**initial, metadata=metadata)
 
 
+def _path(default: str, expected: str) -> Any:
+    """A path field: `~` expanded (no shell does it in YAML or after key=), and never empty: Path('') is this folder."""
+    return field(default=default, metadata={"expand_home": True, "valid": str.strip, "expected": expected})
+
+
 def _one_of(default: str, choices: tuple[str, ...]) -> Any:
     return _checked(default, lambda value: value in choices, f"one of {', '.join(choices)}")
 
@@ -94,7 +99,7 @@ class _Section:
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if spec.metadata.get("expand_home"):  # no shell expands `~` in YAML or after trainer.resume=
+            if spec.metadata.get("expand_home"):
                 setattr(self, spec.name, value := os.path.expanduser(value))
             if "valid" in spec.metadata and not spec.metadata["valid"](value):
                 raise _invalid(".".join(filter(None, (self.section, spec.name))), value, spec.metadata["expected"])
@@ -205,7 +210,7 @@ class TrainerConfig(_Section):
     max_steps: int = _checked(-1, lambda value: value == -1 or value > 0, "-1 (no limit) or a positive number")
     device: str = _one_of("auto", ("auto", "cpu", "cuda"))
     dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
-    resume: str = field(default="auto", metadata={"expand_home": True})  # auto, none (expanduser keeps them) or a path
+    resume: str = _path("auto", "auto, none or a checkpoint's path")  # expanduser keeps auto and none
     log_every_n_steps: int = _positive(50)
     dist_timeout_s: float = _timeout(300.0)
     startup_timeout_s: float = _timeout(1800.0)
@@ -277,7 +282,7 @@ class Config(_Section):
     """The whole run: one dataclass per section, mapped one to one onto the YAML file."""
 
     section = ""  # its own keys are top-level: `seed`, not `.seed`
-    output_dir: str = field(default="runs/digits_mlp", metadata={"expand_home": True})
+    output_dir: str = _path("runs/digits_mlp", "a folder's path")
     # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
     # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
     output_dir_per_array_task: bool = True

@@ -22,7 +22,7 @@ def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
         except OmegaConfBaseException as error:  # a value OmegaConf cannot hold: a NumPy float from a sweep, say
             raise UsageError(_message(error)) from None
     file = Path(source)
-    if not file.is_file():
+    if file.is_dir() or not file.exists():  # a pipe (`--config <(...)`) is no regular file, yet reads as one
         raise UsageError(f"config file {file} " + ("is a folder" if file.is_dir() else "does not exist"))
     try:
         loaded = OmegaConf.load(file)

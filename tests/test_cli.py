@@ -50,6 +50,31 @@ def test_missing_config_file_exits_2(capsys):
     assert "configs/nope.yaml does not exist" in capsys.readouterr().err
 
 
+def test_a_config_from_a_pipe_is_read_and_a_second_config_flag_is_refused(tmp_path, capsys):
+    # `--config <(...)`: a pipe was "does not exist"; a second --config silently replaced the first.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"trainer:\n  epochs: 0\n")
+    os.close(write_end)
+    try:
+        assert main(["--config", f"/dev/fd/{read_end}", f"output_dir={tmp_path}"]) == 2
+    finally:
+        os.close(read_end)
+    assert capsys.readouterr().err.startswith("ddp-train: error: config key 'trainer.epochs' has invalid value 0")
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", "configs/digits_mlp.yaml", "--config", "configs/fashion_mnist_mlp.yaml"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --config given 2 times (configs/digits_mlp.yaml, configs/fashion_mnist_mlp.yaml): give one recipe, "
+        "changes as key=value\n"
+    )
+
+
+def test_an_output_dir_that_cannot_be_looked_up_is_one_line(tmp_path, capsys):
+    named = tmp_path / ("a" * 300)  # longer than a file name may be: a traceback, exit 1
+    assert main(["trainer.device=cpu", f"output_dir={named}"]) == 2
+    assert capsys.readouterr().err == f"ddp-train: error: output_dir={named} cannot be written: File name too long\n"
+
+
 def test_user_dataset_and_model_factories_train(tmp_path):
     args = ["data._target_=factories.blobs", "data.val_size=41", "model._target_=factories.small_net", "model.hidden=4"]
     options = ["trainer.epochs=3", "trainer.device=cpu", "data.batch_size=8", "optim.lr=0.02"]

@@ -267,6 +267,12 @@ def test_a_factory_argument_given_twice_or_that_no_key_can_give_is_refused(overr
     assert same.model.kwargs == {"dropout": 0.3}
 
 
+@pytest.mark.parametrize(("key", "expected"), [("output_dir", "a folder's path"), ("trainer.resume", "auto, none or")])
+def test_an_empty_path_is_refused_not_taken_for_this_folder(key, expected):
+    with pytest.raises(UsageError, match=f"^config key '{key}' has invalid value '': expected {expected}"):
+        config.load(None, [f"{key}=''"])
+
+
 def test_a_factory_argument_from_a_later_layer_wins_whichever_way_each_layer_spells_it(tmp_path):
     # The file's value beside _target_ overwrote the override's under kwargs (and the other way round), silently.
     recipe = tmp_path / "recipe.yaml"

@@ -49,9 +49,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "other commands: ddp-train evaluate|predict|plot|consolidate --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML recipe; without it, the built-in defaults (digits MLP)")
+    parser.add_argument("--config", action="append", help="YAML recipe; without it, the built-in defaults (digits MLP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    return parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
+    if args.config and len(args.config) > 1:  # argparse keeps the last alone: the others would be ignored silently
+        parser.error(
+            f"--config given {len(args.config)} times ({', '.join(args.config)}): give one recipe, changes as key=value"
+        )
+    args.config = args.config[0] if args.config else None
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
