@@ -298,7 +298,7 @@ class Config(_Section):
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge a YAML file and `key=value` overrides onto the schema; raise UsageError naming the bad key."""
-    merged = _layered(sources.read(path), sources.parse_overrides(overrides))
+    merged = factory_args.layered(sources.read(path), sources.parse_overrides(overrides))
     return _refusing_given(_validate(merged, written=merged))
 
 
@@ -307,12 +307,7 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
     # The saved keys were judged when the run started (and older checkpoints kept keys that reached nothing):
     # only the overrides are keys written now.
     written = sources.parse_overrides(overrides)
-    return _refusing_given(_validate(_layered(OmegaConf.create(container), written), written))
-
-
-def _layered(base: DictConfig, layer: DictConfig) -> DictConfig:
-    factory_args.align(base, layer)  # a factory argument's two spellings are one key: the later layer's wins
-    return sources.merge(base, layer)
+    return _refusing_given(_validate(factory_args.layered(OmegaConf.create(container), written), written))
 
 
 def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:

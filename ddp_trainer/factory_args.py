@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ddp_trainer import config_sources as sources
 from ddp_trainer.errors import UsageError
 
 if TYPE_CHECKING:  # config imports this module
@@ -59,8 +60,8 @@ def collect(raw: DictConfig, section: str, schema: type) -> None:
         del node[key]
 
 
-def align(base: DictConfig, layer: DictConfig) -> None:
-    """Before `layer` is merged over `base`: a factory argument it gives, beside `_target_` or under `kwargs`, replaces
+def layered(base: DictConfig, layer: DictConfig) -> DictConfig:
+    """`layer` merged over `base`, where a factory argument it gives, beside `_target_` or under `kwargs`, replaces
     `base`'s value in the other spelling too, so the later layer wins (a file's `model.dropout` loses to an override's
     `model.kwargs.dropout`, and the other way round)."""
     for section in ("data", "model"):
@@ -74,6 +75,7 @@ def align(base: DictConfig, layer: DictConfig) -> None:
             if isinstance(held, DictConfig) and isinstance(values, dict):
                 for key in values.keys() & set(held.keys()) - {"_target_", "kwargs"}:
                     held[key] = values[key]
+    return sources.merge(base, layer)
 
 
 def _given_twice(section: str, key: str, beside: Any, under: Any, target: str) -> UsageError:
