@@ -107,7 +107,8 @@ def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
 def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
     """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
     facts = {"world_size": env.world_size, "data_sizes": parts.data_sizes}
-    accepted = changes.check(state, cfg, facts, path, logger.info)
+    chosen = {"checkpoint.monitor": parts.monitor.name, "checkpoint.mode": parts.monitor.mode}
+    accepted = changes.check(state, cfg, facts, path, logger.info, chosen)
     try:
         if path.is_dir():
             load_shards(parts.model, parts.optimizer, path)

@@ -86,10 +86,16 @@ def join_run(cfg: Config, refusal: str | None = None) -> DistEnv:
     )
 
 
-def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any]) -> dict[str, tuple]:
+def differences(
+    state: dict[str, Any], cfg: Config, facts: dict[str, Any], chosen: dict[str, Any] | None = None
+) -> dict[str, tuple]:
     """{key: (old, new)} for every config key both configs hold with different values, and each of the run's `facts`
-    (world size, data sizes) that the checkpoint records otherwise."""
-    old, new = flatten(state.get("config") or {}), flatten(to_container(cfg))
+    (world size, data sizes) that the checkpoint records otherwise. A key left unset (None) in either config counts as
+    the value the run `chosen` for it (best.pt's monitor and mode: the task's)."""
+    old, new = (
+        {**flat, **{key: value for key, value in (chosen or {}).items() if flat.get(key, value) is None}}
+        for flat in (flatten(state.get("config") or {}), flatten(to_container(cfg)))
+    )
     compared = old.keys() & new.keys() - {"trainer.allow_changes"}  # what this run accepts, not what it trains
     # fit() is handed its data and model: their names say nothing (older fit() checkpoints saved the defaults).
     compared -= {key for key in ("data.name", "model.name") if new.get(key) == GIVEN}
@@ -108,14 +114,19 @@ def changes_result(key: str, cfg: Config) -> bool:
 
 
 def check(
-    state: dict[str, Any], cfg: Config, facts: dict[str, Any], path: Path, report: Callable[[str], None]
+    state: dict[str, Any],
+    cfg: Config,
+    facts: dict[str, Any],
+    path: Path,
+    report: Callable[[str], None],
+    chosen: dict[str, Any] | None = None,
 ) -> list[str]:
     """Refuse a resume whose config changes the result unless trainer.allow_changes accepts it; returns those keys.
 
-    Differences that leave the result as it was go to `report`. Every rank reads the same file and config, so
-    every rank raises the same one-line error, before any collective.
+    Differences that leave the result as it was go to `report`; `chosen` as in `differences`. Every rank reads the
+    same file and config, so every rank raises the same one-line error, before any collective.
     """
-    changed = differences(state, cfg, facts)
+    changed = differences(state, cfg, facts, chosen)
     refused = {key: values for key, values in changed.items() if changes_result(key, cfg)}
     unasked = [key for key in refused if key not in cfg.trainer.allow_changes]
     if unasked:

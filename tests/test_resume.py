@@ -230,6 +230,16 @@ def checkpoint_files(output_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted((output_dir / "checkpoints").glob("*.pt"))}
 
 
+def test_best_checkpoints_monitor_left_to_the_task_is_the_same_as_the_one_it_picks_written_out(tmp_path, capsys):
+    # The recipe once wrote val/accuracy and max, the task's own choice: its runs must resume with today's recipe.
+    args = [*DIGITS, "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main([*args, "checkpoint.monitor=val/accuracy", "checkpoint.mode=max"]) == 0
+    assert main(args) == 0
+    assert "this run is finished (1 of 1 epochs" in capsys.readouterr().out
+    assert main([*args, "checkpoint.monitor=val/loss"]) == 2  # another metric: best.pt would follow something else
+    assert "checkpoint.mode 'max' -> 'min', checkpoint.monitor 'val/accuracy' -> 'val/loss'" in capsys.readouterr().err
+
+
 def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_request(tmp_path, capsys):
     args = [*DIGITS, "trainer.epochs=2", f"output_dir={tmp_path}"]
     assert main(args) == 0
