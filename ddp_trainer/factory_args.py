@@ -53,7 +53,9 @@ def collect(raw: DictConfig, section: str, schema: type) -> None:
     known = {f.name for f in dataclasses.fields(schema)}
     extra = [key for key in node.keys() if key not in known]
     kwargs = node.get("kwargs") or {}
-    for key in (key for key in extra if key in kwargs and kwargs[key] != node[key]):
+    # A section given both ways is merged key by key, as layers are: only a value given twice with two values clashes.
+    sections = [key for key in extra if isinstance(node[key], DictConfig) and isinstance(kwargs.get(key), DictConfig)]
+    for key in (key for key in extra if key in kwargs and kwargs[key] != node[key] and key not in sections):
         raise _given_twice(section, key, node[key], kwargs[key], node["_target_"])
     node["kwargs"] = OmegaConf.merge(kwargs, {key: node[key] for key in extra})
     for key in extra:
@@ -74,7 +76,7 @@ def layered(base: DictConfig, layer: DictConfig) -> DictConfig:
         for held, values in pairs:
             if isinstance(held, DictConfig) and isinstance(values, dict):
                 for key in values.keys() & set(held.keys()) - {"_target_", "kwargs"}:
-                    held[key] = values[key]
+                    OmegaConf.update(held, key, values[key], merge=True)  # a section: its other keys stay
     return sources.merge(base, layer)
 
 

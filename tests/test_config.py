@@ -284,6 +284,9 @@ def test_a_factory_argument_from_a_later_layer_wins_whichever_way_each_layer_spe
     saved = tmp_path / "config.yaml"
     saved.write_text(config.to_yaml(cfg))
     assert config.load(saved) == cfg  # the value that won is the one saved
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  _target_: factories.AnyOptions\n  kwargs:\n    opts: {a: 1, b: 1}\n")
+    assert config.load(nested, ["model.opts.b=2"]).model.kwargs == {"opts": {"a": 1, "b": 2}}  # a section merges
 
 
 @pytest.mark.parametrize(("override", "section"), [("model.kwargs.width=3", "model"), ("data.kwargs.path=/x", "data")])
