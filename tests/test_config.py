@@ -338,6 +338,10 @@ def test_a_validation_fraction_that_leaves_no_digit_is_named_in_one_line(tmp_pat
     assert capsys.readouterr().err == (
         "ddp-train: error: config key 'data.val_fraction' = 0.0002 leaves none of the 1797 digits for validation\n"
     )
+    assert main(["data.val_fraction=0.9999", "trainer.device=cpu", f"output_dir={output_dir}"]) == 2
+    assert capsys.readouterr().err == (
+        "ddp-train: error: config key 'data.val_fraction' = 0.9999 leaves none of the 1797 digits for training\n"
+    )
     assert not output_dir.exists()
 
 

@@ -13,7 +13,13 @@ import pytest
 import torch
 from conftest import read_metrics
 from torchvision import transforms
-from vision_files import CIFAR10_LABEL_NAMES, write_cifar10, write_fashion_mnist, write_idx_labels
+from vision_files import (
+    CIFAR10_LABEL_NAMES,
+    write_cifar10,
+    write_fashion_mnist,
+    write_idx_labels,
+    write_py2_pickle,
+)
 
 from ddp_trainer import config, data
 from ddp_trainer.cli import train
@@ -215,6 +221,11 @@ def _drop_five_labels(path: Path) -> None:
     write_idx_labels(path, labels[:-5])
 
 
+def _no_rows(path: Path) -> None:
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    write_py2_pickle(path, {**batch, "data": batch["data"][:0], "labels": [], "filenames": []})
+
+
 def _a_label_past_the_classes(path: Path) -> None:
     labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8).copy()
     labels[-1] = 12
@@ -242,6 +253,7 @@ def _a_label_past_the_classes(path: Path) -> None:
             _a_label_past_the_classes,
             "hold label 12, but FashionMNIST has 10 classes (0 to 9)",  # was an IndexError traceback at its step
         ),
+        ("cifar10_resnet18.yaml", write_cifar10, "test_batch", _no_rows, "hold no image"),  # an IndexError, too
     ],
 )
 def test_a_damaged_dataset_file_exits_2_with_one_line_naming_it(recipe, write, damaged, damage, said, tmp_path, capsys):

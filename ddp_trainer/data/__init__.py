@@ -116,14 +116,20 @@ def unaugmented(cfg: DataConfig) -> DataConfig:
 
 
 def map_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """The map-style (train, val) pair for `data.name` or `data._target_`."""
+    """The map-style (train, val) pair for `data.name` or `data._target_`, each checked to be a dataset with a sample
+    (a factory's validation split may be None: a run without validation)."""
+    pair = _made(cfg)
+    for split, dataset in zip(("training", "validation"), pair, strict=True):
+        if dataset is not None or split == "training":
+            check_dataset(dataset, f"data: the {split} split of {cfg._target_ or cfg.name}")
+    return pair
+
+
+def _made(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if cfg._target_ is not None:
         pair = locate(cfg._target_, "data._target_")(**cfg.kwargs)
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
             raise UsageError(f"data._target_={cfg._target_} must return (train_dataset, val_dataset)")
-        check_dataset(pair[0], f"data: the training split of {cfg._target_}")
-        if pair[1] is not None:  # a run without validation
-            check_dataset(pair[1], f"data: the validation split of {cfg._target_}")
         return pair[0], pair[1]
     if cfg.name == "stream":
         raise UsageError("data.name=stream is read as shards, not as a map-style dataset")

@@ -45,9 +45,10 @@ def digits(val_fraction: float) -> tuple[TensorClassification, TensorClassificat
     labels = table[:, -1].long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     val_count = round(len(labels) * val_fraction)
-    if val_count == 0:  # the model is sized from a validation sample: there must be one
+    if val_count in (0, len(labels)):  # the model is sized from a validation sample: there must be one
+        split = "validation" if val_count == 0 else "training"
         raise UsageError(
-            f"config key 'data.val_fraction' = {val_fraction} leaves none of the {len(labels)} digits for validation"
+            f"config key 'data.val_fraction' = {val_fraction} leaves none of the {len(labels)} digits for {split}"
         )
     classes = [str(digit) for digit in range(10)]
     val_index, train_index = order[:val_count], order[val_count:]

@@ -71,6 +71,8 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
             f"{dataset} cannot read one of {', '.join(files)} in {where} ({first_line(error)}): a truncated or "
             "foreign file; copy it again, or remove it and set data.download=true"
         ) from None
+    if len(split.data) == 0:  # a batch pickled without its rows: the model is sized from a sample
+        raise UsageError(f"{dataset}'s {' and '.join(files)} in {where} hold no image; copy them again")
     if len(split.data) != len(split.targets):  # an images file and a labels file from different copies
         raise UsageError(
             f"{dataset}'s {' and '.join(files)} in {where} hold {len(split.data)} images but {len(split.targets)} "
