@@ -33,6 +33,7 @@ _POLL_S = 0.05
 _FIRST_WINDOW_S = 1.0  # how long rank 0 waits for every rank to take its first round; doubled for each next one
 _VERDICT_READ_S = 30.0  # how long rank 0, which may host the store, keeps it for the others to read a refusal
 _SHOWN_KEYS = 4
+_STRANDED: list[threading.Thread] = []  # connecting threads left waiting for an answer that never came
 _ANSWER_GRACE_S = 5.0  # past the store's own timeout, which ends its connecting and rank 0's wait for the others
 
 
@@ -100,13 +101,19 @@ def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.T
     waiting.start()
     waiting.join(timeout.total_seconds() + _ANSWER_GRACE_S)
     if not made:
+        _STRANDED.append(waiting)
         raise UsageError(
             f"the rendezvous port {port} on {host} took this rank's connection but never answered as a store: another "
-            "program holds it; set MASTER_PORT to a free port"
+            "program holds it (or the process that opened it is stopped); set MASTER_PORT to a free port"
         )
     if isinstance(made[0], Exception):
         raise made[0]
     return made[0]
+
+
+def stranded() -> bool:
+    """Whether a thread `_connect` left still waits inside TCPStore's constructor for a store's first answer."""
+    return any(thread.is_alive() for thread in _STRANDED)
 
 
 def _refuse_another_jobs(store: dist.Store, job: str, address: str) -> None:

@@ -563,7 +563,8 @@ def test_a_rank_that_finds_another_program_on_the_rendezvous_port_ends_in_one_li
     assert rank1.returncode == 2, stderr
     assert stderr.splitlines() == [
         f"ddp-train: error (rank 1): the rendezvous port {port} on 127.0.0.1 took this rank's connection but never "
-        "answered as a store: another program holds it; set MASTER_PORT to a free port"
+        "answered as a store: another program holds it (or the process that opened it is stopped); set MASTER_PORT "
+        "to a free port"
     ]
     assert not (tmp_path / "checkpoints").exists()
 

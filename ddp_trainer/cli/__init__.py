@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,12 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
     # for its slowest rank), only to free memory the ending process returns anyway. Frozen objects are never
     # collected again: this is for a process that is about to end, never for main() called from Python.
     gc.freeze()
+    rendezvous = sys.modules.get("ddp_trainer.rendezvous")  # imported by commands that meet other ranks alone
+    if rendezvous is not None and rendezvous.stranded():
+        # Its thread waits inside C++: woken as the interpreter finalises, it would abort the process (exit 134).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
