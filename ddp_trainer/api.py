@@ -237,10 +237,7 @@ OUTPUTS = {"config.yaml": False, "metrics.jsonl": False, "checkpoints": True, "t
 
 def _check_output_dir(output_dir: Path) -> None:
     # Checked, not created: a run refused later (a missing dataset, say) leaves no empty folder behind.
-    try:
-        existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
-    except OSError as error:  # a name too long, a folder on the way this user may not enter
-        raise UsageError(f"output_dir={output_dir} cannot be written: {error.strerror or error}") from None
+    existing = next(path for path in (output_dir, *output_dir.absolute().parents) if _exists(path, output_dir))
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         problem = "is not writable" if existing.is_dir() else "is a file"
         raise UsageError(f"output_dir={output_dir} cannot be written: {existing} {problem}")
@@ -251,6 +248,17 @@ def _check_output_dir(output_dir: Path) -> None:
             raise UsageError(f"output_dir={output_dir} cannot be written: {path} is {kind}")
         if folder and path.is_dir() and not os.access(path, os.W_OK):  # a read-only mount, another user's folder
             raise UsageError(f"output_dir={output_dir} cannot be written: {path} is not writable")
+
+
+def _exists(path: Path, output_dir: Path) -> bool:
+    # os.stat, not Path.exists: newer Pythons take any error for "missing", and would check a folder further up.
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:  # a name too long, a folder on the way this user may not enter
+        raise UsageError(f"output_dir={output_dir} cannot be written: {error.strerror or error}") from None
+    return True
 
 
 def for_array_task(config: Config, task_id: int | None) -> Config:

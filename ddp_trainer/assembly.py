@@ -120,7 +120,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
         parts.precision.load_state_dict(state.get("grad_scaler"))
         changes.apply(accepted, cfg, parts.optimizer, parts.scheduler)
     except (RuntimeError, ValueError, KeyError) as error:
-        if isinstance(error, RuntimeError) and is_peer_failure(error):  # a rank died as the ranks read their shards
+        if env.distributed and isinstance(error, RuntimeError) and is_peer_failure(error):  # one died as they read
             raise  # named as a rank lost during start-up: the checkpoint is not at fault
         reason = first_line(error)
         raise UsageError(f"checkpoint {path} does not fit this run's model or optimizer: {reason}") from error

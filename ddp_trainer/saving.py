@@ -241,8 +241,9 @@ def failures_named(path: Path) -> Iterator[None]:
         yield
     except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
         cause = checkpoint.dcp_cause(error)
-        if isinstance(cause, RuntimeError) and is_peer_failure(cause):  # a rank died in the write's collectives
-            raise cause from error  # named as a rank lost (exit 4), as elsewhere: this rank's write did not fail
+        if dist.is_initialized() and isinstance(cause, RuntimeError) and is_peer_failure(cause):
+            # A rank died in the write's collectives: named as lost (exit 4), as elsewhere; this rank's write is fine.
+            raise cause from (None if cause is error else error)
         # The previous checkpoint stays in place: only a finished file or folder is renamed over or beside it.
         raise CheckpointWriteFailed(
             f"could not write checkpoint {path} ({type(cause).__name__}: {first_line(cause)}); "

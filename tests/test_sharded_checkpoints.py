@@ -187,8 +187,12 @@ def test_a_rank_lost_in_a_sharded_writes_collectives_is_not_called_a_failed_writ
     # Rank 0 killed while the ranks saved: the others said "could not write checkpoint" and exited 1, not 4.
     folder = tmp_path / "step-00000026"
     lost = dist.DistNetworkError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:39211")
-    with pytest.raises(dist.DistNetworkError, match="Connection closed by peer"), saving.failures_named(folder):
-        raise CheckpointException("save failed", {1: (lost, None)})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # ranks meet only in a group
+    try:
+        with pytest.raises(dist.DistNetworkError, match="Connection closed by peer"), saving.failures_named(folder):
+            raise CheckpointException("save failed", {1: (lost, None)})
+    finally:
+        dist.destroy_process_group()
     full = OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(CheckpointWriteFailed, match=f"^could not write checkpoint {folder} \\(OSError: .*No space"):
         with saving.failures_named(folder):
