@@ -246,7 +246,7 @@ def _check_output_dir(output_dir: Path) -> None:
         if path.exists() and path.is_dir() != folder:
             kind = "a file" if folder else "a folder"
             raise UsageError(f"output_dir={output_dir} cannot be written: {path} is {kind}")
-        if folder and path.is_dir() and not os.access(path, os.W_OK):  # a read-only mount, another user's folder
+        if path.exists() and not os.access(path, os.W_OK):  # a read-only mount, another user's file or folder
             raise UsageError(f"output_dir={output_dir} cannot be written: {path} is not writable")
 
 

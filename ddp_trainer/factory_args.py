@@ -26,8 +26,7 @@ OBJECT_KEYS = {section: sorted(keys - {"download"}) for section, keys in TRAINER
 
 
 def _parameters(factory: Callable[..., Any], target: str) -> tuple[list[str], list[str], bool]:
-    """Keywords `factory` (`target`) takes (a class: its `__init__`'s), those without a default, whether it takes
-    `**kwargs`."""
+    """Keywords `factory` takes (a class: its `__init__`'s), those without a default, whether it takes `**kwargs`."""
     try:
         parameters = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # some builtins have no readable signature: the call itself will judge
@@ -63,9 +62,9 @@ def collect(raw: DictConfig, section: str, schema: type) -> None:
 
 
 def layered(base: DictConfig, layer: DictConfig) -> DictConfig:
-    """`layer` merged over `base`, where a factory argument it gives, beside `_target_` or under `kwargs`, replaces
-    `base`'s value in the other spelling too, so the later layer wins (a file's `model.dropout` loses to an override's
-    `model.kwargs.dropout`, and the other way round)."""
+    """`layer` merged over `base`; a factory argument's two spellings count as one key, so the later layer's wins."""
+    # A file's `model.dropout` loses to an override's `model.kwargs.dropout`, and the other way round: what a layer
+    # gives in one spelling replaces the base's value in the other too.
     for section in ("data", "model"):
         old, new = base.get(section), layer.get(section)
         if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):

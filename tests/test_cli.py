@@ -255,30 +255,32 @@ CLAIM_AND_WAIT = (
 
 @pytest.fixture
 def read_only_mount():
-    """Makes a folder a read-only bind mount of itself (root alone may: else the test skips); unmounted after."""
+    """Makes a file or folder a read-only bind mount of itself (root alone may, else it skips); unmounted after."""
     mounted = []
 
-    def mount(folder: Path) -> None:
-        for options in (["--bind"], ["-o", "remount,ro,bind"]):
-            done = subprocess.run(["mount", *options, str(folder), str(folder)], capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"cannot mount here: {done.stderr.strip()}")
-            mounted.append(folder)
+    def mount(path: Path) -> None:
+        bound = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+        if bound.returncode != 0:
+            pytest.skip(f"cannot mount here: {bound.stderr.strip()}")
+        mounted.append(path)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path), str(path)], check=True)
 
     yield mount
-    for folder in reversed(mounted):
-        subprocess.run(["umount", str(folder)], check=False)
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=True)
 
 
-def test_a_read_only_checkpoints_folder_is_refused_before_training(tmp_path, capsys, read_only_mount):
-    # Root writes through any folder's mode bits, not through a read-only mount: the first save failed, an epoch in.
+@pytest.mark.parametrize("name", ["checkpoints", "metrics.jsonl"])
+def test_a_read_only_output_is_refused_before_training(tmp_path, capsys, read_only_mount, name):
+    # Root writes through any mode bits, not through a read-only mount: the first save or line failed, an epoch in.
     (tmp_path / "checkpoints").mkdir()
-    read_only_mount(tmp_path / "checkpoints")
+    (tmp_path / "metrics.jsonl").write_text("")
+    read_only_mount(tmp_path / name)
     assert main(["trainer.device=cpu", f"output_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err == (
-        f"ddp-train: error: output_dir={tmp_path} cannot be written: {tmp_path / 'checkpoints'} is not writable\n"
+        f"ddp-train: error: output_dir={tmp_path} cannot be written: {tmp_path / name} is not writable\n"
     )
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not any((tmp_path / "checkpoints").iterdir()) and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 @pytest.mark.parametrize(("name", "folder"), [("metrics.jsonl", True), ("checkpoints", False), ("tensorboard", False)])

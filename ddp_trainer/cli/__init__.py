@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
 from ddp_trainer.errors import CliError
@@ -36,6 +37,17 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def with_one_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments, where `--config` (added here) names one recipe at most: argparse would keep the last."""
+    parser.add_argument("--config", action="append", help="YAML recipe; without it, the built-in defaults")
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
+    if args.config and len(args.config) > 1:
+        given = ", ".join(args.config)
+        parser.error(f"--config given {len(args.config)} times ({given}): give one recipe, changes as key=value")
+    args.config = args.config[0] if args.config else None
+    return args
 
 
 def run_as(command: str) -> NoReturn:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from ddp_trainer import config
+from ddp_trainer.cli import with_one_config
 from ddp_trainer.data import map_datasets, unaugmented
 from ddp_trainer.data.stream_formats import INDEX_FILE
 from ddp_trainer.errors import UsageError
@@ -46,12 +47,11 @@ def write_shards(dataset: Dataset, folder: Path, shards: int, shard_format: str)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m ddp_trainer.cli.shard", description=__doc__)
-    parser.add_argument("--config", help="recipe whose data section names the map-style dataset")
     parser.add_argument("--out", required=True, type=Path, help="folder to create; gets train/ and val/")
     parser.add_argument("--shards", type=int, default=8, help="training shards (validation gets half, at least 1)")
     parser.add_argument("--format", choices=("npz", "jsonl"), default="npz")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
+    args = with_one_config(parser, argv)  # its data section names the map-style dataset
     try:
         if args.shards < 1:
             raise UsageError(f"--shards={args.shards}: need at least 1")

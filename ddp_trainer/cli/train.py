@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_trainer import api, config, data, distributed, models, task_checks
-from ddp_trainer.cli import exit_after, loaded_before_meeting, tell_the_others
+from ddp_trainer.cli import exit_after, loaded_before_meeting, tell_the_others, with_one_config
 from ddp_trainer.config import Config
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import CliError, say
@@ -49,15 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "other commands: ddp-train evaluate|predict|plot|consolidate --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", action="append", help="YAML recipe; without it, the built-in defaults (digits MLP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
-    if args.config and len(args.config) > 1:  # argparse keeps the last alone: the others would be ignored silently
-        parser.error(
-            f"--config given {len(args.config)} times ({', '.join(args.config)}): give one recipe, changes as key=value"
-        )
-    args.config = args.config[0] if args.config else None
-    return args
+    return with_one_config(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
