@@ -229,6 +229,14 @@ def test_ddp_launch_in_an_srun_step_outlives_usr2_and_sigterm_and_exits_with_the
     assert result.stderr.endswith("ddp-launch: exits with code 140, that of rank 0, which stopped on SIGUSR2\n")
 
 
+@pytest.mark.parametrize(("nproc", "problem"), [("0", "not a positive count"), ("abc", "Unsupported nproc_per_node")])
+def test_ddp_launch_names_a_process_count_torchrun_cannot_take_in_one_line(nproc, problem, capsys):
+    # torchrun's AssertionError or ValueError traceback, exit 1; --dry-run printed the command unchecked.
+    assert launch_main(["--dry-run", f"--nproc-per-node={nproc}", "train.py"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ddp-launch: error: --nproc-per-node={nproc}: {problem}") and error.count("\n") == 1
+
+
 def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
     pinned = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-m", "ddp_trainer.cli.launch", "--dry-run", "train.py"],

@@ -101,6 +101,7 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     flags = list(argv)[: len(argv) - len(args.training_script_args) - 1]
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
     _refuse_abbreviations(flags, [name for names in options.values() for name in names])
+    _check_nproc(args.nproc_per_node)
     added = []
     if not _given(flags, options["nproc_per_node"]):
         added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
@@ -125,6 +126,16 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     if slurm.in_srun_step(environ) and handled and not _given(flags, handled):
         added.append("--signals-to-handle=SIGINT,SIGHUP,SIGQUIT")
     return [*added, *flags, *list(argv)[len(argv) - len(args.training_script_args) - 1 :]]
+
+
+def _check_nproc(nproc: str) -> None:
+    """UsageError for a --nproc-per-node torchrun would fail on with a traceback."""
+    try:
+        count, problem = torchrun.determine_local_world_size(nproc), "not a positive count"
+    except ValueError as error:  # a word it does not know, or a device this machine lacks
+        count, problem = 0, first_line(error).rstrip(".")
+    if count < 1:
+        raise UsageError(f"--nproc-per-node={nproc}: {problem}; give a count of processes, or auto, cpu or gpu")
 
 
 def _refuse_abbreviations(flags: Sequence[str], names: Sequence[str]) -> None:
