@@ -67,9 +67,11 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
                 f"{dataset} could not be downloaded into {where} ({first_line(error)}): without network access, "
                 "copy the files there yourself and set data.download=false"
             ) from None
+        culprit = _unreadable(where, files)
+        named = culprit or f"one of {', '.join(files)}"  # each reads alone: they do not fit together
         raise UsageError(
-            f"{dataset} cannot read one of {', '.join(files)} in {where} ({first_line(error)}): a truncated or "
-            "foreign file; copy it again, or remove it and set data.download=true"
+            f"{dataset} cannot read {named} in {where} ({first_line(error)}): a truncated or foreign file; copy it "
+            "again, or remove it and set data.download=true"
         ) from None
     if len(split.data) == 0:  # a batch pickled without its rows: the model is sized from a sample
         raise UsageError(f"{dataset}'s {' and '.join(files)} in {where} hold no image; copy them again")
@@ -86,6 +88,20 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
             f"{len(split.classes)} classes (0 to {len(split.classes) - 1}): a foreign or damaged file; copy it again"
         )
     return split
+
+
+def _unreadable(where: Path, files: list[str]) -> str | None:
+    """The first of `files` that does not load on its own, as torchvision loads it; None if each does."""
+    for name in files:
+        try:
+            if name.endswith("-ubyte"):  # an IDX file: its header says what follows
+                datasets.mnist.read_sn3_pascalvincent_tensor(str(where / name), strict=False)
+            else:  # a CIFAR-10 batch: unpickled as torchvision unpickles it
+                with open(where / name, "rb") as file:
+                    pickle.load(file, encoding="latin1")["label_names" if name.endswith(".meta") else "data"]
+        except UNREADABLE:
+            return name
+    return None
 
 
 def fashion_mnist(root: str, download: bool) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
