@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -25,12 +26,12 @@ from torch.distributed._composable.contract import _get_registry
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from ddp_trainer import changes, data, distributed, rng, task_checks, tasks
+from ddp_trainer import changes, data, distributed, peers, rng, task_checks, tasks
 from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import CliError, RankLost, UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
 from ddp_trainer.rng import seed_everything
@@ -96,6 +97,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         cleanup.push(_release_failed_frames)  # before teardown: its callbacks run last in, first out
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
         env = changes.join_run(cfg, refusal)
+        cleanup.push(functools.partial(_leave_word, env))  # before teardown (last in, first out): the store is up
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
@@ -109,9 +111,15 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         _announce(logger, array_task, cfg.output_dir, stop.active)
         exit_code, finished = _train(cfg, env, build, task, logger, stop, clock)
         # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
-        with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "as the run ended"):
+        with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     return exit_code, record if finished else {}
+
+
+def _leave_word(env: DistEnv, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+    """A rank's own one-line error, told to the others through the store: their lines name it with its reason."""
+    if isinstance(error, CliError) and not isinstance(error, RankLost):
+        peers.leave_word(env, str(error))
 
 
 _ONE_RUN = threading.Lock()
@@ -185,7 +193,7 @@ def _release_failed_frames(
 
 def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLogger) -> tuple[data.DataBundle, Parts]:
     """This rank's data and parts; a peer that failed meanwhile (a missing file on its node) is named in one line."""
-    with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "during start-up"):
+    with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "during start-up"):
         model, train_set, val_set = build(env)
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
         seed_everything(cfg.seed + env.rank)  # distinct streams per rank (dropout, augmentation)

@@ -13,12 +13,13 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import changes, checkpoint, claim, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
-from ddp_trainer.distributed import DistEnv, barrier, is_peer_failure
+from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.models import prepare_model
 from ddp_trainer.monitor import Monitor, build_monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler, relay_schedule, schedule_length
+from ddp_trainer.peers import is_peer_failure
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.progress import Progress
 from ddp_trainer.sharding import load_full_state_dicts, load_shards, shard_model

@@ -3,12 +3,10 @@ rendezvous.py picks from once every rank has said which GPU it holds."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import signal
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import rendezvous, slurm
-from ddp_trainer.errors import RankLost, UsageError, first_line
+from ddp_trainer.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -157,74 +155,6 @@ def setup(
     elif refusal is not None:
         raise UsageError(refusal)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, backend)
-
-
-# Markers of a collective that failed because a peer is gone or late, as gloo and NCCL word them.
-PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")
-
-
-# NCCL's words for failures of this rank's own (its GPU, its memory, a GPU two ranks share), which no peer caused.
-LOCAL_NCCL_FAILURES = ("invalid usage", "unhandled cuda error", "out of memory")
-
-
-def is_peer_failure(error: BaseException) -> bool:
-    """Whether `error` is a collective failing on a missing peer, rather than a bug on this rank."""
-    text = str(error)
-    if any(marker in text for marker in LOCAL_NCCL_FAILURES):
-        return False
-    return isinstance(error, dist.DistError) or any(marker in text for marker in PEER_FAILURE_MARKERS)
-
-
-def _failure_marks(env: DistEnv, error: RuntimeError, wait_s: float) -> dict[int, str] | None:
-    """How each rank's collective failed ("timeout", "closed"), told in the store within `wait_s`; None: rank 0 died."""
-    timed_out = any(word in str(error) for word in ("Timed out", "timed out", "timeout", "timing out"))  # gloo, NCCL
-    try:
-        store = dist.PrefixStore("ddp_trainer/collective_failed", dist.distributed_c10d._get_default_store())
-        store.set(str(env.rank), "timeout" if timed_out else "closed")
-        deadline = time.monotonic() + wait_s
-        while True:
-            marked = [rank for rank in range(env.world_size) if store.check([str(rank)])]
-            if len(marked) == env.world_size or time.monotonic() >= deadline:
-                return {rank: store.get(str(rank)).decode() for rank in marked}
-            time.sleep(0.2)
-    except (RuntimeError, ValueError):  # no store, or its host is gone
-        return None
-
-
-def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], where: str) -> RankLost:
-    """The one-line error for a collective that failed `where` on a peer: names the ranks that stopped answering.
-
-    `timeout` is the (config key, seconds) of the timeout in force: start-up's or training's.
-    """
-    key, timeout_s = timeout
-    # Long enough for the other live ranks to time out too; a dead or hung rank never reports.
-    marks = _failure_marks(env, error, wait_s=min(timeout_s, 10.0))
-    missing = None if marks is None else [rank for rank in range(env.world_size) if rank not in marks]
-    # A rank busy past the timeout is alive: the others time out waiting for it, then it finds them gone.
-    late = [rank for rank, mark in (marks or {}).items() if mark == "closed"]
-    waited = [rank for rank, mark in (marks or {}).items() if mark == "timeout"]
-    if missing is None:
-        culprit = f"{rendezvous.store_host(detect_launcher().agent_store)}, which hosts the rendezvous store, is gone"
-    elif missing:
-        culprit = f"rank {', '.join(map(str, missing))} stopped answering (died or stalled: see its output)"
-    elif late and waited:
-        busy = "this rank was" if env.rank in late else f"rank {', '.join(map(str, late))} was"
-        culprit = f"{busy} busy past the timeout while rank {', '.join(map(str, waited))} waited (slow, not dead)"
-    else:
-        culprit = "every rank's collective failed (network?)"
-    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {first_line(error)}")
-
-
-@contextlib.contextmanager
-def naming_lost_ranks(env: DistEnv, startup_timeout_s: float, where: str) -> Iterator[None]:
-    """A collective failed on a peer inside the block (start-up's timeout in force) is raised as `rank_lost`'s line."""
-    # Outside the training loop (which names them itself): DDP's first broadcast, the last record, evaluate's sums.
-    try:
-        yield
-    except RuntimeError as error:
-        if not (env.distributed and is_peer_failure(error)):
-            raise
-        raise rank_lost(error, env, ("trainer.startup_timeout_s", startup_timeout_s), where) from error
 
 
 class PhaseTimeouts:

@@ -21,7 +21,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 import ddp_trainer
-from ddp_trainer.distributed import DistEnv, gather_objects, is_peer_failure
+from ddp_trainer.distributed import DistEnv, gather_objects
+from ddp_trainer.peers import is_peer_failure
 from ddp_trainer.slurm import EarlyWarning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)

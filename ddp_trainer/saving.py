@@ -22,8 +22,8 @@ from torch.torch_version import TorchVersion
 from ddp_trainer import atomic, checkpoint
 from ddp_trainer.assembly import Parts
 from ddp_trainer.config import Config, to_container
-from ddp_trainer.distributed import is_peer_failure
 from ddp_trainer.errors import CheckpointWriteFailed, first_line
+from ddp_trainer.peers import is_peer_failure
 from ddp_trainer.sharding import sharded_state_dicts
 
 STAGER_KEEPS_BUFFERS = TorchVersion(torch.__version__) >= "2.13"

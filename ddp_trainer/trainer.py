@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ddp_trainer import distributed, rng
+from ddp_trainer import peers, rng
 from ddp_trainer.assembly import Parts
 from ddp_trainer.claim import refused_on_every_rank
 from ddp_trainer.config import Config, to_yaml
@@ -94,11 +94,11 @@ class Trainer:
             self.agreement.receive()  # the last exchange, still in flight on every rank: finish it before teardown
             self.saver.close()  # the last checkpoint is on disk before the run says it is done
         except RuntimeError as error:
-            if self.env.distributed and distributed.is_peer_failure(error):
+            if self.env.distributed and peers.is_peer_failure(error):
                 # Steps done, not a step running: a peer may be lost while evaluating, or after the last step.
                 step, epoch = self.progress.step, min(self.progress.epoch + 1, self.cfg.trainer.epochs)
                 where = f"after step {step} (epoch {epoch})" if step else "before the first step ended"
-                raise distributed.rank_lost(error, self.env, self.timeouts.in_force(), where) from error
+                raise peers.rank_lost(error, self.env, self.timeouts.in_force(), where) from error
             raise
         except Stopped as stop:
             self.saver.close()  # the stop's checkpoint is on disk before the job exits or is requeued

@@ -87,8 +87,9 @@ def recording_blobs(record_dir: str, train_size: int = 96, val_size: int = 37) -
 
 
 class FaultyDataset(Dataset):
-    """After serving `after` items on a faulty rank: raises (`fault="crash"`), hangs for an hour (`"stall"`), is busy
-    for 8 s once (`"slow"`) or gets SLURM's preemption warning (`"usr2"`) or SIGTERM (`"term"`) once."""
+    """After serving `after` items on a faulty rank: raises (`fault="crash"`), finds a bad record (`"bad"`: a one-line
+    error), hangs for an hour (`"stall"`), is busy for 8 s once (`"slow"`) or gets SLURM's preemption warning
+    (`"usr2"`) or SIGTERM (`"term"`) once."""
 
     def __init__(self, inner: Dataset, fault: str | None, after: int) -> None:
         self.inner, self.fault, self.after, self.served, self.classes = inner, fault, after, 0, inner.classes
@@ -101,6 +102,8 @@ class FaultyDataset(Dataset):
         if self.fault is not None and self.served > self.after:
             if self.fault == "crash":
                 raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+            if self.fault == "bad":
+                raise UsageError(f"data: record {index} of /data/blobs is unreadable (on rank {os.environ['RANK']})")
             if self.fault in ("usr2", "term"):
                 signum = signal.SIGUSR2 if self.fault == "usr2" else signal.SIGTERM
                 self.fault = None

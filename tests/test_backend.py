@@ -10,8 +10,9 @@ import torch.distributed as dist
 from dist_helpers import refusals
 
 from ddp_trainer import slurm
-from ddp_trainer.distributed import Launch, choose_backends, gpu_id, is_peer_failure, resolve_device
+from ddp_trainer.distributed import Launch, choose_backends, gpu_id, resolve_device
 from ddp_trainer.errors import UsageError
+from ddp_trainer.peers import is_peer_failure
 
 
 def torchrun_rank(local_rank: int, local_world_size: int) -> Launch:

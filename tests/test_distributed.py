@@ -516,6 +516,19 @@ def joined(port: int) -> int:
     return sum(row[2].endswith(f":{port:04X}") and row[3] == "01" for row in rows)
 
 
+def test_a_rank_that_stops_on_its_own_error_is_named_with_it_by_the_others(tmp_path):
+    # Rank 1 meets a bad record mid-epoch and stops in one line: rank 0 said only "rank 1 stopped answering".
+    faulty = ["data._target_=factories.faulty_blobs", "data.fault=bad", "data.fault_rank=1", "data.after=40"]
+    args = [*faulty, *BLOBS[1:], "data.batch_size=8", "trainer.dist_timeout_s=5", f"output_dir={tmp_path}"]
+    rank0, rank1 = plain_ranks(args)
+    outputs = [rank.communicate(timeout=120)[1] for rank in (rank0, rank1)]
+    assert [rank0.returncode, rank1.returncode] == [4, 2], outputs
+    said = outputs[1].strip().splitlines()[-1].removeprefix("ddp-train: error (rank 1): ")
+    assert said.startswith("data: record ") and said.endswith(" of /data/blobs is unreadable (on rank 1)")
+    blamed = outputs[0].strip().splitlines()[-1]
+    assert blamed.startswith(f"ddp-train: error (rank 0): rank 1 stopped: {said}; a collective failed after step ")
+
+
 def test_a_rank_whose_rendezvous_host_dies_as_it_waits_ends_in_one_line(tmp_path):
     # Rank 2 never starts: ranks 0 and 1 wait in rank 0's store, then rank 0 is killed under rank 1.
     port = free_port()

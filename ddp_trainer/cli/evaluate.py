@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ddp_trainer import changes, checkpoint, claim, config, data, distributed, models, task_checks
+from ddp_trainer import changes, checkpoint, claim, config, data, distributed, models, peers, task_checks
 from ddp_trainer.cli import loaded_before_meeting, run_as
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
@@ -145,7 +145,7 @@ def main(argv: Sequence[str]) -> int:
     env = changes.join_run(cfg)
     # A rank that fails alone (a node without the data) is named on the others, which wait for it in a collective.
     try:
-        with distributed.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "while evaluating"):
+        with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "while evaluating"):
             restored = restore(args.checkpoint, state, cfg, env)
             precision = MixedPrecision(cfg.trainer.precision, env.device)
             loader, channels_last = restored.data.val_loader, cfg.model.channels_last
