@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
-from ddp_trainer.errors import CliError
+from ddp_trainer.errors import CliError, say
 from ddp_trainer.slurm import note_early_warnings
 
 Loaded = TypeVar("Loaded")
@@ -66,15 +66,17 @@ def loaded_before_meeting(load: Callable[[], Loaded]) -> Loaded:
         raise
 
 
-def tell_the_others(error: CliError) -> None:
-    """Meet the other ranks to tell them `error`, met before they met, which this rank has said: they stop with it."""
-    from ddp_trainer import distributed, rendezvous  # lazy: the launcher imports this package without torch
-
-    # Ctrl-C ends the wait at once, which the store's C++ calls would hold up: the error is said already.
+def tell_the_others(error: CliError, line: str) -> None:
+    """Say `line` (`error`'s, met before the ranks met), then meet the other ranks to tell them: they stop with it."""
+    # Ctrl-C ends the wait at once, which the store's C++ calls would hold up. From before the line: one that came as
+    # the line was written, or during the imports, would print a KeyboardInterrupt's traceback under it.
     interrupt = (
         signal.signal(signal.SIGINT, signal.SIG_DFL) if threading.current_thread() is threading.main_thread() else None
     )
     try:
+        say(line, sys.stderr)
+        from ddp_trainer import distributed, rendezvous  # lazy: the launcher imports this package without torch
+
         with contextlib.suppress(CliError):  # launch variables it cannot read: there is nobody to tell
             rendezvous.tell_others(distributed.detect_launcher(), str(error), TELL_TIMEOUT_S)
     finally:

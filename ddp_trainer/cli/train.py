@@ -66,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         # Every rank reaches this on its own (config and files are checked before any collective),
         # so every rank says what is wrong and exits instead of waiting on the others.
-        say(f"{prog}: error{distributed.rank_label()}: {error}", sys.stderr)
+        line = f"{prog}: error{distributed.rank_label()}: {error}"
         if error.before_meeting:
-            tell_the_others(error)
+            tell_the_others(error, line)
+        else:
+            say(line, sys.stderr)
         return error.exit_code
 
 
