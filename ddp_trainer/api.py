@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from ddp_trainer.assembly import Parts, assemble
 from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_on_every_rank
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
-from ddp_trainer.errors import CliError, RankLost, UsageError
+from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
 from ddp_trainer.rng import seed_everything
@@ -97,7 +96,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         cleanup.push(_release_failed_frames)  # before teardown: its callbacks run last in, first out
         # Start-up (rendezvous, a download, the first step's compile) may take long; training steps may not.
         env = changes.join_run(cfg, refusal)
-        cleanup.push(functools.partial(_leave_word, env))  # before teardown (last in, first out): the store is up
+        cleanup.push(lambda kind, error, trace: peers.leave_word(env, error))  # before teardown: the store is up
         # Not before: a rank waiting in the rendezvous for a peer that failed must end on torchrun's SIGTERM.
         stop.watch(signal.SIGTERM)
         claim = refused_on_every_rank(env, lambda: _claim(Path(cfg.output_dir), env), FolderClaim.release)
@@ -114,12 +113,6 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "as the run ended"):
             record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
     return exit_code, record if finished else {}
-
-
-def _leave_word(env: DistEnv, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
-    """A rank's own one-line error, told to the others through the store: their lines name it with its reason."""
-    if isinstance(error, CliError) and not isinstance(error, RankLost):
-        peers.leave_word(env, str(error))
 
 
 _ONE_RUN = threading.Lock()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ddp_trainer import rendezvous
 from ddp_trainer.distributed import DistEnv, detect_launcher
-from ddp_trainer.errors import RankLost, first_line
+from ddp_trainer.errors import CliError, RankLost, first_line
 
 # Markers of a collective that failed because a peer is gone or late, as gloo and NCCL word them.
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL")
@@ -48,11 +48,11 @@ def _failure_marks(env: DistEnv, error: RuntimeError, wait_s: float) -> dict[int
 _SAID = "ddp_trainer/stopped_with"  # in the store: the one line each rank that stopped on an error of its own said
 
 
-def leave_word(env: DistEnv, line: str) -> None:
-    """Leave this rank's one-line error in the store, where `rank_lost` on the others finds it (best-effort)."""
-    if env.distributed and dist.is_initialized():
+def leave_word(env: DistEnv, error: BaseException | None) -> None:
+    """If `error` is this rank's own one-line error, leave it in the store for `rank_lost` on the others to quote."""
+    if isinstance(error, CliError) and not isinstance(error, RankLost) and env.distributed and dist.is_initialized():
         with contextlib.suppress(RuntimeError, ValueError):  # its host gone: the others say "stopped answering"
-            dist.PrefixStore(_SAID, dist.distributed_c10d._get_default_store()).set(str(env.rank), line)
+            dist.PrefixStore(_SAID, dist.distributed_c10d._get_default_store()).set(str(env.rank), str(error))
 
 
 def _words(ranks: Sequence[int]) -> dict[int, str]:
@@ -99,6 +99,9 @@ def naming_lost_ranks(env: DistEnv, startup_timeout_s: float, where: str) -> Ite
     # Outside the training loop (which names them itself): DDP's first broadcast, the last record, evaluate's sums.
     try:
         yield
+    except CliError as error:  # this rank's own: the others, waiting for it in a collective, quote it
+        leave_word(env, error)
+        raise
     except RuntimeError as error:
         if not (env.distributed and is_peer_failure(error)):
             raise
