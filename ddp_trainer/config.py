@@ -4,74 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ddp_trainer import config_sources as sources
 from ddp_trainer import factory_args
 from ddp_trainer.errors import UsageError
-
-
-def _invalid(key: str, value: Any, expected: str) -> UsageError:
-    return UsageError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
-
-
-def _checked(default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
-    """A field whose value must pass `valid`, checked by `_Section.__post_init__`; `expected` says what passes."""
-    metadata = {"valid": valid, "expected": expected}
-    initial = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**initial, metadata=metadata)
-
-
-def _path(default: str, expected: str) -> Any:
-    """A path field: `~` expanded (no shell does it in YAML or after key=), and never empty: Path('') is this folder."""
-    return field(default=default, metadata={"expand_home": True, "valid": str.strip, "expected": expected})
-
-
-def _one_of(default: str, choices: tuple[str, ...]) -> Any:
-    return _checked(default, lambda value: value in choices, f"one of {', '.join(choices)}")
-
-
-def _positive(default: float, expected: str = "a positive integer") -> Any:
-    return _checked(default, lambda value: 0 < value < float("inf"), expected)
-
-
-def _not_negative(default: float, expected: str) -> Any:
-    return _checked(default, lambda value: 0 <= value < float("inf"), expected)
-
-
-SHAPE = "a list of positive sizes"
-
-
-def is_shape(value: Any) -> bool:
-    """Whether `value` is a tensor shape a config or index.json may give: a non-empty list of positive integers."""
-    return isinstance(value, list | tuple) and len(value) > 0 and all(is_count(size) and size > 0 for size in value)
-
-
-def is_count(value: Any) -> bool:
-    """Whether `value` is an integer that is not a bool (JSON's true would pass isinstance(value, int))."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# About 31 years: far larger values overflow the timedelta torch's process groups take; below a millisecond, torch's
-# timeouts (whole milliseconds) are 0, and every collective fails at once. The text is for messages.
-MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1e-3, 1e9
-TIMEOUT_RANGE = "seconds, at least 0.001 and at most 1e9"
-
-
-def timeout_ok(seconds: float) -> bool:
-    """Whether `seconds` is a timeout torch can hold: from MIN_TIMEOUT_S to MAX_TIMEOUT_S (NaN is not)."""
-    return MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S
-
-
-def _timeout(default: float) -> Any:
-    return _checked(default, timeout_ok, TIMEOUT_RANGE)
-
+from ddp_trainer.fields import (
+    SHAPE,
+    Section,
+    checked,
+    invalid,
+    is_count,
+    is_shape,
+    not_negative,
+    one_of,
+    path_field,
+    positive,
+    timeout,
+)
 
 # The data.name and model.name of a fit() run, whose datasets and model were Python objects: no key rebuilds them.
 GIVEN = "given"
@@ -91,59 +46,45 @@ FSDP_WRAP = [
 ]  # fmt: skip
 
 
-class _Section:
-    """A config section whose fields made by `_checked` are checked on construction, naming the key that fails."""
-
-    section: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if spec.metadata.get("expand_home"):
-                setattr(self, spec.name, value := os.path.expanduser(value))
-            if "valid" in spec.metadata and not spec.metadata["valid"](value):
-                raise _invalid(".".join(filter(None, (self.section, spec.name))), value, spec.metadata["expected"])
-
-
 @dataclass
-class SyntheticConfig(_Section):
+class SyntheticConfig(Section):
     """Shape of the random dataset used by `data.name=synthetic` (benchmarks, smoke tests)."""
 
     section = "data.synthetic"
-    train_size: int = _positive(2048)
-    val_size: int = _positive(512)
-    input_shape: list[int] = _checked([3, 32, 32], is_shape, SHAPE)
-    num_classes: int = _checked(10, lambda count: count >= 2, "2 classes or more")
+    train_size: int = positive(2048)
+    val_size: int = positive(512)
+    input_shape: list[int] = checked([3, 32, 32], is_shape, SHAPE)
+    num_classes: int = checked(10, lambda count: count >= 2, "2 classes or more")
 
 
 @dataclass
-class StreamConfig(_Section):
+class StreamConfig(Section):
     """How `data.name=stream` reads shard folders `data.root/train` and `data.root/val`."""
 
     section = "data.stream"
-    shuffle_buffer: int = _positive(1000, "1 (no shuffle) or more")
+    shuffle_buffer: int = positive(1000, "1 (no shuffle) or more")
     input_field: str = "x"
     label_field: str = "y"
-    input_shape: list[int] | None = _checked(None, lambda shape: shape is None or is_shape(shape), SHAPE)
+    input_shape: list[int] | None = checked(None, lambda shape: shape is None or is_shape(shape), SHAPE)
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where samples come from and how they are batched; `batch_size` is per rank."""
 
     section = "data"
     name: str = "digits"
     root: str = "data"
-    batch_size: int = _positive(64)
-    num_workers: int = _not_negative(0, "0 or more")
+    batch_size: int = positive(64)
+    num_workers: int = not_negative(0, "0 or more")
     download: bool = False
     augment: bool = True
-    val_fraction: float = _checked(0.2, lambda value: 0 < value < 1, "a fraction between 0 and 1")
+    val_fraction: float = checked(0.2, lambda value: 0 < value < 1, "a fraction between 0 and 1")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     pin_memory: bool | None = None
     persistent_workers: bool = True
-    prefetch_factor: int = _positive(2)
+    prefetch_factor: int = positive(2)
     per_sample_seed: bool | None = None
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -151,21 +92,21 @@ class DataConfig(_Section):
     def __post_init__(self) -> None:
         datasets = ("digits", "fashion_mnist", "cifar10", "synthetic", "stream")
         if self._target_ is None and self.name not in (*datasets, GIVEN):
-            raise _invalid("data.name", self.name, f"one of {', '.join(datasets)} or data._target_")
+            raise invalid("data.name", self.name, f"one of {', '.join(datasets)} or data._target_")
         super().__post_init__()
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which network to build; `num_classes` defaults to the dataset's."""
 
     section = "model"
     name: str = "mlp"
-    hidden_sizes: list[int] = _checked(
+    hidden_sizes: list[int] = checked(
         [512, 256], lambda sizes: all(is_count(size) and size > 0 for size in sizes), "positive widths"
     )
-    dropout: float = _checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
-    num_classes: int | None = _checked(None, lambda value: value is None or value > 0, "a positive count")
+    dropout: float = checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
+    num_classes: int | None = checked(None, lambda value: value is None or value > 0, "a positive count")
     cifar_stem: bool = False
     sync_batchnorm: bool = False
     channels_last: bool = False
@@ -177,93 +118,93 @@ class ModelConfig(_Section):
             import torchvision  # lazy: only needed when the name is not one of ours
 
             if self.name not in torchvision.models.list_models():
-                raise _invalid("model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
+                raise invalid("model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
         if self._target_ is None and self.cifar_stem and not self.name.startswith("resnet"):
-            raise _invalid(
+            raise invalid(
                 "model.cifar_stem", True, f"false: the CIFAR stem is a resnet's, not model.name={self.name}'s"
             )
         super().__post_init__()
 
 
 @dataclass
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Optimizer and learning-rate schedule (stepped once per optimizer step)."""
 
     section = "optim"
-    name: str = _one_of("adamw", ("sgd", "adamw", "adam"))
-    lr: float = _positive(1e-3, "a positive number")
-    weight_decay: float = _not_negative(0.01, "0 or more")
-    momentum: float = _checked(0.9, lambda value: 0.0 <= value < 1.0, "a fraction in [0, 1)")
-    scheduler: str = _one_of("none", ("none", "cosine", "step"))
-    warmup_steps: int = _not_negative(0, "0 or more")
-    step_epochs: int = _positive(30)
-    gamma: float = _checked(0.1, lambda value: 0.0 < value <= 1.0, "a factor in (0, 1]: the rate decays")
-    min_lr: float = _not_negative(0.0, "0 or more")
+    name: str = one_of("adamw", ("sgd", "adamw", "adam"))
+    lr: float = positive(1e-3, "a positive number")
+    weight_decay: float = not_negative(0.01, "0 or more")
+    momentum: float = checked(0.9, lambda value: 0.0 <= value < 1.0, "a fraction in [0, 1)")
+    scheduler: str = one_of("none", ("none", "cosine", "step"))
+    warmup_steps: int = not_negative(0, "0 or more")
+    step_epochs: int = positive(30)
+    gamma: float = checked(0.1, lambda value: 0.0 < value <= 1.0, "a factor in (0, 1]: the rate decays")
+    min_lr: float = not_negative(0.0, "0 or more")
 
 
 @dataclass
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     """How long and where to train, and how the run talks to the user."""
 
     section = "trainer"
-    epochs: int = _positive(10)
-    max_steps: int = _checked(-1, lambda value: value == -1 or value > 0, "-1 (no limit) or a positive number")
-    device: str = _one_of("auto", ("auto", "cpu", "cuda"))
-    dist_backend: str = _one_of("auto", ("auto", "nccl", "gloo"))
-    resume: str = _path("auto", "auto, none or a checkpoint's path")  # expanduser keeps auto and none
-    log_every_n_steps: int = _positive(50)
-    dist_timeout_s: float = _timeout(300.0)
-    startup_timeout_s: float = _timeout(1800.0)
+    epochs: int = positive(10)
+    max_steps: int = checked(-1, lambda value: value == -1 or value > 0, "-1 (no limit) or a positive number")
+    device: str = one_of("auto", ("auto", "cpu", "cuda"))
+    dist_backend: str = one_of("auto", ("auto", "nccl", "gloo"))
+    resume: str = path_field("auto", "auto, none or a checkpoint's path")  # expanduser keeps auto and none
+    log_every_n_steps: int = positive(50)
+    dist_timeout_s: float = timeout(300.0)
+    startup_timeout_s: float = timeout(1800.0)
     progress_bar: bool = True
-    stop_check_every_n_steps: int = _positive(1)
+    stop_check_every_n_steps: int = positive(1)
     requeue: bool = True
-    nonfinite_loss: str = _one_of("stop", ("stop", "skip"))
-    precision: str = _one_of("32", ("32", "bf16", "fp16"))
-    accumulate_grad_batches: int = _positive(1)
-    grad_clip_norm: float = _not_negative(0.0, "0 (off) or a positive norm")
+    nonfinite_loss: str = one_of("stop", ("stop", "skip"))
+    precision: str = one_of("32", ("32", "bf16", "fp16"))
+    accumulate_grad_batches: int = positive(1)
+    grad_clip_norm: float = not_negative(0.0, "0 (off) or a positive norm")
     compile: bool = False
-    strategy: str = _one_of("ddp", ("ddp", "fsdp"))
+    strategy: str = one_of("ddp", ("ddp", "fsdp"))
     find_unused_parameters: bool = False
-    fsdp_wrap: list[str] = _checked(
+    fsdp_wrap: list[str] = checked(
         FSDP_WRAP, lambda names: all(str(name).isidentifier() for name in names), "a list of module class names"
     )
     activation_checkpointing: bool = False
-    early_stopping_patience: int = _not_negative(0, "0 (off) or a number of epochs")
-    early_stopping_min_delta: float = _not_negative(0.0, "0 or a positive improvement")
-    allow_changes: list[str] = _checked([], lambda keys: set(keys) <= set(CONTINUABLE), f"keys among {CONTINUED}")
+    early_stopping_patience: int = not_negative(0, "0 (off) or a number of epochs")
+    early_stopping_min_delta: float = not_negative(0.0, "0 or a positive improvement")
+    allow_changes: list[str] = checked([], lambda keys: set(keys) <= set(CONTINUABLE), f"keys among {CONTINUED}")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.strategy != "fsdp":
             if self.activation_checkpointing:  # it checkpoints the FSDP units: trainer.fsdp_wrap's blocks
-                raise _invalid("trainer.activation_checkpointing", True, "false unless trainer.strategy=fsdp")
+                raise invalid("trainer.activation_checkpointing", True, "false unless trainer.strategy=fsdp")
             return
         # Not yet built: fp16 under FSDP needs a scaler that agrees on overflows across shards, and compile per block.
         if self.precision == "fp16":
-            raise _invalid("trainer.precision", self.precision, "32 or bf16 with trainer.strategy=fsdp (fp16: ddp)")
+            raise invalid("trainer.precision", self.precision, "32 or bf16 with trainer.strategy=fsdp (fp16: ddp)")
         if self.compile:
-            raise _invalid("trainer.compile", self.compile, "false with trainer.strategy=fsdp (compile: ddp)")
+            raise invalid("trainer.compile", self.compile, "false with trainer.strategy=fsdp (compile: ddp)")
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """When checkpoints are written and which one counts as best."""
 
     section = "checkpoint"
-    every_n_steps: int = _not_negative(0, "0 (epoch end only) or more")
-    every_n_minutes: float = _not_negative(0.0, "0 (off) or a positive number of minutes")
-    keep_last: int = _not_negative(2, "0 (last.pt only) or more")
+    every_n_steps: int = not_negative(0, "0 (epoch end only) or more")
+    every_n_minutes: float = not_negative(0.0, "0 (off) or a positive number of minutes")
+    keep_last: int = not_negative(2, "0 (last.pt only) or more")
     async_save: bool = False  # `checkpoint.async` would be the name, but `async` is a Python keyword
     monitor: str | None = None
-    mode: str | None = _checked(None, lambda value: value in (None, "min", "max"), "min or max")
+    mode: str | None = checked(None, lambda value: value in (None, "min", "max"), "min or max")
 
 
 @dataclass
-class WandbConfig(_Section):
+class WandbConfig(Section):
     """Weights & Biases: off by default; offline runs can be uploaded later with `wandb sync`."""
 
     section = "logging.wandb"
-    mode: str = _one_of("disabled", ("disabled", "offline", "online"))
+    mode: str = one_of("disabled", ("disabled", "offline", "online"))
     project: str = "ddp-trainer"
     name: str | None = None
     entity: str | None = None
@@ -278,15 +219,15 @@ class LoggingConfig:
 
 
 @dataclass
-class Config(_Section):
+class Config(Section):
     """The whole run: one dataclass per section, mapped one to one onto the YAML file."""
 
     section = ""  # its own keys are top-level: `seed`, not `.seed`
-    output_dir: str = _path("runs/digits_mlp", "a folder's path")
+    output_dir: str = path_field("runs/digits_mlp", "a folder's path")
     # In a SLURM job array each task writes to output_dir/array_task_<SLURM_ARRAY_TASK_ID>: the tasks of one sbatch
     # command never share a folder, and a requeued task resumes its own. false: output_dir as written.
     output_dir_per_array_task: bool = True
-    seed: int = _checked(0, lambda seed: 0 <= seed < 2**32, "0 to 2**32 - 1 (torch and NumPy seeds keep 32 bits)")
+    seed: int = checked(0, lambda seed: 0 <= seed < 2**32, "0 to 2**32 - 1 (torch and NumPy seeds keep 32 bits)")
     task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

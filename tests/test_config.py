@@ -78,6 +78,15 @@ def test_overrides_are_converted_to_the_schema_types():
         ("seed=-1", "config key 'seed' has invalid value -1"),  # was seed 4294967295's run
         ("optim.lr=.inf", "config key 'optim.lr' has invalid value inf"),  # stopped at step 2 on a non-finite loss
         ("trainer.grad_clip_norm=.inf", "config key 'trainer.grad_clip_norm' has invalid value inf"),
+        # Past sys.maxsize: a traceback from islice() in the DataLoader's batch sampler once the run had started.
+        (
+            "data.batch_size=99999999999999999999",
+            "'data.batch_size' has invalid value 99999999999999999999: expected at most",
+        ),
+        (
+            "data.num_workers=99999999999999999999",
+            "'data.num_workers' has invalid value 99999999999999999999: expected at most",
+        ),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):

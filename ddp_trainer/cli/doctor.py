@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ddp_trainer import distributed
-from ddp_trainer.config import TIMEOUT_RANGE, timeout_ok
 from ddp_trainer.errors import CliError, UsageError, first_line, say
+from ddp_trainer.fields import TIMEOUT_RANGE, timeout_ok
 
 SIOCGIFADDR = 0x8915
 

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp_trainer.config import SHAPE, StreamConfig, is_count, is_shape
+from ddp_trainer.config import StreamConfig
 from ddp_trainer.data.datasets import TensorClassification
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.errors import UsageError
+from ddp_trainer.fields import SHAPE, is_count, is_shape
 
 INDEX_FILE = "index.json"
 FORMATS = {".jsonl": "jsonl", ".npz": "npz"}
