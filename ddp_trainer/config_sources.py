@@ -47,6 +47,11 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UsageError(f"override {item!r} is not of the form key=value")
+        key, _, text = item.partition("=")
+        if not text.startswith(("'", '"')) and (text.startswith("#") or " #" in text):  # YAML: a comment, dropped
+            raise UsageError(
+                f"override {item!r}: YAML reads '#' there as a comment; quote the value: {key}='\"{text}\"'"
+            )
         try:  # one at a time, so the error names the override at fault
             layer.merge_with_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:  # a value like [1,2 is a YAML error

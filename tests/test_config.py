@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from pathlib import Path
 
 import numpy
@@ -140,6 +141,16 @@ def test_override_whose_value_is_not_yaml_is_named_in_one_line(override, problem
     with pytest.raises(UsageError) as refused:
         config.load(None, ["seed=1", override])
     assert str(refused.value) == f"override {override!r} could not be parsed: {problem}"
+
+
+@pytest.mark.parametrize("override", ["output_dir=#x", "data.root=/data #2"])
+def test_override_whose_value_yaml_would_cut_at_a_comment_is_refused_with_the_quoted_spelling(override):
+    # output_dir=#x was read as output_dir=None: a type error that never said why; /data #2 silently became /data.
+    with pytest.raises(UsageError) as refused:
+        config.load(None, [override])
+    key, _, value = override.partition("=")
+    assert str(refused.value).endswith(f"quote the value: {key}='\"{value}\"'")
+    assert operator.attrgetter(key)(config.load(None, [f'{key}="{value}"'])) == value
 
 
 @pytest.mark.parametrize(
