@@ -248,7 +248,8 @@ def from_container(container: dict[str, Any], overrides: Sequence[str] = ()) -> 
     # The saved keys were judged when the run started (and older checkpoints kept keys that reached nothing):
     # only the overrides are keys written now.
     written = sources.parse_overrides(overrides)
-    return _refusing_given(_validate(factory_args.layered(OmegaConf.create(container), written), written))
+    saved = OmegaConf.create(sources.literal(container))
+    return _refusing_given(_validate(factory_args.layered(saved, written), written))
 
 
 def load_for_objects(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
@@ -311,7 +312,7 @@ def to_container(config: Config) -> dict[str, Any]:
 
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML text, loadable again by `load`."""
-    return OmegaConf.to_yaml(OmegaConf.create(to_container(config)))
+    return OmegaConf.to_yaml(OmegaConf.create(sources.literal(to_container(config))))
 
 
 def locate(target: str, key: str) -> Callable[..., Any]:

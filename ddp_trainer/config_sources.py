@@ -3,6 +3,7 @@ errors told in one line that names the key at fault."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,16 @@ def resolved(defaults: Mapping[str, Any], layer: DictConfig) -> DictConfig:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as error:
         raise UsageError(_message(error)) from None
-    return merged
+    return OmegaConf.create(literal(OmegaConf.to_container(merged)))
+
+
+def literal(value: Any) -> Any:
+    """Plain values with each `${` escaped: OmegaConf keeps them as they are instead of resolving them again."""
+    if isinstance(value, str):  # `\${x}` resolved to the text `${x}`; taken again, it was looked up as a key
+        return re.sub(r"(\\*)\$\{", lambda found: found.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {key: literal(item) for key, item in value.items()}
+    return [literal(item) for item in value] if isinstance(value, list) else value
 
 
 def to_object(merged: DictConfig) -> Any:

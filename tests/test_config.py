@@ -195,6 +195,18 @@ def test_an_interpolation_may_name_a_factory_keyword(tmp_path):
     assert (cfg.output_dir, cfg.model.kwargs) == ("runs/h32", {"hidden": 32})
 
 
+def test_an_escaped_interpolation_stays_text_through_the_run_its_yaml_and_its_checkpoint(tmp_path):
+    # `\${...}` is OmegaConf's way to write the text `${...}`: it was resolved once to that text, then looked up as a
+    # key when the schema took it, so the run stopped: "Interpolation key 'run' not found".
+    written = ["logging.wandb.name=\\${run}", "data.root=a\\\\\\${b}", "output_dir=h${seed}"]
+    cfg = config.load(None, written)
+    wanted = ("${run}", "a\\${b}", "h0")
+    assert (cfg.logging.wandb.name, cfg.data.root, cfg.output_dir) == wanted
+    (tmp_path / "config.yaml").write_text(config.to_yaml(cfg))
+    for again in (config.load(tmp_path / "config.yaml"), config.from_container(config.to_container(cfg))):
+        assert (again.logging.wandb.name, again.data.root, again.output_dir) == wanted
+
+
 def test_schema_keys_the_model_factory_takes_reach_it():
     cfg = config.load(None, ["model._target_=factories.classifier", "model.num_classes=5", "model.dropout=0.25"])
     dropout, linear = models.build(cfg.model, (8,), dataset_classes=3)

@@ -54,18 +54,18 @@ def load_config(path: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], C
 
 
 def _refuse_untrusted(path: Path, saved: dict[str, Any], overrides: Sequence[str]) -> None:
-    """Refuse a saved config that would run code from the file: a factory the user did not name, an interpolation."""
+    """Refuse a saved config that would run code from the file: a factory the user did not name.
+
+    Its interpolations stay text: `config.from_container` escapes them, so `${oc.env:...}` reads no environment.
+    """
     if not all(isinstance(saved.get(section), dict) for section in ("model", "data", "trainer")):
         raise UsageError(f"checkpoint {path} is not a ddp-trainer checkpoint (its config lacks model, data or trainer)")
-    nodes, depth = list(saved.items()), 0
+    nodes, depth = list(saved.values()), 0
     while nodes:
         depth += 1
         if depth > 32:  # a saved config is a few levels deep; a file made to exhaust the stack is not
             raise UsageError(f"checkpoint {path}: its config is nested more than 32 levels deep, refused")
-        interpolated = next((key for key, node in nodes if isinstance(node, str) and "${" in node), None)
-        if interpolated is not None:  # saved resolved: `${oc.env:...}` would read this machine's environment
-            raise UsageError(f"checkpoint {path}: its config holds an interpolation ({interpolated}), refused")
-        nodes = [(f"{key}.{inner}", value) for key, node in nodes for inner, value in _children(node)]
+        nodes = [child for node in nodes for child in _children(node)]
     named = dict(item.split("=", 1) for item in overrides if "=" in item)
     for section in ("model", "data"):
         target = saved[section].get("_target_")
@@ -77,10 +77,10 @@ def _refuse_untrusted(path: Path, saved: dict[str, Any], overrides: Sequence[str
             )
 
 
-def _children(node: Any) -> list[tuple[Any, Any]]:
+def _children(node: Any) -> list[Any]:
     if isinstance(node, dict):
-        return list(node.items())
-    return list(enumerate(node)) if isinstance(node, list) else []
+        return list(node.values())
+    return node if isinstance(node, list) else []
 
 
 def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
