@@ -71,7 +71,8 @@ def merge(base: DictConfig, layer: DictConfig) -> DictConfig:
             raise UsageError(_message(error)) from None  # the line says it all; OmegaConf's trace is noise
         key, held, value = clash
         kind = "a section of keys" if isinstance(held, DictConfig) else "a list"
-        raise UsageError(f"config key '{key}' is {kind}, not {_plain(value)!r}") from None
+        whole = "" if isinstance(held, DictConfig) else f": give it whole, {key}=[...]"  # OmegaConf sets no item
+        raise UsageError(f"config key '{key}' is {kind}, not {_plain(value)!r}{whole}") from None
 
 
 def resolved(defaults: Mapping[str, Any], layer: DictConfig) -> DictConfig:

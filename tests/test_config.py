@@ -69,7 +69,14 @@ def test_overrides_are_converted_to_the_schema_types():
         ("trainer=5", "config key 'trainer' is a section of keys, not 5"),
         ("data=[1]", "config key 'data' is a section of keys, not [1]"),
         ("data.synthetic=[1]", "config key 'data.synthetic' is a section of keys, not [1]"),
-        ("trainer.fsdp_wrap={a: 1}", "config key 'trainer.fsdp_wrap' is a list, not {'a': 1}"),
+        (
+            "trainer.fsdp_wrap={a: 1}",
+            "config key 'trainer.fsdp_wrap' is a list, not {'a': 1}: give it whole, trainer.fsdp_wrap=[...]",
+        ),
+        (
+            "model.hidden_sizes.0=128",
+            "config key 'model.hidden_sizes' is a list, not {'0': 128}: give it whole, model.hidden_sizes=[...]",
+        ),
         ("data.synthetic.val_size=0", "config key 'data.synthetic.val_size' has invalid value 0"),
         ("data.synthetic.num_classes=1", "config key 'data.synthetic.num_classes' has invalid value 1"),
         ("data.synthetic.input_shape=[3,0,4]", "config key 'data.synthetic.input_shape' has invalid value [3, 0, 4]"),
