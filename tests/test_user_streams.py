@@ -9,7 +9,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO_DIR, read_metrics, run_script
+from conftest import REPO_DIR, read_metrics, run_cli, run_script
 from dist_helpers import run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -211,6 +211,15 @@ def test_a_stream_from_a_target_factory_trains_through_the_command_line(tmp_path
         (2, 96, 37),
         (4, 96, 37),
     ]
+
+
+def test_a_stream_split_here_is_warned_of_once_not_each_epoch_its_workers_start_anew(tmp_path):
+    # Workers are new processes each epoch, where warnings.warn's "once" starts over: 3 epochs warned 6 times.
+    target = ["data._target_=factories.blob_streams", "model._target_=factories.small_net", "data.num_workers=2"]
+    result = run_cli([*CPU, *target, "trainer.epochs=3", f"output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "UserWarning: BlobStream does not read" in line]
+    assert len(warned) == 2  # the training stream's and the validation stream's
 
 
 class SeededByReader(IterableDataset):

@@ -18,7 +18,7 @@ from ddp_trainer.data.datasets import digits, synthetic
 from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
 from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
-from ddp_trainer.data.user_streams import RankShardedStream
+from ddp_trainer.data.user_streams import RankShardedStream, StreamLoader
 from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
@@ -153,8 +153,10 @@ def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIter
     return train_set, val_set
 
 
-def _loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int, **options: Any) -> DataLoader:
-    return StopProofLoader(
+def _loader(
+    dataset: Dataset, cfg: DataConfig, env: DistEnv, seed: int, kind: type[DataLoader] = StopProofLoader, **options: Any
+) -> DataLoader:
+    return kind(
         dataset,
         num_workers=cfg.num_workers,
         # Pinned host memory lets the copy to the GPU overlap compute; on CPU it only costs.
@@ -180,7 +182,7 @@ def _user_stream(
     dataset: IterableDataset, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate, **options: Any
 ) -> DataLoader:
     stream = RankShardedStream(dataset, cfg.batch_size, env.rank, env.world_size, cfg.num_workers, seed, collate)
-    return _loader(stream, cfg, env, seed, batch_size=None, **options)
+    return _loader(stream, cfg, env, seed, StreamLoader, batch_size=None, **options)
 
 
 def _val_loader(

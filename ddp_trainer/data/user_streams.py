@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as worker_module
 
 from ddp_trainer.errors import UsageError
+from ddp_trainer.preemption import StopProofLoader
 
 # The slot of a batch that is not for training: a stand-in for a rank whose part of a resumed epoch is empty.
 SPARE = -1
@@ -87,6 +88,7 @@ class RankShardedStream(IterableDataset):
     ) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.workers, self.seed, self.collate = max(workers, 1), seed, collate or default_collate
+        self.passes = 0  # passes its StreamLoader started: only the first warns of a dataset that splits nothing
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -122,6 +124,10 @@ class RankShardedStream(IterableDataset):
         return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size}
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        # Not a generator: a loader without workers calls this before it counts the pass, as workers copy it then.
+        return self._pass(warn=self.passes == 0)
+
+    def _pass(self, warn: bool) -> Iterator[tuple[int, Any]]:
         worker = get_worker_info()
         local = worker.id if worker is not None else 0
         # Rotated so that the DataLoader's first worker serves the reader whose batch came next when saved.
@@ -132,7 +138,7 @@ class RankShardedStream(IterableDataset):
         # PyTorch docs' worker_init_fn split, moved there) would narrow further each pass in this process.
         info = ReaderInfo(reader, readers, seed, copy.copy(self.dataset))
         skip, spare, yielded = self.skipped[slot], None, False
-        for records in self._batches(info):
+        for records in self._batches(info, warn):
             if skip:  # trained before the resume
                 skip, spare = skip - 1, records
                 continue
@@ -141,12 +147,12 @@ class RankShardedStream(IterableDataset):
         if not yielded and spare is not None:
             yield SPARE, self.collate(spare)  # this reader's part was all trained: a stand-in for the feed
 
-    def _batches(self, info: ReaderInfo) -> Iterator[list[Any]]:
-        records = self._records(info)
+    def _batches(self, info: ReaderInfo, warn: bool) -> Iterator[list[Any]]:
+        records = self._records(info, warn)
         while batch := list(itertools.islice(records, self.batch_size)):  # the last one may be short
             yield batch
 
-    def _records(self, info: ReaderInfo) -> Iterator[Any]:
+    def _records(self, info: ReaderInfo, warn: bool) -> Iterator[Any]:
         """The records of reader `info.id`: split by the dataset if it asked who it is, else every readers-th one."""
         with presenting(info):
             source = iter(info.dataset)
@@ -161,10 +167,19 @@ class RankShardedStream(IterableDataset):
                 )
             if record is _END:
                 return
-            if index == 0 and not info.read_count and info._num_workers > 1 and info._id == 0:
+            if warn and index == 0 and not info.read_count and info._num_workers > 1 and info._id == 0:
                 warnings.warn(_unsplit(type(self.dataset).__name__, info), stacklevel=1)
             if info.read or index % info._num_workers == info._id:
                 yield record
+
+
+class StreamLoader(StopProofLoader):
+    """The DataLoader of a `RankShardedStream`: it counts the passes it starts."""
+
+    def _get_iterator(self) -> Iterator[Any]:
+        iterator = super()._get_iterator()  # its workers copied the stream here, each epoch anew
+        self.dataset.passes += 1
+        return iterator
 
 
 def _unsplit(name: str, info: ReaderInfo) -> str:
