@@ -5,6 +5,7 @@ Also: what rank 0 alone does in that folder (the claim, the loggers it opens) re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -37,9 +38,21 @@ class FolderClaim:
         self.folder, self.key, self.held = output_dir, output_dir.resolve(), False
         if self.key in _HELD:
             raise UsageError(f"output_dir {output_dir} is in use by another run in this process: give each its own")
-        self.created = not output_dir.exists()
+        self.created, self.path = not output_dir.exists(), output_dir / LOCK_NAME
+        try:
+            self._claim()
+        except OSError as error:  # a folder the up-front check cannot judge: /proc, a full disk
+            if self.handle is not None:
+                self.held = True  # ours once open: release() removes a lone .lock, and the folder if this run made it
+                self.release()
+            elif self.created:
+                with contextlib.suppress(OSError):
+                    output_dir.rmdir()
+            raise UsageError(f"output_dir={output_dir} cannot be written: {error.strerror or error}") from None
+
+    def _claim(self) -> None:
+        output_dir, self.handle = self.folder, None
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = output_dir / LOCK_NAME
         if (output_dir / "metrics.jsonl").is_symlink():  # appended to, a link would have the run write to its target
             raise UsageError(f"{output_dir / 'metrics.jsonl'} is a symbolic link, which a run never writes through")
         self.handle = self._open()
@@ -98,7 +111,8 @@ class FolderClaim:
             self.path.unlink()
             if self.created:
                 self.folder.rmdir()
-        self.handle.close()
+        with contextlib.suppress(OSError):  # a pid line a full disk never took would fail to flush again
+            self.handle.close()
 
 
 def refused_on_every_rank(

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ddp_trainer import atomic
 from ddp_trainer.config import LoggingConfig
-from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.errors import CliError, UsageError, first_line
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -71,13 +71,16 @@ class RunLogger:
             return
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            # Replaced whole, never truncated in place: a kill, or a reader (plot, tail), never finds it empty.
+            # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are
+            # dropped: the run redoes those steps. So are those of a line dropped below (a part epoch now finished).
+            self._open_loggers(min(resumed_step + 1, self._keep_lines(completed_epochs)), wandb_run_id)
+            # Once W&B took the run: a run it refuses leaves config.yaml as it was (or none). Replaced whole, never
+            # truncated in place: a kill, or a reader (plot, tail), never finds it empty.
             atomic.write_atomic(self.output_dir / "config.yaml", lambda file: file.write(config_yaml.encode()))
         except OSError as error:  # a folder the up-front check cannot judge: /proc, a read-only mount, a full disk
             raise UsageError(f"output_dir={self.output_dir} cannot be written: {error.strerror or error}") from None
-        # Events a crashed attempt wrote after the checkpoint's step (all of them, with no checkpoint) are dropped:
-        # the run redoes those steps. So are those of a line dropped below (an epoch stopped part-way, now finished).
-        purge_step = min(resumed_step + 1, self._keep_lines(completed_epochs))
+
+    def _open_loggers(self, purge_step: int | float, wandb_run_id: str | None) -> None:
         if self.logging_cfg.tensorboard:
             tensorboard = _import_optional("torch.utils.tensorboard", "logging.tensorboard=true")
             self.tensorboard = tensorboard.SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
@@ -159,10 +162,13 @@ class RunLogger:
         return postfix
 
     def info(self, message: str) -> None:
-        """Print one line on rank 0."""
+        """Print one line on rank 0 (above the progress bar while one is drawn)."""
         if self.is_main:
             try:
-                print(message, flush=True)
+                if self.bar is not None:  # printed as is, the line would start where the bar's text ends
+                    self.bar.write(message, file=sys.stdout)
+                else:
+                    print(message, flush=True)
             except OSError:  # a closed pipe (`| head -1`) or a full disk: the run and its checkpoints matter more
                 _silence_stdout()
 
@@ -170,8 +176,13 @@ class RunLogger:
         """Append the epoch's global metrics to metrics.jsonl, print them and log them at `record["step"]`."""
         if not self.is_main:
             return
-        with self.metrics_path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk: the epoch's checkpoint is not written either, the last one stands
+            raise CliError(
+                f"could not write {self.metrics_path} ({error.strerror or error}); every earlier checkpoint is intact"
+            ) from None
         validation = format_metrics(record)
         self.info(
             f"epoch {record['epoch']}/{epochs} step {record['step']} | train/loss {record['train/loss']:.4f} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -89,6 +90,27 @@ class FullDisk(io.FileIO):
         written = super().write(bytes(data[: self.room]))
         self.room -= written
         return written
+
+
+@pytest.fixture
+def full_mount(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/"disk" (root alone may mount, else it skips); call it to fill it; unmounted after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+
+    def fill() -> None:
+        with (disk / "filler").open("wb", buffering=0) as filler:
+            with contextlib.suppress(OSError):  # ENOSPC: full
+                while True:
+                    filler.write(bytes(4096))
+
+    yield fill
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a file a failed test left open
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from conftest import REPO_DIR, cli_command, cli_env
 from ddp_trainer import atomic, checkpoint
 from ddp_trainer.cli.train import main
 from ddp_trainer.config import LoggingConfig, WandbConfig
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import CliError, UsageError
 from ddp_trainer.loggers import RunLogger
 
 TENSORBOARD = LoggingConfig(tensorboard=True)
@@ -261,6 +261,42 @@ def test_a_folder_that_cannot_be_made_is_one_line_naming_output_dir(tmp_path):
         logger.start("seed: 0\n", completed_epochs=0)
 
 
+def test_a_full_disk_refuses_the_run_before_it_trains_and_leaves_no_folder(tmp_path, full_mount, capsys):
+    # Neither the up-front check nor os.access can see a full disk: the claim's write met it, in a traceback, and
+    # left the folder with its .lock.
+    full_mount()
+    output_dir = tmp_path / "disk" / "run"
+    assert main(["trainer.device=cpu", f"output_dir={output_dir}"]) == 2
+    said = f"ddp-train: error: output_dir={output_dir} cannot be written: No space left on device\n"
+    assert capsys.readouterr().err == said
+    assert not output_dir.exists()
+
+
+def test_an_epoch_line_a_full_disk_refuses_ends_the_run_in_one_line_naming_metrics(tmp_path, full_mount):
+    logger = RunLogger(tmp_path / "disk" / "run", is_main=True, progress_bar=False)
+    logger.start("seed: 0\n", completed_epochs=0)
+    full_mount()  # a traceback came from the append: after it, neither the epoch's line nor its checkpoint
+    with pytest.raises(CliError) as raised:
+        logger.log_epoch({"epoch": 1, "step": 4, "train/loss": 0.5, "time/epoch_s": 1.0} | {"pad": "x" * 9000}, 1)
+    path = tmp_path / "disk" / "run" / "metrics.jsonl"
+    assert str(raised.value) == f"could not write {path} (No space left on device); every earlier checkpoint is intact"
+    assert type(raised.value).exit_code == 1
+
+
+def test_a_line_said_while_the_bar_is_drawn_comes_above_it_not_after_it(tmp_path, monkeypatch):
+    # Printed as is, "skipped 9 optimizer step(s)..." started where the bar's text ended, on a terminal.
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    logger = RunLogger(tmp_path, is_main=True, progress_bar=True)
+    for batch in logger.progress(range(3), 3, "epoch 1/1"):
+        if batch == 1:
+            logger.info("skipped 1 optimizer step(s)")
+    drawn = terminal.getvalue()
+    before = drawn[: drawn.index("skipped")]
+    assert before.endswith("\r") or before.endswith("\n")
+
+
 def test_progress_bar_stays_quiet_when_stderr_is_not_a_terminal(tmp_path, capsys):
     logger = RunLogger(tmp_path, is_main=True, progress_bar=True)
     batches = list(logger.progress(range(4), 4, "epoch 1/1", samples_per_batch=64))
@@ -395,6 +431,7 @@ def test_settings_wandb_refuses_end_every_rank_in_one_line_naming_them(tmp_path)
     assert [line.split(":", 2)[1] for line in errors] == [" error (rank 0)", " error (rank 1)"], result.stderr
     assert all(said in line for line in errors), errors
     assert "]: Traceback" not in result.stderr  # no rank's (torchrun's own, of its failed workers, is not ours)
+    assert not (tmp_path / "run").exists()  # config.yaml came before W&B's refusal, and kept the folder
 
 
 def test_a_run_resumed_in_its_folder_continues_its_wandb_run_and_one_branched_off_it_starts_its_own(
