@@ -124,6 +124,15 @@ def test_bad_metrics_give_one_error_line_naming_the_file_and_exit_2(tmp_path, ca
     assert not (tmp_path / "run" / "metrics.png").exists()
 
 
+def test_a_last_line_cut_short_by_a_crash_is_left_out_and_the_epochs_before_it_drawn(tmp_path, capsys):
+    # The trainer drops such a line when the run resumes; until then plot refused the whole file.
+    file = write_metrics(tmp_path / "run", [json.dumps(record) for record in RECORDS[:2]])
+    file.write_text(file.read_text() + json.dumps(RECORDS[2])[:30])
+    assert ddp_train(["plot", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().err == f"{file} line 3 was cut short as it was written: left out\n"
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
+
+
 def test_importing_the_plot_command_does_not_load_matplotlib():
     script = "import sys, ddp_trainer.cli.plot; print([name for name in sys.modules if name.startswith('matplotlib')])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())

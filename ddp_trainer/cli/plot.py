@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddp_trainer.atomic import write_atomic
 from ddp_trainer.cli import run_as
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, say
 from ddp_trainer.loggers import is_number
 
 if TYPE_CHECKING:
@@ -32,16 +33,19 @@ def metrics_file(path: Path) -> Path:
 def read_epochs(file: Path) -> list[dict[str, Any]]:
     """The epoch lines of a metrics.jsonl, in file order; lines without an `epoch` key are skipped."""
     try:
-        lines = file.read_text().splitlines()
+        text = file.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read {file} as text: {error}") from error
-    records = []
+    records, lines = [], text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as error:  # a line nested past the parser's depth, too
+            if number == len(lines) and not text.endswith("\n"):  # a run stopped as it wrote it; its resume drops it
+                say(f"{file} line {number} was cut short as it was written: left out", sys.stderr)
+                continue
             raise UsageError(f"{file} line {number} is not valid JSON: {getattr(error, 'msg', error)}") from None
         if isinstance(record, dict) and "epoch" in record:
             _check_numbers(record, f"{file} line {number}")
