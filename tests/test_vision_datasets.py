@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import urllib.error
 import urllib.request
@@ -279,6 +280,29 @@ def test_a_damaged_dataset_file_exits_2_with_one_line_naming_it(recipe, write, d
     assert len(lines) == 1, lines
     assert said in lines[0] and damaged in lines[0] and str(path.parent) in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+class Calls:
+    """Pickled, it asks the unpickler to call os.system: what a file from elsewhere can hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # noqa: ANN204
+        return os.system, (self.command,)
+
+
+def test_a_cifar10_batch_that_names_a_function_is_refused_without_calling_it(tmp_path, capsys):
+    # torchvision reads the batches with pickle.load: a data.root from elsewhere (a checkpoint's, under evaluate)
+    # ran the command its file named.
+    data_root, marker = tmp_path / "data", tmp_path / "ran"
+    written = write_cifar10(data_root)
+    (path,) = written.root.rglob("data_batch_1")
+    path.write_bytes(pickle.dumps(Calls(f"touch {marker}"), protocol=2))
+    assert train_in_process("cifar10_resnet18.yaml", data_root, tmp_path / "run") == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"cannot read data_batch_1 in {path.parent} (it names posix.system, which a CIFAR-10 batch never" in line
+    assert not marker.exists()
 
 
 def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_files, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import functools
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torchvision import datasets, transforms
@@ -28,6 +28,18 @@ UNREADABLE = (
     TypeError,
 )
 
+# What a CIFAR-10 batch's pickle may name: NumPy's arrays, as Python 2 and 3 pickle them. Any other global (os.system)
+# would be called as torchvision's pickle.load reads the file.
+ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
 CIFAR10_MEAN = (0.4915, 0.4823, 0.4468)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -42,6 +54,30 @@ class CIFAR10Files(datasets.CIFAR10):
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
     meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Builds NumPy arrays and plain values only: any other class or function a pickle names is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The global a pickle names, if it is one of ARRAY_GLOBALS."""
+        if (module, name) not in ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never does")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path) -> Any:
+    with open(path, "rb") as file:
+        return _ArraysOnly(file, encoding="latin1").load()
+
+
+def _cifar10_split(root: str, train: bool, transform: Callable, download: bool, files: list[Path]) -> CIFAR10Files:
+    # torchvision reads the batches with pickle.load, which calls what a file names: each is read here first with
+    # NumPy's arrays alone allowed, so a folder from elsewhere (a checkpoint's data.root) runs no code.
+    for path in files:
+        if path.is_file():
+            _load_batch(path)
+    return CIFAR10Files(root, train, transform, download=download)
 
 
 def _require_files(root: str, dataset: str, folder: str, names: list[str], download: bool) -> Path:
@@ -96,9 +132,8 @@ def _unreadable(where: Path, files: list[str]) -> str | None:
         try:
             if name.endswith("-ubyte"):  # an IDX file: its header says what follows
                 datasets.mnist.read_sn3_pascalvincent_tensor(str(where / name), strict=False)
-            else:  # a CIFAR-10 batch: unpickled as torchvision unpickles it
-                with open(where / name, "rb") as file:
-                    pickle.load(file, encoding="latin1")["label_names" if name.endswith(".meta") else "data"]
+            else:  # a CIFAR-10 batch, its arrays alone unpickled
+                _load_batch(where / name)["label_names" if name.endswith(".meta") else "data"]
         except UNREADABLE:
             return name
     return None
@@ -125,7 +160,8 @@ def cifar10(root: str, download: bool, augment: bool) -> tuple[CIFAR10Files, CIF
     train_files, test_files = names[:5] + names[-1:], names[5:]  # both read batches.meta, the last name
     augmented, plain = transforms.Compose(augmentation + normalize), transforms.Compose(normalize)
     read = functools.partial(_read, "CIFAR-10", where, download)
+    paths = [[where / name for name in files] for files in (train_files, test_files)]
     return (
-        read(train_files, lambda: CIFAR10Files(root, True, augmented, download=download)),
-        read(test_files, lambda: CIFAR10Files(root, False, plain, download=download)),
+        read(train_files, lambda: _cifar10_split(root, True, augmented, download, paths[0])),
+        read(test_files, lambda: _cifar10_split(root, False, plain, download, paths[1])),
     )
