@@ -15,7 +15,7 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
+def save_atomic(state: dict[str, Any], path: Path, exclusive: bool = False) -> None:
     """`torch.save` through `write_atomic`: readers see the old checkpoint or the new one, never part of one."""
 
     def save(file: IO[bytes]) -> None:
@@ -29,7 +29,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
                 raise
             raise sink.error from error
 
-    write_atomic(path, save)
+    write_atomic(path, save, exclusive)
 
 
 class _WriteErrorKept:
@@ -51,8 +51,11 @@ class _WriteErrorKept:
         self.file.flush()
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """`write` into a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], exclusive: bool = False) -> None:
+    """`write` into a temporary file in the same folder, fsync, rename: readers see the old file or the new one.
+
+    `exclusive`: linked in instead, so a file that took the name meanwhile stays (FileExistsError).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -61,10 +64,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        (os.link if exclusive else os.replace)(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)  # renamed: gone already
     fsync_directory(path.parent)
 
 

@@ -77,6 +77,25 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     assert read_metrics(tmp_path / "file")[-1]["val/loss"] == read_metrics(tmp_path / "run")[-1]["val/loss"]
 
 
+def test_consolidate_never_replaces_an_output_that_appears_as_it_reads(tmp_path, capsys, monkeypatch):
+    # It checked the name first, then renamed its file over whatever had taken the name since.
+    output = tmp_path / "model.pt"
+    (tmp_path / "sharded").mkdir()
+
+    def read_while_another_writes(path):
+        output.write_text("another program's file")
+        return {"model": {}, "epoch": 1, "step": 1}
+
+    monkeypatch.setattr(checkpoint, "load", read_while_another_writes)
+    assert main(["consolidate", "--checkpoint", str(tmp_path / "sharded"), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.endswith(f"--output {output} exists; consolidate never overwrites a file\n")
+    assert output.read_text() == "another program's file" and sorted(os.listdir(tmp_path)) == ["model.pt", "sharded"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun every rank wrote the file, the last one's kept
+    assert main(["consolidate", "--checkpoint", str(tmp_path / "sharded"), "--output", str(tmp_path / "x.pt")]) == 2
+    assert "consolidate runs in one process: start it without torchrun or srun" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("cut_file", "named"),
     [("state.pt", "state.pt is unreadable"), ("__0_0.distcp", "is unreadable (__0_0.distcp holds 8 of its ")],

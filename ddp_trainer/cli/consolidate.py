@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_trainer import atomic, checkpoint
+from ddp_trainer import atomic, checkpoint, distributed
 from ddp_trainer.cli import run_as
 from ddp_trainer.errors import UsageError
 
@@ -27,15 +27,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exists(output: Path) -> UsageError:
+    return UsageError(f"--output {output} exists; consolidate never overwrites a file")
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train consolidate`; returns 0 (errors are raised as UsageError to the caller)."""
     args = parse_args(argv)
+    if distributed.detect_launcher().world_size > 1:  # every rank would write the file
+        raise UsageError("ddp-train consolidate runs in one process: start it without torchrun or srun")
     if not args.checkpoint.exists():
         raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
     if not args.checkpoint.is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint} is not a sharded checkpoint folder (a file is one already)")
     if args.output.exists():
-        raise UsageError(f"--output {args.output} exists; consolidate never overwrites a file")
+        raise _exists(args.output)
     if any((args.output.parent / name).exists() for name in ("last", "best")):  # a run's checkpoints folder
         raise UsageError(
             f"--output {args.output} is inside a run's checkpoints folder, where its resume would read the file as "
@@ -43,8 +49,10 @@ def main(argv: Sequence[str]) -> int:
         )
     state = checkpoint.load(args.checkpoint)
     try:
-        atomic.save_atomic(state, args.output)
+        atomic.save_atomic(state, args.output, exclusive=True)
     except OSError as error:
+        if isinstance(error, FileExistsError) and args.output.exists():  # it appeared as the checkpoint was read
+            raise _exists(args.output) from None
         raise UsageError(f"cannot write --output {args.output}: {error.strerror or error}") from None
     tensors = [value for value in state["model"].values() if isinstance(value, torch.Tensor)]
     size = sum(tensor.numel() for tensor in tensors)
