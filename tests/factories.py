@@ -301,3 +301,23 @@ def blob_streams(train_size: int = 96, val_size: int = 37) -> tuple[IterableData
     """`blobs` as two IterableDatasets, for `data._target_`."""
     train, val = blobs(train_size, val_size)
     return BlobStream(train), BlobStream(val)
+
+
+class DictSamples(Dataset):
+    """`inner`'s samples as {"inputs", "targets"} dicts: the other sample form the classification task reads."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner, self.classes = inner, inner.classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        inputs, targets = self.inner[index]
+        return {"inputs": inputs, "targets": targets}
+
+
+def dict_blobs() -> tuple[Dataset, Dataset]:
+    """`blobs` with samples as dicts."""
+    train, val = blobs()
+    return DictSamples(train), DictSamples(val)

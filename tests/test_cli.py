@@ -45,6 +45,14 @@ def test_misspelt_key_exits_2_with_one_line_naming_it(tmp_path, capsys):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("word", ["evalute", "doctor"])
+def test_a_word_that_is_no_command_is_named_with_the_commands(capsys, word):
+    # It was read as an override: "override 'doctor' is not of the form key=value".
+    assert main([word, "--checkpoint", "x.pt"]) == 2
+    said = f"ddp-train: error: {word!r} is neither a command (evaluate, predict, plot, consolidate) nor a key=value"
+    assert capsys.readouterr().err == f"{said} override\n"
+
+
 def test_missing_config_file_exits_2(capsys):
     assert main(["--config", "configs/nope.yaml"]) == 2
     assert "configs/nope.yaml does not exist" in capsys.readouterr().err

@@ -7,12 +7,16 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import time
 
 import pytest
 import torch
-from conftest import FullDisk, read_metrics, run_cli
+from conftest import REPO_DIR, FullDisk, cli_command, cli_env, read_metrics, run_cli
 from dist_helpers import read_while_replaced, spawn, train_in_a_folder_per_rank
+from factories import blobs
 from PIL import Image
 
 from ddp_trainer import atomic, checkpoint, config, distributed
@@ -315,6 +319,52 @@ def test_a_checkpoint_saved_for_gpus_is_evaluated_and_predicted_on_this_cpu(trai
     output = tmp_path / "val.jsonl"
     assert main(["predict", "--checkpoint", str(gpu_file), "--split", "val", "--output", str(output)]) == 0
     assert f"top-1 accuracy {100 * expected['val/accuracy']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("factory", "workers"),
+    [
+        ("factories.dict_blobs", 0),  # a traceback: the dict's keys were unpacked as (inputs, targets)
+        ("factories.blob_streams", 2),  # rows came in the workers' round-robin order, not the stream's
+    ],
+)
+def test_predict_writes_a_row_per_sample_in_the_splits_own_order(tmp_path, capsys, factory, workers):
+    named = [f"data._target_={factory}", "model._target_=factories.small_net"]
+    args = [*named, f"data.num_workers={workers}", "trainer.device=cpu", "trainer.epochs=1", "data.batch_size=8"]
+    assert main([*args, f"output_dir={tmp_path / 'run'}"]) == 0
+    last, output = tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "val.jsonl"
+    assert main(["predict", "--checkpoint", str(last), "--split", "val", "--output", str(output), *named]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    val = blobs()[1]
+    assert [(row["index"], row["target"]) for row in rows] == [(index, str(index % 3)) for index in range(len(val))]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_predict_stopped_by_a_signal_leaves_no_file_and_no_traceback(tmp_path, stop):
+    # SIGTERM (a time limit, kill) left its hidden temporary file, as large as the output; Ctrl-C printed a traceback.
+    synthetic = ["data.name=synthetic", "data.synthetic.input_shape=[4]", "data.synthetic.train_size=300000"]
+    args = [*synthetic, "model.hidden_sizes=[8]", "trainer.device=cpu", "trainer.max_steps=1", "trainer.epochs=1"]
+    assert run_cli([*args, f"output_dir={tmp_path / 'run'}"]).returncode == 0
+    last, output = tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "out" / "rows.jsonl"
+    output.parent.mkdir()
+    command = cli_command(["predict", "--checkpoint", str(last), "--split", "train", "--output", str(output)], 1)
+    predicting = subprocess.Popen(
+        [*command, "--batch-size", "1"], env=cli_env(), cwd=REPO_DIR, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not any(output.parent.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    predicting.send_signal(stop)
+    assert predicting.wait(timeout=60) == 128 + stop
+    assert list(output.parent.iterdir()) == []
+    assert "Traceback" not in predicting.stderr.read()
+
+
+def test_predict_refuses_what_it_cannot_do_in_one_line(trained, tmp_path, capsys):
+    last = trained / "checkpoints" / "last.pt"
+    with pytest.raises(SystemExit) as parsed:  # --output was ignored, with exit code 0
+        main(["predict", "--checkpoint", str(last), "--images", "a.png", "--output", str(tmp_path / "out.jsonl")])
+    assert parsed.value.code == 2 and "--output goes with --split" in capsys.readouterr().err
 
 
 def test_predict_on_the_training_split_turns_off_a_factorys_augmentation(tmp_path, capsys):

@@ -67,6 +67,17 @@ def test_every_record_is_trained_on_once_per_epoch(shard_root, tmp_path, world_s
     assert (line["train/samples"], line["val/samples"]) == (sum(SHARD_SIZES), sum(VAL_SIZES))
 
 
+def test_predict_refuses_image_files_for_a_run_that_read_shards(shard_root, tmp_path, capsys):
+    # Shards hold samples after their dataset's transform (FashionMNIST's in [-1, 1]); images were fed in [0, 1],
+    # and the predictions were near uniform without a word.
+    assert train_main([*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), "trainer.epochs=1"]) == 0
+    last, named = tmp_path / "run" / "checkpoints" / "last.pt", "model._target_=factories.IdRecordingNet"
+    command = ["predict", "--checkpoint", str(last), named, f"model.record_dir={tmp_path}", "--images", "shoe.png"]
+    capsys.readouterr()
+    assert train_main(command) == 2
+    assert "--images: this run read shards (data.name=stream)" in capsys.readouterr().err
+
+
 def test_a_run_stopped_half_way_on_one_rank_resumes_on_two_with_the_records_it_had_not_seen(shard_root, tmp_path):
     # On two ranks both times: test_a_job_killed_mid_epoch_resumes_with_exactly_the_records_it_had_not_trained_on.
     args = [*stream_args(shard_root, tmp_path / "ids", tmp_path / "run"), "trainer.epochs=1", "data.num_workers=1"]
@@ -119,7 +130,8 @@ def test_nodes_that_hold_other_shard_files_are_refused_on_every_rank(tmp_path):
     spawn(2, train_in_a_folder_per_rank, stream_args(Path("shards"), tmp_path / "ids", tmp_path / "run"), str(tmp_path))
     said = (
         "the ranks read different shard files in data.root: rank 1's train shard 0 is part-0.jsonl (50 records) where "
-        "rank 0's is part-0.jsonl (0 records); give every node the same shards, as `ddp-train shard` wrote them"
+        "rank 0's is part-0.jsonl (0 records); give every node the same shards, as `python -m ddp_trainer.cli.shard` "
+        "wrote them"
     )
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == f"2\nddp-train: error (rank {rank}): {said}\n"

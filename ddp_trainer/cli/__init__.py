@@ -25,7 +25,10 @@ note_early_warnings()
 
 def exit_after(main: Callable[[], int]) -> NoReturn:
     """Run a command's `main` as the program and exit with its code, skipping the final garbage collection."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C: what it stopped cleaned up on the way out; a traceback would add nothing
+        code = 128 + signal.SIGINT
     # The interpreter's last collection walks every object torch's imports made, 1-2 s per process (torchrun waits
     # for its slowest rank), only to free memory the ending process returns anyway. Frozen objects are never
     # collected again: this is for a process that is about to end, never for main() called from Python.

@@ -6,10 +6,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from ddp_trainer.atomic import chmod_as_open
 from ddp_trainer.cli import run_as
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.data import to_device
+from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.errors import UsageError
 from ddp_trainer.precision import MixedPrecision
+from ddp_trainer.tasks import inputs_and_targets
 
 Prediction = list[tuple[str, float]]
 ClassNames = Callable[[int], str]
@@ -44,6 +47,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
+    if args.images and args.output:
+        parser.error("--output goes with --split; --images prints a line per image")
     if args.split:
         args.output = args.output or Path(f"predictions-{args.split}.jsonl")
         if args.output.exists():  # say, a run's metrics.jsonl: nothing saved is overwritten
@@ -170,7 +175,8 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     output, names = args.output, _class_names(dataset)
     index, top1, topk = 0, 0, 0
     with _whole_file(output) as write:  # a partial file would only block the rerun: predict never overwrites
-        for inputs, targets in batches:
+        for batch in batches:
+            inputs, targets = inputs_and_targets(batch)  # a pair, or a dict with "inputs" and "targets"
             inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
             predictions = top_k(restored.model, inputs, args.top_k, precision, names)
             hits = _write_lines(write, index, predictions, [names(target) for target in targets.tolist()])
@@ -185,6 +191,11 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
     """One line per image file: its top-k classes with probabilities."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
     val_set = restored.data.val_loader.dataset
+    if isinstance(val_set, ShardedIterableDataset):
+        raise UsageError(
+            "--images: this run read shards (data.name=stream), written after their dataset's transform, so how to "
+            "prepare an image for it is not known here; use --split val"
+        )
     prepare = image_preprocessing(val_set, data.sample_shape(val_set))
     names = _class_names(val_set)
     lines = []
@@ -200,8 +211,11 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
 def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
     args = parse_args(argv)
-    state, cfg = load_config(args.checkpoint, args.overrides)
+    # One reader: a user's stream split over workers would come back in their round-robin order, not its own.
+    state, cfg = load_config(args.checkpoint, [*args.overrides, "data.num_workers=0"])
     env = changes.join_run(cfg)
+    # SIGTERM (kill, a SLURM time limit) ends it as Ctrl-C does: through the cleanup that removes its temporary file.
+    terminated = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         if env.distributed:
             raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
@@ -212,9 +226,14 @@ def main(argv: Sequence[str]) -> int:
         restored = restore(args.checkpoint, state, cfg, env)
         summary = predict_split(restored, args, env) if args.split else predict_images(restored, args, env)
     finally:
+        signal.signal(signal.SIGTERM, terminated)
         distributed.teardown()
     print(summary, flush=True)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ddp_trainer import api, config, data, distributed, models, task_checks
 from ddp_trainer.cli import exit_after, loaded_before_meeting, tell_the_others, with_one_config
 from ddp_trainer.config import Config
 from ddp_trainer.distributed import DistEnv
-from ddp_trainer.errors import CliError, say
+from ddp_trainer.errors import CliError, UsageError, say
 from ddp_trainer.rng import seed_everything
 
 # `ddp-train COMMAND ...`: each module's main(argv) -> exit code; without a command, ddp-train trains.
@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             return importlib.import_module(COMMANDS[command]).main(argv[1:])
+        if argv and "=" not in argv[0] and not argv[0].startswith("-"):  # a mistyped command, or ddp-launch's doctor
+            raise UsageError(f"{argv[0]!r} is neither a command ({', '.join(COMMANDS)}) nor a key=value override")
         args = parse_args(argv)
         return run(loaded_before_meeting(lambda: config.load(args.config, args.overrides)))
     except CliError as error:

@@ -22,6 +22,7 @@ from ddp_trainer.data.user_streams import RankShardedStream, StreamLoader
 from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
+from ddp_trainer.tasks import inputs_and_targets
 
 Collate = Callable[[list[Any]], Any] | None
 
@@ -87,7 +88,7 @@ def sample_shape(dataset: Dataset, split: str = "validation") -> tuple[int, ...]
             raise UsageError(f"data: the {split} stream yielded no sample to size the model's first layer from")
     else:
         first = dataset[0]
-    return tuple(first[0].shape)
+    return tuple(inputs_and_targets(first)[0].shape)
 
 
 def class_count(dataset: Dataset) -> int | None:
@@ -261,7 +262,7 @@ def _check_same_on_every_rank(train_set: Dataset, val_set: Dataset | None, env: 
     if isinstance(train_set, ShardedIterableDataset):
         raise UsageError(
             f"the ranks read different shard files in data.root: {_first_difference(by_rank)}; give every node the "
-            "same shards, as `ddp-train shard` wrote them"
+            "same shards, as `python -m ddp_trainer.cli.shard` wrote them"
         )
     listed = ", ".join(f"rank {rank}: {train} / {val}" for rank, (train, val) in enumerate(by_rank))
     raise UsageError(
