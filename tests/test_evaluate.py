@@ -160,9 +160,12 @@ def test_ranks_that_read_a_live_runs_last_at_different_saves_stop_in_one_line(tr
     [
         (
             {"model": {"_target_": "os.system", "command": "touch {marker}"}},
-            "builds its model with os.system, which is",
+            "builds its model with os.system: a factory a file names",
         ),
-        ({"data": {"_target_": "os.system", "command": "touch {marker}"}}, "builds its data with os.system, which is"),
+        (
+            {"data": {"_target_": "os.system", "command": "touch {marker}"}},
+            "builds its data with os.system: a factory a file names",
+        ),
         (
             {"trainer": {"x": functools.reduce(lambda inner, _: {"a": inner}, range(99), 0)}},
             "nested more than 32 level",
@@ -183,6 +186,20 @@ def test_a_checkpoints_config_never_runs_code_from_it(trained, tmp_path, capsys,
         assert capsys.readouterr().err.startswith(f"ddp-train {command}: error: checkpoint {crafted}")
         assert not marker.exists()
     assert main(["evaluate", "--checkpoint", str(crafted)]) == 2 and refused in capsys.readouterr().err
+
+
+def test_a_checkpoints_factories_run_under_any_name_the_user_gives_and_both_are_asked_for_at_once(tmp_path, capsys):
+    # Only the saved name passed: a factory that moved since could not be named, and the line asked for its old home.
+    named = ["model._target_=factories.small_net", "data._target_=factories.blobs"]
+    assert main([*named, "trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]) == 0
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert main(["evaluate", "--checkpoint", str(last)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "builds its model with factories.small_net and its data with factories.blobs: a factory a file names is "
+        f"imported and called only when you name it (or where it moved): add {named[0]} {named[1]}\n"
+    )
+    moved = ["model._target_=factories.small_net_moved", named[1]]
+    assert evaluate_json(capsys, last, *moved)["metrics"] == evaluate_json(capsys, last, *named)["metrics"]
 
 
 def test_a_checkpoints_interpolations_stay_text(trained, tmp_path, capsys):

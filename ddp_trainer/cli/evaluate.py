@@ -66,15 +66,21 @@ def _refuse_untrusted(path: Path, saved: dict[str, Any], overrides: Sequence[str
         if depth > 32:  # a saved config is a few levels deep; a file made to exhaust the stack is not
             raise UsageError(f"checkpoint {path}: its config is nested more than 32 levels deep, refused")
         nodes = [child for node in nodes for child in _children(node)]
-    named = dict(item.split("=", 1) for item in overrides if "=" in item)
-    for section in ("model", "data"):
-        target = saved[section].get("_target_")
-        if target is not None and named.get(f"{section}._target_", "").strip() != target:
-            # The file chose the function: evaluating a checkpoint from elsewhere must not call what it names.
-            raise UsageError(
-                f"checkpoint {path} builds its {section} with {target}, which is imported and called only when you "
-                f"name it: add {section}._target_={target}"
-            )
+    # The file chose the functions: evaluating a checkpoint from elsewhere must not call what it names. Any name the
+    # user gives is the user's choice (a factory that moved since).
+    named = {item.split("=", 1)[0] for item in overrides if "=" in item}
+    unnamed = {
+        section: saved[section]["_target_"]
+        for section in ("model", "data")
+        if saved[section].get("_target_") is not None and f"{section}._target_" not in named
+    }
+    if unnamed:
+        built = " and its ".join(f"{section} with {target}" for section, target in unnamed.items())
+        named_again = " ".join(f"{section}._target_={target}" for section, target in unnamed.items())
+        raise UsageError(
+            f"checkpoint {path} builds its {built}: a factory a file names is imported and called only when you name "
+            f"it (or where it moved): add {named_again}"
+        )
 
 
 def _children(node: Any) -> list[Any]:
