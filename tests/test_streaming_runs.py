@@ -76,6 +76,10 @@ def test_predict_refuses_image_files_for_a_run_that_read_shards(shard_root, tmp_
     capsys.readouterr()
     assert train_main(command) == 2
     assert "--images: this run read shards (data.name=stream)" in capsys.readouterr().err
+    command[-2:] = ["--split", "train", "--output", str(tmp_path / "train.jsonl")]
+    assert train_main(command) == 2  # was "data.name=stream is read as shards, not as a map-style dataset"
+    said = "--split train: this run's training data is a stream, which predict reads as a validation split\n"
+    assert capsys.readouterr().err.endswith(said)
 
 
 def test_a_run_stopped_half_way_on_one_rank_resumes_on_two_with_the_records_it_had_not_seen(shard_root, tmp_path):

@@ -546,6 +546,11 @@ def test_the_cli_trains_without_validation_and_refuses_an_empty_split_or_a_loade
     factories_named = [arg for arg in [*model, "data._target_=factories.blobs_without_validation"] if "_target_" in arg]
     assert main(["evaluate", "--checkpoint", str(last), *factories_named]) == 2
     assert capsys.readouterr().err.endswith(f"checkpoint {last}: its run's data has no validation split to evaluate\n")
+    output = tmp_path / "train.jsonl"  # predict on the training split needs none: it was refused with that line
+    assert (
+        main(["predict", "--checkpoint", str(last), "--split", "train", "--output", str(output), *factories_named]) == 0
+    )
+    assert len(output.read_text().splitlines()) == 96
     empty = [*CPU, *model, "data._target_=factories.blobs", "data.val_size=0", f"output_dir={tmp_path / 'empty'}"]
     assert main(empty) == 2  # was an IndexError traceback, reading a sample to size the model
     assert capsys.readouterr().err == "ddp-train: error: data: the validation split of factories.blobs is empty\n"

@@ -89,12 +89,12 @@ def _children(node: Any) -> list[Any]:
     return node if isinstance(node, list) else []
 
 
-def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv) -> Restored:
+def restore(path: Path, state: dict[str, Any], cfg: Config, env: DistEnv, needs_val: bool = True) -> Restored:
     """Rebuild the checkpoint's model (eval mode, on `env.device`) and data; UsageError names what does not fit."""
     claim.same_on_every_rank(state, path, env)  # a live run's last.pt may change between two ranks' reads
     train_set, val_set = data.build_datasets(cfg.data, env, cfg.seed)
     task = task_checks.resolve(cfg.task)
-    if val_set is None:
+    if val_set is None and needs_val:
         raise UsageError(f"checkpoint {path}: its run's data has no validation split to evaluate")
     bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
     model = models.build_for(cfg.model, train_set, val_set)

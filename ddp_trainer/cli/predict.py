@@ -103,9 +103,16 @@ def _split_batches(restored: Restored, split: str, batch_size: int) -> tuple[Dat
         dataset = restored.data.val_loader.dataset
         if isinstance(dataset, IterableDataset):  # a stream: it yields whole batches, as its own loader reads them
             return dataset, iter(restored.data.val_loader)
-    else:  # the train split again, without augmentation: predictions use the validation preprocessing
-        dataset = data.map_datasets(data.unaugmented(restored.cfg.data))[0]
+    else:
+        dataset = _training_set(restored, "--split train")
     return dataset, iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def _training_set(restored: Restored, asked: str) -> Dataset:
+    """The train split again, without augmentation: predictions use the validation preprocessing."""
+    if isinstance(restored.data.train_loader.dataset, IterableDataset):
+        raise UsageError(f"{asked}: this run's training data is a stream, which predict reads as a validation split")
+    return data.map_datasets(data.unaugmented(restored.cfg.data))[0]
 
 
 def _output_exists(output: Path) -> UsageError:
@@ -190,7 +197,8 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
 def predict_images(restored: Restored, args: argparse.Namespace, env: distributed.DistEnv) -> str:
     """One line per image file: its top-k classes with probabilities."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
-    val_set = restored.data.val_loader.dataset
+    # The validation split says how its samples are prepared; a run without one, its training split unaugmented.
+    val_set = restored.data.val_loader.dataset if restored.data.val_loader else _training_set(restored, "--images")
     if isinstance(val_set, ShardedIterableDataset):
         raise UsageError(
             "--images: this run read shards (data.name=stream), written after their dataset's transform, so how to "
@@ -211,8 +219,10 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
 def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
     args = parse_args(argv)
-    # One reader: a user's stream split over workers would come back in their round-robin order, not its own.
-    state, cfg = load_config(args.checkpoint, [*args.overrides, "data.num_workers=0"])
+    # One reader: a user's stream split over workers would come back in their round-robin order, not its own. A
+    # stream's batches come from its loader: --batch-size sets theirs too.
+    reading = ["data.num_workers=0", f"data.batch_size={args.batch_size}"]
+    state, cfg = load_config(args.checkpoint, [*args.overrides, *reading])
     env = changes.join_run(cfg)
     # SIGTERM (kill, a SLURM time limit) ends it as Ctrl-C does: through the cleanup that removes its temporary file.
     terminated = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -223,7 +233,7 @@ def main(argv: Sequence[str]) -> int:
             raise UsageError(
                 f"ddp-train predict gives top-k classes of a classification run; {args.checkpoint} is task={cfg.task}"
             )
-        restored = restore(args.checkpoint, state, cfg, env)
+        restored = restore(args.checkpoint, state, cfg, env, needs_val=args.split == "val")
         summary = predict_split(restored, args, env) if args.split else predict_images(restored, args, env)
     finally:
         signal.signal(signal.SIGTERM, terminated)
