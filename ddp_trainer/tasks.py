@@ -243,6 +243,12 @@ class LanguageModel:
         targets = [sequence.long() for sequence in targets]  # -100 fits no unsigned type (NumPy ids are often uint16)
         if len({sequence.shape for sequence in inputs + targets}) == 1:
             return default_collate(samples)  # one length: the batch keeps the samples' layout
+        odd = next(((x, y) for x, y in zip(inputs, targets, strict=True) if x.dim() != 1 or y.shape != x.shape), None)
+        if odd is not None:  # an image and its label (task=language_model on digits): pad_sequence's C++ error
+            raise UsageError(
+                "task=language_model pads sequences of token ids (or pairs of them, of one length), not inputs of "
+                f"shape {tuple(odd[0].shape)} with targets of shape {tuple(odd[1].shape)}"
+            )
         padded = [pad_sequence(inputs, batch_first=True), pad_sequence(targets, True, self.ignore_index)]
         return tuple(padded)
 

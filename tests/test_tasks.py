@@ -110,6 +110,15 @@ def test_fit_trains_a_language_model_on_sentences_of_different_lengths(tmp_path)
     assert record["val/loss"] == pytest.approx(loss_sum.item() / tokens)  # padding counted nowhere
 
 
+def test_a_language_model_on_images_and_labels_is_refused_in_one_line(tmp_path, capsys):
+    # task=language_model on the digits: pad_sequence's "ArrayRef: invalid slice" traceback, in training and evaluate.
+    assert main([*CPU, "task=language_model", "trainer.max_steps=1", f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (
+        "ddp-train: error: task=language_model pads sequences of token ids (or pairs of them, of one length), not "
+        "inputs of shape (1, 8, 8) with targets of shape ()\n"
+    )
+
+
 def test_a_language_model_validation_of_padding_alone_is_refused_not_scored_perfect(tmp_path):
     train, val = [torch.arange(5) % 6] * 4, [(torch.arange(4), torch.full((4,), -100))]
     model = nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6))
