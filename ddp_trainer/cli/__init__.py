@@ -28,7 +28,12 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
     try:
         code = main()
     except KeyboardInterrupt:  # Ctrl-C: what it stopped cleaned up on the way out; a traceback would add nothing
-        code = 128 + signal.SIGINT
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Ended by SIGINT itself, as Python ends: a shell script that ran this stops too, as after any Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise
     # The interpreter's last collection walks every object torch's imports made, 1-2 s per process (torchrun waits
     # for its slowest rank), only to free memory the ending process returns anyway. Frozen objects are never
     # collected again: this is for a process that is about to end, never for main() called from Python.
