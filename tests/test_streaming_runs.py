@@ -75,7 +75,7 @@ def test_predict_refuses_image_files_for_a_run_that_read_shards(shard_root, tmp_
     command = ["predict", "--checkpoint", str(last), named, f"model.record_dir={tmp_path}", "--images", "shoe.png"]
     capsys.readouterr()
     assert train_main(command) == 2
-    assert "--images: this run read shards (data.name=stream)" in capsys.readouterr().err
+    assert "--images: this run read a stream (data.name=stream, or an IterableDataset)" in capsys.readouterr().err
     command[-2:] = ["--split", "train", "--output", str(tmp_path / "train.jsonl")]
     assert train_main(command) == 2  # was "data.name=stream is read as shards, not as a map-style dataset"
     said = "--split train: this run's training data is a stream, which predict reads as a validation split\n"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
@@ -21,7 +23,6 @@ from ddp_trainer.atomic import chmod_as_open
 from ddp_trainer.cli import run_as
 from ddp_trainer.cli.evaluate import Restored, checkpoint_command, load_config, restore
 from ddp_trainer.data import to_device
-from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.errors import UsageError
 from ddp_trainer.precision import MixedPrecision
 from ddp_trainer.tasks import inputs_and_targets
@@ -198,11 +199,12 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
     """One line per image file: its top-k classes with probabilities."""
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
     # The validation split says how its samples are prepared; a run without one, its training split unaugmented.
-    val_set = restored.data.val_loader.dataset if restored.data.val_loader else _training_set(restored, "--images")
-    if isinstance(val_set, ShardedIterableDataset):
+    loader = restored.data.val_loader  # a DataLoader's truth is its len(), which a stream's has not
+    val_set = loader.dataset if loader is not None else _training_set(restored, "--images")
+    if isinstance(val_set, IterableDataset):  # shards hold samples after their dataset's transform, for one
         raise UsageError(
-            "--images: this run read shards (data.name=stream), written after their dataset's transform, so how to "
-            "prepare an image for it is not known here; use --split val"
+            "--images: this run read a stream (data.name=stream, or an IterableDataset), so how to prepare an image "
+            "for its model is not known here; use --split val"
         )
     prepare = image_preprocessing(val_set, data.sample_shape(val_set))
     names = _class_names(val_set)
@@ -219,13 +221,16 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
 def main(argv: Sequence[str]) -> int:
     """Entry point of `ddp-train predict`, in one process; returns 0 (errors are raised as UsageError)."""
     args = parse_args(argv)
+    state, cfg = load_config(args.checkpoint, args.overrides)
     # One reader: a user's stream split over workers would come back in their round-robin order, not its own. A
-    # stream's batches come from its loader: --batch-size sets theirs too.
-    reading = ["data.num_workers=0", f"data.batch_size={args.batch_size}"]
-    state, cfg = load_config(args.checkpoint, [*args.overrides, *reading])
+    # stream's batches come from its loader: --batch-size sets theirs too. Set here, not as overrides: written keys
+    # reach a data factory that takes **kwargs.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0, batch_size=args.batch_size))
     env = changes.join_run(cfg)
     # SIGTERM (kill, a SLURM time limit) ends it as Ctrl-C does: through the cleanup that removes its temporary file.
-    terminated = signal.signal(signal.SIGTERM, _exit_on_signal)
+    # Only the main thread may set a handler (predict called from another thread keeps the one in place).
+    main_thread = threading.current_thread() is threading.main_thread()
+    terminated = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
     try:
         if env.distributed:
             raise UsageError("ddp-train predict runs in one process: start it without torchrun or srun")
@@ -236,7 +241,8 @@ def main(argv: Sequence[str]) -> int:
         restored = restore(args.checkpoint, state, cfg, env, needs_val=args.split == "val")
         summary = predict_split(restored, args, env) if args.split else predict_images(restored, args, env)
     finally:
-        signal.signal(signal.SIGTERM, terminated)
+        if main_thread:
+            signal.signal(signal.SIGTERM, terminated)
         distributed.teardown()
     print(summary, flush=True)
     return 0
