@@ -49,16 +49,28 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         if "=" not in item or item.startswith("="):
             raise UsageError(f"override {item!r} is not of the form key=value")
         key, _, text = item.partition("=")
-        if not text.startswith(("'", '"')) and (text.startswith("#") or " #" in text):  # YAML: a comment, dropped
-            raise UsageError(
-                f"override {item!r}: YAML reads '#' there as a comment; quote the value: {key}='\"{text}\"'"
-            )
+        if _comment_cut(text):
+            scalar = not text.lstrip().startswith(("[", "{"))
+            hint = f"the value: {key}='\"{text}\"'" if scalar else "the text that holds it"
+            raise UsageError(f"override {item!r}: YAML reads '#' there as a comment and drops the rest; quote {hint}")
         try:  # one at a time, so the error names the override at fault
             layer.merge_with_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:  # a value like [1,2 is a YAML error
             detail = getattr(error, "problem", None) or first_line(error)  # YAML's own first line is its context
             raise UsageError(f"override {item!r} could not be parsed: {detail}") from None
     return layer
+
+
+def _comment_cut(text: str) -> bool:
+    """Whether YAML drops part of `text` as a comment: a '#' after its start or a space, outside quotes."""
+    if "#" not in text:
+        return False
+    probe = OmegaConf.create()  # read as the override itself is read
+    try:
+        probe.merge_with_dotlist([f"value={text}"])
+    except (OmegaConfBaseException, yaml.YAMLError):  # the override's own merge says what is wrong with it
+        return False
+    return text.count("#") > str(OmegaConf.to_container(probe)["value"]).count("#")
 
 
 def merge(base: DictConfig, layer: DictConfig) -> DictConfig:

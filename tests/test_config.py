@@ -150,7 +150,7 @@ def test_override_whose_value_is_not_yaml_is_named_in_one_line(override, problem
     assert str(refused.value) == f"override {override!r} could not be parsed: {problem}"
 
 
-@pytest.mark.parametrize("override", ["output_dir=#x", "data.root=/data #2"])
+@pytest.mark.parametrize("override", ["output_dir=#x", "data.root=/data #2", "data.root=/data\t#2"])
 def test_override_whose_value_yaml_would_cut_at_a_comment_is_refused_with_the_quoted_spelling(override):
     # output_dir=#x was read as output_dir=None: a type error that never said why; /data #2 silently became /data.
     with pytest.raises(UsageError) as refused:
@@ -158,6 +158,13 @@ def test_override_whose_value_yaml_would_cut_at_a_comment_is_refused_with_the_qu
     key, _, value = override.partition("=")
     assert str(refused.value).endswith(f"quote the value: {key}='\"{value}\"'")
     assert operator.attrgetter(key)(config.load(None, [f'{key}="{value}"'])) == value
+
+
+def test_a_hash_that_yaml_keeps_passes_and_a_list_it_cuts_is_named():
+    cfg = config.load(None, ["data.root=/data#2", "model._target_=factories.AnyOptions", "model.tags=['a #1', b]"])
+    assert (cfg.data.root, cfg.model.kwargs["tags"]) == ("/data#2", ["a #1", "b"])
+    with pytest.raises(UsageError, match=r"drops the rest; quote the text that holds it$"):
+        config.load(None, ["model._target_=factories.AnyOptions", "model.tags=[a, b] #1"])
 
 
 @pytest.mark.parametrize(
