@@ -42,11 +42,12 @@ class FolderClaim:
         try:
             self._claim()
         except OSError as error:  # a folder the up-front check cannot judge: /proc, a full disk
+            self.release()  # once locked: a lone .lock goes, and the folder if this run made it
             if self.handle is not None:
-                self.held = True  # ours once open: release() removes a lone .lock, and the folder if this run made it
-                self.release()
-            elif self.created:
                 with contextlib.suppress(OSError):
+                    self.handle.close()
+            if self.created:
+                with contextlib.suppress(OSError):  # still holding a file (another run's .lock): it stays
                     output_dir.rmdir()
             raise UsageError(f"output_dir={output_dir} cannot be written: {error.strerror or error}") from None
 

@@ -167,6 +167,7 @@ class RunLogger:
             try:
                 if self.bar is not None:  # printed as is, the line would start where the bar's text ends
                     self.bar.write(message, file=sys.stdout)
+                    sys.stdout.flush()  # tqdm.write does not: piped (| tee), the line would wait for the epoch's end
                 else:
                     print(message, flush=True)
             except OSError:  # a closed pipe (`| head -1`) or a full disk: the run and its checkpoints matter more

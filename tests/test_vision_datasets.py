@@ -305,6 +305,16 @@ def test_a_cifar10_batch_that_names_a_function_is_refused_without_calling_it(tmp
     assert not marker.exists()
 
 
+def test_a_cifar10_batch_with_numpy_integer_labels_is_read(tmp_path):
+    # Home-made batches often keep their labels as NumPy integers: pickled through numpy's `scalar`, also allowed.
+    written = write_cifar10(tmp_path / "data")
+    (path,) = written.root.rglob("data_batch_1")
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    path.write_bytes(pickle.dumps({**batch, "labels": [np.int64(label) for label in batch["labels"]]}, protocol=2))
+    train, _ = vision.cifar10(str(tmp_path / "data"), download=False, augment=False)
+    assert train.targets[: len(batch["labels"])] == batch["labels"]
+
+
 def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_files, tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()

@@ -33,6 +33,8 @@ UNREADABLE = (
 ARRAY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),  # labels a home-made batch keeps as NumPy integers
+    ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
