@@ -201,7 +201,7 @@ def predict_images(restored: Restored, args: argparse.Namespace, env: distribute
     # The validation split says how its samples are prepared; a run without one, its training split unaugmented.
     loader = restored.data.val_loader  # a DataLoader's truth is its len(), which a stream's has not
     val_set = loader.dataset if loader is not None else _training_set(restored, "--images")
-    if isinstance(val_set, IterableDataset):  # shards hold samples after their dataset's transform, for one
+    if isinstance(val_set, IterableDataset):  # shards hold samples already transformed; a user's stream its own
         raise UsageError(
             "--images: this run read a stream (data.name=stream, or an IterableDataset), so how to prepare an image "
             "for its model is not known here; use --split val"
