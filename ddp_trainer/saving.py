@@ -244,8 +244,12 @@ def failures_named(path: Path) -> Iterator[None]:
         if dist.is_initialized() and isinstance(cause, RuntimeError) and is_peer_failure(cause):
             # A rank died in the write's collectives: named as lost (exit 4), as elsewhere; this rank's write is fine.
             raise cause from (None if cause is error else error)
+        said = f"{type(cause).__name__}: {first_line(cause)}"
+        if isinstance(cause, RuntimeError) and "unexpected pos" in said:
+            # DCP's shards go through torch's zip writer, which drops a failed write's OSError and then fails its own
+            # position check: a write that came up short is a full disk or a quota.
+            said = "a write came up short: no space left on the device, or over quota"
         # The previous checkpoint stays in place: only a finished file or folder is renamed over or beside it.
         raise CheckpointWriteFailed(
-            f"could not write checkpoint {path} ({type(cause).__name__}: {first_line(cause)}); "
-            "every earlier checkpoint is intact"
+            f"could not write checkpoint {path} ({said}); every earlier checkpoint is intact"
         ) from error

@@ -77,6 +77,21 @@ def test_sharded_run_consolidates_into_a_file_that_evaluates_and_resumes_alike(t
     assert read_metrics(tmp_path / "file")[-1]["val/loss"] == read_metrics(tmp_path / "run")[-1]["val/loss"]
 
 
+@pytest.mark.parametrize("room_kib", [16, 24, 32, 40])  # where the disk fills: in a shard, or in state.pt
+def test_a_sharded_checkpoint_on_a_full_disk_says_so_in_one_line(tmp_path, full_mount, capsys, room_kib):
+    # DCP's shards go through torch's zip writer, which drops the failed write's OSError: the line said only
+    # "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598".
+    full_mount()
+    filler = tmp_path / "disk" / "filler"
+    os.truncate(filler, filler.stat().st_size - room_kib * 1024)  # config.yaml and the line fit, a checkpoint not
+    output_dir = tmp_path / "disk" / "run"
+    assert main([*FSDP, "trainer.epochs=1", f"output_dir={output_dir}"]) == 1
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said.startswith(f"ddp-train: error: could not write checkpoint {output_dir / 'checkpoints'}/step-")
+    full = ("OSError: [Errno 28] No space left on device", "a write came up short: no space left on the device")
+    assert any(f"({cause}" in said for cause in full), said
+
+
 def test_consolidate_never_replaces_an_output_that_appears_as_it_reads(tmp_path, capsys, monkeypatch):
     # It checked the name first, then renamed its file over whatever had taken the name since.
     output = tmp_path / "model.pt"
