@@ -76,8 +76,10 @@ class _CheckedTask:
         self.defers = _defined_below(task, "step_outputs", "forward")
 
     def __getattr__(self, key: str) -> Any:
-        if key == "step_outputs" and not self.defers:
-            raise AttributeError(key)
+        if key == "step_outputs":
+            if not self.defers or not hasattr(self.task, key):
+                raise AttributeError(key)
+            return self._step_outputs
         return getattr(self.task, key)
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +92,24 @@ class _CheckedTask:
                 f"task {type(self.task).__name__}: forward must return (mean loss, a tensor of one value; a tensor of "
                 f"{self.size} sums in the order of sum_names), not {given}"
             )
-        if torch.is_grad_enabled() and not loss.requires_grad:  # training: backward would fail far from here
-            raise UsageError(f"task {type(self.task).__name__}: forward's loss is detached from the model's weights")
+        self._attached(loss, "forward")
         self._on_device(sums, loss.device, "forward")
-        return result
+        return _scalar(loss), sums
+
+    def _step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        result = self.task.step_outputs(model, batch)
+        loss = result[0] if isinstance(result, list | tuple) and len(result) == 2 else None
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise UsageError(
+                f"task {type(self.task).__name__}: step_outputs must return (mean loss, a tensor of one value; the "
+                f"outputs sums_of reads), not {describe(result) if loss is None else f'loss {describe(loss)}'}"
+            )
+        self._attached(loss, "step_outputs")
+        return _scalar(loss), result[1]
+
+    def _attached(self, loss: torch.Tensor, method: str) -> None:
+        if torch.is_grad_enabled() and not loss.requires_grad:  # training: backward would fail far from here
+            raise UsageError(f"task {type(self.task).__name__}: {method}'s loss is detached from the model's weights")
 
     def sums_of(self, losses: torch.Tensor, outputs: list[Any]) -> torch.Tensor:
         """The task's own sums_of (called only if it has one), refused unless it gives a row of sums per step."""
@@ -113,6 +129,11 @@ class _CheckedTask:
                 f"task {type(self.task).__name__}: {method} returned its sums on {sums.device}, not on the loss's "
                 f"device {device}: create them there (device=loss.device)"
             )
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` as a 0-d tensor: one of shape (1,) resized the 0-d skip flag a fused optimizer reads as found_inf."""
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _defined_below(task: Task, name: str, other: str) -> bool:

@@ -2,7 +2,8 @@
 
 A task turns (model, batch) into the mean loss to backpropagate and a float64 vector of sums over the batch. The
 trainer adds those sums on the device, all_reduces them once per log interval and epoch, and hands the global
-totals back to the task to name the metrics. Sums, not means, so every metric is exact at any world size.
+totals back to the task to name the metrics. Sums, not means, so every metric is exact at any world size (training
+counts the samples the padded sampler repeats to even out the ranks; validation counts each once).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def _model_output(task: str, model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def _per_sample_mean(totals: dict[str, float], name: str, count: str) -> float:
-    return totals[name] / max(totals[count], 1.0)
+    # Nothing counted (an epoch whose every step was skipped) has no mean: a 0 would be a perfect loss, best for good.
+    return totals[name] / totals[count] if totals[count] else float("nan")
 
 
 class Classification:

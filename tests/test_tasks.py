@@ -297,7 +297,7 @@ class Ranking:
 
     def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
         """`prefix/loss`, `prefix/ranked`, `prefix/samples`."""
-        samples = max(totals["samples"], 1.0)
+        samples = totals["samples"] or float("nan")  # no sample (every step skipped): no mean, not a perfect 0
         return {
             f"{prefix}/loss": totals["loss_sum"] / samples,
             f"{prefix}/ranked": totals["ranked"] / samples,
@@ -823,3 +823,59 @@ def test_a_fit_checkpoint_that_saved_the_default_names_still_resumes(tmp_path):
     torch.save(state, last)
     record = ddp_trainer.fit(nn.Linear(3, 2), data, overrides=[*arguments, "trainer.epochs=2"])
     assert (record["epoch"], record["step"]) == (2, 8)
+
+
+class OneValueLoss(Classification):
+    """Its forward gives the loss as a tensor of shape (1,): one value, as the protocol asks."""
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, sums = super().forward(model, batch)
+        return loss.view(1), sums
+
+
+class DetachedStepLoss(Classification):
+    """Its step_outputs gives a loss cut from the weights: backward would fail far from the task."""
+
+    def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        loss, outputs = super().step_outputs(model, batch)
+        return loss.detach(), outputs
+
+
+def blob_data(count: int = 64) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(count, 4, generator=generator), torch.arange(count) % 3)
+
+
+def test_a_loss_of_shape_one_trains_under_skip_with_a_fused_optimizer(tmp_path):
+    # Judged for skipping, it resized the 0-d flag AdamW reads as found_inf: "output with shape [] doesn't match".
+    args = [*CPU, "trainer.nonfinite_loss=skip", "trainer.epochs=1", "data.batch_size=16", f"output_dir={tmp_path}"]
+    record = ddp_trainer.fit(nn.Linear(4, 3), blob_data(), blob_data(32), task=OneValueLoss(), overrides=args)
+    assert record["step"] == 4 and math.isfinite(record["train/loss"])
+
+
+def test_a_step_outputs_loss_cut_from_the_weights_is_named_in_one_line(tmp_path):
+    # Only forward's loss was checked: this one failed in backward, "element 0 of tensors does not require grad".
+    with pytest.raises(UsageError, match="^task DetachedStepLoss: step_outputs's loss is detached from the model's"):
+        ddp_trainer.fit(
+            nn.Linear(4, 3), blob_data(), task=DetachedStepLoss(), overrides=[*CPU, f"output_dir={tmp_path}"]
+        )
+
+
+class AlwaysNaN(nn.Module):
+    """Logits that are NaN at every step: each one is skipped under trainer.nonfinite_loss=skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(inputs) * float("nan")
+
+
+def test_an_epoch_whose_every_step_was_skipped_has_no_loss_not_a_perfect_one(tmp_path):
+    # Its train/loss read 0.0: with no validation, best.pt took that epoch for good.
+    args = [*CPU, "trainer.nonfinite_loss=skip", "trainer.epochs=1", "data.batch_size=16", f"output_dir={tmp_path}"]
+    record = ddp_trainer.fit(AlwaysNaN(), blob_data(), overrides=args)
+    assert (
+        record["train/skipped_steps"] == 4 and math.isnan(record["train/loss"]) and math.isnan(record["train/accuracy"])
+    )
