@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.tasks import BUILT_IN, CLIP_SUMS, STEP_SUMS, Task, describe
 
 
@@ -37,8 +37,10 @@ def resolve(task: str | Task) -> Task:
     taken = sorted(set(names) & {*STEP_SUMS, *CLIP_SUMS, "first_skipped_step"})  # the trainer's values would win
     if taken:
         raise UsageError(f"task {name}: sum_names may not use {', '.join(taken)}, which the trainer keeps itself")
-    _summary(task, name, names, "train")  # found now, not after the first log interval or a whole epoch
+    trained = _summary(task, name, names, "train")  # found now, not after the first log interval or a whole epoch
     summary = _summary(task, name, names, "val")
+    if task.default_monitor not in {*trained, *summary}:  # else blamed on checkpoint.monitor, which nobody set
+        raise UsageError(f"task {name}: default_monitor {task.default_monitor!r} is not among its metrics")
     unknown = [metric for metric in upwards if f"val/{metric}" not in summary]  # else silently minimised
     if unknown:
         reported = ", ".join(key.removeprefix("val/") for key in summary)
@@ -55,6 +57,11 @@ def _summary(task: Task, name: str, names: tuple[str, ...], prefix: str) -> dict
         summary = task.summarize(dict.fromkeys(names, 1.0), prefix)
     except KeyError as error:
         raise UsageError(f"task {name}: summarize(totals, {prefix!r}) reads {error}, which sum_names lacks") from None
+    except Exception as error:  # its own bug, met here first: a total of 1 for every sum must give metrics
+        raise UsageError(
+            f"task {name}: summarize(totals, {prefix!r}) failed on totals of 1.0 each ({type(error).__name__}: "
+            f"{first_line(error)})"
+        ) from error
     metrics = {key.removeprefix(f"{prefix}/") for key in summary}
     if not {"loss", "samples"} <= metrics or any(not key.startswith(f"{prefix}/") for key in summary):
         raise UsageError(

@@ -442,6 +442,15 @@ class ReportsGradNorm(Ranking):
         return {**super().summarize(totals, prefix), f"{prefix}/grad_norm": 1.0}
 
 
+class DividesByNothing(Ranking):
+    def summarize(self, totals: dict[str, float], prefix: str) -> dict[str, float | int]:
+        return {**super().summarize(totals, prefix), f"{prefix}/ratio": totals["ranked"] / (totals["samples"] - 1)}
+
+
+class MonitorsWhatItLacks(Ranking):
+    default_monitor = "val/recall"
+
+
 class LossOnly(Ranking):
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return super().forward(model, batch)[0]
@@ -466,6 +475,9 @@ def test_a_users_task_that_breaks_the_protocol_is_named_before_it_trains():
         ValOnlyPrefix: "summarize(totals, 'train') must name every metric 'train/...', 'train/loss' and 'train/sam",
         ReadsAnUnnamedSum: "summarize(totals, 'train') reads 'relevant', which sum_names lacks",
         ReportsGradNorm: "train/skipped_steps and train/grad_norm are the trainer's own metrics",
+        # A traceback from inside the check, before: its own bug, but met here first.
+        DividesByNothing: "summarize(totals, 'train') failed on totals of 1.0 each (ZeroDivisionError: float division",
+        MonitorsWhatItLacks: "default_monitor 'val/recall' is not among its metrics",  # blamed on checkpoint.monitor
     }
     for task, said in refusals.items():
         with pytest.raises(UsageError, match=f"^task {task.__name__}: {re.escape(said)}"):
