@@ -226,6 +226,7 @@ class LanguageModel:
 
     def step_outputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy per token, and which targets count (a fresh bool tensor: the batch may be reused)."""
+        batch = _alone(batch)
         inputs, targets = (batch[:, :-1], batch[:, 1:]) if torch.is_tensor(batch) else inputs_and_targets(batch)
         inputs, targets = _token_ids(inputs), targets.long()  # NumPy's uint16 ids: no embedding or loss takes them
         logits = _model_output("language_model", model, inputs)
@@ -280,8 +281,14 @@ def _token_ids(inputs: Any) -> Any:
     return inputs.long() if torch.is_tensor(inputs) and inputs.dtype in NARROW_IDS else inputs
 
 
+def _alone(value: Any) -> Any:
+    """The one item of a 1-tuple or list (TensorDataset(tokens) gives its samples and batches so), else `value`."""
+    return value[0] if isinstance(value, list | tuple) and len(value) == 1 else value
+
+
 def _sequence_pair(sample: Any) -> tuple[Any, Any] | None:
     """A language model sample as (inputs, targets): token ids (time + 1,), a pair, or a dict; None if neither."""
+    sample = _alone(sample)
     if torch.is_tensor(sample) or isinstance(sample, np.ndarray):
         return sample[:-1], sample[1:]
     if isinstance(sample, Mapping) and "inputs" in sample and "targets" in sample:

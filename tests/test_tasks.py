@@ -891,3 +891,30 @@ def test_an_epoch_whose_every_step_was_skipped_has_no_loss_not_a_perfect_one(tmp
     assert (
         record["train/skipped_steps"] == 4 and math.isnan(record["train/loss"]) and math.isnan(record["train/accuracy"])
     )
+
+
+class TokenRows(Dataset):
+    """Rows of token ids, each sample a tensor of its own."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tokens[index]
+
+
+def test_a_language_model_reads_token_rows_wrapped_in_a_tensor_dataset(tmp_path):
+    # TensorDataset(tokens) gives its samples and batches as 1-tuples: "a batch must be (inputs, targets)... not a list
+    # of 1", though a tensor of token ids is a layout the task reads.
+    tokens = torch.randint(0, 16, (64, 9), generator=torch.Generator().manual_seed(0))
+    args = [*CPU, "trainer.epochs=1", "data.batch_size=16"]
+    records = []
+    for name, rows in (("wrapped", TensorDataset(tokens)), ("plain", TokenRows(tokens))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16))
+        overrides = [*args, f"output_dir={tmp_path / name}"]
+        records.append(ddp_trainer.fit(model, rows, rows, task="language_model", overrides=overrides))
+    assert records[0]["val/loss"] == records[1]["val/loss"] and records[0]["val/samples"] == 64
