@@ -17,6 +17,10 @@ from ddp_trainer.errors import UsageError
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name` over the model's parameters, fused where the device has the kernels."""
     params = list(model.parameters())
+    if not any(param.requires_grad for param in params):  # torch's own errors came from the optimizer or backward
+        raise UsageError(
+            f"the model ({type(model).__name__}) has no parameter to train: none, or all with requires_grad=False"
+        )
     # A fused step skips a poisoned update on the device (found_inf): no host sync (see MixedPrecision.step).
     devices = _get_fused_kernels_supported_devices()
     fused = all(param.device.type in devices and param.is_floating_point() for param in params) or None

@@ -918,3 +918,14 @@ def test_a_language_model_reads_token_rows_wrapped_in_a_tensor_dataset(tmp_path)
         overrides = [*args, f"output_dir={tmp_path / name}"]
         records.append(ddp_trainer.fit(model, rows, rows, task="language_model", overrides=overrides))
     assert records[0]["val/loss"] == records[1]["val/loss"] and records[0]["val/samples"] == 64
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_model_with_nothing_to_train_is_refused_in_one_line(tmp_path, frozen):
+    # "optimizer got an empty parameter list", or backward's "element 0 of tensors does not require grad".
+    model = nn.Linear(4, 3).requires_grad_(False) if frozen else nn.Identity()
+    name = type(model).__name__
+    with pytest.raises(
+        UsageError, match=rf"^the model \({name}\) has no parameter to train: none, or all with requires"
+    ):
+        ddp_trainer.fit(model, blob_data(), overrides=[*CPU, f"output_dir={tmp_path}"])
