@@ -142,6 +142,32 @@ def test_ddp_launch_that_cannot_reach_the_rendezvous_store_says_so_in_one_line()
     assert "Traceback" not in result.stderr
 
 
+def test_ddp_launch_whose_other_nodes_never_join_or_whose_master_port_is_held_says_so_in_one_line():
+    # A traceback of 50 lines ending in a RendezvousTimeoutError without a message (after 600 s by default), and one
+    # of 56 ending in EADDRINUSE for the static rendezvous --master-addr/--master-port set up.
+    alone = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    alone += ["--rdzv-conf=is_host=true,join_timeout=3"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        static = ["--nnodes=2", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={holder.getsockname()[1]}"]
+        said = {}
+        for name, flags in (("alone", alone), ("static", static)):
+            command = [sys.executable, "-m", "ddp_trainer.cli.launch", *flags, "--nproc-per-node=1", "-m", "x"]
+            said[name] = subprocess.run(
+                command, capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO_DIR
+            )
+    assert said["alone"].returncode == 1 and said["alone"].stderr.splitlines()[1:] == [
+        "ddp-launch: error: the rendezvous closed before all 2 node(s) joined it: start an agent on every node in time "
+        "(--rdzv-conf=join_timeout=SECONDS), or give --nnodes the nodes that run"
+    ]
+    assert said["static"].returncode == 2 and said["static"].stderr.splitlines()[1:] == [
+        f"ddp-launch: error: the rendezvous port of {static[2].split('=')[1]}:{static[3].split('=')[1]}, which this "
+        "agent hosts, is in use (another job's store, or another agent told to host it): pass --master-port=PORT with "
+        "a free port"
+    ]
+
+
 def test_ddp_launch_whose_rendezvous_port_another_job_holds_says_so_rather_than_train_in_its_store(tmp_path):
     # torchrun's own guess fell back to joining the store that held the port: the run trained in another job's store
     # and ended, torn down, when that job did. Job ids 10000 apart draw one port.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
@@ -11,10 +12,15 @@ from types import FrameType
 from typing import NoReturn
 
 import torch
+from torch.distributed import DistNetworkError
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
 
 from ddp_trainer import slurm
 from ddp_trainer.cli import exit_after
@@ -209,22 +215,37 @@ def run_agent(arguments: Sequence[str]) -> int:
         return exit_code
     except SignalException as error:
         return 128 + error.sigval
-    except RendezvousConnectionError as error:
-        endpoint = torchrun.get_args_parser().parse_args(list(arguments)).rdzv_endpoint
-        if "EADDRINUSE" in str(error.__cause__):
-            say(
-                f"ddp-launch: error: the rendezvous port of {endpoint}, which this agent hosts, is in use (another "
-                "job's store, or another agent told to host it): pass --rdzv-endpoint=HOST:PORT with a free port",
-                sys.stderr,
-            )
-            return 2
+    except (RendezvousConnectionError, RendezvousTimeoutError, RendezvousClosedError, DistNetworkError) as error:
+        return _rendezvous_failed(error, torchrun.get_args_parser().parse_args(list(arguments)))
+    return 0
+
+
+def _rendezvous_failed(error: Exception, args: argparse.Namespace) -> int:
+    """Say in one line why the agents did not meet; 2 for a port in use (a setting to change), else 1."""
+    if isinstance(error, RendezvousTimeoutError | RendezvousClosedError):  # its text is empty or torch's internals
         say(
-            f"ddp-launch: error: the rendezvous store at {endpoint} cannot be reached or went away "
-            f"({first_line(error.__cause__ or error)}): the agent that hosts it is not running or stopped",
+            f"ddp-launch: error: the rendezvous closed before all {args.nnodes} node(s) joined it: start an agent on "
+            "every node in time (--rdzv-conf=join_timeout=SECONDS), or give --nnodes the nodes that run",
             sys.stderr,
         )
         return 1
-    return 0
+    static = isinstance(error, DistNetworkError)  # --master-addr/--master-port: torchrun's static rendezvous
+    endpoint = f"{args.master_addr}:{args.master_port}" if static else args.rdzv_endpoint
+    cause = error.__cause__ or error
+    if "EADDRINUSE" in str(cause):
+        flag = "--master-port=PORT" if static else "--rdzv-endpoint=HOST:PORT"
+        say(
+            f"ddp-launch: error: the rendezvous port of {endpoint}, which this agent hosts, is in use (another "
+            f"job's store, or another agent told to host it): pass {flag} with a free port",
+            sys.stderr,
+        )
+        return 2
+    say(
+        f"ddp-launch: error: the rendezvous store at {endpoint} cannot be reached or went away ({first_line(cause)}): "
+        "the agent that hosts it is not running or stopped",
+        sys.stderr,
+    )
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
