@@ -263,6 +263,15 @@ def test_ddp_launch_names_a_process_count_torchrun_cannot_take_in_one_line(nproc
     assert error.startswith(f"ddp-launch: error: --nproc-per-node={nproc}: {problem}") and error.count("\n") == 1
 
 
+@pytest.mark.parametrize("nnodes", ["0", "abc", "3:1"])
+def test_ddp_launch_names_a_node_count_torchrun_cannot_take_in_one_line(nnodes, capsys):
+    # torchrun's traceback, exit 1, and --dry-run printed the command unchecked.
+    assert launch_main(["--dry-run", f"--nnodes={nnodes}", "--nproc-per-node=1", "train.py"]) == 2
+    assert capsys.readouterr().err == (
+        f"ddp-launch: error: --nnodes={nnodes}: give a count of nodes, or MIN:MAX with 1 <= MIN <= MAX\n"
+    )
+
+
 def test_ddp_launch_on_cpu_starts_one_rank_per_core_the_job_was_given():
     pinned = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-m", "ddp_trainer.cli.launch", "--dry-run", "train.py"],

@@ -108,6 +108,7 @@ def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
     _refuse_abbreviations(flags, [name for names in options.values() for name in names])
     _check_nproc(args.nproc_per_node)
+    _check_nnodes(args.nnodes)
     added = []
     if not _given(flags, options["nproc_per_node"]):
         added.append(f"--nproc-per-node={default_nproc_per_node(environ)}")
@@ -142,6 +143,16 @@ def _check_nproc(nproc: str) -> None:
         count, problem = 0, first_line(error).rstrip(".")
     if count < 1:
         raise UsageError(f"--nproc-per-node={nproc}: {problem}; give a count of processes, or auto, cpu or gpu")
+
+
+def _check_nnodes(nnodes: str) -> None:
+    """UsageError for a --nnodes torchrun would fail on with a traceback (0, a word, 3:1)."""
+    try:
+        low, high = torchrun.parse_min_max_nnodes(nnodes)
+    except (ValueError, RuntimeError):
+        low = high = 0
+    if not 1 <= low <= high:
+        raise UsageError(f"--nnodes={nnodes}: give a count of nodes, or MIN:MAX with 1 <= MIN <= MAX")
 
 
 def _refuse_abbreviations(flags: Sequence[str], names: Sequence[str]) -> None:
