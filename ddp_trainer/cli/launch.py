@@ -173,9 +173,9 @@ def _rdzv_conf(flags: Sequence[str], names: Sequence[str]) -> tuple[list[str], d
             kept.append(token)
             continue
         for pair in filter(str.strip, (value if inline else next(tokens, "")).split(",")):
-            key, _, setting = pair.partition("=")
-            if not key.strip():
-                raise UsageError(f"--rdzv-conf: {pair.strip()!r} names no key (write key=value, comma-separated)")
+            key, equals, setting = pair.partition("=")
+            if not key.strip() or not equals:  # torchrun failed on `foo` with a traceback
+                raise UsageError(f"--rdzv-conf: {pair.strip()!r} is not key=value (write key=value, comma-separated)")
             conf[key.strip()] = setting.strip()
     return kept, conf
 
