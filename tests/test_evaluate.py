@@ -368,8 +368,14 @@ def test_predict_stopped_by_a_signal_leaves_no_file_and_no_traceback(tmp_path, s
     last, output = tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "out" / "rows.jsonl"
     output.parent.mkdir()
     command = cli_command(["predict", "--checkpoint", str(last), "--split", "train", "--output", str(output)], 1)
+    # SIGINT's default action in the child: a job started in the background (CI, say) passes SIGINT on as ignored.
     predicting = subprocess.Popen(
-        [*command, "--batch-size", "1"], env=cli_env(), cwd=REPO_DIR, stderr=subprocess.PIPE, text=True
+        [*command, "--batch-size", "1"],
+        env=cli_env(),
+        cwd=REPO_DIR,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not any(output.parent.iterdir()) and time.monotonic() < deadline:
