@@ -28,10 +28,10 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def cli_command(args: list[str], nproc: int) -> list[str]:
-    """`python -m ddp_trainer.train ARGS`, under torchrun --standalone when nproc > 1."""
+def cli_command(args: list[str], nproc: int, module: str = "ddp_trainer.train") -> list[str]:
+    """`python -m MODULE ARGS`, under torchrun --standalone when nproc > 1."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "ddp_trainer.train", *args]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", module, *args]
 
 
 def run_script(script: Path, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -47,9 +47,9 @@ def run_cli(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO_DIR)
 
 
-def launch_cli(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    """Start the CLI in its own process group (so a test can kill every rank at once); output discarded."""
-    command = cli_command(args, nproc)
+def launch_cli(args: list[str], nproc: int = 1, module: str = "ddp_trainer.train") -> subprocess.Popen:
+    """Start the CLI (or `module`) in its own process group, so a test can kill every rank at once; no output."""
+    command = cli_command(args, nproc, module)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     return subprocess.Popen(command, env=cli_env(), cwd=REPO_DIR, start_new_session=True, **quiet)
 

@@ -380,8 +380,9 @@ def test_torchrun_restarts_a_rank_stopped_by_sigterm_and_ends_with_the_same_weig
 
 def test_ranks_whose_torchrun_was_killed_save_and_stop_and_the_run_resumes_exactly(tmp_path, uninterrupted_two_ranks):
     # torchrun starts its ranks in sessions of their own, so they outlive a SIGKILL to it: they must not train on.
+    # Paced: unpaced, the 9 epochs left took about 1 s, the watcher's poll, and a fast machine finished them first.
     args = [*TORCHRUN_RUN, f"output_dir={tmp_path}"]
-    launcher, metrics = launch_cli(args, nproc=2), tmp_path / "metrics.jsonl"
+    launcher, metrics = launch_cli(args, nproc=2, module="paced_entry"), tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.05)
