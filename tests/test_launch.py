@@ -143,6 +143,17 @@ def test_ddp_launch_that_cannot_reach_the_rendezvous_store_says_so_in_one_line()
     assert "Traceback" not in result.stderr
 
 
+def test_ddp_launch_given_a_rendezvous_backend_torchrun_does_not_know_says_so_in_one_line():
+    flags = ["--nnodes=1", "--nproc-per-node=1", "--rdzv-backend=c10", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    command = [sys.executable, "-m", "ddp_trainer.cli.launch", *flags, "-m", "ddp_trainer.train"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO_DIR)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        "ddp-launch: error: --rdzv-backend=c10 is not a rendezvous backend torchrun knows: use c10d (or static, etcd, "
+        "etcd-v2, or one a plugin registers)"
+    ]
+
+
 def test_ddp_launch_whose_other_nodes_never_join_or_whose_master_port_is_held_says_so_in_one_line():
     # A traceback of 50 lines ending in a RendezvousTimeoutError without a message (after 600 s by default), and one
     # of 56 ending in EADDRINUSE for the static rendezvous --master-addr/--master-port set up.

@@ -228,6 +228,16 @@ def run_agent(arguments: Sequence[str]) -> int:
         return 128 + error.sigval
     except (RendezvousConnectionError, RendezvousTimeoutError, RendezvousClosedError, DistNetworkError) as error:
         return _rendezvous_failed(error, torchrun.get_args_parser().parse_args(list(arguments)))
+    except ValueError as error:
+        backend = torchrun.get_args_parser().parse_args(list(arguments)).rdzv_backend
+        if not (isinstance(error.__cause__, KeyError) and f"'{backend}'" in str(error)):  # not its handler registry's
+            raise
+        say(
+            f"ddp-launch: error: --rdzv-backend={backend} is not a rendezvous backend torchrun knows: use c10d (or "
+            "static, etcd, etcd-v2, or one a plugin registers)",
+            sys.stderr,
+        )
+        return 2
     return 0
 
 
