@@ -40,7 +40,10 @@ class MixedPrecision:
             self.scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
         if clip_norm <= 0 and not measure:
             return None
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        # torch's get_total_norm adds a copy per tensor (resnet18: 62 ops per step); this is three, whatever the model.
+        norm = torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm([p.grad for p in parameters if p.grad is not None]))
+        )
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # FSDP: each rank holds a shard of the gradients; an all-reduce makes it whole
         if clip_norm > 0:

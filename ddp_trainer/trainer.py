@@ -202,15 +202,17 @@ class Trainer:
         clip = self.cfg.trainer.grad_clip_norm
         if grad_scale != 1:
             torch._foreach_mul_([p.grad for p in self.parameters if p.grad is not None], grad_scale)
-        # DDP's all-reduce gave every rank the same gradients, so one rank's NaN is every rank's: their norm lets
-        # each rank reach the same verdict without a collective. Alone, a rank need only look at its loss.
-        norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=self.env.distributed)
+        # The gradients' norm judges the step: a finite loss can still give NaN gradients (sqrt at 0), and DDP's
+        # all-reduce gave every rank the same gradients, so each rank reaches the same verdict without a collective.
+        # Under fp16 the GradScaler judges the gradients itself.
+        by_norm = self.precision.scaler is None
+        norm = self.precision.unscale_and_clip(self.optimizer, self.parameters, clip, measure=by_norm)
         # The verdict stays on the device: under `skip` a poisoned step is skipped there; the next host sync reports
         # it (under `stop` finds it, before any save). Under fp16 the GradScaler skips overflows, routine as it finds
         # its scale: each rank judges its own loss, which it skips too, and the sync shares the ranks' verdicts.
         step = self.progress.step = self.progress.step + 1
         loss, measured = window or (None, None)  # None: no micro-batch of this step trained on this rank
-        skip = self.ledger.record(step, loss, measured, norm, by_norm=self.precision.scaler is None)
+        skip = self.ledger.record(step, loss, measured, norm, by_norm)
         self.precision.step(self.optimizer, skip)
         self.progress.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
         self.scheduler.step()

@@ -245,13 +245,16 @@ class IdRecordingNet(nn.Module):
 
 
 class NanAtStep(nn.Module):
-    """A small classifier whose training forward returns NaN logits on call `nan_step` (1-based) of `nan_rank`."""
+    """A small classifier whose training forward on call `nan_step` (1-based) of `nan_rank` returns NaN logits, or
+    with `poisons="gradient"` finite logits whose gradients are NaN."""
 
-    def __init__(self, nan_step: int, nan_rank: int = 0, features: int = 8, classes: int = 3) -> None:
+    def __init__(
+        self, nan_step: int, nan_rank: int = 0, features: int = 8, classes: int = 3, poisons: str = "loss"
+    ) -> None:
         super().__init__()
         self.linear, self.calls = nn.Linear(features, classes), 0
         self.poison = os.environ.get("RANK", "0") == str(nan_rank)
-        self.nan_step = nan_step
+        self.nan_step, self.poisons = nan_step, poisons
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits, or NaN once."""
@@ -259,6 +262,8 @@ class NanAtStep(nn.Module):
         if self.training:
             self.calls += 1
             if self.poison and self.calls == self.nan_step:
+                if self.poisons == "gradient":  # sqrt(0) adds 0, and its infinite slope times 0 is NaN
+                    return logits + torch.sqrt(self.linear.weight.sum() * 0.0)
                 return logits * float("nan")
         return logits
 

@@ -35,10 +35,12 @@ def test_the_skip_flag_tells_nan_and_both_infinities_from_every_finite_value(dty
 
 # fp16: the GradScaler would skip the poisoned step itself, and a run that judged nothing finished with exit 0, a NaN
 # train/loss and its checkpoints, however often the loss was NaN.
-@pytest.mark.parametrize("precision", ["32", "fp16"])
-def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, precision):
+# A finite loss with NaN gradients was judged by its loss alone in one process: the run saved NaN weights as good ones.
+@pytest.mark.parametrize(("precision", "poisons"), [("32", "loss"), ("fp16", "loss"), ("32", "gradient")])
+def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, precision, poisons):
     # 96 samples / batch 8 = 12 steps per epoch: the NaN comes in epoch 2, after epoch 1's checkpoint.
-    args = [*BLOBS, "model.nan_step=15", "trainer.epochs=3", f"trainer.precision={precision}"]
+    args = [*BLOBS, "model.nan_step=15", f"model.poisons={poisons}", "trainer.epochs=3"]
+    args.append(f"trainer.precision={precision}")
     assert main([*args, f"output_dir={tmp_path}"]) == 3
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "not finite" in error and "at step 15 (epoch 2)" in error
@@ -47,11 +49,12 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
 
 
-@pytest.mark.parametrize("precision", ["32", "fp16"])
-def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys, precision):
+@pytest.mark.parametrize(("precision", "poisons"), [("32", "loss"), ("fp16", "loss"), ("32", "gradient")])
+def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys, precision, poisons):
     # The step verdicts hold one log interval (2 steps here): every interval after the skip must empty them.
-    args = [*BLOBS, "model.nan_step=2", "trainer.nonfinite_loss=skip", "trainer.log_every_n_steps=2"]
-    assert main([*args, "trainer.epochs=1", f"trainer.precision={precision}", f"output_dir={tmp_path}"]) == 0
+    args = [*BLOBS, "model.nan_step=2", f"model.poisons={poisons}", "trainer.nonfinite_loss=skip"]
+    args += ["trainer.log_every_n_steps=2", "trainer.epochs=1", f"trainer.precision={precision}"]
+    assert main([*args, f"output_dir={tmp_path}"]) == 0
     assert "skipped 1 optimizer step(s) by step 2, the epoch's first at step 2 (epoch 1)" in capsys.readouterr().out
     lines = read_metrics(tmp_path)
     assert [(line["step"], line["train/skipped_steps"]) for line in lines] == [(12, 1)]
