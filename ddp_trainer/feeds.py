@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,19 @@ class MicroBatch:
     closes_window: bool
     trained: bool = True  # False: a zero-weight stand-in, on a rank whose stream ran out before the others'
     grad_scale: float = 1.0  # multiplies the window's gradients before the step (a stream's short last window)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: torch.nn.Module, keep: bool) -> Iterator[None]:
+    """Put `model`'s buffers back after the block, if `keep`: a stand-in's zero weight leaves the parameters alone,
+    but its forward in train mode would move BatchNorm's running statistics by a batch already counted."""
+    if not keep:
+        yield
+        return
+    saved = [buffer.clone() for buffer in model.buffers()]
+    yield
+    for buffer, value in zip(model.buffers(), saved, strict=True):
+        buffer.copy_(value)
 
 
 def counted_windows(loader: Iterable[Any], batches_per_epoch: int, accumulate: int, start: int) -> Iterator[MicroBatch]:

@@ -20,7 +20,7 @@ from ddp_trainer.data import DataBundle, to_device
 from ddp_trainer.distributed import DistEnv, LaggedAgreement, PhaseTimeouts, barrier, gather_objects, requeue_slurm_job
 from ddp_trainer.errors import TrainingDiverged
 from ddp_trainer.evaluation import evaluate_model
-from ddp_trainer.feeds import AgreedFeed, MicroBatch, counted_windows
+from ddp_trainer.feeds import AgreedFeed, MicroBatch, buffers_kept, counted_windows
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.metrics import MetricSums, StepLedger
 from ddp_trainer.preemption import Stopped, StopSignals, stop_origin
@@ -178,7 +178,8 @@ class Trainer:
                     return self._reduce(sums), False
                 # From here on only the device copies: the loader's CPU tensors must not reach a device computation.
                 batch = to_device(micro.batch, self.env.device, self.cfg.model.channels_last)
-                measured = self._forward_backward(batch, micro.weight, sync=micro.closes_window)
+                with buffers_kept(self.model, keep=not micro.trained):
+                    measured = self._forward_backward(batch, micro.weight, sync=micro.closes_window)
                 if micro.trained:
                     window = measured if window is None else (window[0] + measured[0], window[1] + measured[1])
                     self.progress.batch_in_epoch += 1

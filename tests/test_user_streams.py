@@ -193,8 +193,11 @@ def test_the_stream_example_runs_in_one_process(tmp_path):
 class Named(IterableDataset):
     """Dict records that carry a string id beside the tensors, as a user's stream of files or documents does."""
 
+    def __init__(self, count: int = 40) -> None:
+        self.count = count
+
     def __iter__(self):  # noqa: ANN204
-        for index in range(40):
+        for index in range(self.count):
             yield {"id": f"record-{index}", "inputs": torch.full((4,), float(index % 3)), "targets": index % 3}
 
 
@@ -202,6 +205,16 @@ def test_a_stream_of_records_with_string_fields_trains(tmp_path):
     overrides = [*CPU, "trainer.epochs=1", "data.batch_size=8", f"output_dir={tmp_path}"]
     record = ddp_trainer.fit(nn.Linear(4, 3), Named(), overrides=overrides)
     assert (record["step"], record["train/samples"]) == (5, 40)
+
+
+def test_the_stand_in_that_closes_a_short_last_window_leaves_batchnorm_statistics_alone(tmp_path):
+    # 13 batches in windows of 3: a zero-weight stand-in closes the last window of 1. Its forward in train mode moved
+    # the running statistics by a batch already counted (14 batches tracked).
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    overrides = [*CPU, "trainer.epochs=1", "data.batch_size=8", "trainer.accumulate_grad_batches=3"]
+    record = ddp_trainer.fit(model, Named(104), overrides=[*overrides, f"output_dir={tmp_path}"])
+    assert (record["step"], record["train/samples"]) == (5, 104)
+    assert model[1].num_batches_tracked.item() == 13
 
 
 def test_a_stream_from_a_target_factory_trains_through_the_command_line(tmp_path):
