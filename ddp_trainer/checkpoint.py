@@ -60,7 +60,8 @@ FILE_KEYS = {"model": dict, "optimizer": dict, **SHARDED_KEYS}
 NUMBER, TEXT, LIST, MAP = (int, float, type(None)), (str, type(None)), (list, type(None)), (dict, type(None))
 # Keys a checkpoint may hold, of these types: a crafted value is named here, not met in a traceback far from here.
 OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": int, "world_size": int, "epochs_without_improvement": int}
-OPTIONAL_KEYS |= {"best_metric": NUMBER, "part_epoch_best": NUMBER, "last_lr": NUMBER, "wandb_run_id": TEXT}
+OPTIONAL_KEYS |= {"best_metric": NUMBER, "early_stopping_reference": NUMBER, "part_epoch_best": NUMBER}
+OPTIONAL_KEYS |= {"last_lr": NUMBER, "wandb_run_id": TEXT}
 OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
 OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP, "epoch_train_s": NUMBER}
 SECTIONS = ("model", "data", "trainer")  # of the config, each a mapping

@@ -11,11 +11,13 @@ from ddp_trainer.tasks import Task
 
 
 class Monitor:
-    """Tracks `checkpoint.monitor` over whole epochs: the best value and the epochs since it last improved."""
+    """Tracks `checkpoint.monitor` over whole epochs: the best value, and the epochs since it last improved by more
+    than min_delta (early stopping's threshold, as Lightning's: best.pt takes any better epoch)."""
 
     def __init__(self, name: str, mode: str, min_delta: float, patience: int) -> None:
         self.name, self.mode, self.min_delta, self.patience = name, mode, min_delta, patience
         self.best: float | None = None
+        self.reference: float | None = None  # the last value that improved by more than min_delta
         self.stale_epochs = 0
         # Reported only: a part epoch's value that best.pt holds while no whole epoch has set `best`.
         self.part_epoch_best: float | None = None
@@ -32,14 +34,17 @@ class Monitor:
             if self.best is None:
                 self.part_epoch_best = value
             return self.best is None
-        if self.best is None or self._improves_on(self.best, value):
-            self.best, self.stale_epochs = value, 0
+        if self.reference is None or self._improves_on(self.reference, value, self.min_delta):
+            self.reference, self.stale_epochs = value, 0
+        else:
+            self.stale_epochs += 1
+        if self.best is None or self._improves_on(self.best, value, 0.0):
+            self.best = value
             return True
-        self.stale_epochs += 1
         return False
 
-    def _improves_on(self, best: float, value: float) -> bool:
-        return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
+    def _improves_on(self, best: float, value: float, delta: float) -> bool:
+        return value > best + delta if self.mode == "max" else value < best - delta
 
     def should_stop(self) -> bool:
         """Whether `patience` whole epochs passed without an improvement (never, with patience 0)."""
@@ -63,11 +68,13 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run judges the next epochs like an uninterrupted one."""
         kept = {"best_metric": self.best, "epochs_without_improvement": self.stale_epochs}
+        kept["early_stopping_reference"] = self.reference
         return {**kept, "part_epoch_best": self.part_epoch_best}  # a finished run started again still names it
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint's top-level keys (written by `state_dict`)."""
         self.best = state.get("best_metric")
+        self.reference = state.get("early_stopping_reference", self.best)  # older checkpoints: best.pt followed it
         self.stale_epochs = state.get("epochs_without_improvement", 0)
         self.part_epoch_best = state.get("part_epoch_best")
 

@@ -13,9 +13,21 @@ def feed(monitor: Monitor, values: list[float]) -> list[bool]:
 
 def test_min_mode_keeps_the_lowest_and_ignores_changes_within_min_delta():
     monitor = Monitor("val/loss", "min", min_delta=0.1, patience=0)
-    assert feed(monitor, [1.0, 0.95, 0.8, 0.85]) == [True, False, True, False]
-    assert monitor.best == 0.8 and monitor.stale_epochs == 1
+    assert feed(monitor, [1.0, 0.95, 0.8, 0.85]) == [True, True, True, False]  # best.pt takes any better epoch
+    assert monitor.best == 0.8 and monitor.stale_epochs == 1  # 0.95 was within min_delta of 1.0; 0.8 was not
     assert not monitor.should_stop()  # patience 0: never
+
+
+def test_min_delta_ends_the_run_while_best_pt_still_takes_each_better_epoch():
+    # As Lightning's EarlyStopping and ModelCheckpoint: the threshold is for stopping; best.pt held epoch 1 here.
+    monitor = Monitor("val/accuracy", "max", min_delta=0.02, patience=2)
+    values = [0.90, 0.91, 0.915]
+    assert [monitor.update({"val/accuracy": value}, whole_epoch=True) for value in values] == [True, True, True]
+    assert monitor.should_stop() and monitor.best == 0.915
+    restored = Monitor("val/accuracy", "max", min_delta=0.02, patience=3)
+    restored.load_state_dict(monitor.state_dict())
+    assert not restored.update({"val/accuracy": 0.912}, whole_epoch=True) and restored.should_stop()  # 3 stale
+    assert restored.update({"val/accuracy": 0.921}, whole_epoch=True) and restored.stale_epochs == 0  # 0.90 + 0.02
 
 
 def test_patience_counts_whole_epochs_only():
