@@ -65,9 +65,13 @@ class StepLedger:
         device: torch.device,
         now: bool = True,
         share_with: DistEnv | None = None,
+        alone: bool = False,
     ) -> None:
         self.rows_of, self.width, self.device, self.now = rows_of, width, device, now
         self.share_with = share_with  # where each rank judges only its own loss: the ranks whose verdicts fold joins
+        # One process judges its loss with the norm (an infinite loss can have finite gradients); ranks judge only the
+        # norm, which they share: a rank's own loss would part their verdicts, and `skip` has no collective to join.
+        self.alone = alone
         self.flags = torch.zeros(capacity, dtype=torch.float32, device=device)  # 0.0 unless written: never skipped
         # Views made once, as steps first reach them: indexing the flags every step would cost an op each time.
         self.places: list[torch.Tensor] = []
@@ -82,14 +86,15 @@ class StepLedger:
         self, step: int, loss: torch.Tensor | None, outputs: Any, norm: torch.Tensor | None, by_norm: bool
     ) -> torch.Tensor | None:
         """Keep step `step`'s detached mean loss and outputs (None: no micro-batch of it trained here), and its norm
-        when measured; flag the step skipped if its norm (`by_norm` and measured; else its loss) is not finite: judged
-        `now`, the flag, a float32 device scalar (1.0: skip), is returned; otherwise the next fold flags it."""
+        when measured; flag the step skipped if its norm (`by_norm` and measured; else, or also `alone`, its loss) is
+        not finite: judged `now`, the flag, a float32 device scalar (1.0: skip), is returned; otherwise the next fold
+        flags it."""
         self.steps.append(step)
         self.losses.append(loss)
         self.outputs.append(outputs)
         if self.measures_norms:
             self.norms.append(norm)
-        judged = norm if by_norm and norm is not None else loss
+        judged = loss if not by_norm or norm is None else norm + loss if self.alone and loss is not None else norm
         if not self.now:
             self.judged.append(judged)
             return None

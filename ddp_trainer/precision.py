@@ -40,10 +40,12 @@ class MixedPrecision:
             self.scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
         if clip_norm <= 0 and not measure:
             return None
-        # torch's get_total_norm adds a copy per tensor (resnet18: 62 ops per step); this is three, whatever the model.
-        norm = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm([p.grad for p in parameters if p.grad is not None]))
-        )
+        grads = [p.grad for p in parameters if p.grad is not None]
+        # A float16 norm overflows past 65504 (a model .half()'d at precision 32): measured in float32 (DTensors, whose
+        # rule takes no dtype, are FSDP's float32 gradients). torch's get_total_norm adds a `.to()` per tensor.
+        wide = any(grad.dtype == torch.float16 and not isinstance(grad, DTensor) for grad in grads)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if wide else torch._foreach_norm(grads)
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # FSDP: each rank holds a shard of the gradients; an all-reduce makes it whole
         if clip_norm > 0:

@@ -63,10 +63,10 @@ class Trainer:
         self.measure, rows_of = training_measure(task, self.accumulate)
         # A sync comes every log interval and at an epoch's end: the ledger holds the fewer steps. Only `skip` needs a
         # verdict before the step; `stop` saves nothing unjudged (each save follows a sync): the sync judges them all.
-        clip, now = cfg.trainer.grad_clip_norm > 0, cfg.trainer.nonfinite_loss == "skip"
+        clip, now, alone = cfg.trainer.grad_clip_norm > 0, cfg.trainer.nonfinite_loss == "skip", not env.distributed
         interval = min(cfg.trainer.log_every_n_steps, self.steps_per_epoch or cfg.trainer.log_every_n_steps)
         scaled = env if parts.precision.scaler is not None else None  # fp16: ranks share verdicts (_optimizer_step)
-        self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now, scaled)
+        self.ledger = StepLedger(rows_of, len(task.sum_names), interval, clip, env.device, now, scaled, alone)
         self.shared_weight, self.last_save_time = (1.0 if env.is_main else 0.0), clock()  # the weight: see STEP_SUMS
         self.agreement = LaggedAgreement(env, size=2)
         self.stream_feed = None  # a stream of unknown length agrees each step whether any rank still holds a batch

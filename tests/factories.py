@@ -246,7 +246,8 @@ class IdRecordingNet(nn.Module):
 
 class NanAtStep(nn.Module):
     """A small classifier whose training forward on call `nan_step` (1-based) of `nan_rank` returns NaN logits, or
-    with `poisons="gradient"` finite logits whose gradients are NaN."""
+    with `poisons="gradient"` finite logits whose gradients are NaN, or with `"infinite_loss"` logits whose loss is
+    infinite and whose gradients are finite."""
 
     def __init__(
         self, nan_step: int, nan_rank: int = 0, features: int = 8, classes: int = 3, poisons: str = "loss"
@@ -264,6 +265,8 @@ class NanAtStep(nn.Module):
             if self.poison and self.calls == self.nan_step:
                 if self.poisons == "gradient":  # sqrt(0) adds 0, and its infinite slope times 0 is NaN
                     return logits + torch.sqrt(self.linear.weight.sum() * 0.0)
+                if self.poisons == "infinite_loss":  # classes 1 and 2 impossible: their samples' loss is infinite
+                    return torch.cat([logits[:, :1], torch.full_like(logits[:, 1:], float("-inf"))], dim=1)
                 return logits * float("nan")
         return logits
 

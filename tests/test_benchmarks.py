@@ -46,15 +46,15 @@ def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
 def test_the_step_dispatches_few_ops_beyond_the_hand_written_loop():
     # Where the host sets the pace (bf16 eager on a GPU), every op a step adds costs throughput: 21 in the second
     # GPU run's step, 10 in the third's, 6.4 in the fourth's, 3 once `stop` judged at the host sync (the task's
-    # argmax and compare 2, the loss's detach 1; the fold's few ops spread over the interval), and 3 more since the
-    # gradients' norm judges each step (_foreach_norm, stack, vector_norm).
+    # argmax and compare 2, the loss's detach 1; the fold's few ops spread over the interval), and 4 more since the
+    # gradients' norm judges each step (_foreach_norm, stack, vector_norm), in one process added to the loss.
     args = ["--steps", "20", "--timed-epochs", "1"]
     result = run_script(REPO_DIR / "benchmarks" / "step_ops.py", args, timeout=180)
     assert result.returncode == 0, result.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if "|" in line}
     hand, ours, extra = (float(rows[loop][0]) for loop in ("hand-written", "ddp-trainer", "extra"))
     assert hand > 20 and extra == pytest.approx(ours - hand, abs=0.11)
-    assert extra <= 7.5, result.stdout
+    assert extra <= 8.5, result.stdout
     # The phases split each loop's host time where both call the same functions: every one fired in both loops,
     # and (one timed epoch: no medians) they add up to the whole step.
     phases = ["loader", "loss", "backward", "optimizer kernels", "zero_grad", "whole step"]

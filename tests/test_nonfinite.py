@@ -11,6 +11,7 @@ from dist_helpers import run_ranks
 
 from ddp_trainer import checkpoint, metrics
 from ddp_trainer.cli.train import main
+from ddp_trainer.precision import MixedPrecision
 
 BLOBS = [
     "data._target_=factories.blobs",
@@ -36,7 +37,11 @@ def test_the_skip_flag_tells_nan_and_both_infinities_from_every_finite_value(dty
 # fp16: the GradScaler would skip the poisoned step itself, and a run that judged nothing finished with exit 0, a NaN
 # train/loss and its checkpoints, however often the loss was NaN.
 # A finite loss with NaN gradients was judged by its loss alone in one process: the run saved NaN weights as good ones.
-@pytest.mark.parametrize(("precision", "poisons"), [("32", "loss"), ("fp16", "loss"), ("32", "gradient")])
+# Judged by the norm alone, an infinite loss with finite gradients went unseen.
+POISONS = [("32", "loss"), ("fp16", "loss"), ("32", "gradient"), ("32", "infinite_loss")]
+
+
+@pytest.mark.parametrize(("precision", "poisons"), POISONS)
 def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, precision, poisons):
     # 96 samples / batch 8 = 12 steps per epoch: the NaN comes in epoch 2, after epoch 1's checkpoint.
     args = [*BLOBS, "model.nan_step=15", f"model.poisons={poisons}", "trainer.epochs=3"]
@@ -49,7 +54,7 @@ def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(t
     assert [line["epoch"] for line in read_metrics(tmp_path)] == [1]
 
 
-@pytest.mark.parametrize(("precision", "poisons"), [("32", "loss"), ("fp16", "loss"), ("32", "gradient")])
+@pytest.mark.parametrize(("precision", "poisons"), POISONS)
 def test_steps_after_a_skip_go_on_past_the_verdict_buffer_and_keep_the_first(tmp_path, capsys, precision, poisons):
     # The step verdicts hold one log interval (2 steps here): every interval after the skip must empty them.
     args = [*BLOBS, "model.nan_step=2", f"model.poisons={poisons}", "trainer.nonfinite_loss=skip"]
@@ -89,3 +94,15 @@ def test_nan_loss_on_one_rank_stops_both_at_that_step_without_saving_it(tmp_path
     assert result.stderr.count("not finite on at least one rank at step 8 (epoch 2)") == 2, result.stderr
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, 6) and all_finite(saved["model"])
+
+
+def test_a_float16_gradient_norm_past_float16s_range_is_finite():
+    # Measured in float16, a norm past 65504 was infinite: every step of a .half()'d model with large gradients was
+    # judged not finite, though its loss and every gradient were.
+    layer = torch.nn.Linear(4, 2).half()
+    layer.weight.grad, layer.bias.grad = torch.full((2, 4), 40000.0).half(), torch.full((2,), 3.0).half()
+    parameters = list(layer.parameters())
+    norm = MixedPrecision("32", torch.device("cpu")).unscale_and_clip(
+        torch.optim.SGD(parameters), parameters, 0.0, measure=True
+    )
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(math.sqrt(8 * 40000.0**2 + 2 * 9.0))
