@@ -333,6 +333,23 @@ def test_cifar10_training_augmentation_is_seeded_per_sample_and_epoch(cifar10_fi
     assert not torch.equal(views[0], views[2])  # another epoch: another draw
 
 
+class Draws(torch.utils.data.Dataset):
+    """A stand-in for a large dataset whose every sample is a random draw: what its augmentation would take."""
+
+    def __len__(self) -> int:
+        return 2_000_000
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(4)
+
+
+def test_per_sample_seeds_differ_for_a_sample_and_the_one_a_million_later_in_the_next_epoch():
+    # A multiply-add mix by 1,000,003 gave (epoch 0, index 1,000,003) the seed of (epoch 1, index 0).
+    seeded = PerSampleSeeded(Draws(), seed=0)
+    assert not torch.equal(seeded[SampleKey(0, 1_000_003)], seeded[SampleKey(1, 0)])
+    assert torch.equal(seeded[SampleKey(1, 0)], seeded[SampleKey(1, 0)])
+
+
 def test_cifar10_shards_hold_the_images_unaugmented_whatever_the_recipe_says(cifar10_files, tmp_path):
     args = ["--config", "configs/cifar10_resnet18.yaml", f"data.root={cifar10_files.root}", "--shards", "2"]
     for out in ("first", "second"):
