@@ -136,7 +136,7 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     else:  # a run branched off another's checkpoint: a W&B run, and a best.pt, of its own, as Lightning's are
         parts.progress.wandb_run_id = None
         parts.history_here = False
-    _restore_streams(state.get("rng") or [], path, cfg.seed + env.rank + 1_000_003 * parts.progress.step, env, logger)
+    _restore_streams(state.get("rng") or [], path, rng.mixed_seed(cfg.seed, env.rank, parts.progress.step), env, logger)
     logger.info(f"resumed from {path}: step {parts.progress.step}, epochs done: {parts.progress.epoch}")
     _mark_if_finished(parts, path, cfg, logger)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer.rng import mixed_seed
 
 
 @pytest.mark.parametrize(("size", "world_size"), [(359, 2), (10, 3), (7, 8), (1, 1)])
@@ -54,3 +55,9 @@ def test_order_depends_on_seed_and_epoch_only():
 def test_unpadded_sampler_works_in_a_dataloader():
     loader = torch.utils.data.DataLoader(range(11), batch_size=4, sampler=UnpaddedDistributedSampler(11, 2, 1))
     assert [batch.tolist() for batch in loader] == [[1, 3, 5, 7], [9]]
+
+
+def test_rank_streams_of_neighbouring_seeds_share_nothing():
+    # seed + rank gave rank 1 of seed 0 the streams of rank 0 of seed 1, and wrapped the largest seed's rank 1 to 0.
+    assert mixed_seed(0, 1) != mixed_seed(1, 0) and mixed_seed(2**32 - 1, 1) != mixed_seed(0, 0)
+    assert mixed_seed(0, 1) == mixed_seed(0, 1) and all(0 <= mixed_seed(2**32 - 1, rank) < 2**32 for rank in range(8))

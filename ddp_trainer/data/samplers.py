@@ -6,10 +6,9 @@ import itertools
 from collections.abc import Iterator, Sized
 from typing import Any, NamedTuple
 
-import numpy as np
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from ddp_trainer.rng import seeded
+from ddp_trainer.rng import mixed_seed, seeded
 
 
 class SampleKey(NamedTuple):
@@ -85,8 +84,5 @@ class PerSampleSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: SampleKey) -> Any:
-        # Hashed into the 32 bits torch's CPU generator and NumPy keep of a seed. A multiply-add mix gave sample
-        # i + 1,000,003 of one epoch sample i's seed in the next, on a dataset of ImageNet's size.
-        sample_seed = int(np.random.SeedSequence((self.seed, key.epoch, key.index)).generate_state(1)[0])
-        with seeded(sample_seed):
+        with seeded(mixed_seed(self.seed, key.epoch, key.index)):
             return self.dataset[key.index]
