@@ -30,6 +30,7 @@ from ddp_trainer.fields import (
 
 # The data.name and model.name of a fit() run, whose datasets and model were Python objects: no key rebuilds them.
 GIVEN = "given"
+RESNETS = ("resnet", "resnext", "wide_resnet")  # torchvision's ResNet class: the models the CIFAR stem fits
 
 # What trainer.allow_changes may name: changes a resumed run can meaningfully continue with (see changes.py).
 CONTINUABLE = (
@@ -119,7 +120,7 @@ class ModelConfig(Section):
 
             if self.name not in torchvision.models.list_models():
                 raise invalid("model.name", self.name, "mlp, cnn, a torchvision model name or model._target_")
-        if self._target_ is None and self.cifar_stem and not self.name.startswith("resnet"):
+        if self._target_ is None and self.cifar_stem and not self.name.startswith(RESNETS):
             raise invalid(
                 "model.cifar_stem", True, f"false: the CIFAR stem is a resnet's, not model.name={self.name}'s"
             )

@@ -87,6 +87,7 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
     if cfg.cifar_stem:  # a resnet: the config refuses the stem for other models
         # 32x32 inputs lose too much to the 7x7/2 conv and the max-pool; the usual CIFAR change.
         model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet inits its convs
         model.maxpool = nn.Identity()
     _check_takes(model, cfg.name, input_shape)
     return model

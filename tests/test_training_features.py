@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import read_metrics
@@ -221,6 +223,14 @@ def test_a_model_that_cannot_take_the_data_is_refused_in_one_line_before_trainin
     models.build(config.ModelConfig(name="resnet18", cifar_stem=True), digits, 10)
     assert model.training and model(torch.zeros(2, *digits)).shape == (2, 10)
     assert torch.equal(torch.rand(1), drawn)
+
+
+def test_the_cifar_stem_is_initialised_as_resnet_initialises_its_convs_and_fits_every_resnet_class():
+    # It kept Conv2d's default init (std 0.112 here against ResNet's 0.059), and resnext and wide_resnet were refused.
+    stem = models.build(config.ModelConfig(name="resnet18", cifar_stem=True), (3, 32, 32), 10).conv1.weight
+    assert stem.std().item() == pytest.approx(math.sqrt(2 / (64 * 3 * 3)), rel=0.1)
+    for name in ("resnext50_32x4d", "wide_resnet50_2"):
+        assert config.ModelConfig(name=name, cifar_stem=True).cifar_stem
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
