@@ -33,10 +33,12 @@ def buffers_kept(model: torch.nn.Module, keep: bool) -> Iterator[None]:
     if not keep:
         yield
         return
-    saved = [buffer.clone() for buffer in model.buffers()]
+    saved = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     yield
-    for buffer, value in zip(model.buffers(), saved, strict=True):
-        buffer.copy_(value)
+    with torch.no_grad():  # a buffer may require grad
+        for name, buffer in model.named_buffers():
+            if name in saved:  # not one the forward set anew (from None)
+                buffer.copy_(saved[name])
 
 
 def counted_windows(loader: Iterable[Any], batches_per_epoch: int, accumulate: int, start: int) -> Iterator[MicroBatch]:

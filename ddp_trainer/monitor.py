@@ -23,8 +23,8 @@ class Monitor:
         self.part_epoch_best: float | None = None
 
     def update(self, record: dict[str, Any], whole_epoch: bool) -> bool:
-        """Take an epoch's record; True when best.pt takes it: a whole epoch's new best (by more than min_delta), or
-        a part epoch's (stopped at max_steps) while no whole epoch has set one."""
+        """Take an epoch's record; True when best.pt takes it: a whole epoch's new best (by any margin), or a part
+        epoch's (stopped at max_steps) while no whole epoch has set one."""
         value = record[self.name]
         if math.isnan(value):  # no better than any value, and nothing would ever compare better than it as the best
             self.stale_epochs += whole_epoch
@@ -52,8 +52,9 @@ class Monitor:
 
     def why_stop(self) -> str:
         """Why `should_stop`, in words."""
+        since = f" on {self.reference:.4f}" if self.reference is not None else ""  # None: every value was NaN
         return (
-            f"{self.name} has not improved by more than {self.min_delta} for {self.stale_epochs} epochs "
+            f"{self.name} has not improved{since} by more than {self.min_delta} for {self.stale_epochs} epochs "
             f"({self.describe()})"
         )
 

@@ -400,7 +400,7 @@ def test_a_restart_never_truncates_metrics_in_place(tmp_path, monkeypatch):
 def test_a_run_branched_into_a_folder_keeps_none_of_the_lines_a_crashed_attempt_left_there_and_has_its_best(tmp_path):
     # The attempt's line is not the history of the run now resumed from elsewhere, whatever its epoch number.
     args = ["--config", "configs/digits_mlp.yaml", "trainer.device=cpu", "logging.tensorboard=true"]
-    args.append("trainer.early_stopping_min_delta=1.0")  # no epoch after the first is best: the source's first is
+    args += ["checkpoint.monitor=val/loss", "checkpoint.mode=max"]  # the loss falls: the source's first epoch is best
     source, branch = tmp_path / "source", tmp_path / "branch"
     assert main([*args, "trainer.epochs=2", f"output_dir={source}"]) == 0
     crashed = {"epoch": 1, "step": 45, "lr": 0.05, "train/loss": 9.0}  # a branch attempt, killed before its checkpoint

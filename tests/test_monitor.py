@@ -24,6 +24,9 @@ def test_min_delta_ends_the_run_while_best_pt_still_takes_each_better_epoch():
     values = [0.90, 0.91, 0.915]
     assert [monitor.update({"val/accuracy": value}, whole_epoch=True) for value in values] == [True, True, True]
     assert monitor.should_stop() and monitor.best == 0.915
+    assert monitor.why_stop() == (
+        "val/accuracy has not improved on 0.9000 by more than 0.02 for 2 epochs (best val/accuracy 0.9150)"
+    )
     restored = Monitor("val/accuracy", "max", min_delta=0.02, patience=3)
     restored.load_state_dict(monitor.state_dict())
     assert not restored.update({"val/accuracy": 0.912}, whole_epoch=True) and restored.should_stop()  # 3 stale
@@ -76,6 +79,9 @@ def test_a_nan_value_is_never_the_best_and_counts_as_a_stale_epoch():
     assert not monitor.update({"val/loss": float("nan")}, whole_epoch=False) and monitor.part_epoch_best is None
     assert feed(monitor, [float("nan"), 0.28, 0.25, float("nan")]) == [False, True, True, False]
     assert monitor.best == 0.25 and monitor.stale_epochs == 1
+    only_nan = Monitor("val/loss", "min", min_delta=0.0, patience=2)
+    feed(only_nan, [float("nan")] * 2)
+    assert only_nan.why_stop() == "val/loss has not improved by more than 0.0 for 2 epochs (best val/loss n/a)"
 
 
 def test_the_default_recipe_lets_a_monitor_set_alone_take_its_own_direction():
