@@ -33,7 +33,7 @@ from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, require_packages
 from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
-from ddp_trainer.rng import mixed_seed, seed_everything
+from ddp_trainer.rng import RANK_STREAMS, mixed_seed, seed_everything
 from ddp_trainer.tasks import Task
 from ddp_trainer.trainer import Trainer
 
@@ -189,7 +189,7 @@ def _assemble(cfg: Config, env: DistEnv, build: Build, task: Task, logger: RunLo
     with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "during start-up"):
         model, train_set, val_set = build(env)
         bundle = data.build_loaders(train_set, val_set, cfg.data, env, cfg.seed, getattr(task, "collate", None))
-        seed_everything(mixed_seed(cfg.seed, env.rank))  # distinct streams per rank (dropout, augmentation)
+        seed_everything(mixed_seed(RANK_STREAMS, cfg.seed, env.rank))  # streams per rank (dropout, augmentation)
         return bundle, assemble(cfg, env, model, bundle, task, logger)
 
 

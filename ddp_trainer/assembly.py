@@ -136,7 +136,8 @@ def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: D
     else:  # a run branched off another's checkpoint: a W&B run, and a best.pt, of its own, as Lightning's are
         parts.progress.wandb_run_id = None
         parts.history_here = False
-    _restore_streams(state.get("rng") or [], path, rng.mixed_seed(cfg.seed, env.rank, parts.progress.step), env, logger)
+    fresh_seed = rng.mixed_seed(rng.RESEEDED_RANK, cfg.seed, env.rank, parts.progress.step)
+    _restore_streams(state.get("rng") or [], path, fresh_seed, env, logger)
     logger.info(f"resumed from {path}: step {parts.progress.step}, epochs done: {parts.progress.epoch}")
     _mark_if_finished(parts, path, cfg, logger)
 

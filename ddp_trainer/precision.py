@@ -23,6 +23,7 @@ class MixedPrecision:
             raise UsageError(f"trainer.precision={precision} has no autocast on device {device}")
         # fp16's narrow range underflows small gradients without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.half_parameters: bool | None = None  # whether the model has float16 parameters: set at the first step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the forward pass and the loss run in (a no-op at 32-bit precision)."""
@@ -40,11 +41,12 @@ class MixedPrecision:
             self.scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
         if clip_norm <= 0 and not measure:
             return None
+        if self.half_parameters is None:  # parameters keep their dtypes: a scan once, not every step
+            self.half_parameters = any(parameter.dtype == torch.float16 for parameter in parameters)
         grads = [p.grad for p in parameters if p.grad is not None]
-        # A float16 norm overflows past 65504 (a model .half()'d at precision 32): measured in float32 (DTensors, whose
-        # rule takes no dtype, are FSDP's float32 gradients). torch's get_total_norm adds a `.to()` per tensor.
-        wide = any(grad.dtype == torch.float16 and not isinstance(grad, DTensor) for grad in grads)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if wide else torch._foreach_norm(grads)
+        # torch's get_total_norm adds a `.to()` per tensor. A float16 norm overflows past 65504 (a model .half()'d at
+        # precision 32): such a model's float16 gradients are measured in float32, one by one (DTensors take no dtype).
+        norms = torch._foreach_norm(grads) if not self.half_parameters else [_wide_norm(grad) for grad in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # FSDP: each rank holds a shard of the gradients; an all-reduce makes it whole
@@ -80,3 +82,8 @@ class MixedPrecision:
         """Restore the scaler saved by `state_dict`, so a resumed fp16 run scales exactly as before."""
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _wide_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of `tensor`, a float16 one taken in float32 (its own range ends at 65504)."""
+    return torch.linalg.vector_norm(tensor.float() if tensor.dtype == torch.float16 else tensor)

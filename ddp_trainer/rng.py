@@ -10,14 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
+# What a mixed seed is for: each use hashes a tuple of its own length, as SeedSequence drops a tuple's trailing zeros.
+RANK_STREAMS, SAMPLE_AUGMENTATION, RESEEDED_RANK = 1, 2, 3
 
-def mixed_seed(*numbers: int) -> int:
-    """A 32-bit seed hashed from `numbers` (the run's seed first): other tuples give unrelated streams.
+
+def mixed_seed(use: int, *numbers: int) -> int:
+    """A 32-bit seed for `use` hashed from `numbers` (the run's seed first): other tuples give unrelated streams.
 
     torch's CPU generator and NumPy keep 32 bits of a seed. A sum mixed runs up: `seed + rank` made rank 1 of seed 0
     rank 0 of seed 1, and a multiply-add of (epoch, index) gave a sample a million on its predecessor's seed.
     """
-    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+    return int(np.random.SeedSequence((use, *numbers)).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:

@@ -99,10 +99,12 @@ def test_nan_loss_on_one_rank_stops_both_at_that_step_without_saving_it(tmp_path
 def test_a_float16_gradient_norm_past_float16s_range_is_finite():
     # Measured in float16, a norm past 65504 was infinite: every step of a .half()'d model with large gradients was
     # judged not finite, though its loss and every gradient were.
-    layer = torch.nn.Linear(4, 2).half()
+    # A float64 one beside them must keep its own dtype: narrowed to float32 with them, it failed every step.
+    layer, extra = torch.nn.Linear(4, 2).half(), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     layer.weight.grad, layer.bias.grad = torch.full((2, 4), 40000.0).half(), torch.full((2,), 3.0).half()
-    parameters = list(layer.parameters())
+    extra.grad = torch.full((3,), 2.0, dtype=torch.float64)
+    parameters = [*layer.parameters(), extra]
     norm = MixedPrecision("32", torch.device("cpu")).unscale_and_clip(
         torch.optim.SGD(parameters), parameters, 0.0, measure=True
     )
-    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(math.sqrt(8 * 40000.0**2 + 2 * 9.0))
+    assert torch.isfinite(norm) and norm.item() == pytest.approx(math.sqrt(8 * 40000.0**2 + 2 * 9.0 + 3 * 4.0))

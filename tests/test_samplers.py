@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
-from ddp_trainer.rng import mixed_seed
+from ddp_trainer.rng import RANK_STREAMS, RESEEDED_RANK, SAMPLE_AUGMENTATION, mixed_seed
 
 
 @pytest.mark.parametrize(("size", "world_size"), [(359, 2), (10, 3), (7, 8), (1, 1)])
@@ -59,5 +61,8 @@ def test_unpadded_sampler_works_in_a_dataloader():
 
 def test_rank_streams_of_neighbouring_seeds_share_nothing():
     # seed + rank gave rank 1 of seed 0 the streams of rank 0 of seed 1, and wrapped the largest seed's rank 1 to 0.
-    assert mixed_seed(0, 1) != mixed_seed(1, 0) and mixed_seed(2**32 - 1, 1) != mixed_seed(0, 0)
-    assert mixed_seed(0, 1) == mixed_seed(0, 1) and all(0 <= mixed_seed(2**32 - 1, rank) < 2**32 for rank in range(8))
+    ranks = functools.partial(mixed_seed, RANK_STREAMS)
+    assert ranks(0, 1) != ranks(1, 0) and ranks(2**32 - 1, 1) != ranks(0, 0)
+    assert ranks(0, 1) == ranks(0, 1) and all(0 <= ranks(2**32 - 1, rank) < 2**32 for rank in range(8))
+    # SeedSequence drops trailing zeros: without the use, rank 1's streams were sample 0's augmentation in epoch 1.
+    assert ranks(0, 1) != mixed_seed(SAMPLE_AUGMENTATION, 0, 1, 0) != mixed_seed(RESEEDED_RANK, 0, 1, 0)

@@ -22,7 +22,7 @@ from ddp_trainer.data.user_streams import RankShardedStream, StreamLoader
 from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.errors import UsageError
 from ddp_trainer.preemption import StopProofLoader
-from ddp_trainer.rng import mixed_seed
+from ddp_trainer.rng import RANK_STREAMS, mixed_seed
 from ddp_trainer.tasks import inputs_and_targets
 
 Collate = Callable[[list[Any]], Any] | None
@@ -166,7 +166,7 @@ def _loader(
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
         # Each loader draws its workers' seeds from its own generator, never from the global RNG: an extra
         # evaluation or a resumed iterator then leaves the training randomness (dropout) untouched.
-        generator=torch.Generator().manual_seed(mixed_seed(seed, env.rank)),
+        generator=torch.Generator().manual_seed(mixed_seed(RANK_STREAMS, seed, env.rank)),
         **options,
     )
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from ddp_trainer.rng import mixed_seed, seeded
+from ddp_trainer.rng import SAMPLE_AUGMENTATION, mixed_seed, seeded
 
 
 class SampleKey(NamedTuple):
@@ -84,5 +84,5 @@ class PerSampleSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: SampleKey) -> Any:
-        with seeded(mixed_seed(self.seed, key.epoch, key.index)):
+        with seeded(mixed_seed(SAMPLE_AUGMENTATION, self.seed, key.epoch, key.index)):
             return self.dataset[key.index]
