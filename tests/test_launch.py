@@ -487,3 +487,13 @@ def test_the_help_describes_ddp_launchs_own_flags(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert shown.startswith("usage: ddp-launch ")
     assert "--dry-run print the torchrun command" in shown and "--doctor check that every rank" in shown
+
+
+def test_ddp_launch_without_a_script_names_itself(capsys):
+    # torchrun's parser took its name from sys.argv[0]: `python -m ddp_trainer.cli.launch` said `launch.py: error`.
+    with pytest.raises(SystemExit) as ended:
+        launch_main(["--nproc-per-node=1"])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "ddp-launch: error: the following arguments are required: training_script, training_script_args"
+    )

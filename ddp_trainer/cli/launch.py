@@ -100,9 +100,16 @@ def _unused_nodes(argv: Sequence[str], environ: Mapping[str, str]) -> str | None
     )
 
 
+def _torchrun_parser() -> argparse.ArgumentParser:
+    """torchrun's parser, named ddp-launch in its messages (under `python -m` they said `launch.py`)."""
+    parser = torchrun.get_args_parser()
+    parser.prog = "ddp-launch"
+    return parser
+
+
 def torchrun_arguments(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     """torchrun's arguments for `argv` (torchrun's own syntax), with what the user left out filled in."""
-    parser = torchrun.get_args_parser()
+    parser = _torchrun_parser()
     args = parser.parse_args(list(argv))
     flags = list(argv)[: len(argv) - len(args.training_script_args) - 1]
     options = {action.dest: action.option_strings for action in parser._actions if action.option_strings}
@@ -190,8 +197,7 @@ def own_flags(argv: Sequence[str]) -> tuple[set[str], list[str]]:
 
 def _script_length(argv: Sequence[str]) -> int:
     """How many of `argv`'s last tokens are the training script and its arguments (0: no script)."""
-    parser = torchrun.get_args_parser()
-    parser.prog = "ddp-launch"
+    parser = _torchrun_parser()
     for flag, said in OWN_FLAGS.items():
         parser.add_argument(flag, action="store_true", help=said)
     stand_in = "ddp-launch-no-script"  # the --doctor form names no script: torchrun's parser needs one to finish
@@ -227,9 +233,9 @@ def run_agent(arguments: Sequence[str]) -> int:
     except SignalException as error:
         return 128 + error.sigval
     except (RendezvousConnectionError, RendezvousTimeoutError, RendezvousClosedError, DistNetworkError) as error:
-        return _rendezvous_failed(error, torchrun.get_args_parser().parse_args(list(arguments)))
+        return _rendezvous_failed(error, _torchrun_parser().parse_args(list(arguments)))
     except ValueError as error:
-        backend = torchrun.get_args_parser().parse_args(list(arguments)).rdzv_backend
+        backend = _torchrun_parser().parse_args(list(arguments)).rdzv_backend
         if not (isinstance(error.__cause__, KeyError) and f"'{backend}'" in str(error)):  # not its handler registry's
             raise
         say(
