@@ -16,7 +16,7 @@ from ddp_trainer.data import DataBundle
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
-from ddp_trainer.models import prepare_model
+from ddp_trainer.models import prepare_model, unused_mlp_keys
 from ddp_trainer.monitor import Monitor, build_monitor
 from ddp_trainer.optim import build_optimizer, build_scheduler, relay_schedule, schedule_length
 from ddp_trainer.peers import is_peer_failure
@@ -49,6 +49,8 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
     fsdp = cfg.trainer.strategy == "fsdp"
     sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
+    if note := unused_mlp_keys(cfg.model):  # a recipe's dropout, say, under model.name=cnn: said, not refused
+        logger.info(note)
     # Sharded, fully_shard moves the model to the GPU a unit at a time: moved whole, all of it must fit on each GPU.
     model = prepare_model(model, cfg.model, env, move=not sharded)
     if fsdp:  # before the optimizer is built: it must hold the sharded (DTensor) parameters

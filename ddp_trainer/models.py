@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_trainer import data
-from ddp_trainer.config import ModelConfig, locate
+from ddp_trainer.config import GIVEN, ModelConfig, locate
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError, first_line
 
@@ -52,6 +52,19 @@ class GarmentClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of images."""
         return self.classifier(self.features(images))
+
+
+def unused_mlp_keys(cfg: ModelConfig) -> str | None:
+    """A note naming the MLP's keys set for another built-in model, which builds without them; None if none are."""
+    if cfg._target_ is not None or cfg.name in ("mlp", GIVEN):
+        return None
+    defaults = ModelConfig()
+    unused = [
+        f"model.{key}={getattr(cfg, key)}"
+        for key in ("hidden_sizes", "dropout")
+        if getattr(cfg, key) != getattr(defaults, key)
+    ]
+    return f"{', '.join(unused)}: the mlp's, unused by model.name={cfg.name}" if unused else None
 
 
 def build_for(cfg: ModelConfig, train_set: Dataset, val_set: Dataset | None) -> nn.Module:

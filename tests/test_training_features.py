@@ -225,6 +225,14 @@ def test_a_model_that_cannot_take_the_data_is_refused_in_one_line_before_trainin
     assert torch.equal(torch.rand(1), drawn)
 
 
+def test_the_mlps_keys_given_to_another_built_in_model_are_named_as_unused(tmp_path, capsys):
+    # `--config fashion_mnist_mlp.yaml model.name=cnn` trained the CNN without the recipe's dropout, and said nothing.
+    shape = ["data.synthetic.input_shape=[1,16,16]", "model._target_=null", "model.name=cnn", "model.dropout=0.2"]
+    assert main([*IMAGES, *shape, f"output_dir={tmp_path}"]) == 0
+    assert "model.dropout=0.2: the mlp's, unused by model.name=cnn" in capsys.readouterr().out
+    assert models.unused_mlp_keys(config.ModelConfig(dropout=0.2)) is None  # the mlp uses it
+
+
 def test_the_cifar_stem_is_initialised_as_resnet_initialises_its_convs_and_fits_every_resnet_class():
     # It kept Conv2d's default init (std 0.112 here against ResNet's 0.059), and resnext and wide_resnet were refused.
     stem = models.build(config.ModelConfig(name="resnet18", cifar_stem=True), (3, 32, 32), 10).conv1.weight
