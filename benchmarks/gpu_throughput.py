@@ -12,6 +12,7 @@ of each epoch's ratio; epoch 1 is warm-up (and compilation).
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import signal
 import subprocess
@@ -126,13 +127,22 @@ class Pair:
         ours_first, hand_first = ratios[0::2], ratios[1::2]
         return median(ours_first), median(hand_first) if hand_first else float("nan")
 
+    def first_gains(self) -> tuple[float, float]:
+        """Each loop's median rate going first over going second (NaN: one timed epoch). The crossovers cancel a gain
+        both loops share; unequal ones leave sqrt(ours / hand-written) in the ratio."""
+        if len(self.ours_epochs) < 2:
+            return float("nan"), float("nan")
+        ours = median(self.ours_epochs[0::2]) / median(self.ours_epochs[1::2])
+        return ours, median(self.hand_epochs[1::2]) / median(self.hand_epochs[0::2])
+
     def __str__(self) -> str:
         # The epochs' spread says whether the noise is within a process or between processes.
         ours_first, hand_first = self.by_order()
+        gains = "ddp-trainer x{:.3f}, hand-written x{:.3f}".format(*self.first_gains())
         return (
             f"hand-written {self.hand:,.0f} img/s (epochs {spread(self.hand_epochs)}), ddp-trainer {self.ours:,.0f} "
             f"img/s (epochs {spread(self.ours_epochs)}), crossovers {self.ratio:.3f}x (epochs with ddp-trainer first "
-            f"{ours_first:.3f}x, hand-written first {hand_first:.3f}x)"
+            f"{ours_first:.3f}x, hand-written first {hand_first:.3f}x; going first: {gains})"
         )
 
 
@@ -274,27 +284,27 @@ def _stop(signum: int, frame: Any) -> None:
 
 def measure_all(
     settings: Settings, repeats: int, budget_s: float | None, cells: list[Cell]
-) -> tuple[dict[Cell, list[Pair]], int, list[str]]:
-    """A pair for every cell (model and mode) and repeat, until done, stopped, or `budget_s` would be overrun.
-
-    Returns the pairs, how many planned processes were left out, and a line for each that failed.
-    """
+) -> tuple[dict[Cell, list[Pair]], list[str], list[str]]:
+    """A pair for every cell (model and mode) and repeat, until done or stopped, skipping a process that `budget_s`
+    would not hold. Returns the pairs, each planned process left out (its cell and why), and a line per failure."""
     pairs: dict[Cell, list[Pair]] = {cell: [] for cell in cells}
     took: dict[Cell, float] = {}  # each cell's last process: resnet50's take longer than resnet18's
-    started, planned, failures = time.monotonic(), repeats * len(cells), []
+    started, failures, left_out = time.monotonic(), [], []
+    plan = list(itertools.product(range(repeats), range(len(cells))))
     with tempfile.TemporaryDirectory(prefix="ddp-bench-gpu-") as temporary:
-        for number, (repeat, index) in enumerate(itertools.product(range(repeats), range(len(cells)))):
+        for number, (repeat, index) in enumerate(plan):
             cell = cells[index]
             estimate = took.get(cell, max(took.values(), default=0.0))  # a cell not yet run: the longest so far
             if budget_s is not None and time.monotonic() - started + estimate > budget_s:
-                return pairs, planned - number, failures  # a table of what was measured beats none from a killed run
+                left_out.append(f"{cell[0]}, {cell[1]} (past --budget-s)")  # a shorter cell after it may still fit
+                continue
             folder = Path(temporary) / f"{cell[0]}-{index}-{repeat}"
             folder.mkdir()
             pair_started = time.monotonic()
             try:
                 pair = measure(*cell, settings, folder)
-            except Stopped:
-                return pairs, planned - number, failures
+            except Stopped:  # a table of what was measured beats none from a killed run
+                return pairs, left_out + [f"{cells[i][0]}, {cells[i][1]} (stopped)" for _, i in plan[number:]], failures
             except (RuntimeError, subprocess.TimeoutExpired) as error:  # compile failing in one cell, say
                 failures.append(f"{cell[0]}, {cell[1]}, repeat {repeat + 1}: {str(error).strip().splitlines()[-1]}")
                 print(failures[-1], file=sys.stderr, flush=True)
@@ -303,7 +313,7 @@ def measure_all(
             pairs[cell].append(pair)
             # A line per pair as it lands, so a run cut short by a time limit still reports what it measured.
             print(f"{cell[0]}, {cell[1]}: {pair}", file=sys.stderr, flush=True)
-    return pairs, 0, failures
+    return pairs, left_out, failures
 
 
 def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: list[Cell] | None = None) -> Report:
@@ -338,7 +348,8 @@ def run(settings: Settings, repeats: int, budget_s: float | None = None, cells: 
         "going first; 'range' its lowest and highest; the last column the median ratio of the epochs of each order.\n"
     )
     if left_out:
-        body += f"\n{left_out} planned process(es) left out: stopped, or the next would have run past --budget-s.\n"
+        counted = "; ".join(f"{what} x{count}" for what, count in collections.Counter(left_out).items())
+        body += f"\n{len(left_out)} planned process(es) left out: {counted}.\n"
     body += "".join(f"\nFailed: {failure}\n" for failure in failures)
     return Report(title, body, failed=bool(failures))
 
@@ -357,7 +368,7 @@ def main() -> None:
         "--budget-s",
         type=at_least(0, float),
         default=None,
-        help="start no process that its cell's last (or the longest so far) says would end later",
+        help="skip a process that its cell's last (or the longest so far) says would end later",
     )
     # A GPU lease is short: a run can spend it on the cells still in question.
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS, help="the models to measure")
@@ -367,6 +378,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.timed_epochs > 1 and args.timed_epochs % 2:  # the last epoch would pair with none: out of the ratio
+        parser.error(f"argument --timed-epochs: {args.timed_epochs} is odd: give 1 or an even count (crossovers)")
     settings = Settings(args.device, args.batch_size, args.steps, args.timed_epochs)
     if args.worker:
         output_dir = args.result.parent / "ddp-trainer"

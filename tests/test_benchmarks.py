@@ -30,6 +30,10 @@ def test_the_gpu_benchmarks_ratio_cancels_an_advantage_of_going_first(monkeypatc
     assert pair.ratio == pytest.approx(true_ratio, rel=1e-12)  # the unpaired fifth epoch is left out
     assert pair.by_order() == pytest.approx((true_ratio * boost, true_ratio / boost), rel=1e-12)
     assert Pair(hand[:1], ours[:1]).ratio == pytest.approx(true_ratio * boost, rel=1e-12)
+    # Unequal gains are not cancelled: each loop's own gain shows what is left, sqrt(1.02 / 1.07) here.
+    hand, ours = [1000.0 * (1.07 if k % 2 else 1) for k in range(4)], [970.0 * (1 if k % 2 else 1.02) for k in range(4)]
+    assert Pair(hand, ours).first_gains() == pytest.approx((1.02, 1.07), rel=1e-12)
+    assert Pair(hand, ours).ratio == pytest.approx(true_ratio * (1.02 / 1.07) ** 0.5, rel=1e-12)
 
 
 def test_async_checkpoint_benchmark_prints_its_table_in_quick_mode():
@@ -85,5 +89,6 @@ def test_the_gpu_benchmark_keeps_what_it_measured_when_a_cell_fails_or_a_lease_e
     monkeypatch.setattr(gpu_throughput, "measure", measure)
     cells = [("resnet18", "fp32"), ("resnet18", "bf16 + channels_last"), ("resnet50", "fp32")]
     pairs, left_out, failures = gpu_throughput.measure_all(gpu_throughput.Settings("cpu"), 2, None, cells)
-    assert [len(pairs[cell]) for cell in cells] == [0, 1, 0] and left_out == 4  # 6 planned, stopped at the third
+    assert [len(pairs[cell]) for cell in cells] == [0, 1, 0]  # 6 planned, stopped at the third
+    assert left_out == [f"{model}, {mode} (stopped)" for model, mode in [cells[2], *cells]]
     assert failures == ["resnet18, fp32, repeat 1: UsageError: compile failed"]
