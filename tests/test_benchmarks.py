@@ -6,6 +6,8 @@ benchmarks, to keep CI under its 20 minutes.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import REPO_DIR, run_script
@@ -92,3 +94,22 @@ def test_the_gpu_benchmark_keeps_what_it_measured_when_a_cell_fails_or_a_lease_e
     assert [len(pairs[cell]) for cell in cells] == [0, 1, 0]  # 6 planned, stopped at the third
     assert left_out == [f"{model}, {mode} (stopped)" for model, mode in [cells[2], *cells]]
     assert failures == ["resnet18, fp32, repeat 1: UsageError: compile failed"]
+
+
+def test_the_gpu_benchmark_skips_a_process_its_budget_cannot_hold_and_runs_a_shorter_one_after_it(monkeypatch):
+    # It stopped at the first process that would not fit: the cells after it (resnet18's second here) never ran.
+    monkeypatch.syspath_prepend(str(REPO_DIR / "benchmarks"))
+    import gpu_throughput
+
+    now, took = [0.0], {"resnet50": 40.0, "resnet18": 10.0}
+
+    def measure(model_name, mode_name, settings, folder):
+        now[0] += took[model_name]
+        return gpu_throughput.Pair([100.0, 100.0], [98.0, 98.0])
+
+    monkeypatch.setattr(gpu_throughput, "measure", measure)
+    monkeypatch.setattr(gpu_throughput, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    cells = [("resnet50", "fp32"), ("resnet18", "fp32")]
+    pairs, left_out, _ = gpu_throughput.measure_all(gpu_throughput.Settings("cpu"), 2, 85.0, cells)
+    assert [len(pairs[cell]) for cell in cells] == [1, 2] and now[0] == 60.0
+    assert left_out == ["resnet50, fp32 (past --budget-s)"]
