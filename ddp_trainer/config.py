@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ from ddp_trainer.fields import (
     Section,
     checked,
     invalid,
-    is_count,
     is_shape,
+    is_size,
     not_negative,
     one_of,
     path_field,
@@ -104,10 +105,12 @@ class ModelConfig(Section):
     section = "model"
     name: str = "mlp"
     hidden_sizes: list[int] = checked(
-        [512, 256], lambda sizes: all(is_count(size) and size > 0 for size in sizes), "positive widths"
+        [512, 256], lambda sizes: all(is_size(size) for size in sizes), f"positive widths, each at most {sys.maxsize}"
     )
     dropout: float = checked(0.0, lambda value: 0.0 <= value < 1.0, "a probability in [0, 1)")
-    num_classes: int | None = checked(None, lambda value: value is None or value > 0, "a positive count")
+    num_classes: int | None = checked(
+        None, lambda value: value is None or is_size(value), "a positive count", most=sys.maxsize
+    )
     cifar_stem: bool = False
     sync_batchnorm: bool = False
     channels_last: bool = False

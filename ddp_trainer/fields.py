@@ -51,12 +51,17 @@ def _number(default: float, valid: Callable[[Any], bool], expected: str) -> Any:
     return checked(default, lambda value: valid(value) and value < above, expected, most)
 
 
-SHAPE = "a list of positive sizes"
+SHAPE = f"a list of positive sizes, each at most {sys.maxsize}"
+
+
+def is_size(value: Any) -> bool:
+    """Whether `value` is a positive integer torch can take as a size (past sys.maxsize, its C++ cannot unpack it)."""
+    return is_count(value) and 0 < value <= sys.maxsize
 
 
 def is_shape(value: Any) -> bool:
-    """Whether `value` is a tensor shape a config or index.json may give: a non-empty list of positive integers."""
-    return isinstance(value, list | tuple) and len(value) > 0 and all(is_count(size) and size > 0 for size in value)
+    """Whether `value` is a tensor shape a config or index.json may give: a non-empty list of sizes."""
+    return isinstance(value, list | tuple) and len(value) > 0 and all(is_size(size) for size in value)
 
 
 def is_count(value: Any) -> bool:

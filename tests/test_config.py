@@ -95,6 +95,16 @@ def test_overrides_are_converted_to_the_schema_types():
             "data.num_workers=99999999999999999999",
             "'data.num_workers' has invalid value 99999999999999999999: expected at most",
         ),
+        # Past sys.maxsize inside a list or as a class count: torch's "Overflow when unpacking long long" traceback.
+        (
+            "model.hidden_sizes=[64,99999999999999999999]",
+            "'model.hidden_sizes' has invalid value [64, 99999999999999999999]",
+        ),
+        (
+            "model.num_classes=99999999999999999999",
+            "'model.num_classes' has invalid value 99999999999999999999: expected at",
+        ),
+        ("data.synthetic.input_shape=[3,99999999999999999999]", "'data.synthetic.input_shape' has invalid value [3, 9"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
