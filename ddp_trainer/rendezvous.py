@@ -102,6 +102,10 @@ def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.T
     waiting.join(timeout.total_seconds() + _ANSWER_GRACE_S)
     if not made:
         _STRANDED.append(waiting)
+        if not _accepts(host, port):  # TCPStore's client retries for up to twice its timeout where none listens
+            raise dist.DistNetworkError(
+                f"Nothing took a connection at ({host}, {port}): timed out after {timeout.total_seconds():g} s."
+            )
         raise UsageError(
             f"the rendezvous port {port} on {host} took this rank's connection but never answered as a store: another "
             "program holds it (or the process that opened it is stopped); set MASTER_PORT to a free port"
@@ -109,6 +113,15 @@ def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.T
     if isinstance(made[0], Exception):
         raise made[0]
     return made[0]
+
+
+def _accepts(host: str, port: int) -> bool:
+    """Whether something at host:port takes a TCP connection within a second."""
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def stranded() -> bool:

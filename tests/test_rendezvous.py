@@ -168,3 +168,17 @@ def test_a_store_gone_under_torchrun_is_blamed_on_its_agent_not_rank_0(monkeypat
     launch = distributed.detect_launcher()
     said = str(rendezvous.named_failure(gone, "node07:29500", "trainer.startup_timeout_s=60", launch.agent_store))
     assert said.endswith("its host (rank 0) stopped; see its output")
+
+
+def test_a_rank_whose_rank_0_never_listened_is_not_told_another_program_holds_the_port(monkeypatch):
+    # TCPStore's client retries past its timeout where nothing listens (a 5 s timeout gave up after 8 to 13 s): the
+    # wait for its answer ended first, and a rank whose rank 0 never started was told another program held the port.
+    monkeypatch.setattr(rendezvous, "_ANSWER_GRACE_S", 0.0)
+    port = free_port()
+    with pytest.raises(dist.DistNetworkError) as raised:
+        rendezvous.open_store("127.0.0.1", port, 2, 1, agent_hosts=False, timeout=timedelta(seconds=1))
+    said = str(rendezvous.named_failure(raised.value, f"127.0.0.1:{port}", "trainer.startup_timeout_s=1", False))
+    assert said == (
+        f"rank 0 never opened the rendezvous at 127.0.0.1:{port} (trainer.startup_timeout_s=1): Nothing took a "
+        f"connection at (127.0.0.1, {port}): timed out after 1 s. See rank 0's output"
+    )
