@@ -102,7 +102,7 @@ def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.T
     waiting.join(timeout.total_seconds() + _ANSWER_GRACE_S)
     if not made:
         _STRANDED.append(waiting)
-        if not _accepts(host, port):  # TCPStore's client retries for up to twice its timeout where none listens
+        if not _accepts(host, port):  # where none listens, TCPStore retries past its timeout (20 s: it gave up at 37)
             raise dist.DistNetworkError(
                 f"Nothing took a connection at ({host}, {port}): timed out after {timeout.total_seconds():g} s."
             )
