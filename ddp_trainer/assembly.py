@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
 from ddp_trainer.models import prepare_model, unused_mlp_keys
-from ddp_trainer.monitor import Monitor, build_monitor
+from ddp_trainer.monitor import Monitor, build_monitor, choice
 from ddp_trainer.optim import build_optimizer, build_scheduler, relay_schedule, schedule_length
 from ddp_trainer.peers import is_peer_failure
 from ddp_trainer.precision import MixedPrecision
@@ -73,7 +74,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     # they would see `last` point at nothing and resume from an older step than rank 0.
     barrier(env)
     # Loaded before DDP wraps the model: a bad file then fails on every rank before any collective.
-    resume(parts, cfg, env, logger)
+    resume(parts, cfg, env, logger, functools.partial(choice, task, data.val_loader is not None))
     # Compiled inside DDP: dynamo compiles the module's frame while DDP runs it, so its DDPOptimizer splits graphs at
     # the gradient buckets. Compiling the DDP wrapper instead breaks the graph at DDP's forward, and the module's frame
     # is then skipped when its class is torch's own (an nn.Sequential): it would train eagerly.
@@ -87,8 +88,10 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     return parts
 
 
-def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
-    """Restore the newest checkpoint that reads whole: one whose shards prove damaged gives way to the one before."""
+def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger, choose: changes.Choose) -> None:
+    """Restore the newest checkpoint that reads whole: one whose shards prove damaged gives way to the one before.
+
+    `choose` resolves a config's unset monitor and mode, so the checkpoint's are compared as they were chosen."""
     unreadable: dict[Path, str] = {}
     while True:
         resumed = checkpoint.load_for_resume(cfg.trainer.resume, Path(cfg.output_dir), logger.info, unreadable)
@@ -99,19 +102,26 @@ def resume(parts: Parts, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
         state, path = resumed
         if path.resolve() in unreadable:  # named by trainer.resume=PATH: nothing older to take instead
             raise checkpoint.UnreadableCheckpoint(unreadable[path.resolve()])
+        facts = {"world_size": env.world_size, "data_sizes": parts.data_sizes}
+        accepted = changes.check(state, cfg, facts, path, logger.info, choose)
         try:
-            restore(parts, state, path, cfg, env, logger)
+            restore(parts, state, path, cfg, env, logger, accepted)
             return
         except checkpoint.UnreadableCheckpoint as error:  # DCP hands every rank the same failure: all fall back alike
             unreadable[path.resolve()] = str(error)
             logger.info(f"{error}; trying an older checkpoint")
 
 
-def restore(parts: Parts, state: dict[str, Any], path: Path, cfg: Config, env: DistEnv, logger: RunLogger) -> None:
-    """Load a checkpoint into the parts: weights, optimizer, schedule, scaler, progress, monitor and RNG streams."""
-    facts = {"world_size": env.world_size, "data_sizes": parts.data_sizes}
-    chosen = {"checkpoint.monitor": parts.monitor.name, "checkpoint.mode": parts.monitor.mode}
-    accepted = changes.check(state, cfg, facts, path, logger.info, chosen)
+def restore(
+    parts: Parts,
+    state: dict[str, Any],
+    path: Path,
+    cfg: Config,
+    env: DistEnv,
+    logger: RunLogger,
+    accepted: list[str],
+) -> None:
+    """Load a checkpoint into the parts, weights to RNG streams, with the `accepted` config changes in its schedule."""
     try:
         if path.is_dir():
             load_shards(parts.model, parts.optimizer, path)

@@ -86,20 +86,35 @@ def join_run(cfg: Config, refusal: str | None = None) -> DistEnv:
     )
 
 
+class _Unset:
+    """A factory argument one config does not set: the factory's default."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
+FACTORY_ARGUMENTS = ("model.kwargs.", "data.kwargs.")
+MONITOR_KEYS = ("checkpoint.monitor", "checkpoint.mode")
+Choose = Callable[[str | None, str | None], tuple[str, str]]  # monitor.choice for this run's task and data
+
+
 def differences(
-    state: dict[str, Any], cfg: Config, facts: dict[str, Any], chosen: dict[str, Any] | None = None
+    state: dict[str, Any], cfg: Config, facts: dict[str, Any], choose: Choose | None = None
 ) -> dict[str, tuple]:
-    """{key: (old, new)} for every config key both configs hold with different values, and each of the run's `facts`
-    (world size, data sizes) that the checkpoint records otherwise. A key left unset (None) in either config counts as
-    the value the run `chosen` for it (best.pt's monitor and mode: the task's)."""
-    old, new = (
-        {**flat, **{key: value for key, value in (chosen or {}).items() if flat.get(key, value) is None}}
-        for flat in (flatten(state.get("config") or {}), flatten(to_container(cfg)))
-    )
-    compared = old.keys() & new.keys() - {"trainer.allow_changes"}  # what this run accepts, not what it trains
+    """{key: (old, new)} for every config key both configs hold with different values, or a factory argument that one
+    of them sets, and each of the run's `facts` (world size, data sizes) that the checkpoint records otherwise. Each
+    config's monitor and mode are compared as `choose` resolves them: unset, the task's."""
+    old, new = (flatten(state.get("config") or {}), flatten(to_container(cfg)))
+    for flat in (old, new) if choose is not None else ():
+        flat.update(zip(MONITOR_KEYS, choose(*(flat.get(key) for key in MONITOR_KEYS)), strict=True))
+    # Other keys that one config lacks are those a newer release added.
+    compared = old.keys() & new.keys() | {key for key in old.keys() ^ new.keys() if key.startswith(FACTORY_ARGUMENTS)}
+    compared -= {"trainer.allow_changes"}  # what this run accepts, not what it trains
     # fit() is handed its data and model: their names say nothing (older fit() checkpoints saved the defaults).
     compared -= {key for key in ("data.name", "model.name") if new.get(key) == GIVEN}
-    changed = {key: (old[key], new[key]) for key in compared if old[key] != new[key]}
+    changed = {key: (old.get(key, UNSET), new.get(key, UNSET)) for key in compared}
+    changed = {key: (before, now) for key, (before, now) in changed.items() if before != now}
     # Another world size changes the global batch and every rank's data order; other data sizes, another dataset
     # (fit() is handed its data, which no config key describes).
     changed.update({key: (state[key], now) for key, now in facts.items() if state.get(key, now) != now})
@@ -119,14 +134,14 @@ def check(
     facts: dict[str, Any],
     path: Path,
     report: Callable[[str], None],
-    chosen: dict[str, Any] | None = None,
+    choose: Choose | None = None,
 ) -> list[str]:
     """Refuse a resume whose config changes the result unless trainer.allow_changes accepts it; returns those keys.
 
-    Differences that leave the result as it was go to `report`; `chosen` as in `differences`. Every rank reads the
+    Differences that leave the result as it was go to `report`; `choose` as in `differences`. Every rank reads the
     same file and config, so every rank raises the same one-line error, before any collective.
     """
-    changed = differences(state, cfg, facts, chosen)
+    changed = differences(state, cfg, facts, choose)
     refused = {key: values for key, values in changed.items() if changes_result(key, cfg)}
     unasked = [key for key in refused if key not in cfg.trainer.allow_changes]
     if unasked:

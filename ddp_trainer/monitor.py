@@ -80,15 +80,20 @@ class Monitor:
         self.part_epoch_best = state.get("part_epoch_best")
 
 
-def build_monitor(cfg: Config, task: Task, validates: bool) -> Monitor:
-    """`checkpoint.monitor` (by default the task's, or train/loss without validation), checked against the run."""
-    name = cfg.checkpoint.monitor
+def choice(task: Task, validates: bool, name: str | None, mode: str | None) -> tuple[str, str]:
+    """The metric and mode `checkpoint.monitor` and `checkpoint.mode` choose: unset, the task's (train/loss without
+    validation) and the metric's direction."""
     if name is None:
         name = task.default_monitor if validates else "train/loss"
+    return name, mode or monitor_mode(task, name)
+
+
+def build_monitor(cfg: Config, task: Task, validates: bool) -> Monitor:
+    """The metric `checkpoint.monitor` chooses (`choice`), checked against the run."""
+    name, mode = choice(task, validates, cfg.checkpoint.monitor, cfg.checkpoint.mode)
     available = metric_names(task, "train") + (metric_names(task, "val") if validates else [])
     if name not in available:
         raise UsageError(f"checkpoint.monitor={name} is not a metric of this run: one of {', '.join(available)}")
-    mode = cfg.checkpoint.mode or monitor_mode(task, name)
     return Monitor(name, mode, cfg.trainer.early_stopping_min_delta, cfg.trainer.early_stopping_patience)
 
 

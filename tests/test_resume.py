@@ -240,6 +240,30 @@ def test_best_checkpoints_monitor_left_to_the_task_is_the_same_as_the_one_it_pic
     assert "checkpoint.mode 'max' -> 'min', checkpoint.monitor 'val/accuracy' -> 'val/loss'" in capsys.readouterr().err
 
 
+def test_a_monitor_left_to_the_task_is_compared_as_the_task_chose_it(tmp_path, capsys):
+    # An unset monitor in the checkpoint's config was taken as this run's choice: val/loss after val/accuracy passed
+    # without a word, and best.pt and early stopping compared losses with the restored accuracy.
+    args = [*DIGITS, "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    assert main([*args, "checkpoint.monitor=val/loss"]) == 2
+    assert "checkpoint.mode 'max' -> 'min', checkpoint.monitor 'val/accuracy' -> 'val/loss'" in capsys.readouterr().err
+    assert main([*args, "checkpoint.monitor=val/accuracy"]) == 0  # the task's own choice, written out
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "said"), [([], ["model.hidden=8"], "unset -> 8"), (["model.hidden=8"], [], "8 -> unset")]
+)
+def test_a_factory_argument_set_or_left_out_on_resume_is_a_change(tmp_path, capsys, first, then, said):
+    # Only keys both configs held were compared: an argument added on resume, or an override a restart forgot, ran
+    # the factory with another value, without a word.
+    args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main([*args, *first]) == 0
+    capsys.readouterr()
+    assert main([*args, *then]) == 2
+    assert f"another config: model.kwargs.hidden {said}; " in capsys.readouterr().err
+
+
 def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_request(tmp_path, capsys):
     args = [*DIGITS, "trainer.epochs=2", f"output_dir={tmp_path}"]
     assert main(args) == 0
