@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp_trainer import atomic
 from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.loggers import recorded_steps
 
 WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # nested wrappers stack prefixes in either order
 
@@ -316,12 +317,13 @@ def load_for_resume(
     if not held:
         named = None if resume == "auto" else pinned(Path(resume))  # resolved once: state and shards from one folder
         return None if named is None else (read_state(named), named)
-    if not saved:
+    # best.pt alone (killed between the first save's best.pt and last.pt) goes on, unless later steps were recorded.
+    state, path = _newest_readable(saved or held, directory, report, unreadable or {})
+    if not saved and max(recorded_steps(output_dir / "metrics.jsonl"), default=0) > state["step"]:
         raise UsageError(
-            f"{directory} holds {held[0].name} but no last or step checkpoint to continue from; to train on from it, "
-            f"use a new output_dir and trainer.resume={held[0]}"
+            f"{directory} holds {held[0].name} but no last or step checkpoint, and metrics.jsonl records later steps, "
+            f"which going on from it would drop; to train on from it, use a new output_dir and trainer.resume={held[0]}"
         )
-    state, path = _newest_readable(saved, directory, report, unreadable or {})
     started_from = state["config"].get("trainer", {}).get("resume")
     if resume not in ("auto", started_from) and Path(resume).resolve() != path.resolve():
         raise UsageError(

@@ -277,6 +277,12 @@ def _epoch_of(line: str) -> float:
     return epoch if is_number(epoch) else float("inf")  # a cut line, or one not of ours, is dropped
 
 
+def recorded_steps(metrics: Path) -> list[int]:
+    """The steps of a run's metrics.jsonl records, in order (none without the file); a line a crash cut is left out."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [step for step in map(_step_of, lines) if step != float("inf")]
+
+
 def _step_of(line: str) -> float:
     step = (_record(line) or {}).get(STEP_KEY)
     return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")  # no step: purges nothing

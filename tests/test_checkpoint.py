@@ -108,12 +108,17 @@ def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
     assert checkpoint.load_for_resume("auto", tmp_path / "fresh", print) is None
 
 
-def test_best_alone_is_a_saved_run_neither_none_nor_auto_starts_over(tmp_path):
+def test_best_alone_is_a_saved_run_auto_goes_on_from_unless_later_steps_were_recorded(tmp_path):
     best = tmp_path / "checkpoints" / "best.pt"
-    atomic.save_atomic(minimal_state(1.0), best)
+    atomic.save_atomic(minimal_state(1.0), best)  # a kill between the first save's best.pt and last.pt
     with pytest.raises(UsageError, match=f"trainer.resume=none but {best} exists"):
         checkpoint.load_for_resume("none", tmp_path, print)
-    with pytest.raises(UsageError, match=f"holds best.pt but no last or step checkpoint.*trainer.resume={best}"):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 2}\n')
+    state, path = checkpoint.load_for_resume("auto", tmp_path, print)
+    assert path == best and state["step"] == 2
+    # last.pt removed by hand after later epochs: going on from best.pt would drop their lines.
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 2}\n{"epoch": 2, "step": 4}\n')
+    with pytest.raises(UsageError, match=f"holds best.pt but no last or step checkpoint, .*trainer.resume={best}"):
         checkpoint.load_for_resume("auto", tmp_path, print)
 
 

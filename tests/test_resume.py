@@ -83,6 +83,35 @@ def test_killed_run_resumes_to_the_same_weights_and_epoch_lines(tmp_path, uninte
         assert resumed_line["train/loss"] == pytest.approx(straight_line["train/loss"], rel=1e-12)
 
 
+def test_a_kill_between_the_first_saves_best_and_last_names_resumes_from_best(tmp_path):
+    # The first save wrote best.pt, then died before last.pt: the folder held best.pt alone, which auto refused, so
+    # every restart or requeue of the same command failed with exit 2.
+    args = [*DIGITS, "trainer.epochs=2", "checkpoint.keep_last=0"]
+    straight = run_cli([*args, f"output_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr
+    killed = [*args, f"output_dir={tmp_path / 'killed'}"]
+    died = subprocess.run(
+        [sys.executable, "-m", "fault_entry", *killed],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**cli_env(), "KILL_AT_LINK": "1"},
+        cwd=REPO_DIR,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    best = tmp_path / "killed" / "checkpoints" / "best.pt"
+    assert sorted(path.name for path in best.parent.iterdir()) == ["best.pt"]
+    rerun = run_cli(killed)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from {best}: step 45, epochs done: 1" in rerun.stdout
+    assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight"))
+    untimed = [
+        [{key: value for key, value in line.items() if not key.startswith("time/")} for line in read_metrics(run)]
+        for run in (tmp_path / "killed", tmp_path / "straight")
+    ]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
+
+
 def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
     # No LR schedule: a cosine schedule is stretched over the run's length, so the stopped run would differ by design.
     # Without one, a resumed run may change its length (trainer.epochs, trainer.max_steps): it continues the same run.
