@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import ddp_trainer
+from ddp_trainer.errors import CliError
 
 
 def bundled_text() -> str:
@@ -68,5 +69,9 @@ def main(overrides: list[str], context: int = 64) -> dict:
 
 
 if __name__ == "__main__":
-    record = main(sys.argv[1:])
+    try:
+        record = main(sys.argv[1:])
+    except CliError as error:  # a mistyped override, say: the CLI's one line and exit code, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     print(f"val/perplexity {record['val/perplexity']:.2f} after epoch {record['epoch']}")

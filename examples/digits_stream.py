@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 import ddp_trainer
+from ddp_trainer.errors import CliError
 
 
 class DigitsRange(IterableDataset):
@@ -51,5 +52,9 @@ def main(overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    record = main(sys.argv[1:])
+    try:
+        record = main(sys.argv[1:])
+    except CliError as error:  # a mistyped override, say: the CLI's one line and exit code, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     print(f"val/accuracy {record['val/accuracy']:.4f} on {record['val/samples']} images after epoch {record['epoch']}")

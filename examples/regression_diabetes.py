@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import ddp_trainer
+from ddp_trainer.errors import CliError
 
 
 def diabetes_splits(val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
@@ -53,5 +54,9 @@ def main(overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    record = main(sys.argv[1:])
+    try:
+        record = main(sys.argv[1:])
+    except CliError as error:  # a mistyped override, say: the CLI's one line and exit code, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     print(f"val/mse {record['val/mse']:.4f} val/mae {record['val/mae']:.4f} after epoch {record['epoch']}")

@@ -35,3 +35,10 @@ def test_example_gives_the_same_metrics_on_one_and_two_ranks(tmp_path, example, 
     # Both ranks write to one pipe, so one rank's line may land inside the other's: match records, not lines.
     printed = re.findall(r"val/\S+ [\d.]+ (?:\S+ [\d.]+ )*after epoch \d+", two.stdout)
     assert len(printed) == 2 and printed[0] == printed[1], two.stdout  # fit() returned the same record on both ranks
+
+
+@pytest.mark.parametrize("example", ["regression_diabetes.py", "char_language_model.py", "digits_stream.py"])
+def test_example_given_a_mistyped_key_ends_in_one_line_with_the_clis_exit_code(tmp_path, example):
+    # It ended in fit()'s 20-line traceback and exit code 1.
+    run = run_script(REPO_DIR / "examples" / example, ["optim.lrr=1", f"output_dir={tmp_path}"])
+    assert (run.returncode, run.stderr) == (2, "error: unknown config key 'optim.lrr' (Did you mean: 'lr'?)\n")
