@@ -161,6 +161,8 @@ def named_load_error(path: Path, error: BaseException) -> UsageError:
         )
     if isinstance(error, pickle.UnpicklingError):
         return UnreadableCheckpoint(f"checkpoint {path} is unreadable (not a torch checkpoint file)")
+    if path.is_file() and path.stat().st_size == 0:  # torch's EOFError has no message: "EOFError: EOFError"
+        return UnreadableCheckpoint(f"checkpoint {path} is unreadable (an empty file)")
     return UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line(error)})")
 
 
@@ -296,11 +298,11 @@ def load_for_resume(
 ) -> tuple[dict[str, Any], Path] | None:
     """(state, path) for trainer.resume=auto|none|PATH, or None to start fresh; never trains over another run's saves.
 
-    auto continues output_dir's newest readable checkpoint. PATH starts from that file into an output_dir without
-    checkpoints; once this run has saved there, it continues from its own save, as a restart or a requeue that runs
-    the same command must. The state is `read_state`'s: a sharded checkpoint's shards are left for every rank to read;
-    `unreadable` (resolved path: why) holds those whose shards proved damaged, which auto passes over.
-    """
+    auto continues output_dir's newest readable checkpoint (best.pt alone, as a kill between the first save's names
+    leaves it, unless later steps were recorded). PATH starts from that file into an output_dir without checkpoints;
+    once this run has saved there, it continues from its own save, as a restart or a requeue of the same command must.
+    The state is `read_state`'s (a sharded checkpoint's shards are left for every rank to read); `unreadable`
+    (resolved path: why) holds those whose shards proved damaged, which auto passes over."""
     directory = output_dir / "checkpoints"
     latest = [path for path in (directory / "last.pt", directory / "last") if path.exists()]
     saved = latest + _step_checkpoints(directory)[::-1]  # step files and sharded folders alike
@@ -317,7 +319,6 @@ def load_for_resume(
     if not held:
         named = None if resume == "auto" else pinned(Path(resume))  # resolved once: state and shards from one folder
         return None if named is None else (read_state(named), named)
-    # best.pt alone (killed between the first save's best.pt and last.pt) goes on, unless later steps were recorded.
     state, path = _newest_readable(saved or held, directory, report, unreadable or {})
     if not saved and max(recorded_steps(output_dir / "metrics.jsonl"), default=0) > state["step"]:
         raise UsageError(
