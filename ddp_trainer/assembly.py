@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddp_trainer import changes, checkpoint, claim, rng
 from ddp_trainer.config import Config
 from ddp_trainer.data import DataBundle
+from ddp_trainer.data import unused_keys as data_keys_unused
 from ddp_trainer.distributed import DistEnv, barrier
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import RunLogger
@@ -50,7 +51,7 @@ def assemble(cfg: Config, env: DistEnv, model: nn.Module, data: DataBundle, task
     """Build every part of the run for this rank, resuming from `trainer.resume` when it names a checkpoint."""
     fsdp = cfg.trainer.strategy == "fsdp"
     sharded = fsdp and env.distributed  # one process has nothing to shard: it trains the whole model, as under ddp
-    if note := unused_mlp_keys(cfg.model):  # a recipe's dropout, say, under model.name=cnn: said, not refused
+    for note in filter(None, (unused_mlp_keys(cfg.model), data_keys_unused(cfg.data))):  # a recipe's: not refused
         logger.info(note)
     # Sharded, fully_shard moves the model to the GPU a unit at a time: moved whole, all of it must fit on each GPU.
     model = prepare_model(model, cfg.model, env, move=not sharded)

@@ -9,7 +9,7 @@ import torch
 from conftest import read_metrics
 from factories import ProbeNet, batchnorm_net, small_net
 
-from ddp_trainer import checkpoint, config, models
+from ddp_trainer import checkpoint, config, data, models
 from ddp_trainer.cli.train import main, run
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
@@ -231,6 +231,23 @@ def test_the_mlps_keys_given_to_another_built_in_model_are_named_as_unused(tmp_p
     assert main([*IMAGES, *shape, f"output_dir={tmp_path}"]) == 0
     assert "model.dropout=0.2: the mlp's, unused by model.name=cnn" in capsys.readouterr().out
     assert models.unused_mlp_keys(config.ModelConfig(dropout=0.2)) is None  # the mlp uses it
+
+
+def test_data_keys_for_another_built_in_dataset_are_named_as_unused(tmp_path, capsys):
+    # data.augment=false or data.val_fraction=0.1 on a dataset that reads neither changed nothing, without a word.
+    unused = [
+        "data.augment=false",
+        "data.val_fraction=0.5",
+        "data.stream.shuffle_buffer=5",
+        "data.synthetic.val_size=9",
+    ]
+    args = ["trainer.device=cpu", "trainer.epochs=1", "data.name=digits", f"output_dir={tmp_path}"]
+    assert main([*args, *unused]) == 0
+    assert (
+        "data.augment=False, data.stream.shuffle_buffer=5, data.synthetic.val_size=9: unused by data.name=digits"
+        in capsys.readouterr().out
+    )
+    assert data.unused_keys(config.DataConfig(name="cifar10", augment=False, root="/x")) is None  # both read there
 
 
 def test_the_cifar_stem_is_initialised_as_resnet_initialises_its_convs_and_fits_every_resnet_class():

@@ -146,6 +146,34 @@ def _made(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return vision.cifar10(cfg.root, cfg.download, cfg.augment)
 
 
+# The keys of the data section that each built-in dataset reads: set for another one, they do nothing.
+READS = {
+    "digits": ("val_fraction",),
+    "synthetic": ("synthetic",),
+    "fashion_mnist": ("root", "download"),
+    "cifar10": ("root", "download", "augment"),
+    "stream": ("root", "stream"),
+}
+
+
+def unused_keys(cfg: DataConfig) -> str | None:
+    """A note naming the keys set for another built-in dataset, which this one builds without; None if none are."""
+    if cfg._target_ is not None or cfg.name not in READS:
+        return None
+    defaults, unused = DataConfig(), []
+    for key in sorted({key for keys in READS.values() for key in keys} - set(READS[cfg.name])):
+        value, default = getattr(cfg, key), getattr(defaults, key)
+        if is_dataclass(value):  # a section: its keys one by one
+            unused += [
+                f"data.{key}.{spec.name}={getattr(value, spec.name)}"
+                for spec in dataclass_fields(value)
+                if getattr(value, spec.name) != getattr(default, spec.name)
+            ]
+        elif value != default:
+            unused.append(f"data.{key}={value}")
+    return f"{', '.join(unused)}: unused by data.name={cfg.name}" if unused else None
+
+
 def _open_streams(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[ShardedIterableDataset, ShardedIterableDataset]:
     root = Path(cfg.root).expanduser()
     common = {"batch_size": cfg.batch_size, "rank": env.rank, "world_size": env.world_size, "seed": seed}
