@@ -80,7 +80,7 @@ def merge(base: DictConfig, layer: DictConfig) -> DictConfig:
     except (OmegaConfBaseException, TypeError) as error:  # TypeError: a mapping and a list met
         clash = _clash(base, layer)
         if clash is None:
-            raise UsageError(_message(error)) from None  # the line says it all; OmegaConf's trace is noise
+            raise UsageError(_message(error, base)) from None  # the line says it all; OmegaConf's trace is noise
         key, held, value = clash
         kind = "a section of keys" if isinstance(held, DictConfig) else "a list"
         whole = "" if isinstance(held, DictConfig) else f": give it whole, {key}=[...]"  # OmegaConf sets no item
@@ -133,11 +133,15 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
-def _message(error: OmegaConfBaseException) -> str:
+def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) -> str:
     key = getattr(error, "full_key", None) or "?"
     detail = str(getattr(error, "msg", "") or error).splitlines()[0]
     if isinstance(error, ConfigKeyError):
         hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
+        # OmegaConf suggests keys of the same level only: `lr=` at the top is optim's.
+        sections = (schema or {}).items()
+        homes = [f"'{name}.{key}'" for name, section in sections if isinstance(section, DictConfig) and key in section]
+        hint = hint or (f"Did you mean: {' or '.join(homes)}?" if homes and "." not in key else "")
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
     if isinstance(error, ValidationError):
         return f"config key '{key}' has a wrong type: {detail}"
