@@ -4,6 +4,7 @@ leaves its line in the store, so the others name that rank with its reason, not 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator, Sequence
 
@@ -90,7 +91,12 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
         culprit = f"{busy} busy past the timeout while rank {', '.join(map(str, waited))} waited (slow, not dead)"
     else:
         culprit = "every rank's collective failed (network?)"
-    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {first_line(error)}")
+    return RankLost(f"{culprit}; a collective failed {where} ({key}={timeout_s:g}): {_said(error)}")
+
+
+def _said(error: BaseException) -> str:
+    """A collective's error, without gloo's source location or the advice after its first sentence (emoji included)."""
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", first_line(error)).split(". ", 1)[0]
 
 
 @contextlib.contextmanager

@@ -256,6 +256,11 @@ def test_a_rank_busy_past_the_timeout_says_it_was_slow_not_that_the_network_fail
     # Before: "every rank's collective failed (network?)"
     assert rank0.startswith("ddp-train: error (rank 0): this rank was busy past the timeout while rank 1 waited (slow")
     assert "a collective failed after step 2 (epoch 1) (trainer.dist_timeout_s=2)" in rank0
+    # gloo's own words, less its source location and advice (it ended "... GLHF! 🏖️").
+    assert re.search(
+        r"\(trainer.dist_timeout_s=2\): (Connection closed by peer|Connection reset by peer|Timed out)", rank0
+    )
+    assert ".cc:" not in rank0 and ". " not in rank0.rsplit("): ", 1)[1]
 
 
 @pytest.mark.parametrize("async_save", [False, True])
