@@ -269,6 +269,14 @@ def test_best_checkpoints_monitor_left_to_the_task_is_the_same_as_the_one_it_pic
     assert "checkpoint.mode 'max' -> 'min', checkpoint.monitor 'val/accuracy' -> 'val/loss'" in capsys.readouterr().err
 
 
+def test_a_finished_run_started_again_with_fewer_epochs_says_it_trained_past_them(tmp_path, capsys):
+    # Without a cosine schedule, trainer.epochs may be lowered on resume: it said "(2 of 1 epochs, ...)".
+    constant = [*DIGITS, "optim.scheduler=none", "trainer.epochs=2", f"output_dir={tmp_path}"]
+    assert main(constant) == 0
+    assert main([*constant, "trainer.epochs=1"]) == 0
+    assert "this run is finished (2 epochs, past trainer.epochs=1, step 90): nothing" in capsys.readouterr().out
+
+
 def test_a_monitor_left_to_the_task_is_compared_as_the_task_chose_it(tmp_path, capsys):
     # An unset monitor in the checkpoint's config was taken as this run's choice: val/loss after val/accuracy passed
     # without a word, and best.pt and early stopping compared losses with the restored accuracy.
