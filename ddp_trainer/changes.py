@@ -5,6 +5,7 @@ Also: what the ranks of one run may set each for themselves.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ddp_trainer import distributed
-from ddp_trainer.config import CONTINUABLE, GIVEN, Config, to_container
+from ddp_trainer.config import CONTINUABLE, GIVEN, Config, locate, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.optim import set_current_lrs
@@ -42,6 +43,7 @@ HARMLESS = (
     "checkpoint.keep_last",
     "checkpoint.async_save",
     "data.root",
+    "data.kwargs.root",  # a factory's root: as data.root, a node's own copy of the data
     "data.download",
     "data.num_workers",
     "data.pin_memory",
@@ -87,7 +89,7 @@ def join_run(cfg: Config, refusal: str | None = None) -> DistEnv:
 
 
 class _Unset:
-    """A factory argument one config does not set: the factory's default."""
+    """A factory argument one config does not set, and its factory has no default for."""
 
     def __repr__(self) -> str:
         return "unset"
@@ -99,26 +101,37 @@ MONITOR_KEYS = ("checkpoint.monitor", "checkpoint.mode")
 Choose = Callable[[str | None, str | None], tuple[str, str]]  # monitor.choice for this run's task and data
 
 
-def differences(
-    state: dict[str, Any], cfg: Config, facts: dict[str, Any], choose: Choose | None = None
-) -> dict[str, tuple]:
+def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any], choose: Choose) -> dict[str, tuple]:
     """{key: (old, new)} for every config key both configs hold with different values, or a factory argument that one
-    of them sets, and each of the run's `facts` (world size, data sizes) that the checkpoint records otherwise. Each
-    config's monitor and mode are compared as `choose` resolves them: unset, the task's."""
+    of them sets to another value than the factory's default, and each of the run's `facts` (world size, data sizes)
+    that the checkpoint records otherwise. Each config's monitor and mode are compared as `choose` resolves them for
+    this run's task and data (unset: the task's); another task or data is a change of its own."""
     old, new = (flatten(state.get("config") or {}), flatten(to_container(cfg)))
-    for flat in (old, new) if choose is not None else ():
+    for flat in (old, new):
         flat.update(zip(MONITOR_KEYS, choose(*(flat.get(key) for key in MONITOR_KEYS)), strict=True))
     # Other keys that one config lacks are those a newer release added.
-    compared = old.keys() & new.keys() | {key for key in old.keys() ^ new.keys() if key.startswith(FACTORY_ARGUMENTS)}
+    left_out = {key: _default(new, key) for key in old.keys() ^ new.keys() if key.startswith(FACTORY_ARGUMENTS)}
+    compared = old.keys() & new.keys() | left_out.keys()
     compared -= {"trainer.allow_changes"}  # what this run accepts, not what it trains
     # fit() is handed its data and model: their names say nothing (older fit() checkpoints saved the defaults).
     compared -= {key for key in ("data.name", "model.name") if new.get(key) == GIVEN}
-    changed = {key: (old.get(key, UNSET), new.get(key, UNSET)) for key in compared}
+    changed = {key: (old.get(key, left_out.get(key)), new.get(key, left_out.get(key))) for key in compared}
     changed = {key: (before, now) for key, (before, now) in changed.items() if before != now}
     # Another world size changes the global batch and every rank's data order; other data sizes, another dataset
     # (fit() is handed its data, which no config key describes).
     changed.update({key: (state[key], now) for key, now in facts.items() if state.get(key, now) != now})
     return dict(sorted(changed.items()))
+
+
+def _default(flat: dict[str, Any], key: str) -> Any:
+    """The factory's default for its argument `key` (`model.kwargs.width`), which a config leaves out; else UNSET."""
+    section, name = key.split(".kwargs.", 1)
+    try:
+        factory = locate(flat.get(f"{section}._target_") or "", f"{section}._target_")
+        default = inspect.signature(factory).parameters[name].default
+    except (UsageError, KeyError, TypeError, ValueError):  # no factory, no signature, no such parameter (**kwargs)
+        return UNSET
+    return UNSET if default is inspect.Parameter.empty else default
 
 
 def changes_result(key: str, cfg: Config) -> bool:
@@ -134,7 +147,7 @@ def check(
     facts: dict[str, Any],
     path: Path,
     report: Callable[[str], None],
-    choose: Choose | None = None,
+    choose: Choose,
 ) -> list[str]:
     """Refuse a resume whose config changes the result unless trainer.allow_changes accepts it; returns those keys.
 

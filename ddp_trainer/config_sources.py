@@ -137,11 +137,11 @@ def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) ->
     key = getattr(error, "full_key", None) or "?"
     detail = str(getattr(error, "msg", "") or error).splitlines()[0]
     if isinstance(error, ConfigKeyError):
-        hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
-        # OmegaConf suggests keys of the same level only: `lr=` at the top is optim's.
+        # OmegaConf suggests keys of the same level only: `lr=` at the top is optim's (and `mode=` not 'model').
         sections = (schema or {}).items()
         homes = [f"'{name}.{key}'" for name, section in sections if isinstance(section, DictConfig) and key in section]
-        hint = hint or (f"Did you mean: {' or '.join(homes)}?" if homes and "." not in key else "")
+        hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
+        hint = f"Did you mean: {' or '.join(homes)}?" if homes and "." not in key else hint
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
     if isinstance(error, ValidationError):
         return f"config key '{key}' has a wrong type: {detail}"

@@ -95,8 +95,10 @@ def rank_lost(error: RuntimeError, env: DistEnv, timeout: tuple[str, float], whe
 
 
 def _said(error: BaseException) -> str:
-    """A collective's error, without gloo's source location or the advice after its first sentence (emoji included)."""
-    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", first_line(error)).split(". ", 1)[0]
+    """A collective's error; gloo's without its source location and the advice after its first sentence (an emoji)."""
+    said = first_line(error)
+    gloos = re.match(r"\[[^\]]*/gloo/[^\]]*\.cc:\d+\] ", said)
+    return said[gloos.end() :].split(". ", 1)[0] if gloos else said
 
 
 @contextlib.contextmanager

@@ -100,9 +100,13 @@ def _connect(host: str, port: int, timeout: timedelta, **options: Any) -> dist.T
     waiting = threading.Thread(target=connect, name="ddp-trainer rendezvous", daemon=True)
     waiting.start()
     waiting.join(timeout.total_seconds() + _ANSWER_GRACE_S)
+    # Where none listens, TCPStore retries past its timeout (20 s: it gave up at 37). A store that opened just now
+    # answers within a moment; a program that is not one, never.
+    listening = not made and _accepts(host, port)
+    waiting.join(_ANSWER_GRACE_S if listening else 0)
     if not made:
         _STRANDED.append(waiting)
-        if not _accepts(host, port):  # where none listens, TCPStore retries past its timeout (20 s: it gave up at 37)
+        if not listening:
             raise dist.DistNetworkError(
                 f"Nothing took a connection at ({host}, {port}): timed out after {timeout.total_seconds():g} s."
             )

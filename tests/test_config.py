@@ -141,7 +141,7 @@ def test_misspelt_key_suggests_the_right_one():
     with pytest.raises(UsageError, match=r"^unknown config key 'optim.lrr' \(Did you mean: 'lr'\?\)$"):
         config.load(None, ["optim.lrr=0.1"])
     # OmegaConf suggests keys of the same level only: a section's key given at the top got no hint.
-    for key, home in (("lr", "optim.lr"), ("batch_size", "data.batch_size"), ("epochs", "trainer.epochs")):
+    for key, home in (("lr", "optim.lr"), ("batch_size", "data.batch_size"), ("mode", "checkpoint.mode")):
         with pytest.raises(UsageError, match=rf"^unknown config key '{key}' \(Did you mean: '{home}'\?\)$"):
             config.load(None, [f"{key}=1"])
     with pytest.raises(UsageError, match=r"^unknown config key 'nosuch'$"):

@@ -177,6 +177,8 @@ def test_a_rank_whose_rank_0_never_listened_is_not_told_another_program_holds_th
     port = free_port()
     with pytest.raises(dist.DistNetworkError) as raised:
         rendezvous.open_store("127.0.0.1", port, 2, 1, agent_hosts=False, timeout=timedelta(seconds=1))
+    for thread in rendezvous._STRANDED:  # still connecting: alive at exit, its TCPStore would abort the process
+        thread.join(timeout=30)
     said = str(rendezvous.named_failure(raised.value, f"127.0.0.1:{port}", "trainer.startup_timeout_s=1", False))
     assert said == (
         f"rank 0 never opened the rendezvous at 127.0.0.1:{port} (trainer.startup_timeout_s=1): Nothing took a "

@@ -288,17 +288,27 @@ def test_a_monitor_left_to_the_task_is_compared_as_the_task_chose_it(tmp_path, c
 
 
 @pytest.mark.parametrize(
-    ("first", "then", "said"), [([], ["model.hidden=8"], "unset -> 8"), (["model.hidden=8"], [], "8 -> unset")]
+    ("first", "then", "said"), [([], ["model.hidden=8"], "16 -> 8"), (["model.hidden=8"], [], "8 -> 16")]
 )
 def test_a_factory_argument_set_or_left_out_on_resume_is_a_change(tmp_path, capsys, first, then, said):
     # Only keys both configs held were compared: an argument added on resume, or an override a restart forgot, ran
-    # the factory with another value, without a word.
+    # the factory with another value, without a word. Left out, an argument is its factory's default (16).
     args = ["data._target_=factories.blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
     args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
     assert main([*args, *first]) == 0
     capsys.readouterr()
     assert main([*args, *then]) == 2
     assert f"another config: model.kwargs.hidden {said}; " in capsys.readouterr().err
+    assert main([*args, *first, "model.classes=3"]) == 0  # the default, written out: no change
+
+
+def test_a_factorys_root_may_change_on_resume_as_data_root_may(tmp_path, capsys):
+    # A node's own copy of the data: the factory's root is routed from data.root into data.kwargs.root.
+    args = ["data._target_=factories.folder_blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
+    args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main([*args, "data.root=/data/blobs"]) == 0
+    assert main([*args, "data.root=/moved/blobs"]) == 0
+    assert "as it was: data.kwargs.root '/data/blobs' -> '/moved/blobs'" in capsys.readouterr().out
 
 
 def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_request(tmp_path, capsys):
