@@ -71,9 +71,17 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
+def this_job(environ: Mapping[str, str]) -> str | None:
+    """This job as scancel and scontrol name it (None: not a SLURM job). An array's task is `<array id>_<task id>`:
+    the task that holds the array's own id would, by it, signal or requeue every task of the array."""
+    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
 def requeue(environ: Mapping[str, str]) -> tuple[bool, str]:
     """`scontrol requeue` this job: whether SLURM took it, and the outcome in words."""
-    job_id = environ.get("SLURM_JOB_ID")
+    job_id = this_job(environ)
     if job_id is None:
         return False, "not a SLURM job: nothing to requeue"
     try:

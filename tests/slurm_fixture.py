@@ -46,18 +46,18 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
         return int(result.stdout.strip().split(";")[0])
 
-    def job_info(self, job_id: int) -> dict[str, str]:
+    def job_info(self, job_id: int | str) -> dict[str, str]:
         """`scontrol show job -o ID` as a dict (JobState, ExitCode, Restarts, ...); {} once the job is forgotten."""
         result = _run(["scontrol", "show", "job", "-o", str(job_id)])
         if result.returncode != 0:
             return {}
         return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
 
-    def state(self, job_id: int) -> str:
+    def state(self, job_id: int | str) -> str:
         """The job's state (PENDING, RUNNING, COMPLETED, FAILED, ...), or UNKNOWN once slurmctld forgot it."""
         return self.job_info(job_id).get("JobState", "UNKNOWN")
 
-    def wait(self, job_id: int, timeout: float = 120.0, poll: float = 0.5) -> str:
+    def wait(self, job_id: int | str, timeout: float = 120.0, poll: float = 0.5) -> str:
         """Poll until the job is done (requeues count as not done); returns its final state, cancels it on timeout."""
         deadline = time.monotonic() + timeout
         while True:
@@ -69,7 +69,7 @@ class SlurmCluster:
                 raise TimeoutError(f"SLURM job {job_id} still {state} after {timeout:.0f} s (cancelled)")
             time.sleep(poll)
 
-    def wait_state(self, job_id: int, states: set[str], timeout: float = 60.0) -> str:
+    def wait_state(self, job_id: int | str, states: set[str], timeout: float = 60.0) -> str:
         """Poll until the job reaches one of `states` (e.g. {"RUNNING"}); returns that state."""
         deadline = time.monotonic() + timeout
         while (state := self.state(job_id)) not in states:
@@ -78,14 +78,14 @@ class SlurmCluster:
             time.sleep(0.2)
         return state
 
-    def signal(self, job_id: int, signal: str, batch_only: bool = True) -> None:
+    def signal(self, job_id: int | str, signal: str, batch_only: bool = True) -> None:
         """Send `signal` (e.g. "USR2") now: to the batch shell only, or else to every job step."""
         scope = ["--batch"] if batch_only else []
         result = _run(["scancel", f"--signal={signal}", *scope, str(job_id)])
         if result.returncode != 0:
             raise RuntimeError(f"scancel --signal={signal} {job_id} failed: {result.stderr.strip()}")
 
-    def requeue(self, job_id: int, release: bool = True) -> None:
+    def requeue(self, job_id: int | str, release: bool = True) -> None:
         """`scontrol requeue ID`; with release, let it start again 2 s later instead of after the requeue delay."""
         result = _run(["scontrol", "requeue", str(job_id)])
         if result.returncode != 0:
@@ -93,20 +93,20 @@ class SlurmCluster:
         if release:
             self.release(job_id)
 
-    def release(self, job_id: int, timeout: float = 30.0) -> None:
+    def release(self, job_id: int | str, timeout: float = 30.0) -> None:
         """Once a requeued job is back to PENDING, cut its BeginTime delay to 2 s so it is scheduled almost at once."""
         self.wait_state(job_id, {"PENDING"}, timeout)
         # Not now: slurmd refuses a credential made in the same second it killed the old run ("already killed, do not
         # launch batch job") and the job ends FAILED; the cred_expire + 1 s delay this cuts exists to avoid that.
         _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
 
-    def slurmd_errors(self, job_id: int) -> str:
+    def slurmd_errors(self, job_id: int | str) -> str:
         """The slurmd log's error lines about the job: why a run failed that never wrote to the job's own log."""
         log = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/ddp-slurm")) / "log" / "slurmd.log"
         lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         return "\n".join(line for line in lines if "error" in line and re.search(rf"\b{job_id}\b", line))
 
-    def cancel(self, job_id: int) -> None:
+    def cancel(self, job_id: int | str) -> None:
         """`scancel ID`, ignoring errors (the job may already be gone)."""
         _run(["scancel", str(job_id)])
 

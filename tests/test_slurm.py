@@ -45,7 +45,7 @@ def test_two_steps_of_one_job_train_side_by_side(slurm_cluster, tmp_path):  # no
         )
 
 
-def preempt_and_finish(cluster, job: int, output_dir: Path, log: Path) -> str:
+def preempt_and_finish(cluster, job: int | str, output_dir: Path, log: Path) -> str:
     """Warn the job as SLURM does before its time limit once it logged an epoch; the log once it finished."""
     metrics = output_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -73,11 +73,16 @@ def test_multinode_array_task_is_preempted_requeued_and_resumes_its_own_folder(s
     assert [(line["epoch"], line["world_size"]) for line in lines] == [(e, 2) for e in range(1, epochs + 1)]
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm_cluster, tmp_path):  # noqa: F811
-    log, epochs = tmp_path / "log", 12
-    job = submit(
-        slurm_cluster, "preemptible.sbatch", [*DIGITS, f"trainer.epochs={epochs}", f"output_dir={tmp_path}"], log
-    )
-    text = preempt_and_finish(slurm_cluster, job, tmp_path, log)
-    assert "stopped by SIGUSR2" in text and "requeued" in text and "resumed from" in text
-    assert [line["epoch"] for line in read_metrics(tmp_path)] == list(range(1, epochs + 1))  # each epoch once
+def test_a_preempted_array_task_checkpoints_requeues_resumes_and_finishes_alone(slurm_cluster, tmp_path):  # noqa: F811
+    # One task at a time: task 1 starts last, and holds the array's own id. By that id the relay's scancel and rank
+    # 0's scontrol requeue addressed every task of the array: task 0, finished, was requeued and ran again.
+    epochs, logs = 12, [tmp_path / f"log-{task}" for task in (0, 1)]
+    args = [*DIGITS, f"trainer.epochs={epochs}", f"output_dir={tmp_path}"]
+    job = submit(slurm_cluster, "preemptible.sbatch", args, tmp_path / "log-%a", "--array=0-1%1")
+    assert slurm_cluster.wait(f"{job}_0", timeout=180) == "COMPLETED", logs[0].read_text()
+    text = preempt_and_finish(slurm_cluster, f"{job}_1", tmp_path / "array_task_1", logs[1])
+    assert "stopped by SIGUSR2" in text and f"SLURM job {job}_1 requeued; exit code 0" in text
+    assert "resumed from" in text
+    assert slurm_cluster.job_info(f"{job}_0")["Restarts"] == "0" and " run 2 " not in logs[0].read_text()
+    for task in (0, 1):  # each epoch once
+        assert [line["epoch"] for line in read_metrics(tmp_path / f"array_task_{task}")] == list(range(1, epochs + 1))

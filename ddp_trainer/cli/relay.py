@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from types import FrameType
 
 from ddp_trainer.errors import say
+from ddp_trainer.slurm import this_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run COMMAND, relaying SLURM's USR2 warning to the job's steps; returns COMMAND's exit code."""
     command = list(sys.argv[1:] if argv is None else argv)
-    job_id = os.environ.get("SLURM_JOB_ID")
+    job_id = this_job(os.environ)
     if not command or job_id is None:
         missing = "no COMMAND given" if not command else "SLURM_JOB_ID is not set: this is not a SLURM job"
         say(f"relay: error: {missing} (usage: python -m ddp_trainer.cli.relay srun ... in a batch script)", sys.stderr)
