@@ -6,6 +6,7 @@ Also: what the ranks of one run may set each for themselves.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ HARMLESS = (
     "checkpoint.keep_last",
     "checkpoint.async_save",
     "data.root",
-    "data.kwargs.root",  # a factory's root: as data.root, a node's own copy of the data
     "data.download",
     "data.num_workers",
     "data.pin_memory",
@@ -96,8 +96,9 @@ class _Unset:
 
 
 UNSET = _Unset()
-FACTORY_ARGUMENTS = ("model.kwargs.", "data.kwargs.")
+FACTORY_ARGUMENT = re.compile(r"^(model|data)\.kwargs\.")
 MONITOR_KEYS = ("checkpoint.monitor", "checkpoint.mode")
+PLAIN = (type(None), bool, int, float, str, list, dict)  # what a YAML value can be
 Choose = Callable[[str | None, str | None], tuple[str, str]]  # monitor.choice for this run's task and data
 
 
@@ -110,7 +111,7 @@ def differences(state: dict[str, Any], cfg: Config, facts: dict[str, Any], choos
     for flat in (old, new):
         flat.update(zip(MONITOR_KEYS, choose(*(flat.get(key) for key in MONITOR_KEYS)), strict=True))
     # Other keys that one config lacks are those a newer release added.
-    left_out = {key: _default(new, key) for key in old.keys() ^ new.keys() if key.startswith(FACTORY_ARGUMENTS)}
+    left_out = {key: _default(new, key) for key in old.keys() ^ new.keys() if FACTORY_ARGUMENT.match(key)}
     compared = old.keys() & new.keys() | left_out.keys()
     compared -= {"trainer.allow_changes"}  # what this run accepts, not what it trains
     # fit() is handed its data and model: their names say nothing (older fit() checkpoints saved the defaults).
@@ -131,14 +132,17 @@ def _default(flat: dict[str, Any], key: str) -> Any:
         default = inspect.signature(factory).parameters[name].default
     except (UsageError, KeyError, TypeError, ValueError):  # no factory, no signature, no such parameter (**kwargs)
         return UNSET
-    return UNSET if default is inspect.Parameter.empty else default
+    default = list(default) if isinstance(default, tuple) else default  # as a config holds it
+    # A default a config cannot hold (an array, a tensor): unset, never compared with == into an array.
+    return default if isinstance(default, PLAIN) else UNSET
 
 
 def changes_result(key: str, cfg: Config) -> bool:
     """Whether a different value of `key` makes the resumed run end elsewhere than the saved run would."""
     if key in LENGTH:
         return cfg.optim.scheduler == "cosine"
-    return not key.startswith(HARMLESS)
+    # A schema key the factory takes (data.root as its root) is routed to its arguments: judged as the key it was.
+    return not FACTORY_ARGUMENT.sub(r"\1.", key).startswith(HARMLESS)
 
 
 def check(

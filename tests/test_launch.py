@@ -48,6 +48,14 @@ def test_jobs_and_the_steps_of_a_job_get_distinct_ports_in_a_safe_range():
     assert slurm.step_port({"SLURM_JOB_ID": "1000"}) == slurm.step_port({"SLURM_JOB_ID": "1000", "SLURM_STEP_ID": "0"})
 
 
+def test_an_array_task_is_named_to_slurm_as_itself_not_as_the_array():
+    # The task that starts last holds the array's own id, which scancel and scontrol read as every task of the array.
+    task = {"SLURM_JOB_ID": "86", "SLURM_ARRAY_JOB_ID": "86", "SLURM_ARRAY_TASK_ID": "1"}
+    assert slurm.this_job(task) == "86_1"
+    assert slurm.this_job({**task, "SLURM_JOB_ID": "87", "SLURM_ARRAY_TASK_ID": "0"}) == "86_0"
+    assert slurm.this_job({"SLURM_JOB_ID": "90"}) == "90" and slurm.this_job({}) is None
+
+
 @pytest.fixture
 def srun_task(monkeypatch):
     for name in LAUNCH_VARIABLES:

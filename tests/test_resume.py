@@ -302,13 +302,31 @@ def test_a_factory_argument_set_or_left_out_on_resume_is_a_change(tmp_path, caps
     assert main([*args, *first, "model.classes=3"]) == 0  # the default, written out: no change
 
 
-def test_a_factorys_root_may_change_on_resume_as_data_root_may(tmp_path, capsys):
-    # A node's own copy of the data: the factory's root is routed from data.root into data.kwargs.root.
-    args = ["data._target_=factories.folder_blobs", "model._target_=factories.small_net", "trainer.device=cpu"]
-    args += ["trainer.epochs=1", f"output_dir={tmp_path}"]
-    assert main([*args, "data.root=/data/blobs"]) == 0
-    assert main([*args, "data.root=/moved/blobs"]) == 0
-    assert "as it was: data.kwargs.root '/data/blobs' -> '/moved/blobs'" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("factories", "first", "then", "said"),
+    [
+        # A node's own copy of the data: data.root reaches the factory as its root.
+        (
+            ["data._target_=factories.folder_blobs"],
+            ["data.root=/data/blobs"],
+            ["data.root=/moved/blobs"],
+            "'/data/blobs' -> '/moved/blobs'",
+        ),
+        # channels_last reaches a model class that takes **options: a layout, as for a built-in model.
+        (
+            ["data._target_=factories.blobs", "model._target_=factories.AnyOptions"],
+            [],
+            ["model.channels_last=true"],
+            "unset -> True",
+        ),
+    ],
+)
+def test_a_harmless_key_that_reaches_a_factory_may_change_on_resume(tmp_path, capsys, factories, first, then, said):
+    args = [*factories, "trainer.device=cpu", "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main([*args, *first]) == 0
+    assert main([*args, *then]) == 0
+    key = then[0].split("=")[0].replace(".", ".kwargs.", 1)
+    assert f"as it was: {key} {said}" in capsys.readouterr().out
 
 
 def test_resume_refuses_changes_to_the_result_names_the_others_and_continues_on_request(tmp_path, capsys):
