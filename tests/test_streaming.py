@@ -20,6 +20,7 @@ from ddp_trainer.data.streaming import (
     remaining_records,
 )
 from ddp_trainer.errors import UsageError
+from ddp_trainer.fields import SHAPE
 
 SHARD_SIZES = [0, 37, 5, 60]  # uneven, one empty, fewer files than 2 ranks x 3 workers
 
@@ -230,8 +231,8 @@ ONE_SHARD = {"shards": [{"file": "a.npz"}]}
             {"shards": [{"file": "a.npz"}, {"file": "b.jsonl"}]},
             '"format" is None: expected jsonl or npz, or none for shards of one format',
         ),
-        ({**ONE_SHARD, "input_shape": "8x8"}, "\"input_shape\" is '8x8', not a list of positive sizes"),
-        ({**ONE_SHARD, "input_shape": [8, 0]}, '"input_shape" is [8, 0], not a list of positive sizes'),
+        ({**ONE_SHARD, "input_shape": "8x8"}, f"\"input_shape\" is '8x8', not {SHAPE}"),
+        ({**ONE_SHARD, "input_shape": [8, 0]}, f'"input_shape" is [8, 0], not {SHAPE}'),
         ({**ONE_SHARD, "classes": "abc"}, "\"classes\" is 'abc', not a list of names"),
         (
             {"shards": [{"file": "../outside.jsonl"}]},
