@@ -143,6 +143,8 @@ def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) ->
         hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
         hint = f"Did you mean: {' or '.join(homes)}?" if homes and "." not in key else hint
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
+    if detail.startswith("Incompatible value 'None'") or detail.endswith("is not Optional"):  # OmegaConf's words
+        return f"config key '{key}' is empty (or null): it needs a value"
     if isinstance(error, ValidationError):
         return f"config key '{key}' has a wrong type: {detail}"
     return f"config key '{key}': {detail}"

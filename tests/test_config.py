@@ -105,6 +105,9 @@ def test_overrides_are_converted_to_the_schema_types():
             "'model.num_classes' has invalid value 99999999999999999999: expected at",
         ),
         ("data.synthetic.input_shape=[3,99999999999999999999]", "'data.synthetic.input_shape' has invalid value [3, 9"),
+        # An empty override is null: OmegaConf's "Incompatible value 'None' for field of type 'int'" named no fix.
+        ("trainer.epochs=", "config key 'trainer.epochs' is empty (or null): it needs a value"),
+        ("model.hidden_sizes=", "config key 'model.hidden_sizes' is empty (or null): it needs a value"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
