@@ -133,15 +133,23 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
+def _homes(schema: DictConfig | None, name: str, prefix: str = "") -> list[str]:
+    # Where a key of this name lives, at any depth below the top: `project` is logging.wandb's.
+    homes = []
+    for key, node in (schema or {}).items():
+        if isinstance(node, DictConfig):
+            homes += ([f"{prefix}{key}.{name}"] if name in node else []) + _homes(node, name, f"{prefix}{key}.")
+    return homes
+
+
 def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) -> str:
     key = getattr(error, "full_key", None) or "?"
     detail = str(getattr(error, "msg", "") or error).splitlines()[0]
     if isinstance(error, ConfigKeyError):
         # OmegaConf suggests keys of the same level only: `lr=` at the top is optim's (and `mode=` not 'model').
-        sections = (schema or {}).items()
-        homes = [f"'{name}.{key}'" for name, section in sections if isinstance(section, DictConfig) and key in section]
+        homes = [f"'{home}'" for home in _homes(schema, key.rpartition(".")[2]) if home != key]
         hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
-        hint = f"Did you mean: {' or '.join(homes)}?" if homes and "." not in key else hint
+        hint = f"Did you mean: {' or '.join(homes)}?" if homes else hint
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
     if detail.startswith("Incompatible value 'None'") or detail.endswith("is not Optional"):  # OmegaConf's words
         return f"config key '{key}' is empty (or null): it needs a value"

@@ -143,9 +143,16 @@ def test_fsdp_takes_bf16_activation_checkpointing_and_its_own_blocks():
 def test_misspelt_key_suggests_the_right_one():
     with pytest.raises(UsageError, match=r"^unknown config key 'optim.lrr' \(Did you mean: 'lr'\?\)$"):
         config.load(None, ["optim.lrr=0.1"])
-    # OmegaConf suggests keys of the same level only: a section's key given at the top got no hint.
-    for key, home in (("lr", "optim.lr"), ("batch_size", "data.batch_size"), ("mode", "checkpoint.mode")):
-        with pytest.raises(UsageError, match=rf"^unknown config key '{key}' \(Did you mean: '{home}'\?\)$"):
+    # OmegaConf suggests keys of the same level only: a key given at the top or in another section got no hint.
+    for key, home in (
+        ("lr", "'optim.lr'"),
+        ("batch_size", "'data.batch_size'"),
+        ("mode", "'checkpoint.mode' or 'logging.wandb.mode'"),
+        ("project", "'logging.wandb.project'"),
+        ("trainer.lr", "'optim.lr'"),
+        ("optim.epochs", "'trainer.epochs'"),  # OmegaConf's own guess was 'step_epochs'
+    ):
+        with pytest.raises(UsageError, match=rf"^unknown config key '{key}' \(Did you mean: {home}\?\)$"):
             config.load(None, [f"{key}=1"])
     with pytest.raises(UsageError, match=r"^unknown config key 'nosuch'$"):
         config.load({"nosuch": 1})
