@@ -237,6 +237,15 @@ def test_predict_on_the_validation_split_agrees_with_evaluate(trained, tmp_path,
         assert existing.read_bytes() == before
 
 
+def test_predict_asked_for_more_classes_than_the_model_has_names_the_top_k_it_measured(trained, tmp_path, capsys):
+    output = tmp_path / "all.jsonl"
+    last = trained / "checkpoints" / "last.pt"
+    assert main(["predict", "--checkpoint", str(last), "--split", "val", "--top-k", "20", "--output", str(output)]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]  # said "top-20 accuracy" of the 10 digits
+    assert summary.endswith(", top-10 accuracy 100.00% (every class: --top-k 20 is more than the model has)")
+    assert {len(json.loads(line)["top_k"]) for line in output.read_text().splitlines()} == {10}
+
+
 def open_on_a_full_disk(room: int):
     """io.open, except that files opened to write text hold `room` bytes at most (reads and binary files as ever)."""
     real_open = io.open

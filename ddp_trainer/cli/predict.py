@@ -181,17 +181,18 @@ def predict_split(restored: Restored, args: argparse.Namespace, env: distributed
     precision = MixedPrecision(restored.cfg.trainer.precision, env.device)
     dataset, batches = _split_batches(restored, args.split, args.batch_size)
     output, names = args.output, _class_names(dataset)
-    index, top1, topk = 0, 0, 0
+    index, top1, topk, shown = 0, 0, 0, args.top_k
     with _whole_file(output) as write:  # a partial file would only block the rerun: predict never overwrites
         for batch in batches:
             inputs, targets = inputs_and_targets(batch)  # a pair, or a dict with "inputs" and "targets"
             inputs = to_device(inputs, env.device, restored.cfg.model.channels_last)
             predictions = top_k(restored.model, inputs, args.top_k, precision, names)
             hits = _write_lines(write, index, predictions, [names(target) for target in targets.tolist()])
-            index, top1, topk = index + len(predictions), top1 + hits[0], topk + hits[1]
+            index, top1, topk, shown = index + len(predictions), top1 + hits[0], topk + hits[1], len(predictions[0])
+    every = f" (every class: --top-k {args.top_k} is more than the model has)" if shown < args.top_k else ""
     return (
         f"wrote {index} predictions to {output}: top-1 accuracy {100 * top1 / max(index, 1):.2f}%, "
-        f"top-{args.top_k} accuracy {100 * topk / max(index, 1):.2f}%"
+        f"top-{shown} accuracy {100 * topk / max(index, 1):.2f}%{every}"
     )
 
 
