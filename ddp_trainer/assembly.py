@@ -161,9 +161,11 @@ def _mark_if_finished(parts: Parts, path: Path, cfg: Config, logger: RunLogger) 
     if progress.epoch < cfg.trainer.epochs and not 0 < cfg.trainer.max_steps <= progress.step and not stopped_early:
         return
     early = ", stopped early" if stopped_early else ""
-    epochs = cfg.trainer.epochs  # lowered on resume (no cosine schedule to stretch), it may be below those done
+    epochs, steps = cfg.trainer.epochs, cfg.trainer.max_steps  # lowered on resume, they may be below those done
     of = f"of {epochs} epochs" if progress.epoch <= epochs else f"epochs, past trainer.epochs={epochs}"
-    done = f"({progress.epoch} {of}, step {progress.step}{early})"
+    where = "at" if progress.step == steps else "past"
+    at = f", {where} trainer.max_steps={steps}" if 0 < steps <= progress.step else ""
+    done = f"({progress.epoch} {of}, step {progress.step}{at}{early})"
     if not parts.history_here:  # here nothing was trained, nor will be: no record to report
         raise UsageError(
             f"trainer.resume={path} is a finished run {done}: nothing to train from it; to train on, raise "

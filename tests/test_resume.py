@@ -112,7 +112,7 @@ def test_a_kill_between_the_first_saves_best_and_last_names_resumes_from_best(tm
     assert untimed[0] == untimed[1] and len(untimed[0]) == 2
 
 
-def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
+def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path, capsys):
     # No LR schedule: a cosine schedule is stretched over the run's length, so the stopped run would differ by design.
     # Without one, a resumed run may change its length (trainer.epochs, trainer.max_steps): it continues the same run.
     args = [*DIGITS, "optim.scheduler=none"]
@@ -122,6 +122,7 @@ def test_run_stopped_mid_epoch_finishes_the_epoch_exactly(tmp_path):
     stopped = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert (stopped["epoch"], stopped["step"], stopped["batch_in_epoch"]) == (1, 70, 25)
     assert main([*split, "trainer.epochs=2", "trainer.max_steps=70"]) == 0  # finished: says so, keeps its lines
+    assert "this run is finished (1 of 2 epochs, step 70, at trainer.max_steps=70): nothing" in capsys.readouterr().out
     assert [line["step"] for line in read_metrics(tmp_path / "split")] == [45, 70]
     assert main([*split, "trainer.epochs=3"]) == 0
     assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "straight"))
@@ -275,6 +276,9 @@ def test_a_finished_run_started_again_with_fewer_epochs_says_it_trained_past_the
     assert main(constant) == 0
     assert main([*constant, "trainer.epochs=1"]) == 0
     assert "this run is finished (2 epochs, past trainer.epochs=1, step 90): nothing" in capsys.readouterr().out
+    assert main([*constant, "trainer.max_steps=50"]) == 0  # said "(2 of 2 epochs, step 90)" of a step limit
+    said = capsys.readouterr().out
+    assert "this run is finished (2 of 2 epochs, step 90, past trainer.max_steps=50): nothing" in said
 
 
 def test_a_monitor_left_to_the_task_is_compared_as_the_task_chose_it(tmp_path, capsys):
