@@ -82,7 +82,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
     cfg = for_array_task(cfg, array_task)
     # Every rank checks, and all refuse once they meet: one on another node refusing alone would leave the rest waiting.
     refusal = refusal_of(lambda: (require_packages(cfg.logging), _check_output_dir(Path(cfg.output_dir))))
-    exit_code = 1  # until fit() returns: an exception marks the wandb run as failed
+    exit_code = 1  # until _train returns: an exception marks the wandb run as failed
     # Each clean-up is registered once what it undoes exists, and runs even when one before it fails (a second
     # Ctrl-C while W&B finishes): the folder's claim, the signal handlers and the caller's streams are always back.
     with contextlib.ExitStack() as cleanup:

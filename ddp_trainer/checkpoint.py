@@ -66,7 +66,7 @@ OPTIONAL_KEYS |= {"last_lr": NUMBER, "wandb_run_id": TEXT}
 OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
 OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP, "epoch_train_s": NUMBER}
 SECTIONS = ("model", "data", "trainer")  # of the config, each a mapping
-# What DCP pickles into `.metadata` (torch 2.4-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
+# What DCP pickles into `.metadata` (torch 2.11-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
 METADATA_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),

@@ -315,7 +315,7 @@ def to_container(config: Config) -> dict[str, Any]:
 
 
 def to_yaml(config: Config) -> str:
-    """The resolved config as YAML text, loadable again by `load`."""
+    """The resolved config as YAML text, loadable again by `load` (a `fit()` run's by `fit(config=...)`)."""
     return OmegaConf.to_yaml(OmegaConf.create(sources.literal(to_container(config))))
 
 

@@ -36,7 +36,7 @@ FINISHED_PREFIX = "finished-"  # beside the runs' folders, a file per run that f
 
 
 class RunLogger:
-    """Writes the run's outputs from rank 0; every method is a no-op on the other ranks."""
+    """Writes the run's outputs from rank 0; the other ranks write nothing."""
 
     def __init__(
         self,

@@ -104,7 +104,7 @@ class Saver:
         self.staged: dict[str, Any] | None = None  # the last async save's copy, reused once its write is done
 
     def save_run(self, model: nn.Module, optimizer: Optimizer, state: State, names: Sequence[str], step: int) -> None:
-        """Rank 0, the one given `state`, saves it with the model and optimizer as one file per name."""
+        """Rank 0, the one given `state`, saves it with the model and optimizer as one file under each of `names`."""
         if state is not None:
             self.save({**model_state(model, optimizer), **state}, names)
 

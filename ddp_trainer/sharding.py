@@ -76,7 +76,7 @@ def _broadcast_from_rank_zero(model: nn.Module, device: torch.device) -> None:
 
 def shard_model(model: nn.Module, cfg: TrainerConfig, device: torch.device | None) -> list[str]:
     """Shard `model` in place per `trainer.fsdp_wrap` block, then the root, onto `device` unit by unit (None: one
-    process, no shards)."""
+    process, no shards; activation checkpointing still applies); returns the names of the block classes found."""
     shard = device is not None
     if shard:
         _refuse_non_contiguous(model)
