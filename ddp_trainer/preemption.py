@@ -105,13 +105,13 @@ def stop_when_orphaned(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def stop_origin(stop: StopSignals | None, env: DistEnv) -> str:
+def stop_origin(stop: StopSignals, env: DistEnv) -> str:
     """Which ranks had the stop signal, where some had none (a node's launcher gone); empty when every rank had it.
 
     A collective: every rank calls it, after the stop's save, which gave a signal sent to all time to arrive.
     """
     try:
-        had = gather_objects(stop.received if stop is not None else 0, env)
+        had = gather_objects(stop.received, env)
     except RuntimeError as error:
         if not is_peer_failure(error):
             raise

@@ -44,8 +44,8 @@ class Trainer:
         data: DataBundle,
         task: Task,
         logger: RunLogger,
-        stop: StopSignals | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        stop: StopSignals,
+        clock: Callable[[], float],
     ) -> None:
         self.cfg, self.env, self.data, self.task, self.logger = cfg, env, data, task, logger
         self.stop, self.clock, self.parts = stop, clock, parts
@@ -266,7 +266,7 @@ class Trainer:
         minutes = self.cfg.checkpoint.every_n_minutes
         # Rank 0's clock decides for everyone: clocks of different hosts need not agree.
         save_due = self.env.is_main and minutes > 0 and self.clock() - self.last_save_time >= 60 * minutes
-        return [self.stop.received if self.stop is not None else 0, int(save_due)]
+        return [self.stop.received, int(save_due)]
 
     def _train_summary(self, totals: dict[str, float]) -> dict[str, float | int]:
         summary = self.task.summarize(totals, "train")
