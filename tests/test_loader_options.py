@@ -14,7 +14,7 @@ CUDA = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), 
 
 def loaders(env: DistEnv, *overrides: str) -> data.DataBundle:
     cfg = config.load(None, ["data._target_=factories.blobs", *overrides])
-    return data.build(cfg.data, env, cfg.seed)
+    return data.build_loaders(*data.build_datasets(cfg.data, env, cfg.seed), cfg.data, env, cfg.seed)
 
 
 def test_defaults_pin_memory_on_cuda_only_and_keep_workers_alive():

@@ -7,20 +7,32 @@ import functools
 import pytest
 import torch
 
-from ddp_trainer.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer import data
+from ddp_trainer.config import DataConfig
+from ddp_trainer.data.samplers import ResumableDistributedSampler
+from ddp_trainer.distributed import DistEnv
 from ddp_trainer.rng import RANK_STREAMS, RESEEDED_RANK, SAMPLE_AUGMENTATION, mixed_seed
 
 
+def validation_batches(size: int, world_size: int, rank: int) -> list[list[int]]:
+    """The sample indices of each validation batch (4 per batch) that `rank` of `world_size` evaluates."""
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"), backend=None)
+    samples = torch.utils.data.TensorDataset(torch.arange(size))
+    return [batch.tolist() for (batch,) in data._val_loader(samples, DataConfig(batch_size=4), env, 0, None)]
+
+
 @pytest.mark.parametrize(("size", "world_size"), [(359, 2), (10, 3), (7, 8), (1, 1)])
-def test_unpadded_sampler_covers_every_index_exactly_once(size, world_size):
-    served = [index for rank in range(world_size) for index in UnpaddedDistributedSampler(size, world_size, rank)]
+def test_validation_covers_every_index_exactly_once(size, world_size):
+    served = [
+        index for rank in range(world_size) for batch in validation_batches(size, world_size, rank) for index in batch
+    ]
     assert sorted(served) == list(range(size))
 
 
 def test_padded_training_sampler_would_double_count_validation():
     samplers = [ResumableDistributedSampler(range(359), 8, num_replicas=2, rank=rank, seed=0) for rank in range(2)]
     padded = [index for sampler in samplers for index in sampler]
-    assert len(padded) == 360  # why evaluation uses the unpadded sampler
+    assert len(padded) == 360  # why validation takes every world_size-th sample instead
 
 
 def test_resume_skips_exactly_the_consumed_batches():
@@ -54,9 +66,8 @@ def test_order_depends_on_seed_and_epoch_only():
     assert sorted(order(5, 2)) == list(range(64))
 
 
-def test_unpadded_sampler_works_in_a_dataloader():
-    loader = torch.utils.data.DataLoader(range(11), batch_size=4, sampler=UnpaddedDistributedSampler(11, 2, 1))
-    assert [batch.tolist() for batch in loader] == [[1, 3, 5, 7], [9]]
+def test_a_validation_rank_takes_every_world_sizeth_sample_from_its_own():
+    assert validation_batches(11, 2, 1) == [[1, 3, 5, 7], [9]]
 
 
 def test_rank_streams_of_neighbouring_seeds_share_nothing():

@@ -326,7 +326,7 @@ def test_data_root_under_home_is_found_as_torchvision_finds_it(fashion_mnist_fil
 def test_cifar10_training_augmentation_is_seeded_per_sample_and_epoch(cifar10_files):
     cfg = config.load(None, ["data.name=cifar10", f"data.root={cifar10_files.root}", "data.batch_size=4"])
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
-    loader = data.build(cfg.data, env, cfg.seed).train_loader
+    loader = data.build_loaders(*data.build_datasets(cfg.data, env, cfg.seed), cfg.data, env, cfg.seed).train_loader
     assert isinstance(loader.dataset, PerSampleSeeded)
     views = [loader.dataset[SampleKey(epoch, 0)][0] for epoch in (0, 0, 1)]
     assert torch.equal(views[0], views[1])  # the same sample in the same epoch: the same crop and flip

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ddp_trainer.claim import refusal_of, refused_if_any
 from ddp_trainer.config import DataConfig, locate
 from ddp_trainer.data.datasets import digits, synthetic
-from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler, UnpaddedDistributedSampler
+from ddp_trainer.data.samplers import PerSampleSeeded, ResumableDistributedSampler
 from ddp_trainer.data.stream_formats import open_stream
 from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream, StreamLoader
@@ -200,7 +200,7 @@ def _loader(
 
 
 def _sampled_loader(
-    dataset: Dataset, sampler: Sampler, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate
+    dataset: Dataset, sampler: Sampler | range, cfg: DataConfig, env: DistEnv, seed: int, collate: Collate
 ) -> DataLoader:
     # Persistent workers skip re-forking (and re-importing) at every epoch; the sampler lives in this process.
     persistent = cfg.persistent_workers and cfg.num_workers > 0
@@ -223,14 +223,10 @@ def _val_loader(
         return None
     if isinstance(val_set, IterableDataset):  # (reader slot, batch) -> batch
         return _user_stream(val_set, cfg, env, seed, collate, collate_fn=itemgetter(1))
-    sampler = UnpaddedDistributedSampler(len(val_set), env.world_size, env.rank)
+    # Not DistributedSampler: it pads the last ranks with repeats, which evaluation would count twice. Ranks may
+    # differ by one sample: evaluation runs no collective per batch.
+    sampler = range(env.rank, len(val_set), env.world_size)
     return _sampled_loader(val_set, sampler, cfg, env, seed, collate)
-
-
-def build(cfg: DataConfig, env: DistEnv, seed: int) -> DataBundle:
-    """This rank's loaders for the datasets the `data` section names."""
-    train_set, val_set = build_datasets(cfg, env, seed)
-    return build_loaders(train_set, val_set, cfg, env, seed)
 
 
 def build_loaders(

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator, Sized
 from typing import Any, NamedTuple
 
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from ddp_trainer.rng import SAMPLE_AUGMENTATION, mixed_seed, seeded
 
@@ -51,23 +51,6 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start_index, 0)
-
-
-class UnpaddedDistributedSampler(Sampler[int]):
-    """Rank r takes indices r, r + world, r + 2*world, ...: every sample exactly once, ranks may differ by one.
-
-    DistributedSampler pads the last ranks with repeated samples so counts match; for evaluation that would
-    count some samples twice. Evaluation runs no collective per batch, so uneven counts are safe here.
-    """
-
-    def __init__(self, dataset_size: int, world_size: int, rank: int) -> None:
-        self.indices = range(rank, dataset_size, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 class PerSampleSeeded(Dataset):
