@@ -87,15 +87,16 @@ def fsync_directory(directory: Path) -> None:
 def link_atomic(source: Path, path: Path) -> None:
     """Give `source`'s file the name `path` too (a hard link), replacing any old `path` in one atomic rename."""
     # Atomic like save_atomic, without serialising twice: a second write could fail half-way (a full disk).
-    link = path.parent / f".{path.name}.{os.getpid()}.link"
-    link.unlink(missing_ok=True)
-    os.link(source, link)
-    os.replace(link, path)
+    _swap_in(path, lambda link: os.link(source, link))
 
 
 def symlink_atomic(directory: Path, name: str, target: Path) -> None:
     """Make `directory/name` a relative symlink to `target`, replacing any old one in one atomic rename."""
-    link = directory / f".{name}.{os.getpid()}.link"
+    _swap_in(directory / name, lambda link: link.symlink_to(target.name))
+
+
+def _swap_in(path: Path, make: Callable[[Path], None]) -> None:
+    link = path.parent / f".{path.name}.{os.getpid()}.link"  # checkpoint.UNFINISHED knows this name
     link.unlink(missing_ok=True)
-    link.symlink_to(target.name)
-    os.replace(link, directory / name)
+    make(link)
+    os.replace(link, path)
