@@ -92,13 +92,11 @@ def _restore_host(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with Python, NumPy and torch (CPU) seeded by `seed`, leaving the streams as they were after it."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    host = _capture_host()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU's stream (dropout) too
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        _restore_host(host)
