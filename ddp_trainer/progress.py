@@ -13,7 +13,6 @@ class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps, over all epochs
     batch_in_epoch: int = 0  # micro-batches of the current epoch, over all the runs that trained it
-    segment_batches: int = 0  # of those, the ones this run trained: the data order counts from its own start
     partial_epoch_totals: dict[str, float] | None = None  # global sums of an epoch stopped part-way
     data_position: list[dict[str, Any]] | None = None  # each rank's place in its data order, part-way an epoch
     wandb_run_id: str | None = None  # a requeued job continues the same wandb run
@@ -23,17 +22,15 @@ class Progress:
 
     def finish_epoch(self) -> None:
         """The epoch ran to its end: the next starts from its beginning."""
-        self.epoch, self.batch_in_epoch, self.segment_batches = self.epoch + 1, 0, 0
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.partial_epoch_totals, self.data_position, self.epoch_train_s = None, None, 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The fields as top-level checkpoint keys (`epoch` and `step` among them, as the file format promises)."""
-        state = asdict(self)
-        del state["segment_batches"]  # counts this process's batches only
-        return state  # the caller adds the unfinished epoch's totals and positions, known only when it saves
+        return asdict(self)  # the caller adds the unfinished epoch's totals and positions, known only when it saves
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's keys; a key an older file lacks keeps its default."""
         for field in fields(self):
-            if field.name in state and field.name != "segment_batches":
+            if field.name in state:
                 setattr(self, field.name, state[field.name])

@@ -140,7 +140,7 @@ class Trainer:
         clip_sums = CLIP_SUMS if self.cfg.trainer.grad_clip_norm > 0 else ()
         sums = MetricSums((*self.task.sum_names, *STEP_SUMS, *clip_sums), self.env.device)
         positions, progress.data_position = progress.data_position, None
-        progress.segment_batches = self.reported_skips = self.first_skipped = 0
+        self.segment_batches = self.reported_skips = self.first_skipped = 0
         # One position per rank; a run on other ranks starts from rank 0's, which tells whether it fits.
         if positions and not order.resume(positions[self.env.rank if len(positions) == self.env.world_size else 0]):
             self.logger.info(f"the stored position inside epoch {epoch + 1} does not fit this run: it restarts")
@@ -183,7 +183,7 @@ class Trainer:
                 if micro.trained:
                     window = measured if window is None else (window[0] + measured[0], window[1] + measured[1])
                     self.progress.batch_in_epoch += 1
-                    self.progress.segment_batches += 1
+                    self.segment_batches += 1
                 if micro.closes_window:
                     self._optimizer_step(sums, window, micro.grad_scale)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -303,7 +303,7 @@ class Trainer:
     def _save(self, names: tuple[str, ...], partial_totals: dict[str, float] | None) -> None:
         self.timeouts.waiting_on_rank_zero()  # until the next step: the barrier below waits for rank 0's write
         self.last_save_time = self.clock()
-        position = self.data.train_order.position(self.progress.segment_batches) if partial_totals else None
+        position = self.data.train_order.position(self.segment_batches) if partial_totals else None
         # Every rank takes part: its RNG streams and data position (a stream's ranks differ), and under FSDP its shard.
         gathered = gather_objects((rng.capture(), position), self.env)
         state = None
