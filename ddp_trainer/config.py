@@ -56,7 +56,7 @@ class SyntheticConfig(Section):
     train_size: int = positive(2048)
     val_size: int = positive(512)
     input_shape: list[int] = checked([3, 32, 32], is_shape, SHAPE)
-    num_classes: int = checked(10, lambda count: count >= 2, "2 classes or more")
+    num_classes: int = checked(10, lambda count: 2 <= count <= 10**6, "2 to 1000000 classes", most=10**6)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class DataConfig(Section):
     stream: StreamConfig = field(default_factory=StreamConfig)
     pin_memory: bool | None = None
     persistent_workers: bool = True
-    prefetch_factor: int = positive(2)
+    prefetch_factor: int = checked(2, lambda value: 0 < value <= 1024, "1 to 1024 batches per worker", most=1024)
     per_sample_seed: bool | None = None
     _target_: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +152,9 @@ class TrainerConfig(Section):
 
     section = "trainer"
     epochs: int = positive(10)
-    max_steps: int = checked(-1, lambda value: value == -1 or value > 0, "-1 (no limit) or a positive number")
+    max_steps: int = checked(
+        -1, lambda value: value == -1 or 0 < value <= sys.maxsize, "-1 (no limit) or a positive number", sys.maxsize
+    )
     device: str = one_of("auto", ("auto", "cpu", "cuda"))
     dist_backend: str = one_of("auto", ("auto", "nccl", "gloo"))
     resume: str = path_field("auto", "auto, none or a checkpoint's path")  # expanduser keeps auto and none

@@ -1,6 +1,9 @@
 """Exceptions the CLI turns into one line and an exit code of its own, and how that line is written."""
 
+import contextlib
+import re
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -55,3 +58,19 @@ def say(line: str, stream: TextIO | None = None) -> None:
     # One write: print() writes the newline separately, and unbuffered, another rank's line can land in between.
     stream.write(line + "\n")
     stream.flush()
+
+
+@contextlib.contextmanager
+def sized_by(keys: str) -> Iterator[None]:
+    """Turn an allocation that the sizes `keys` name made too large for this machine into a UsageError naming them."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:  # torch's CPU and CUDA allocators, or a size past what a tensor holds
+        text = first_line(error)
+        asked = re.search(r"allocate (\d+) bytes", text)
+        if asked is not None:
+            size = f"{int(asked.group(1)) / 2**30:,.1f} GiB"
+            raise UsageError(f"{keys}: too large: a tensor of {size}, more memory than this machine gives") from None
+        if isinstance(error, MemoryError) or "out of memory" in text or "overflowed" in text:
+            raise UsageError(f"{keys}: too large for this machine ({text})") from None
+        raise

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ddp_trainer import data
 from ddp_trainer.config import GIVEN, ModelConfig, locate
 from ddp_trainer.distributed import DistEnv
-from ddp_trainer.errors import UsageError, first_line
+from ddp_trainer.errors import UsageError, first_line, sized_by
 
 
 def mlp(input_shape: tuple[int, ...], hidden_sizes: list[int], num_classes: int, dropout: float) -> nn.Sequential:
@@ -90,6 +90,11 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
         )
     if dataset_classes and num_classes < dataset_classes:  # labels past the last logit fail only inside the loss
         raise UsageError(f"model.num_classes={num_classes} is fewer than the {dataset_classes} classes of the data")
+    with sized_by("model.hidden_sizes and model.num_classes" if cfg.name == "mlp" else "model.num_classes"):
+        return _built_in(cfg, input_shape, num_classes)
+
+
+def _built_in(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if cfg.name == "mlp":
         return mlp(input_shape, cfg.hidden_sizes, num_classes, cfg.dropout)
     if cfg.name == "cnn":

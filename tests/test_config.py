@@ -105,6 +105,10 @@ def test_overrides_are_converted_to_the_schema_types():
             "'model.num_classes' has invalid value 99999999999999999999: expected at",
         ),
         ("data.synthetic.input_shape=[3,99999999999999999999]", "'data.synthetic.input_shape' has invalid value [3, 9"),
+        # Past these, a DataLoader started its workers for hours (prefetch) or a list took all memory (class names).
+        ("data.prefetch_factor=9223372036854775807", "'data.prefetch_factor' has invalid value 9223372036854775807"),
+        ("data.synthetic.num_classes=100000000000", "'data.synthetic.num_classes' has invalid value 100000000000"),
+        ("trainer.max_steps=99999999999999999999", "'trainer.max_steps' has invalid value 99999999999999999999"),
         # An empty override is null: OmegaConf's "Incompatible value 'None' for field of type 'int'" named no fix.
         ("trainer.epochs=", "config key 'trainer.epochs' is empty (or null): it needs a value"),
         ("model.hidden_sizes=", "config key 'model.hidden_sizes' is empty (or null): it needs a value"),
@@ -401,6 +405,28 @@ def test_built_in_only_key_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
         "ddp-train: error: config key 'model.dropout' is not a parameter of factories.small_net "
         "(it takes features, hidden, classes) and only applies to the built-in models\n"
     )
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (
+            ["data.synthetic.train_size=1000000000000"],
+            "data.synthetic (train_size, val_size, input_shape, num_classes)",
+        ),
+        (["data.synthetic.input_shape=[9223372036854775807]"], "data.synthetic (train_size, val_size, input_shape"),
+        (["model.name=mlp", "model.hidden_sizes=[10000000000000]"], "model.hidden_sizes and model.num_classes: too"),
+        (["model.name=cnn", "model.num_classes=10000000000000"], "model.num_classes: too large: a tensor of 3,129,"),
+    ],
+)
+def test_sizes_past_this_machines_memory_are_named_in_one_line(tmp_path, capsys, overrides, said):
+    # Sizes past any address space (so no overcommit setting lets them through): each was torch's traceback,
+    # "DefaultCPUAllocator: can't allocate memory".
+    output_dir = tmp_path / "run"
+    assert main(["data.name=synthetic", *overrides, "trainer.device=cpu", f"output_dir={output_dir}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ddp-train: error: {said}") and error.count("\n") == 1
     assert not output_dir.exists()
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddp_trainer.config import SyntheticConfig
-from ddp_trainer.errors import UsageError
+from ddp_trainer.errors import UsageError, sized_by
 
 DIGITS_SPLIT_SEED = 0  # fixed, not cfg.seed: the validation set must be the same set in every run
 
@@ -62,11 +62,12 @@ def synthetic(cfg: SyntheticConfig) -> tuple[TensorClassification, TensorClassif
     """Random inputs labelled by a fixed random linear teacher: learnable, shaped like any image dataset."""
     generator = torch.Generator().manual_seed(1234)
     shape = tuple(cfg.input_shape)
-    teacher = torch.randn(int(torch.tensor(shape).prod()), cfg.num_classes, generator=generator)
-    classes = [str(index) for index in range(cfg.num_classes)]
 
     def make(count: int) -> TensorClassification:
         inputs = torch.randn(count, *shape, generator=generator)
         return TensorClassification(inputs, (inputs.flatten(1) @ teacher).argmax(dim=1), classes)
 
-    return make(cfg.train_size), make(cfg.val_size)
+    classes = [str(index) for index in range(cfg.num_classes)]
+    with sized_by("data.synthetic (train_size, val_size, input_shape, num_classes)"):
+        teacher = torch.randn(int(torch.tensor(shape).prod()), cfg.num_classes, generator=generator)
+        return make(cfg.train_size), make(cfg.val_size)
