@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -31,7 +30,7 @@ from ddp_trainer.claim import FolderClaim, refusal_of, refuse_unshared, refused_
 from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
-from ddp_trainer.loggers import RunLogger, require_packages
+from ddp_trainer.loggers import RunLogger, last_record, require_packages
 from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
 from ddp_trainer.rng import RANK_STREAMS, mixed_seed, seed_everything
 from ddp_trainer.tasks import Task
@@ -111,7 +110,7 @@ def run(cfg: Config, build: Build, task: Task, clock: Callable[[], float] = time
         exit_code, finished = _train(cfg, env, build, task, logger, stop, clock)
         # Rank 0 may still be writing its last checkpoint: the long timeout the trainer set for that is in force.
         with peers.naming_lost_ranks(env, cfg.trainer.startup_timeout_s, "as the run ended"):
-            record = distributed.broadcast_object(_last_record(logger.metrics_path) if env.is_main else None, env)
+            record = distributed.broadcast_object(last_record(logger.metrics_path) if env.is_main else None, env)
     return exit_code, record if finished else {}
 
 
@@ -280,8 +279,3 @@ def for_array_task(config: Config, task_id: int | None) -> Config:
 
 def _holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
-
-
-def _last_record(metrics_path: Path) -> dict[str, Any]:
-    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    return json.loads(lines[-1]) if lines else {}

@@ -277,6 +277,12 @@ def _epoch_of(line: str) -> float:
     return epoch if is_number(epoch) else float("inf")  # a cut line, or one not of ours, is dropped
 
 
+def last_record(metrics: Path) -> dict[str, Any]:
+    """The last whole record of a run's metrics.jsonl ({} without one); a line a crash cut is passed over."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return next((record for record in map(_record, reversed(lines)) if record is not None), {})
+
+
 def recorded_steps(metrics: Path) -> list[int]:
     """The steps of a run's metrics.jsonl records, in order (none without the file); a line a crash cut is left out."""
     lines = metrics.read_text().splitlines() if metrics.is_file() else []

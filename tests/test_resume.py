@@ -281,6 +281,20 @@ def test_a_finished_run_started_again_with_fewer_epochs_says_it_trained_past_the
     assert "this run is finished (2 of 2 epochs, step 90, past trainer.max_steps=50): nothing" in said
 
 
+def test_a_finished_run_whose_last_metrics_line_a_crash_cut_says_it_is_finished(tmp_path, capsys):
+    # The record it reports was read from the last line whole: a JSONDecodeError traceback, exit 1.
+    args = [*DIGITS, "trainer.epochs=1", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as file:
+        file.write('{"epoch": 2, "st')
+    before = metrics.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "this run is finished (1 of 1 epochs" in capsys.readouterr().out
+    assert metrics.read_bytes() == before
+
+
 def test_a_monitor_left_to_the_task_is_compared_as_the_task_chose_it(tmp_path, capsys):
     # An unset monitor in the checkpoint's config was taken as this run's choice: val/loss after val/accuracy passed
     # without a word, and best.pt and early stopping compared losses with the restored accuracy.
