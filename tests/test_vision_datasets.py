@@ -227,6 +227,16 @@ def _no_rows(path: Path) -> None:
     write_py2_pickle(path, {**batch, "data": batch["data"][:0], "labels": [], "filenames": []})
 
 
+def _float_pixels(path: Path) -> None:
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    write_py2_pickle(path, {**batch, "data": batch["data"].astype(np.float64)})
+
+
+def _text_labels(path: Path) -> None:
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    write_py2_pickle(path, {**batch, "labels": [f"class {label}" for label in batch["labels"]]})
+
+
 def _a_label_past_the_classes(path: Path) -> None:
     labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8).copy()
     labels[-1] = 12
@@ -268,6 +278,9 @@ def _a_label_past_the_classes(path: Path) -> None:
             "hold label 12, but FashionMNIST has 10 classes (0 to 9)",  # was an IndexError traceback at its step
         ),
         ("cifar10_resnet18.yaml", write_cifar10, "test_batch", _no_rows, "hold no image"),  # an IndexError, too
+        # Both loaded, then failed with a traceback: PIL's at the first step, torch.as_tensor's at the start.
+        ("cifar10_resnet18.yaml", write_cifar10, "data_batch_1", _float_pixels, "hold float64 pixels, not the"),
+        ("cifar10_resnet18.yaml", write_cifar10, "data_batch_4", _text_labels, "hold labels that are not integers (<U"),
     ],
 )
 def test_a_damaged_dataset_file_exits_2_with_one_line_naming_it(recipe, write, damaged, damage, said, tmp_path, capsys):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
+import numpy
 from torchvision import datasets, transforms
 
 from ddp_trainer.errors import UsageError, first_line
@@ -111,21 +111,27 @@ def _read(dataset: str, where: Path, download: bool, files: list[str], build: Ca
             f"{dataset} cannot read {named} in {where} ({first_line(error)}): a truncated or foreign file; copy it "
             "again, or remove it and set data.download=true"
         ) from None
-    if len(split.data) == 0:  # a batch pickled without its rows: the model is sized from a sample
-        raise UsageError(f"{dataset}'s {' and '.join(files)} in {where} hold no image; copy them again")
+    _check_contents(split, f"{dataset}'s {' and '.join(files)} in {where}", dataset)
+    return split
+
+
+def _check_contents(split: Split, named: str, dataset: str) -> None:
+    """Refuse files that load but would fail only at a sample, mid-epoch: the model is sized from one sample."""
+    if len(split.data) == 0:  # a batch pickled without its rows
+        raise UsageError(f"{named} hold no image; copy them again")
     if len(split.data) != len(split.targets):  # an images file and a labels file from different copies
-        raise UsageError(
-            f"{dataset}'s {' and '.join(files)} in {where} hold {len(split.data)} images but {len(split.targets)} "
-            "labels; copy them again"
-        )
-    labels = torch.as_tensor(split.targets)
-    outside = labels[(labels < 0) | (labels >= len(split.classes))]  # else the loss fails at that sample, mid-epoch
+        raise UsageError(f"{named} hold {len(split.data)} images but {len(split.targets)} labels; copy them again")
+    pixels = str(split.data.dtype).removeprefix("torch.")  # a tensor (FashionMNIST) or a NumPy array (CIFAR-10)
+    labels = numpy.asarray(split.targets)
+    if pixels != "uint8" or labels.dtype.kind not in "iu":  # PIL takes 8-bit pixels only; the loss, integer labels
+        found = f"{pixels} pixels" if pixels != "uint8" else f"labels that are not integers ({labels.dtype})"
+        raise UsageError(f"{named} hold {found}, not the format's: a foreign or damaged file; copy it again")
+    outside = labels[(labels < 0) | (labels >= len(split.classes))]  # else the loss fails at that sample
     if len(outside):
         raise UsageError(
-            f"{dataset}'s {' and '.join(files)} in {where} hold label {int(outside[0])}, but {dataset} has "
-            f"{len(split.classes)} classes (0 to {len(split.classes) - 1}): a foreign or damaged file; copy it again"
+            f"{named} hold label {int(outside[0])}, but {dataset} has {len(split.classes)} classes "
+            f"(0 to {len(split.classes) - 1}): a foreign or damaged file; copy it again"
         )
-    return split
 
 
 def _unreadable(where: Path, files: list[str]) -> str | None:
