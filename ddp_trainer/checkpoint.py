@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ddp_trainer import atomic
+from ddp_trainer import atomic, fields
 from ddp_trainer.errors import UsageError, first_line
 from ddp_trainer.loggers import recorded_steps
 
@@ -60,7 +60,7 @@ SHARDED_KEYS = {"epoch": int, "step": int, "config": dict}  # what every checkpo
 FILE_KEYS = {"model": dict, "optimizer": dict, **SHARDED_KEYS}
 NUMBER, TEXT, LIST, MAP = (int, float, type(None)), (str, type(None)), (list, type(None)), (dict, type(None))
 # Keys a checkpoint may hold, of these types: a crafted value is named here, not met in a traceback far from here.
-OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": int, "world_size": int, "epochs_without_improvement": int}
+OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": (int,), "world_size": int, "epochs_without_improvement": int}
 OPTIONAL_KEYS |= {"best_metric": NUMBER, "early_stopping_reference": NUMBER, "part_epoch_best": NUMBER}
 OPTIONAL_KEYS |= {"last_lr": NUMBER, "wandb_run_id": TEXT}
 OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
@@ -190,7 +190,7 @@ def read_state(path: Path) -> dict[str, Any]:
     config = state["config"] if isinstance(state["config"], dict) else {}
     values = {**state, **{f"config.{key}": config[key] for key in SECTIONS if key in config}}
     kinds = {**OPTIONAL_KEYS, **required, **dict.fromkeys(map("config.{}".format, SECTIONS), dict)}
-    wrong = next((key for key, kind in kinds.items() if key in values and not isinstance(values[key], kind)), None)
+    wrong = next((key for key, kind in kinds.items() if key in values and not fields.of_kind(values[key], kind)), None)
     if wrong is not None:  # a file made by hand: its config read as keys would fail far from here
         raise UnreadableCheckpoint(
             f"checkpoint {file} is not a ddp-trainer checkpoint ({wrong} is {values[wrong]!r:.40})"

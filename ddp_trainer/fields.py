@@ -64,6 +64,11 @@ def is_shape(value: Any) -> bool:
     return isinstance(value, list | tuple) and len(value) > 0 and all(is_size(size) for size in value)
 
 
+def of_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, where `kind` int is a count (a checkpoint's epoch, step), never below 0; `(int,)` is any int."""
+    return isinstance(value, kind) and not (kind is int and value < 0)
+
+
 def is_count(value: Any) -> bool:
     """Whether `value` is an integer that is not a bool (JSON's true would pass isinstance(value, int))."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -95,10 +95,14 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
         ({"rng": "x"}, "rng is 'x'"),
         ({"best_metric": "x"}, "best_metric is 'x'"),
         ({"batch_in_epoch": "x"}, "batch_in_epoch is 'x'"),
+        ({"step": -5}, "step is -5"),  # NumPy's "expected non-negative integer" as the RNG streams were seeded
+        ({"batch_in_epoch": -2}, "batch_in_epoch is -2"),
     ):
         torch.save({**minimal_state(1.0), **crafted}, path)
         with pytest.raises(UsageError, match=f"not a ddp-trainer checkpoint \\({re.escape(said)}\\)$"):
             checkpoint.load(path)
+    torch.save({**minimal_state(1.0), "schedule_offset": -45}, path)  # resumed on fewer ranks: longer epochs
+    assert checkpoint.load(path)["schedule_offset"] == -45
 
 
 def test_resume_none_refuses_to_overwrite_a_saved_run(tmp_path):
