@@ -27,10 +27,16 @@ def read(source: str | Path | Mapping[str, Any] | None) -> DictConfig:
         raise UsageError(f"config file {file} " + ("is a folder" if file.is_dir() else "does not exist"))
     try:
         loaded = OmegaConf.load(file)
+    except OSError as error:  # unreadable, or OmegaConf's word for a file holding one value where keys belong
+        held = re.fullmatch(r"Invalid loaded object type: (\w+)", str(error))
+        problem = (
+            f"must hold a mapping of keys, not one {held[1]} value" if held else f"cannot be read ({first_line(error)})"
+        )
+        raise UsageError(f"config file {file} {problem}") from None
     except Exception as error:  # YAML errors come in several types; all mean the same to the user
         raise UsageError(f"config file {file} is not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(loaded, DictConfig):
-        raise UsageError(f"config file {file} must hold a mapping of keys, not {type(loaded).__name__}")
+        raise UsageError(f"config file {file} must hold a mapping of keys, not a list")
     return loaded
 
 

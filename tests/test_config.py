@@ -224,6 +224,24 @@ def test_missing_config_file_is_named(tmp_path):
         config.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [("5\n", "must hold a mapping of keys, not one int value"), ("- 1\n", "must hold a mapping of keys, not a list")],
+)
+def test_a_config_file_of_one_value_or_a_list_is_named_for_what_it_holds(tmp_path, text, said):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)  # a single value was "is not valid YAML: Invalid loaded object type: int"
+    with pytest.raises(UsageError, match=f"^config file {recipe} {said}$"):
+        config.load(recipe)
+
+
+def test_a_config_file_that_cannot_be_read_says_so_not_that_it_is_not_yaml():
+    with pytest.raises(
+        UsageError, match=r"^config file /proc/self/mem cannot be read \(\[Errno 5\] Input/output error\)$"
+    ):
+        config.load("/proc/self/mem")  # reading it fails as a file without read permission does, even for root
+
+
 def test_target_sibling_keys_become_factory_kwargs(tmp_path):
     recipe = tmp_path / "own.yaml"
     recipe.write_text("model:\n  _target_: factories.small_net\n  hidden: 5\ndata:\n  _target_: factories.blobs\n")
