@@ -177,7 +177,9 @@ class TrainerConfig(Section):
     activation_checkpointing: bool = False
     early_stopping_patience: int = not_negative(0, "0 (off) or a number of epochs")
     early_stopping_min_delta: float = not_negative(0.0, "0 or a positive improvement")
-    allow_changes: list[str] = checked([], lambda keys: set(keys) <= set(CONTINUABLE), f"keys among {CONTINUED}")
+    allow_changes: list[str] = checked(
+        [], lambda keys: all(key in CONTINUABLE for key in keys), f"keys among {CONTINUED}"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
