@@ -157,6 +157,8 @@ def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) ->
         hint = detail[detail.index("Did you mean") :] if "Did you mean" in detail else ""
         hint = f"Did you mean: {' or '.join(homes)}?" if homes else hint
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
+    if "is not a ListConfig" in detail:  # a list key whose default is unset, given one value ("AnyNode is not...")
+        return f"config key '{key}' is a list: give it whole, {key}=[...]"
     if detail.startswith("Incompatible value 'None'") or detail.endswith("is not Optional"):  # OmegaConf's words
         return f"config key '{key}' is empty (or null): it needs a value"
     if isinstance(error, ValidationError):
