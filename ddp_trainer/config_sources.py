@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ddp_trainer.errors import UsageError, first_line
@@ -88,9 +88,13 @@ def merge(base: DictConfig, layer: DictConfig) -> DictConfig:
         if clash is None:
             raise UsageError(_message(error, base)) from None  # the line says it all; OmegaConf's trace is noise
         key, held, value = clash
-        kind = "a section of keys" if isinstance(held, DictConfig) else "a list"
-        whole = "" if isinstance(held, DictConfig) else f": give it whole, {key}=[...]"  # OmegaConf sets no item
-        raise UsageError(f"config key '{key}' is {kind}, not {_plain(value)!r}{whole}") from None
+        if isinstance(held, DictConfig):
+            raise UsageError(f"config key '{key}' is a section of keys, not {_plain(value)!r}") from None
+        raise UsageError(_a_list(key, _plain(value))) from None
+
+
+def _a_list(key: str, value: Any) -> str:
+    return f"config key '{key}' is a list, not {value!r}: give it whole, {key}=[...]"  # OmegaConf sets no item
 
 
 def resolved(defaults: Mapping[str, Any], layer: DictConfig) -> DictConfig:
@@ -158,7 +162,7 @@ def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) ->
         hint = f"Did you mean: {' or '.join(homes)}?" if homes else hint
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
     if "is not a ListConfig" in detail:  # a list key whose default is unset, given one value ("AnyNode is not...")
-        return f"config key '{key}' is a list: give it whole, {key}=[...]"
+        return _a_list(key, error.value._value() if isinstance(error.value, ValueNode) else error.value)
     if detail.startswith("Incompatible value 'None'") or detail.endswith("is not Optional"):  # OmegaConf's words
         return f"config key '{key}' is empty (or null): it needs a value"
     if isinstance(error, ValidationError):

@@ -109,7 +109,7 @@ def test_overrides_are_converted_to_the_schema_types():
         ("data.prefetch_factor=9223372036854775807", "'data.prefetch_factor' has invalid value 9223372036854775807"),
         ("data.synthetic.num_classes=100000000000", "'data.synthetic.num_classes' has invalid value 100000000000"),
         ("trainer.max_steps=99999999999999999999", "'trainer.max_steps' has invalid value 99999999999999999999"),
-        ("data.stream.input_shape=5", "config key 'data.stream.input_shape' is a list: give it whole"),  # "AnyNode"
+        ("data.stream.input_shape=5", "config key 'data.stream.input_shape' is a list, not 5: give it whole"),
         ("trainer.allow_changes=[[1]]", "'trainer.allow_changes' has invalid value [[1]]"),  # unhashable type: 'list'
         # An empty override is null: OmegaConf's "Incompatible value 'None' for field of type 'int'" named no fix.
         ("trainer.epochs=", "config key 'trainer.epochs' is empty (or null): it needs a value"),
