@@ -59,12 +59,12 @@ SHARDED_STATE, SHARDED_METADATA = "state.pt", ".metadata"
 SHARDED_KEYS = {"epoch": int, "step": int, "config": dict}  # what every checkpoint holds, and of which type
 FILE_KEYS = {"model": dict, "optimizer": dict, **SHARDED_KEYS}
 NUMBER, TEXT, LIST, MAP = (int, float, type(None)), (str, type(None)), (list, type(None)), (dict, type(None))
+SIGNED = (int,)  # an int that may be below 0: a bare int is a count, 0 or more (fields.of_kind)
 # Keys a checkpoint may hold, of these types: a crafted value is named here, not met in a traceback far from here.
-OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": (int,), "world_size": int, "epochs_without_improvement": int}
-OPTIONAL_KEYS |= {"best_metric": NUMBER, "early_stopping_reference": NUMBER, "part_epoch_best": NUMBER}
-OPTIONAL_KEYS |= {"last_lr": NUMBER, "wandb_run_id": TEXT}
+OPTIONAL_KEYS = {"batch_in_epoch": int, "schedule_offset": SIGNED, "world_size": int, "epochs_without_improvement": int}
+OPTIONAL_KEYS |= dict.fromkeys(("best_metric", "early_stopping_reference", "part_epoch_best", "last_lr"), NUMBER)
 OPTIONAL_KEYS |= {"rng": LIST, "data_position": LIST, "data_sizes": LIST, "partial_epoch_totals": MAP}
-OPTIONAL_KEYS |= {"scheduler": dict, "grad_scaler": MAP, "epoch_train_s": NUMBER}
+OPTIONAL_KEYS |= {"epoch_train_s": NUMBER, "wandb_run_id": TEXT, "scheduler": dict, "grad_scaler": MAP}
 SECTIONS = ("model", "data", "trainer")  # of the config, each a mapping
 # What DCP pickles into `.metadata` (torch 2.11-2.14): its dataclasses, sizes, dtypes, layouts and the folder's path.
 METADATA_GLOBALS = {

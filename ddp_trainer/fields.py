@@ -65,7 +65,7 @@ def is_shape(value: Any) -> bool:
 
 
 def of_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
-    """isinstance, where `kind` int is a count (a checkpoint's epoch, step), never below 0; `(int,)` is any int."""
+    """isinstance, where a `kind` of int itself is a count (a checkpoint's epoch, step): never below 0."""
     return isinstance(value, kind) and not (kind is int and value < 0)
 
 
