@@ -54,6 +54,15 @@ def test_resume_at_another_world_size_restarts_the_epoch():
     assert len(list(sampler)) == 50 and sampler.epoch == 1
 
 
+@pytest.mark.parametrize("samples_done", [-5, 26])
+def test_a_position_outside_the_ranks_samples_restarts_the_epoch(samples_done):
+    # A file made by hand: -5 was islice's ValueError traceback at the first batch, and 26 an epoch of no batches.
+    sampler = ResumableDistributedSampler(range(50), 5, num_replicas=2, rank=0, seed=3)
+    position = {**sampler.position(batches_done=2), "epoch": 1, "samples_done": samples_done}
+    assert sampler.resume(position) is False
+    assert len(list(sampler)) == 25 and sampler.epoch == 1
+
+
 def test_order_depends_on_seed_and_epoch_only():
     def order(seed: int, epoch: int) -> list[int]:
         sampler = ResumableDistributedSampler(range(64), 8, num_replicas=1, rank=0, seed=seed)

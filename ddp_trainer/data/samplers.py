@@ -1,4 +1,4 @@
-"""Samplers that split a map-style dataset across ranks: padded and resumable for training, exact for evaluation."""
+"""The training sampler that splits a map-style dataset across ranks, padded and resumable; per-sample seeds."""
 
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ class ResumableDistributedSampler(DistributedSampler):
         return {"epoch": self.epoch, "world_size": self.num_replicas, "samples_done": samples_done}
 
     def resume(self, position: dict[str, Any]) -> bool:
-        """Continue a stored position; False (the epoch restarts) if the world size changed: positions are per rank."""
+        """Continue a stored position; False (the epoch restarts) if the world size changed (positions are per rank),
+        or it lies outside this rank's samples (a file made by hand)."""
         self.set_epoch(position["epoch"])
-        if position["world_size"] != self.num_replicas:
+        if position["world_size"] != self.num_replicas or not 0 <= position["samples_done"] <= self.num_samples:
             return False
         self.start_index = position["samples_done"]
         return True
