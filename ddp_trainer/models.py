@@ -90,7 +90,9 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], dataset_classes: int |
         )
     if dataset_classes and num_classes < dataset_classes:  # labels past the last logit fail only inside the loss
         raise UsageError(f"model.num_classes={num_classes} is fewer than the {dataset_classes} classes of the data")
-    with sized_by("model.hidden_sizes and model.num_classes" if cfg.name == "mlp" else "model.num_classes"):
+    # The input's size is the data's: a large sample makes a large first layer whatever the model's keys say.
+    keys = ["model.hidden_sizes"] * (cfg.name == "mlp") + ["model.num_classes"] * (cfg.num_classes is not None)
+    with sized_by(", ".join([*keys, f"inputs of shape {list(input_shape)}"])):
         return _built_in(cfg, input_shape, num_classes)
 
 
