@@ -163,8 +163,9 @@ def _message(error: OmegaConfBaseException, schema: DictConfig | None = None) ->
         return f"unknown config key '{key}'" + (f" ({hint})" if hint else "")
     if "is not a ListConfig" in detail:  # a list key whose default is unset, given one value ("AnyNode is not...")
         return _a_list(key, error.value._value() if isinstance(error.value, ValueNode) else error.value)
-    if detail.startswith("Incompatible value 'None'") or detail.endswith("is not Optional"):  # OmegaConf's words
-        return f"config key '{key}' is empty (or null): it needs a value"
+    if re.search(r"^Incompatible value 'None'|is not Optional$|NoneType is not a subclass", detail):  # OmegaConf's
+        none = ", [] for none" if isinstance(OmegaConf.select(schema or OmegaConf.create(), key), ListConfig) else ""
+        return f"config key '{key}' is empty (or null): it needs a value{none}"
     if isinstance(error, ValidationError):
         return f"config key '{key}' has a wrong type: {detail}"
     return f"config key '{key}': {detail}"

@@ -113,7 +113,8 @@ def test_overrides_are_converted_to_the_schema_types():
         ("trainer.allow_changes=[[1]]", "'trainer.allow_changes' has invalid value [[1]]"),  # unhashable type: 'list'
         # An empty override is null: OmegaConf's "Incompatible value 'None' for field of type 'int'" named no fix.
         ("trainer.epochs=", "config key 'trainer.epochs' is empty (or null): it needs a value"),
-        ("model.hidden_sizes=", "config key 'model.hidden_sizes' is empty (or null): it needs a value"),
+        ("model.hidden_sizes=", "config key 'model.hidden_sizes' is empty (or null): it needs a value, [] for none"),
+        ("model.hidden_sizes=[8,null]", "config key 'model.hidden_sizes[1]' is empty (or null): it needs a value"),
     ],
 )
 def test_bad_value_names_its_key_in_one_line(override, named):
