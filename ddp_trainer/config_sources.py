@@ -144,11 +144,11 @@ def _plain(value: Any) -> Any:
 
 
 def _homes(schema: DictConfig | None, name: str, prefix: str = "") -> list[str]:
-    # Where a key of this name lives, at any depth below the top: `project` is logging.wandb's.
-    homes = []
+    # Where a key of this name lives, at any depth: `project` is logging.wandb's, `seed` the top's.
+    homes = [prefix + name] if schema is not None and name in schema else []
     for key, node in (schema or {}).items():
         if isinstance(node, DictConfig):
-            homes += ([f"{prefix}{key}.{name}"] if name in node else []) + _homes(node, name, f"{prefix}{key}.")
+            homes += _homes(node, name, f"{prefix}{key}.")
     return homes
 
 

@@ -158,6 +158,7 @@ def test_misspelt_key_suggests_the_right_one():
         ("project", "'logging.wandb.project'"),
         ("trainer.lr", "'optim.lr'"),
         ("optim.epochs", "'trainer.epochs'"),  # OmegaConf's own guess was 'step_epochs'
+        ("trainer.seed", "'seed'"),
     ):
         with pytest.raises(UsageError, match=rf"^unknown config key '{key}' \(Did you mean: {home}\?\)$"):
             config.load(None, [f"{key}=1"])
