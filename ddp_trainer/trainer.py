@@ -183,7 +183,7 @@ class Trainer:
                 if micro.trained:
                     window = measured if window is None else (window[0] + measured[0], window[1] + measured[1])
                     self.progress.batch_in_epoch += 1
-                    self.segment_batches += 1
+                    self.segment_batches += 1  # by this process: the data order counts from its start
                 if micro.closes_window:
                     self._optimizer_step(sums, window, micro.grad_scale)
                     self.optimizer.zero_grad(set_to_none=True)
