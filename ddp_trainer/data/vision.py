@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy
+import numpy as np
 from torchvision import datasets, transforms
 
 from ddp_trainer.errors import UsageError, first_line
@@ -122,7 +122,7 @@ def _check_contents(split: Split, named: str, dataset: str) -> None:
     if len(split.data) != len(split.targets):  # an images file and a labels file from different copies
         raise UsageError(f"{named} hold {len(split.data)} images but {len(split.targets)} labels; copy them again")
     pixels = str(split.data.dtype).removeprefix("torch.")  # a tensor (FashionMNIST) or a NumPy array (CIFAR-10)
-    labels = numpy.asarray(split.targets)
+    labels = np.asarray(split.targets)
     if pixels != "uint8" or labels.dtype.kind not in "iu":  # PIL takes 8-bit pixels only; the loss, integer labels
         found = f"{pixels} pixels" if pixels != "uint8" else f"labels that are not integers ({labels.dtype})"
         raise UsageError(f"{named} hold {found}, not the format's: a foreign or damaged file; copy it again")
