@@ -12,6 +12,7 @@ import torch.distributed as dist
 from conftest import REPO_DIR, read_metrics, run_cli, run_script
 from dist_helpers import run_ranks
 from torch import nn
+from torch.distributed import get_rank, get_world_size
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import ddp_trainer
@@ -73,6 +74,13 @@ class RankSplit(IterableDataset):
         return iter(range(dist.get_rank(), self.count, dist.get_world_size()))
 
 
+class RankSplitByName(RankSplit):
+    """RankSplit through the names `from torch.distributed import get_rank` bound when its module was imported."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(range(get_rank(), self.count, get_world_size()))
+
+
 def records_of(dataset: IterableDataset, world_size: int, workers: int) -> list[list[int]]:
     """Every rank's records, read through real DataLoader workers."""
     ranks = []
@@ -97,12 +105,14 @@ def test_a_dataset_that_narrows_itself_as_it_is_iterated_reads_all_its_records_e
         assert sorted(itertools.chain(*records_of(dataset, world_size=2, workers=0))) == list(range(37))
 
 
-def test_a_dataset_that_splits_by_rank_too_is_refused_saying_what_to_split_by(tmp_path):
-    # It trained on 1/N of its records, and validated on 1/N, without a word.
+@pytest.mark.parametrize("dataset", [RankSplit(37), RankSplitByName(37)], ids=["dist.get_rank", "get_rank"])
+def test_a_dataset_that_splits_by_rank_too_is_refused_saying_what_to_split_by(tmp_path, dataset):
+    # It trained on 1/N of its records, and validated on 1/N, without a word (by the imported name: still so).
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
-        with pytest.raises(UsageError, match=r"^RankSplit asks torch.distributed for its rank: get_worker_info\(\) "):
-            records_of(RankSplit(37), world_size=2, workers=0)
+        name = type(dataset).__name__
+        with pytest.raises(UsageError, match=rf"^{name} asks torch.distributed for its rank: get_worker_info\(\) "):
+            records_of(dataset, world_size=2, workers=0)
         assert sorted(itertools.chain(*records_of(Range(0, 37), world_size=2, workers=0))) == list(range(37))
     finally:
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,17 +55,21 @@ def presenting(info: ReaderInfo) -> Iterator[None]:
     """Make `get_worker_info()` return `info` inside the block (the DataLoader's own info outside it), and note in
     `info` a call of `torch.distributed.get_rank()` from this thread."""
     previous, worker_module._worker_info = worker_module._worker_info, info
-    get_rank, reading = dist.get_rank, threading.get_ident()
+    c10d, reading = dist.distributed_c10d, threading.get_ident()
+    default_group = c10d._get_default_group
 
-    def noted(*args: Any, **kwargs: Any) -> int:
-        info.asked_rank = info.asked_rank or threading.get_ident() == reading  # not another thread's (a save's)
-        return get_rank(*args, **kwargs)
+    def noted() -> dist.ProcessGroup:
+        # Met inside get_rank however the dataset holds it: `from torch.distributed import get_rank`, bound at its
+        # import, never saw a patched dist.get_rank. Not another thread's call (a save's).
+        asked = sys._getframe(1).f_code is c10d.get_rank.__code__ and threading.get_ident() == reading
+        info.asked_rank = info.asked_rank or asked
+        return default_group()
 
-    dist.get_rank = noted
+    c10d._get_default_group = noted
     try:
         yield
     finally:
-        dist.get_rank = get_rank
+        c10d._get_default_group = default_group
         worker_module._worker_info = previous
 
 
