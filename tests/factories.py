@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ddp_trainer.data.datasets import TensorClassification, digits
 from ddp_trainer.errors import UsageError
@@ -28,6 +28,11 @@ def blobs(train_size: int = 96, val_size: int = 37, features: int = 8, classes: 
         return TensorClassification(inputs, labels, [str(c) for c in range(classes)])
 
     return make(train_size), make(val_size)
+
+
+def regression_blobs() -> tuple[Dataset, Dataset]:
+    """`blobs` with a real-valued target per sample (the first feature), as a regression dataset has."""
+    return tuple(TensorDataset(split.inputs, split.inputs[:, 0]) for split in blobs())
 
 
 def blobs_without_validation() -> tuple[Dataset, None]:

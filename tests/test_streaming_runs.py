@@ -180,6 +180,8 @@ def test_shard_writer_refuses_to_write_over_existing_files_or_empty_shards(tmp_p
     )
     assert shard_main(["--out", str(tmp_path / "stream"), "data._target_=factories.blob_streams"]) == 2
     assert capsys.readouterr().err.endswith("shards are written from map-style datasets\n")  # was a TypeError
+    assert shard_main(["--out", str(tmp_path / "real"), "data._target_=factories.regression_blobs"]) == 2
+    assert "shard files hold a class index per record, not the label tensor(" in capsys.readouterr().err  # were cut
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 

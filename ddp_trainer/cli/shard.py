@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +20,32 @@ from ddp_trainer.data.stream_formats import INDEX_FILE
 from ddp_trainer.errors import UsageError
 
 
-def write_shards(dataset: Dataset, folder: Path, shards: int, shard_format: str) -> list[int]:
-    """Split `dataset` in order into `shards` files of `folder` plus index.json; return the record counts."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _class_index(label: Any) -> int:
+    """A sample's label as the class index shards hold; UsageError for any other label, which int() would cut."""
+    try:
+        index = int(label)
+    except (TypeError, ValueError, RuntimeError):  # a target of several values, or text
+        index = None
+    if index is None or index != label:
+        raise UsageError(f"shard files hold a class index per record, not the label {label!r} this dataset gives")
+    return index
+
+
+Records = tuple[torch.Tensor, np.ndarray, list[str] | None]  # inputs, class indices, class names
+
+
+def read_records(dataset: Dataset) -> Records:
+    """Every sample of `dataset` as stacked inputs and class indices, and its class names if it has them."""
     samples = [dataset[index] for index in range(len(dataset))]  # once: reading a sample may decode a file
     inputs = torch.stack([torch.as_tensor(sample_input) for sample_input, _ in samples])
-    labels = np.array([int(label) for _, label in samples], dtype=np.int64)
+    labels = np.array([_class_index(label) for _, label in samples], dtype=np.int64)
+    return inputs, labels, [str(name) for name in getattr(dataset, "classes", [])] or None
+
+
+def write_shards(records: Records, folder: Path, shards: int, shard_format: str) -> list[int]:
+    """Split `read_records`' records in order into `shards` files of `folder` plus index.json; return the counts."""
+    inputs, labels, classes = records
+    folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for number, part in enumerate(np.array_split(np.arange(len(labels)), shards)):
         name = f"shard-{number:05d}.{shard_format}"
@@ -37,7 +58,7 @@ def write_shards(dataset: Dataset, folder: Path, shards: int, shard_format: str)
     index = {
         "format": shard_format,
         "input_shape": list(inputs.shape[1:]),
-        "classes": [str(name) for name in getattr(dataset, "classes", [])] or None,
+        "classes": classes,
         "shards": entries,
     }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
@@ -66,9 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--shards={args.shards}: more than the {len(train)} training records")
         if val is None:  # before train/ is written: a refused run leaves --out empty, to be run again
             raise UsageError("the data has no validation split: a stream's val/ folder needs a record at least")
+        train_records, val_records = read_records(train), read_records(val)  # both refused before a file is written
         try:
-            train_counts = write_shards(train, args.out / "train", args.shards, args.format)
-            val_counts = write_shards(val, args.out / "val", max(1, min(args.shards // 2, len(val))), args.format)
+            train_counts = write_shards(train_records, args.out / "train", args.shards, args.format)
+            val_shards = max(1, min(args.shards // 2, len(val)))
+            val_counts = write_shards(val_records, args.out / "val", val_shards, args.format)
         except OSError as error:
             raise UsageError(f"cannot write shards to --out {args.out}: {error.strerror or error}") from None
     except UsageError as error:
