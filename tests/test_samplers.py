@@ -54,13 +54,14 @@ def test_resume_at_another_world_size_restarts_the_epoch():
     assert len(list(sampler)) == 50 and sampler.epoch == 1
 
 
-@pytest.mark.parametrize("samples_done", [-5, 26])
-def test_a_position_outside_the_ranks_samples_restarts_the_epoch(samples_done):
-    # A file made by hand: -5 was islice's ValueError traceback at the first batch, and 26 an epoch of no batches.
-    sampler = ResumableDistributedSampler(range(50), 5, num_replicas=2, rank=0, seed=3)
-    position = {**sampler.position(batches_done=2), "epoch": 1, "samples_done": samples_done}
-    assert sampler.resume(position) is False
+def test_a_position_below_zero_restarts_the_epoch_and_one_past_the_end_ends_it():
+    # A file made by hand: -5 was islice's ValueError traceback at the first batch.
+    sampler = ResumableDistributedSampler(range(50), 10, num_replicas=2, rank=0, seed=3)
+    assert sampler.resume({**sampler.position(batches_done=2), "epoch": 1, "samples_done": -5}) is False
     assert len(list(sampler)) == 25 and sampler.epoch == 1
+    # 3 batches of 10 is past the rank's 25 samples: saved after its short last batch, the epoch is done.
+    assert sampler.resume(sampler.position(batches_done=3)) is True
+    assert list(sampler) == [] and len(sampler) == 0
 
 
 def test_order_depends_on_seed_and_epoch_only():

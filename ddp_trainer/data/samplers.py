@@ -39,9 +39,9 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def resume(self, position: dict[str, Any]) -> bool:
         """Continue a stored position; False (the epoch restarts) if the world size changed (positions are per rank),
-        or it lies outside this rank's samples (a file made by hand)."""
+        or it is below 0 (a file made by hand). Past the end it is the epoch's end: a short last batch counts whole."""
         self.set_epoch(position["epoch"])
-        if position["world_size"] != self.num_replicas or not 0 <= position["samples_done"] <= self.num_samples:
+        if position["world_size"] != self.num_replicas or position["samples_done"] < 0:
             return False
         self.start_index = position["samples_done"]
         return True
