@@ -31,10 +31,11 @@ from ddp_trainer.config import Config, load_for_objects, to_container
 from ddp_trainer.distributed import DistEnv
 from ddp_trainer.errors import UsageError
 from ddp_trainer.loggers import RunLogger, last_record, require_packages
-from ddp_trainer.preemption import StopSignals, stop_loader_workers, stop_when_orphaned
+from ddp_trainer.preemption import StopSignals, stop_when_orphaned
 from ddp_trainer.rng import RANK_STREAMS, mixed_seed, seed_everything
 from ddp_trainer.tasks import Task
 from ddp_trainer.trainer import Trainer
+from ddp_trainer.workers import stop_loader_workers
 
 # What a run trains, made on each rank once it has joined the others: (model, train data, val data or None).
 Build = Callable[[DistEnv], tuple[nn.Module, Dataset, Dataset | None]]

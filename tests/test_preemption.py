@@ -20,7 +20,8 @@ from torch.utils.data._utils import signal_handling
 
 from ddp_trainer import checkpoint
 from ddp_trainer.cli.train import main
-from ddp_trainer.preemption import StopProofLoader, StopSignals, stop_loader_workers
+from ddp_trainer.preemption import StopSignals
+from ddp_trainer.workers import StopProofLoader, stop_loader_workers
 
 
 def test_first_signal_is_noted_and_handlers_are_restored():

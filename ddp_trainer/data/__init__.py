@@ -21,9 +21,9 @@ from ddp_trainer.data.streaming import ShardedIterableDataset
 from ddp_trainer.data.user_streams import RankShardedStream, StreamLoader
 from ddp_trainer.distributed import DistEnv, gather_objects
 from ddp_trainer.errors import UsageError
-from ddp_trainer.preemption import StopProofLoader
 from ddp_trainer.rng import RANK_STREAMS, mixed_seed
 from ddp_trainer.tasks import inputs_and_targets
+from ddp_trainer.workers import StopProofLoader
 
 Collate = Callable[[list[Any]], Any] | None
 

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as worker_module
 
 from ddp_trainer.errors import UsageError
-from ddp_trainer.preemption import StopProofLoader
+from ddp_trainer.workers import StopProofLoader
 
 # The slot of a batch that is not for training: a stand-in for a rank whose part of a resumed epoch is empty.
 SPARE = -1
