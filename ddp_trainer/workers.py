@@ -1,23 +1,46 @@
-"""DataLoader workers: they ignore stop signals, and this process stops them on every way out."""
+"""DataLoader workers: they ignore stop signals, must report that they started, and are stopped on every way out.
+
+A worker forked while another thread of this process holds CPython's thread-list lock stops inside the fork for
+good (CPython gh-112275: 3.8 to 3.11, until fixed in their later releases). gloo's threads take that lock whenever a
+finished collective frees a tensor Python made, so a rank that forks its validation workers right after an all_reduce
+sometimes meets it. A worker reports from its worker_init_fn; one that has not within WORKER_START_S never will, so
+the loader forks its workers again.
+"""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import multiprocessing
+import os
+import select
 import signal
+import sys
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 from ddp_trainer.preemption import STOP_SIGNALS
 
+WORKER_START_S = 30.0  # a forked worker reaches its worker_init_fn within milliseconds, even on a busy node
+START_TRIES = 3
+_ID_BYTES = 4  # a pipe write of fewer than PIPE_BUF bytes is never split: each worker's id arrives whole
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SLURM signals every process of a step; workers must outlive the checkpoint."""
+_report_to: int | None = None  # the pipe workers forked now write their id to (a copy of this process's memory)
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore stop signals (workers must outlive the checkpoint); report having started."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork: one that came is dropped
+    if _report_to is not None:
+        with contextlib.suppress(OSError):  # the loader stopped waiting and closed the pipe: it forks anew
+            os.write(_report_to, worker_id.to_bytes(_ID_BYTES, "little"))
 
 
 # Weak: an iterator that goes away as usual stops its own workers (its __del__).
@@ -25,7 +48,8 @@ _ITERATORS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
 class StopProofLoader(DataLoader):
-    """A DataLoader whose workers ignore stop signals, and whose workers this process stops on every way out.
+    """A DataLoader whose workers ignore stop signals, are forked again if one never starts, and are stopped by this
+    process on every way out.
 
     Exiting, multiprocessing sends its daemonic children SIGTERM and waits for them without a timeout: a rank that
     raised, its loader still held by the traceback, would wait forever for workers that ignore SIGTERM, and so would
@@ -33,9 +57,36 @@ class StopProofLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+        super().__init__(*args, worker_init_fn=init_worker, **kwargs)
 
     def _get_iterator(self) -> Iterator[Any]:
+        # Worker seeds are drawn from the generator as workers start: a second start must draw the same ones.
+        drawn = self.generator.get_state() if self.generator is not None else None
+        for _ in range(START_TRIES):
+            iterator, silent = self._start_workers()
+            if not silent:
+                if self.num_workers:
+                    _ITERATORS_WITH_WORKERS.add(iterator)
+                return iterator
+            _abandon(iterator, silent)
+            if drawn is not None:
+                self.generator.set_state(drawn)
+            print(
+                f"ddp-trainer: {len(silent)} of {self.num_workers} DataLoader workers did not start within "
+                f"{WORKER_START_S:g} s (stuck in their fork): starting the workers again",
+                file=sys.stderr,
+            )
+        raise RuntimeError(
+            f"DataLoader workers did not start within {WORKER_START_S:g} s, {START_TRIES} times: each stopped inside "
+            "its fork (a lock another thread held); data.num_workers=0 loads without forking"
+        )
+
+    def _start_workers(self) -> tuple[Iterator[Any], set[int]]:
+        """A new iterator, and the ids of its workers that did not report starting in time."""
+        global _report_to
+        context = self.multiprocessing_context or multiprocessing.get_context()
+        watched = self.num_workers > 0 and context.get_start_method() == "fork"
+        read_end, _report_to = os.pipe() if watched else (None, None)
         # Workers start with the stop signals blocked until worker_init_fn ignores them: before it, torch's worker
         # handler makes a SIGTERM from anyone but the parent fatal, and torchrun and SLURM signal every process.
         # Here they wait too: this process notes one that came once its workers exist.
@@ -44,18 +95,50 @@ class StopProofLoader(DataLoader):
             iterator = super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if self.num_workers:
-            _ITERATORS_WITH_WORKERS.add(iterator)
-        return iterator
+            if _report_to is not None:
+                os.close(_report_to)
+                _report_to = None
+        if read_end is None:
+            return iterator, set()
+        try:
+            return iterator, _unreported(read_end, self.num_workers)
+        finally:
+            os.close(read_end)
+
+
+def _unreported(read_end: int, workers: int) -> set[int]:
+    """The ids of the workers that have not written theirs to `read_end` within WORKER_START_S."""
+    silent, deadline = set(range(workers)), time.monotonic() + WORKER_START_S
+    while silent and select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        reports = os.read(read_end, _ID_BYTES * workers)
+        if not reports:  # every worker of this iterator has exited
+            break
+        silent -= {int.from_bytes(reports[at : at + _ID_BYTES], "little") for at in range(0, len(reports), _ID_BYTES)}
+    return silent
+
+
+def _abandon(iterator: Any, silent: set[int]) -> None:
+    """Stop an iterator whose `silent` workers never started: they are killed (a fork stuck that early blocks the
+    SIGTERM torch would send), the others stopped as usual."""
+    signal_handling._remove_worker_pids(id(iterator))  # else torch's SIGCHLD handler reports the kill as a crash
+    iterator._worker_pids_set = False
+    for worker_id in silent:
+        iterator._workers[worker_id].kill()
+    _stop(iterator)
+
+
+def _stop(iterator: Any) -> None:
+    """Ask an iterator's workers to finish; kill those still running 5 s later."""
+    iterator._shutdown_workers()  # what the iterator's __del__ runs (private: torch has no public way)
+    for worker in iterator._workers:
+        if worker.is_alive():  # stuck (on a dead filesystem, say): the SIGTERM torch sends it is ignored
+            worker.kill()
 
 
 def stop_loader_workers() -> None:
     """Ask the workers of every loader iterator still alive to finish; kill those still running 5 s later."""
     for iterator in list(_ITERATORS_WITH_WORKERS):
-        iterator._shutdown_workers()  # what the iterator's __del__ runs (private: torch has no public way)
-        for worker in iterator._workers:
-            if worker.is_alive():  # stuck (on a dead filesystem, say): the SIGTERM torch sends it is ignored
-                worker.kill()
+        _stop(iterator)
 
 
 # torch imported multiprocessing and its own exit handlers before this line: handlers run last in, first out, so

@@ -1,0 +1,85 @@
+"""Loader workers: one stuck inside its fork (CPython gh-112275: a runtime lock held by another thread) is replaced,
+and the epoch loads every sample once, with the worker seeds of a start that went well."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import cli_env
+
+# A child that stalls in an after-fork hook never reaches worker_init_fn, as one stuck on the lock does. The stalled
+# children write their pids first, so the test can see that none is left running.
+STALLS = """
+import os, sys, time, torch
+from ddp_trainer import workers
+from ddp_trainer.workers import StopProofLoader
+
+workers.WORKER_START_S = 1.0
+stall = {"left": int(sys.argv[1])}
+
+def stall_in_child():
+    if stall["left"] > 0:
+        with open(f"stalled-{os.getpid()}", "w"):
+            pass
+        time.sleep(3600)
+
+def after_a_fork():
+    stall["left"] -= 1
+
+class Seeds(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return torch.tensor([index, torch.initial_seed()])  # a worker's seed: base seed + its id
+
+def epoch(stalls):
+    stall["left"] = stalls
+    loader = StopProofLoader(Seeds(), batch_size=3, num_workers=2, generator=torch.Generator().manual_seed(7))
+    return sorted(sample.tolist() for batch in loader for sample in batch)
+
+os.register_at_fork(after_in_child=stall_in_child, after_in_parent=after_a_fork)
+went_well = epoch(0)
+assert epoch(int(sys.argv[1])) == went_well, "the replaced workers loaded other samples or other seeds"
+print("samples", [index for index, _ in went_well])
+"""
+
+
+def run_stalls(tmp_path, stalls: int) -> subprocess.CompletedProcess:
+    """The script above, its first `stalls` forked children stalled, in `tmp_path`."""
+    command = [sys.executable, "-c", STALLS, str(stalls)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=cli_env())
+
+
+def assert_none_left_running(tmp_path) -> None:
+    """Every stalled child was killed and reaped: a stuck worker must not outlive its loader."""
+    stalled = [int(path.name.split("-")[1]) for path in tmp_path.glob("stalled-*")]
+    assert stalled
+    for pid in stalled:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_worker_stuck_in_its_fork_is_replaced_and_the_epoch_loads_every_sample_once(tmp_path):
+    # Before: the loader waited for the stuck worker's first batch for ever (a rank hung in evaluation).
+    result = run_stalls(tmp_path, stalls=1)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == f"samples {list(range(12))}"
+    said = [line for line in result.stderr.splitlines() if line.startswith("ddp-trainer:")]
+    assert said == ["ddp-trainer: 1 of 2 DataLoader workers did not start within 1 s (stuck in their fork): starting "
+                    "the workers again"]  # fmt: skip
+    assert_none_left_running(tmp_path)
+
+
+def test_workers_that_never_start_end_the_run_in_an_error_that_says_so(tmp_path):
+    result = run_stalls(tmp_path, stalls=1000)
+    assert result.returncode == 1
+    assert result.stderr.count("did not start within 1 s (stuck in their fork): starting the workers again") == 3
+    assert result.stderr.splitlines()[-1] == (
+        "RuntimeError: DataLoader workers did not start within 1 s, 3 times: each stopped inside its fork (a lock "
+        "another thread held); data.num_workers=0 loads without forking"
+    )
+    assert_none_left_running(tmp_path)
