@@ -85,25 +85,28 @@ class StopProofLoader(DataLoader):
         """A new iterator, and the ids of its workers that did not report starting in time."""
         global _report_to
         context = self.multiprocessing_context or multiprocessing.get_context()
-        watched = self.num_workers > 0 and context.get_start_method() == "fork"
-        read_end, _report_to = os.pipe() if watched else (None, None)
+        if not self.num_workers or context.get_start_method() != "fork":
+            return self._new_iterator(), set()  # no worker copies this process's locks: none can be stuck on one
+        read_end, _report_to = os.pipe()
+        try:
+            try:
+                iterator = self._new_iterator()
+            finally:
+                os.close(_report_to)  # the workers have their copies
+                _report_to = None
+            return iterator, _unreported(read_end, self.num_workers)
+        finally:
+            os.close(read_end)
+
+    def _new_iterator(self) -> Iterator[Any]:
         # Workers start with the stop signals blocked until worker_init_fn ignores them: before it, torch's worker
         # handler makes a SIGTERM from anyone but the parent fatal, and torchrun and SLURM signal every process.
         # Here they wait too: this process notes one that came once its workers exist.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            iterator = super()._get_iterator()
+            return super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            if _report_to is not None:
-                os.close(_report_to)
-                _report_to = None
-        if read_end is None:
-            return iterator, set()
-        try:
-            return iterator, _unreported(read_end, self.num_workers)
-        finally:
-            os.close(read_end)
 
 
 def _unreported(read_end: int, workers: int) -> set[int]:
