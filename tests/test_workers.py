@@ -10,6 +10,9 @@ import sys
 import pytest
 from conftest import cli_env
 
+from ddp_trainer import workers
+from ddp_trainer.workers import StopProofLoader
+
 # A child that stalls in an after-fork hook never reaches worker_init_fn, as one stuck on the lock does. The stalled
 # children write their pids first, so the test can see that none is left running.
 STALLS = """
@@ -83,3 +86,11 @@ def test_workers_that_never_start_end_the_run_in_an_error_that_says_so(tmp_path)
         "another thread held); data.num_workers=0 loads without forking"
     )
     assert_none_left_running(tmp_path)
+
+
+def test_workers_started_without_a_fork_are_not_waited_for(monkeypatch, capfd):
+    # A spawned worker copies none of this process's locks, and has no pipe to report on: waiting would fail it.
+    monkeypatch.setattr(workers, "WORKER_START_S", 0.001)
+    loader = StopProofLoader(list(range(6)), batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4, 5]]
+    assert "did not start" not in capfd.readouterr().err
