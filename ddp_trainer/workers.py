@@ -65,8 +65,6 @@ class StopProofLoader(DataLoader):
         for _ in range(START_TRIES):
             iterator, silent = self._start_workers()
             if not silent:
-                if self.num_workers:
-                    _ITERATORS_WITH_WORKERS.add(iterator)
                 return iterator
             _abandon(iterator, silent)
             if drawn is not None:
@@ -104,15 +102,20 @@ class StopProofLoader(DataLoader):
         # Here they wait too: this process notes one that came once its workers exist.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super()._get_iterator()
+            iterator = super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if self.num_workers:  # at once: a Ctrl-C while they report must not leave them running
+            _ITERATORS_WITH_WORKERS.add(iterator)
+        return iterator
 
 
 def _unreported(read_end: int, workers: int) -> set[int]:
     """The ids of the workers that have not written theirs to `read_end` within WORKER_START_S."""
     silent, deadline = set(range(workers)), time.monotonic() + WORKER_START_S
-    while silent and select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+    reports_ready = select.poll()  # not select.select: a rank may hold more than its 1,024 descriptors
+    reports_ready.register(read_end, select.POLLIN)
+    while silent and reports_ready.poll(max(0.0, deadline - time.monotonic()) * 1000):
         reports = os.read(read_end, _ID_BYTES * workers)
         if not reports:  # every worker of this iterator has exited
             break

@@ -3,7 +3,9 @@ and the epoch loads every sample once, with the worker seeds of a start that wen
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 
@@ -102,3 +104,35 @@ def test_the_fork_race_script_loads_every_epoch_whole_on_two_ranks():
     assert result.returncode == 0, result.stderr
     loaded = sorted(line.split(";")[0] for line in result.stdout.splitlines())
     assert loaded == ["rank 0: 10 of 10 epochs loaded whole", "rank 1: 10 of 10 epochs loaded whole"]
+
+
+def test_workers_are_stopped_on_the_way_out_when_waiting_for_their_reports_is_interrupted(monkeypatch):
+    # They ignore SIGTERM: unless this process stops them, Python's exit waits for them for ever.
+    def interrupted(read_end: int, count: int) -> set[int]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workers, "_unreported", interrupted)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(KeyboardInterrupt) as raised:
+        iter(StopProofLoader(list(range(4)), batch_size=2, num_workers=2))
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2
+    workers.stop_loader_workers()  # what fit() and the exit run, while the traceback still holds the iterator
+    for worker in started:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    del raised
+
+
+def test_a_rank_holding_more_than_1024_descriptors_waits_for_its_workers(tmp_path):
+    # select() refuses descriptors past 1,023, and many files and sockets are open in a large job.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 2048), hard), hard))
+    held = [os.open(tmp_path, os.O_RDONLY) for _ in range(1100)]
+    try:
+        loader = StopProofLoader(list(range(4)), batch_size=2, num_workers=2)
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
