@@ -10,17 +10,18 @@ the loader forks its workers again.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import multiprocessing
 import os
 import select
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils import signal_handling
 
@@ -31,6 +32,7 @@ START_TRIES = 3
 _ID_BYTES = 4  # a pipe write of fewer than PIPE_BUF bytes is never split: each worker's id arrives whole
 
 _report_to: int | None = None  # the pipe workers forked now write their id to (a copy of this process's memory)
+_FORKING = threading.Lock()  # one loader at a time sets _report_to and forks (the API may run in several threads)
 
 
 def init_worker(worker_id: int) -> None:
@@ -38,9 +40,8 @@ def init_worker(worker_id: int) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork: one that came is dropped
-    if _report_to is not None:
-        with contextlib.suppress(OSError):  # the loader stopped waiting and closed the pipe: it forks anew
-            os.write(_report_to, worker_id.to_bytes(_ID_BYTES, "little"))
+    if _report_to is not None:  # a report the loader no longer waits for stays unread in the pipe
+        os.write(_report_to, worker_id.to_bytes(_ID_BYTES, "little"))
 
 
 # Weak: an iterator that goes away as usual stops its own workers (its __del__).
@@ -60,15 +61,15 @@ class StopProofLoader(DataLoader):
         super().__init__(*args, worker_init_fn=init_worker, **kwargs)
 
     def _get_iterator(self) -> Iterator[Any]:
-        # Worker seeds are drawn from the generator as workers start: a second start must draw the same ones.
-        drawn = self.generator.get_state() if self.generator is not None else None
+        # Worker seeds (and a random sampler's order) are drawn as workers start: a second start draws the same ones.
+        generator = self.generator or torch.default_generator
+        drawn = generator.get_state()
         for _ in range(START_TRIES):
             iterator, silent = self._start_workers()
             if not silent:
                 return iterator
             _abandon(iterator, silent)
-            if drawn is not None:
-                self.generator.set_state(drawn)
+            generator.set_state(drawn)
             print(
                 f"ddp-trainer: {len(silent)} of {self.num_workers} DataLoader workers did not start within "
                 f"{WORKER_START_S:g} s (stuck in their fork): starting the workers again",
@@ -82,16 +83,24 @@ class StopProofLoader(DataLoader):
     def _start_workers(self) -> tuple[Iterator[Any], set[int]]:
         """A new iterator, and the ids of its workers that did not report starting in time."""
         global _report_to
-        context = self.multiprocessing_context or multiprocessing.get_context()
-        if not self.num_workers or context.get_start_method() != "fork":
-            return self._new_iterator(), set()  # no worker copies this process's locks: none can be stuck on one
-        read_end, _report_to = os.pipe()
-        try:
+        # No worker, or none that copies this process's locks: none can be stuck on one. (Workers first: asking for
+        # the default context fixes multiprocessing's start method, which a loader without workers must leave alone.)
+        if (
+            not self.num_workers
+            or (self.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork"
+        ):
+            return self._new_iterator(), set()
+        with _FORKING:
+            read_end, _report_to = os.pipe()
             try:
                 iterator = self._new_iterator()
+            except BaseException:
+                os.close(read_end)
+                raise
             finally:
                 os.close(_report_to)  # the workers have their copies
                 _report_to = None
+        try:
             return iterator, _unreported(read_end, self.num_workers)
         finally:
             os.close(read_end)
